@@ -1,0 +1,406 @@
+"""The channel agent: runs steps on one instrument, enforces safety every sample, streams documents.
+
+One agent per channel, on the PC next to the instrument. The step loop runs
+in a worker thread (drivers block on I/O; the event loop must keep receiving
+commands such as an abort while a step runs). Every sample is checked against
+the channel's limits tightened by the command's own, in this process: the
+network is never inside the safety loop. Whatever happens (a limit, an
+abort, an exception, a cancelled task) the instrument is put in its safe
+state in this module's own ``finally``.
+
+Documents out: RunStart on a StartRun command, StepEvent started/ended per
+step, SampleBatch every ``batch_size`` samples (or sooner when samples come
+slowly, so a live view stays live), RunStop on StopRun. Sequence numbers run
+per run without gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from labtwin import bus as busmod
+from labtwin.bus import Bus
+from labtwin.clock import Clock
+from labtwin.models import (
+    ChannelState,
+    ChannelStatus,
+    EndReason,
+    Limits,
+    RunStart,
+    RunStop,
+    SampleBatch,
+    StartRun,
+    StepCommand,
+    StepEvent,
+    StepKind,
+    StepStats,
+    StopRun,
+)
+from labtwin.potentiostat import Potentiostat, Reading, RunsTechniques
+from labtwin.safety import check_end, check_limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What the agent tracks for the run in progress."""
+
+    run_id: str
+    cell_id: str
+    protocol: str
+    n_steps: int
+    start_cell_s: float
+    capacity_Ah: float = 0.0
+    next_seq: int = 0
+    n_samples: int = 0
+    n_batches: int = 0
+    tripped: EndReason | None = None
+    last_time_s: float = 0.0
+
+
+@dataclass
+class _BatchBuilder:
+    run_id: str
+    channel: str
+    columns: dict[str, list] = field(
+        default_factory=lambda: {k: [] for k in ("time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle")}
+    )
+
+    def add(self, t: float, v: float, i: float, q: float, temp: float, step: int, cycle: int) -> None:
+        c = self.columns
+        c["time_s"].append(t)
+        c["voltage_V"].append(v)
+        c["current_A"].append(i)
+        c["capacity_Ah"].append(q)
+        c["temperature_C"].append(temp)
+        c["step"].append(step)
+        c["cycle"].append(cycle)
+
+    def __len__(self) -> int:
+        return len(self.columns["time_s"])
+
+    def take(self, seq: int) -> SampleBatch:
+        batch = SampleBatch.model_construct(run_id=self.run_id, channel=self.channel, seq=seq, v=1, kind="samples", **self.columns)
+        self.columns = {k: [] for k in self.columns}
+        return batch
+
+
+class Agent:
+    """Serves one channel: commands in on .../cmd, documents out on .../event, .../data, .../status."""
+
+    def __init__(
+        self,
+        *,
+        lab: str,
+        channel: str,
+        driver: Potentiostat,
+        clock: Clock,
+        broker_url: str,
+        channel_limits: Limits,
+        cell_id: str,
+        nominal_capacity_Ah: float | None = None,
+        driver_name: str = "",
+        batch_size: int = 100,
+        batch_max_wall_s: float = 0.5,
+        status_every_wall_s: float = 1.0,
+    ) -> None:
+        self.lab = busmod.check_name("lab", lab)
+        self.channel = busmod.check_name("channel", channel)
+        self.driver = driver
+        self.clock = clock
+        self.broker_url = broker_url
+        self.channel_limits = channel_limits
+        self.cell_id = cell_id
+        self.nominal_capacity_Ah = nominal_capacity_Ah
+        self.driver_name = driver_name
+        self.batch_size = batch_size
+        self.batch_max_wall_s = batch_max_wall_s
+        self.status_every_wall_s = status_every_wall_s
+        self.run: RunContext | None = None
+        self._abort = threading.Event()
+        self._bus: Bus | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = asyncio.Event()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._last_status_wall = 0.0
+        self._state = ChannelState.idle
+        self._last_reading: Reading | None = None
+
+    # ------------------------------------------------------------------ topics
+
+    def _t(self, kind: str) -> str:
+        return busmod.topic(self.lab, self.channel, kind)
+
+    # ------------------------------------------------------------------ service
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or forever), reconnecting to the broker as needed."""
+        self._loop = asyncio.get_running_loop()
+        will = (self._t("status"), busmod.offline_status(self.channel))
+        async with Bus(self.broker_url, f"agent-{self.lab}-{self.channel}", will=will, persistent=True) as bus:
+            self._bus = bus
+            commands = await bus.subscribe_ready(self._t("cmd"))
+            await self._publish_status(force=True)
+            self._ready.set()
+            executor = asyncio.create_task(self._execute_commands())
+            receiver = asyncio.create_task(self._receive(commands))
+            waiters = [executor, receiver]
+            if stop is not None:
+                waiters.append(asyncio.create_task(stop.wait()))
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()
+            finally:
+                self._abort.set()
+                for task in waiters:
+                    task.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+                self._safe_state()
+                await bus.publish(self._t("status"), self._status(ChannelState.offline, "agent stopped"), retain=True)
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def _receive(self, commands: busmod.Subscription) -> None:
+        async for message in commands:
+            doc = message.document
+            if isinstance(doc, StopRun) and doc.exit_status != "success" and self.run and doc.run_id == self.run.run_id:
+                self._abort.set()  # takes effect within one sample of the running step
+            await self._queue.put(doc)
+
+    async def _execute_commands(self) -> None:
+        while True:
+            doc = await self._queue.get()
+            try:
+                if isinstance(doc, StartRun):
+                    await self._start_run(doc)
+                elif isinstance(doc, StepCommand):
+                    await self._run_step(doc)
+                elif isinstance(doc, StopRun):
+                    await self._stop_run(doc)
+            except Exception as exc:  # one bad command must not take the channel down
+                log.exception("channel %s: command %s failed", self.channel, type(doc).__name__)
+                self._safe_state()
+                await self._publish_status(force=True, state=ChannelState.fault, message=str(exc))
+
+    # ------------------------------------------------------------------ run documents
+
+    async def _start_run(self, cmd: StartRun) -> None:
+        if self.run is not None and self.run.run_id == cmd.run_id:
+            return  # a repeated StartRun (QoS 1 duplicate): already started
+        if self.run is not None:
+            await self._finish_run(self.run, "aborted", f"superseded by run {cmd.run_id}")
+        self._abort.clear()
+        self.run = RunContext(cmd.run_id, cmd.cell_id, cmd.protocol, cmd.n_steps, start_cell_s=self.clock.now())
+        doc = RunStart(
+            run_id=cmd.run_id, lab=self.lab, channel=self.channel, cell_id=cmd.cell_id or self.cell_id,
+            protocol=cmd.protocol, n_steps=cmd.n_steps, flow_run_id=cmd.flow_run_id, metadata=cmd.metadata,
+        )
+        await self._bus.publish(self._t("event"), doc)
+        await self._publish_status(force=True, state=ChannelState.running)
+
+    async def _stop_run(self, cmd: StopRun) -> None:
+        run = self.run
+        if run is None or run.run_id != cmd.run_id:
+            return
+        status = cmd.exit_status
+        if run.tripped is not None and status == "success":
+            status = "failed"
+        await self._finish_run(run, status, cmd.reason or (run.tripped.name if run.tripped else ""))
+
+    async def _finish_run(self, run: RunContext, status: str, reason: str) -> None:
+        self._safe_state()
+        await self._bus.publish(
+            self._t("event"),
+            RunStop(
+                run_id=run.run_id, channel=self.channel, exit_status=status, reason=reason, n_samples=run.n_samples,
+                n_batches=run.n_batches, last_seq=run.next_seq - 1, cell_time_s=run.last_time_s,
+            ),
+        )
+        self.run = None
+        await self._publish_status(force=True, state=ChannelState.idle)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _run_step(self, cmd: StepCommand) -> None:
+        run = self.run
+        if run is None or run.run_id != cmd.run_id:
+            # A step of a run this agent did not start (e.g. after an agent restart): start it implicitly.
+            await self._start_run(StartRun(run_id=cmd.run_id, channel=self.channel, cell_id=self.cell_id, protocol="", n_steps=0))
+            run = self.run
+        limits = self.channel_limits.tighten(cmd.limits)
+        started = StepEvent(
+            run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
+            step=cmd.step, event="started", time_s=run.last_time_s,
+        )
+        if run.tripped is not None:
+            reason = EndReason(kind="error", name="run_tripped", message=f"run stopped by safety limit {run.tripped.name}")
+            await self._bus.publish(self._t("event"), started)
+            await self._publish_step_end(cmd, run, reason, StepStats())
+            return
+        if self._abort.is_set():
+            reason = EndReason(kind="aborted", name="abort", message="run was aborted")
+            await self._publish_step_end(cmd, run, reason, StepStats())
+            return
+        await self._bus.publish(self._t("event"), started)
+        await self._publish_status(force=True, state=ChannelState.running, cmd=cmd)
+        reason, stats = await asyncio.to_thread(self._step_loop, cmd, limits, run)
+        if reason.kind == "safety_limit":
+            run.tripped = reason
+        await self._publish_step_end(cmd, run, reason, stats)
+        await self._publish_status(force=True, state=ChannelState.fault if run.tripped else ChannelState.running, cmd=cmd)
+
+    async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
+        await self._bus.publish(
+            self._t("event"),
+            StepEvent(
+                run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
+                step=cmd.step, event="ended", time_s=run.last_time_s, reason=reason, stats=stats,
+            ),
+        )
+
+    def _emit(self, coro) -> None:
+        """From the step thread: hand a publish to the event loop and wait until it is queued
+        (back-pressure: a full outbox slows the step loop instead of dropping samples)."""
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _samples(self, cmd: StepCommand, limits: Limits) -> tuple[Iterator[Reading], Callable[[], None]]:
+        """The readings of a step, host-timed or device-run, and how to stop it early."""
+        driver = self.driver
+        if isinstance(driver, RunsTechniques) and driver.supports(cmd.step):
+            return driver.run_technique(cmd), driver.abort
+        if cmd.step is StepKind.rest:
+            driver.open_circuit()
+        elif cmd.step is StepKind.cc:
+            compliance = limits.voltage_max_V if cmd.current_A > 0 else limits.voltage_min_V
+            if compliance is None:
+                compliance = math.copysign(1e3, cmd.current_A)
+            driver.set_current(cmd.current_A, compliance)
+        elif cmd.step is StepKind.cv:
+            driver.set_voltage(cmd.voltage_V, limits.current_max_A if limits.current_max_A else 1e3)
+        else:  # pragma: no cover - StepKind is closed
+            raise ValueError(f"unsupported step {cmd.step}")
+
+        def host_timed() -> Iterator[Reading]:
+            while True:
+                self.clock.sleep(cmd.sample_interval_s)
+                yield driver.read()
+
+        return host_timed(), lambda: None
+
+    def _step_loop(self, cmd: StepCommand, limits: Limits, run: RunContext) -> tuple[EndReason, StepStats]:
+        """The safety loop: every sample is checked here before anything else happens with it."""
+        batch = _BatchBuilder(cmd.run_id, self.channel)
+        stats = StepStats()
+        step_start_s = self.clock.now()
+        step_start_run_s = step_start_s - run.start_cell_s
+        step_start_q = run.capacity_Ah
+        last_flush = time.monotonic()
+        prev_t, prev_i, prev_v = 0.0, 0.0, None
+        reason: EndReason | None = None
+        readings, stop_device = self._samples(cmd, limits)
+        try:
+            for reading in readings:
+                step_t = (reading.time_s if reading.time_s is not None else self.clock.now() - step_start_s)
+                v, i, temp = reading.voltage_V, reading.current_A, reading.temperature_C
+                reason = check_limits(limits, v, i, temp, step_t)
+                if reason is not None:
+                    self._safe_state()  # within this sample, before anything is published
+                    stop_device()
+                # Charge bookkeeping (trapezoid); signed, positive = charged in.
+                dq = 0.5 * (i + prev_i) * (step_t - prev_t) / 3600.0 if stats.n_samples else i * step_t / 3600.0
+                run.capacity_Ah += dq
+                if dq >= 0:
+                    stats.charge_Ah += dq
+                    stats.energy_in_Wh += dq * v
+                else:
+                    stats.discharge_Ah -= dq
+                    stats.energy_out_Wh -= dq * v
+                prev_t, prev_i, prev_v = step_t, i, v
+                if stats.start_voltage_V is None:
+                    stats.start_voltage_V = v
+                t_run = run.last_time_s = step_start_run_s + step_t
+                stats.duration_s = step_t
+                stats.n_samples += 1
+                run.n_samples += 1
+                batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle)
+                self._last_reading = reading
+                if reason is None:
+                    reason = check_end(cmd.step, cmd.end, cmd.current_A, v, i, step_t, abs(run.capacity_Ah - step_start_q))
+                if reason is None and self._abort.is_set():
+                    reason = EndReason(kind="aborted", name="abort", message="run aborted on request")
+                    stop_device()
+                now = time.monotonic()
+                if reason is not None or len(batch) >= self.batch_size or now - last_flush > self.batch_max_wall_s:
+                    self._flush(batch, run, stats)
+                    last_flush = now
+                    if now - self._last_status_wall > self.status_every_wall_s:
+                        self._emit(self._publish_status(cmd=cmd))
+                if reason is not None:
+                    break
+            if reason is None:
+                reason = EndReason(kind="end_condition", name="technique_complete")
+        except Exception as exc:
+            log.exception("channel %s: step %d failed", self.channel, cmd.step_index)
+            reason = EndReason(kind="error", name=type(exc).__name__, message=str(exc))
+            self._safe_state()
+        finally:
+            if reason is None or reason.kind != "end_condition":
+                self._safe_state()
+            if len(batch):
+                self._flush(batch, run, stats)
+            close = getattr(readings, "close", None)
+            if close is not None:
+                close()
+        stats.end_voltage_V = prev_v
+        stats.end_current_A = prev_i
+        return reason, stats
+
+    def _flush(self, batch: _BatchBuilder, run: RunContext, stats: StepStats) -> None:
+        seq = run.next_seq
+        run.next_seq += 1
+        run.n_batches += 1
+        if stats.first_seq is None:
+            stats.first_seq = seq
+        stats.last_seq = seq
+        self._emit(self._bus.publish(self._t("data"), batch.take(seq)))
+
+    def _safe_state(self) -> None:
+        try:
+            self.driver.output_off()
+        except Exception:  # the instrument may be the thing that failed; say so loudly
+            log.exception("channel %s: could not put the instrument in its safe state", self.channel)
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self, state: ChannelState, message: str = "", cmd: StepCommand | None = None) -> ChannelStatus:
+        r = self._last_reading
+        return ChannelStatus(
+            channel=self.channel, state=state, cell_id=self.cell_id, driver=self.driver_name,
+            speed=self.clock.speed, run_id=self.run.run_id if self.run else None,
+            step_index=cmd.step_index if cmd else None, label=cmd.label if cmd else None,
+            cycle=cmd.cycle if cmd else None, voltage_V=r.voltage_V if r else None,
+            current_A=r.current_A if r else None,
+            temperature_C=r.temperature_C if r and not math.isnan(r.temperature_C) else None,
+            message=message, limits=self.channel_limits, nominal_capacity_Ah=self.nominal_capacity_Ah,
+        )
+
+    async def _publish_status(
+        self, force: bool = False, state: ChannelState | None = None, cmd: StepCommand | None = None, message: str = ""
+    ) -> None:
+        if state is not None:
+            self._state = state
+        now = time.monotonic()
+        if not force and now - self._last_status_wall < self.status_every_wall_s:
+            return
+        self._last_status_wall = now
+        await self._bus.publish(self._t("status"), self._status(self._state, message, cmd), retain=True)

@@ -1,0 +1,127 @@
+"""The one place that wires labtwin's core to concrete drivers, simulators and flows.
+
+DESIGN.md's layering: labtwin's core knows nothing of instruments/,
+simulators/ or protocols/; the CLI builds channels from the lab configuration
+and hands the core only the Potentiostat protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from instruments import DEFAULT_LAB_FILE
+from labtwin.agent import Agent
+from labtwin.broker import EmbeddedBroker
+from labtwin.clock import Clock, VirtualClock
+from labtwin.lab import ChannelConfig, LabConfig, lab_file_from_env, load_lab
+from labtwin.potentiostat import Potentiostat
+from labtwin.recorder import Recorder
+from labtwin.store import Store
+from simulators.cells import load_cell
+from simulators.potentiostat import SimulatedPotentiostat
+
+log = logging.getLogger(__name__)
+
+
+def default_lab(path: str | Path | None = None) -> LabConfig:
+    return load_lab(path if path else lab_file_from_env(DEFAULT_LAB_FILE))
+
+
+@dataclass
+class BuiltChannel:
+    name: str
+    driver: Potentiostat
+    clock: Clock
+    cell_id: str
+    nominal_capacity_Ah: float | None
+    driver_name: str
+
+
+def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "config") -> BuiltChannel:
+    """A driver and its clock for one channel of the lab file."""
+    if cfg.driver == "simulated":
+        if not cfg.cell:
+            raise ValueError(f"channel {name}: a simulated channel needs `cell:` (a file in simulators/cells)")
+        cell = load_cell(cfg.cell)
+        clock = VirtualClock(cfg.speed_value if speed == "config" else speed)
+        driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
+        return BuiltChannel(name, driver, clock, cfg.cell_id or f"{name}-{cell.name}", cell.nominal_capacity_Ah,
+                            f"simulated:{cell.name}")
+    raise ValueError(
+        f"channel {name}: driver {cfg.driver!r} is not available yet; this version runs `driver: simulated` channels "
+        "(real drivers over pyvisa/pyserial are the next step, see README 'Real instruments')"
+    )
+
+
+@dataclass
+class LocalLab:
+    """Broker (embedded unless given), agents for some channels and a recorder, in this process."""
+
+    config: LabConfig
+    channels: list[str]
+    broker_url: str | None = None
+    store_url: str | None = None
+    speed: float | None | str = "config"
+    cells: dict[str, str] = field(default_factory=dict)
+    record: bool = True
+
+    async def __aenter__(self) -> "LocalLab":
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.broker: EmbeddedBroker | None = None
+        url = self.broker_url or self.config.broker
+        if url is None:
+            self.broker = await EmbeddedBroker().start()
+            url = self.broker.url
+        self.url = url
+        self.store = None
+        self.recorder = None
+        if self.record:
+            self.store = Store.open(self.store_url or self.config.store)
+            self.recorder = Recorder(url, self.store, self.config.lab, client_id=f"recorder-{self.config.lab}-local")
+            self._tasks.append(asyncio.create_task(self.recorder.serve(self._stop)))
+            await self._ready(self.recorder.wait_ready())
+        self.agents: dict[str, Agent] = {}
+        for name in self.channels:
+            cfg = self.config.channel(name)
+            if name in self.cells:
+                cfg = cfg.model_copy(update={"cell": self.cells[name], "driver": "simulated", "cell_id": None})
+            built = build_channel(name, cfg, self.speed)
+            agent = Agent(
+                lab=self.config.lab, channel=name, driver=built.driver, clock=built.clock, broker_url=url,
+                channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
+                driver_name=built.driver_name,
+            )
+            self.agents[name] = agent
+            self._tasks.append(asyncio.create_task(agent.serve(self._stop)))
+            await self._ready(agent.wait_ready())
+        return self
+
+    async def _ready(self, awaitable) -> None:
+        waiter = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait([waiter, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and task.exception():
+                waiter.cancel()
+                raise task.exception()
+        await waiter
+
+    async def wait_stored(self, run_id: str, timeout_s: float = 60.0) -> None:
+        if self.recorder is not None:
+            await self.recorder.wait_stored(run_id, timeout_s)
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,89 @@
+"""Clocks for channels: the wall clock for real instruments, a virtual one for simulated cells.
+
+A simulated potentiostat and the agent that drives it share one clock handed
+in from outside (as ophyd-async does), so "how fast does this channel run" is
+configuration: ``speed=1`` is real time, ``speed=1000`` a thousand cell seconds
+per wall second, ``speed=None`` as fast as the CPU allows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Cell time in seconds; ``sleep`` waits one sampling interval of cell time."""
+
+    speed: float | None
+
+    def now(self) -> float: ...
+
+    def sleep(self, dt_s: float) -> None: ...
+
+
+class WallClock:
+    """Real time, for real instruments: the cell lives on the wall clock."""
+
+    speed: float | None = 1.0
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, dt_s: float) -> None:
+        time.sleep(dt_s)
+
+
+class VirtualClock:
+    """Cell time that advances only when someone sleeps; paced against the wall clock.
+
+    Pacing is against a fixed origin rather than per sleep, so small sleep
+    overheads do not accumulate into drift at high speeds.
+    """
+
+    def __init__(self, speed: float | None = None, start_s: float = 0.0) -> None:
+        if speed is not None and speed <= 0:
+            raise ValueError(f"speed must be positive or None (as fast as possible), got {speed}")
+        self.speed = speed
+        self._now_s = start_s
+        self._lock = threading.Lock()
+        self._wall_origin = time.monotonic()
+        self._cell_origin = start_s
+
+    def now(self) -> float:
+        return self._now_s
+
+    def sleep(self, dt_s: float) -> None:
+        if dt_s < 0:
+            raise ValueError(f"cannot sleep a negative time ({dt_s} s)")
+        with self._lock:
+            self._now_s += dt_s
+            target = self._now_s
+        if self.speed is not None:
+            wall_due = self._wall_origin + (target - self._cell_origin) / self.speed
+            delay = wall_due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -1.0:
+                # Fell far behind (e.g. a paused debugger): re-anchor rather than sprint.
+                self._wall_origin = time.monotonic()
+                self._cell_origin = target
+
+
+def parse_speed(text: str | float | None) -> float | None:
+    """'max' (or None) is as fast as possible; otherwise a positive number."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        if text.strip().lower() in {"max", "inf", "fastest"}:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"speed must be a positive number or 'max', got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"speed must be a positive number or 'max', got {text!r}")
+    return value

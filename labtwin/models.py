@@ -1,0 +1,363 @@
+"""The documents that travel on labtwin's bus and land in its store.
+
+Every payload is a versioned pydantic model with a literal ``kind`` so a
+subscriber can tell documents apart on one topic and refuse what it does not
+understand (a wrong-schema payload is counted and skipped, never crashes).
+
+Sign convention, the same in every file format labtwin reads or writes:
+**positive current charges the cell** (PyBaMM uses the opposite sign; any
+conversion to or from PyBaMM says so where it happens).
+
+``capacity_Ah`` in a sample is the net charge passed since the start of the
+run, with the same sign: it rises while charging and falls while discharging,
+so a V-Q curve is a plot of voltage against it and a step's charge is the
+difference of its first and last value.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Document(BaseModel):
+    """Base of every bus document: strict about unknown fields so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    v: Literal[1] = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class Limits(BaseModel):
+    """Safety limits the agent enforces on every sample, next to the instrument.
+
+    A limit that trips ends the step within that sample and puts the
+    instrument in a safe state; the run is then stopped. ``None`` means "no
+    limit of this kind" at this level (a channel or protocol may still set it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    voltage_min_V: float | None = None
+    voltage_max_V: float | None = None
+    current_max_A: float | None = Field(None, gt=0, description="magnitude, either sign")
+    temperature_min_C: float | None = None
+    temperature_max_C: float | None = None
+    step_time_max_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Limits":
+        if (
+            self.voltage_min_V is not None
+            and self.voltage_max_V is not None
+            and self.voltage_min_V >= self.voltage_max_V
+        ):
+            raise ValueError(
+                f"voltage_min_V ({self.voltage_min_V}) must be below voltage_max_V ({self.voltage_max_V})"
+            )
+        if (
+            self.temperature_min_C is not None
+            and self.temperature_max_C is not None
+            and self.temperature_min_C >= self.temperature_max_C
+        ):
+            raise ValueError("temperature_min_C must be below temperature_max_C")
+        return self
+
+    def tighten(self, other: "Limits | None") -> "Limits":
+        """The tighter of two limit sets, field by field (channel vs protocol)."""
+        if other is None:
+            return self
+
+        def pick(a: float | None, b: float | None, tighter) -> float | None:
+            if a is None:
+                return b
+            if b is None:
+                return a
+            return tighter(a, b)
+
+        return Limits(
+            voltage_min_V=pick(self.voltage_min_V, other.voltage_min_V, max),
+            voltage_max_V=pick(self.voltage_max_V, other.voltage_max_V, min),
+            current_max_A=pick(self.current_max_A, other.current_max_A, min),
+            temperature_min_C=pick(self.temperature_min_C, other.temperature_min_C, max),
+            temperature_max_C=pick(self.temperature_max_C, other.temperature_max_C, min),
+            step_time_max_s=pick(self.step_time_max_s, other.step_time_max_s, min),
+        )
+
+    def violations_of(self, other: "Limits") -> list[str]:
+        """What in ``other`` asks for more than these limits allow (empty if nothing)."""
+        out: list[str] = []
+        if self.voltage_min_V is not None and (
+            other.voltage_min_V is None or other.voltage_min_V < self.voltage_min_V
+        ):
+            out.append(f"voltage_min_V {other.voltage_min_V} is below the channel's {self.voltage_min_V}")
+        if self.voltage_max_V is not None and (
+            other.voltage_max_V is None or other.voltage_max_V > self.voltage_max_V
+        ):
+            out.append(f"voltage_max_V {other.voltage_max_V} is above the channel's {self.voltage_max_V}")
+        if self.current_max_A is not None and (
+            other.current_max_A is None or other.current_max_A > self.current_max_A
+        ):
+            out.append(f"current_max_A {other.current_max_A} is above the channel's {self.current_max_A}")
+        return out
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class StepKind(str, Enum):
+    rest = "rest"
+    cc = "cc"  # constant current
+    cv = "cv"  # constant voltage
+
+
+class EndConditions(BaseModel):
+    """When a step has done its job (a normal end, not a safety trip).
+
+    ``voltage_V`` for a constant-current step is reached in the direction the
+    current drives the cell: charging ends at or above it, discharging at or
+    below it. ``current_A`` for a constant-voltage step is a magnitude the
+    current decays to. ``capacity_Ah`` is the magnitude of charge passed in
+    the step.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    time_s: float | None = Field(None, gt=0)
+    voltage_V: float | None = None
+    current_A: float | None = Field(None, gt=0)
+    capacity_Ah: float | None = Field(None, gt=0)
+
+
+class StartRun(Document):
+    """Flow -> agent: a run begins on this channel (the agent publishes RunStart)."""
+
+    kind: Literal["start_run"] = "start_run"
+    run_id: str
+    channel: str
+    cell_id: str
+    protocol: str
+    n_steps: int = Field(ge=0)
+    flow_run_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class StepCommand(Document):
+    """Flow -> agent: run one step. Compiled from a protocol, inspectable before it runs."""
+
+    kind: Literal["step"] = "step"
+    run_id: str
+    step_index: int = Field(ge=0, description="position in the compiled step list")
+    label: str = ""
+    cycle: int = Field(0, ge=0)
+    step: StepKind
+    current_A: float | None = Field(None, description="cc setpoint; positive charges")
+    voltage_V: float | None = Field(None, description="cv setpoint")
+    end: EndConditions = Field(default_factory=EndConditions)
+    limits: Limits = Field(default_factory=Limits)
+    sample_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _setpoint_matches_kind(self) -> "StepCommand":
+        if self.step is StepKind.cc and self.current_A is None:
+            raise ValueError("a cc step needs current_A")
+        if self.step is StepKind.cv and self.voltage_V is None:
+            raise ValueError("a cv step needs voltage_V")
+        if self.end.time_s is None and self.limits.step_time_max_s is None:
+            raise ValueError("every step needs a time bound: end.time_s or limits.step_time_max_s")
+        for name in ("current_A", "voltage_V"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        return self
+
+    def time_budget_s(self) -> float:
+        """Longest this step may take in cell time: what the flow's timeout derives from."""
+        candidates = [t for t in (self.end.time_s, self.limits.step_time_max_s) if t is not None]
+        return min(candidates)
+
+
+class StopRun(Document):
+    """Flow -> agent: the run is over (or aborted); the agent publishes RunStop."""
+
+    kind: Literal["stop_run"] = "stop_run"
+    run_id: str
+    exit_status: Literal["success", "aborted", "failed"] = "success"
+    reason: str = ""
+
+
+Command = Annotated[Union[StartRun, StepCommand, StopRun], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- documents
+
+
+class Column(BaseModel):
+    name: str
+    unit: str
+    description: str = ""
+
+
+SAMPLE_COLUMNS: tuple[Column, ...] = (
+    Column(name="time_s", unit="s", description="cell time since the run started"),
+    Column(name="voltage_V", unit="V", description="terminal voltage"),
+    Column(name="current_A", unit="A", description="positive charges the cell"),
+    Column(name="capacity_Ah", unit="Ah", description="net charge since run start, positive = charged in"),
+    Column(name="temperature_C", unit="degC", description="cell temperature"),
+    Column(name="step", unit="1", description="index in the compiled step list"),
+    Column(name="cycle", unit="1", description="cycle number from the protocol"),
+)
+
+
+class RunStart(Document):
+    """Agent -> all: a run began. Carries the descriptor: what the sample columns are."""
+
+    kind: Literal["run_start"] = "run_start"
+    run_id: str
+    lab: str
+    channel: str
+    cell_id: str
+    protocol: str
+    n_steps: int
+    time: datetime = Field(default_factory=utc_now)
+    columns: list[Column] = Field(default_factory=lambda: list(SAMPLE_COLUMNS))
+    sign_convention: str = "positive current charges the cell"
+    flow_run_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class StepStats(BaseModel):
+    """What a step did, measured by the agent: enough to summarise a run without its samples."""
+
+    duration_s: float = 0.0
+    charge_Ah: float = Field(0.0, ge=0, description="charge put into the cell")
+    discharge_Ah: float = Field(0.0, ge=0, description="charge taken out of the cell")
+    energy_in_Wh: float = 0.0
+    energy_out_Wh: float = 0.0
+    start_voltage_V: float | None = None
+    end_voltage_V: float | None = None
+    end_current_A: float | None = None
+    n_samples: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+class EndReason(BaseModel):
+    """Why a step ended: a named condition or limit and the value that met it."""
+
+    kind: Literal["end_condition", "safety_limit", "aborted", "error"]
+    name: str
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+
+
+class StepEvent(Document):
+    """Agent -> all: a step started or ended."""
+
+    kind: Literal["step_event"] = "step_event"
+    run_id: str
+    channel: str
+    step_index: int
+    label: str = ""
+    cycle: int = 0
+    step: StepKind
+    event: Literal["started", "ended"]
+    time_s: float = Field(description="cell time since run start")
+    wall_time: datetime = Field(default_factory=utc_now)
+    reason: EndReason | None = None
+    stats: StepStats | None = None
+
+
+class RunStop(Document):
+    """Agent -> all: a run ended; the counts let a subscriber check it has everything."""
+
+    kind: Literal["run_stop"] = "run_stop"
+    run_id: str
+    channel: str
+    exit_status: Literal["success", "aborted", "failed"]
+    reason: str = ""
+    time: datetime = Field(default_factory=utc_now)
+    n_samples: int = 0
+    n_batches: int = 0
+    last_seq: int = -1
+    cell_time_s: float = 0.0
+
+
+Event = Annotated[Union[RunStart, StepEvent, RunStop], Field(discriminator="kind")]
+
+
+class SampleBatch(Document):
+    """Agent -> all: consecutive samples of one run, numbered without gaps by ``seq``.
+
+    Arrays rather than one message per sample: one MQTT message per ~100
+    samples keeps the bus far from its message-rate ceiling (DESIGN.md).
+    """
+
+    kind: Literal["samples"] = "samples"
+    run_id: str
+    channel: str
+    seq: int = Field(ge=0)
+    time_s: list[float]
+    voltage_V: list[float]
+    current_A: list[float]
+    capacity_Ah: list[float]
+    temperature_C: list[float]
+    step: list[int]
+    cycle: list[int]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "SampleBatch":
+        n = len(self.time_s)
+        for name in ("voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} values, time_s has {n}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.time_s)
+
+
+class ChannelState(str, Enum):
+    idle = "idle"
+    running = "running"
+    fault = "fault"
+    offline = "offline"
+
+
+class ChannelStatus(Document):
+    """Agent -> all, retained: what a channel is doing now. Its last will says offline."""
+
+    kind: Literal["status"] = "status"
+    channel: str
+    state: ChannelState
+    time: datetime = Field(default_factory=utc_now)
+    cell_id: str | None = None
+    driver: str | None = None
+    speed: float | None = Field(None, description="cell seconds per wall second; None = as fast as possible")
+    run_id: str | None = None
+    step_index: int | None = None
+    label: str | None = None
+    cycle: int | None = None
+    voltage_V: float | None = None
+    current_A: float | None = None
+    temperature_C: float | None = None
+    message: str = ""
+    limits: Limits | None = Field(None, description="the channel's own safety limits, enforced by its agent")
+    nominal_capacity_Ah: float | None = Field(None, description="of the cell on this channel, for C-rates")
+
+
+COMMAND_ADAPTER: TypeAdapter[StartRun | StepCommand | StopRun] = TypeAdapter(Command)
+EVENT_ADAPTER: TypeAdapter[RunStart | StepEvent | RunStop] = TypeAdapter(Event)

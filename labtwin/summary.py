@@ -1,0 +1,116 @@
+"""Run summaries from step events alone: per-cycle capacities, Coulombic efficiency, end voltages.
+
+Every StepEvent "ended" carries the agent's own bookkeeping of the step
+(charge in, charge out, energy, end voltage), so a summary needs no samples:
+the flow can report it the moment the run ends, and the store can rebuild it.
+
+Coulombic efficiency is charge out over charge in, with "in" being the
+direction the cycle starts with: for a cathode or full cell that starts by
+charging it is discharge/charge; for an anode half cell (LTO vs Li) that
+starts by lithiating (discharging) it is charge/discharge, as in seed 000.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pydantic import BaseModel
+
+from labtwin.models import StepEvent
+
+
+class CycleSummary(BaseModel):
+    cycle: int
+    charge_Ah: float
+    discharge_Ah: float
+    coulombic_efficiency: float | None
+    energy_in_Wh: float
+    energy_out_Wh: float
+    end_of_charge_V: float | None
+    end_of_discharge_V: float | None
+    first_direction: str | None
+
+
+class StepEnd(BaseModel):
+    step_index: int
+    label: str
+    cycle: int
+    reason: str
+    value: float | None
+    duration_s: float
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    channel: str
+    cell_id: str = ""
+    protocol: str = ""
+    exit_status: str = ""
+    reason: str = ""
+    steps_run: int
+    cell_time_s: float
+    wall_time_s: float | None = None
+    n_samples: int
+    cycles: list[CycleSummary]
+    step_ends: list[StepEnd]
+
+
+def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
+    by_cycle: dict[int, list[StepEvent]] = defaultdict(list)
+    for ev in sorted(events, key=lambda e: e.step_index):
+        if ev.event == "ended" and ev.stats is not None:
+            by_cycle[ev.cycle].append(ev)
+    out = []
+    for cycle in sorted(by_cycle):
+        if cycle == 0:
+            continue  # steps outside any cycle loop (an initial rest, a check-up)
+        evs = by_cycle[cycle]
+        charge = sum(e.stats.charge_Ah for e in evs)
+        discharge = sum(e.stats.discharge_Ah for e in evs)
+        first = None
+        for e in evs:
+            if max(e.stats.charge_Ah, e.stats.discharge_Ah) > 1e-12:
+                first = "charge" if e.stats.charge_Ah > e.stats.discharge_Ah else "discharge"
+                break
+        ce = None
+        if charge > 0 and discharge > 0:
+            ce = discharge / charge if first == "charge" else charge / discharge
+        eoc = [e.stats.end_voltage_V for e in evs if e.stats.charge_Ah > e.stats.discharge_Ah]
+        eod = [e.stats.end_voltage_V for e in evs if e.stats.discharge_Ah > e.stats.charge_Ah]
+        out.append(
+            CycleSummary(
+                cycle=cycle, charge_Ah=charge, discharge_Ah=discharge, coulombic_efficiency=ce,
+                energy_in_Wh=sum(e.stats.energy_in_Wh for e in evs), energy_out_Wh=sum(e.stats.energy_out_Wh for e in evs),
+                end_of_charge_V=eoc[-1] if eoc else None, end_of_discharge_V=eod[-1] if eod else None,
+                first_direction=first,
+            )
+        )
+    return out
+
+
+def summarize_run(
+    run_id: str,
+    channel: str,
+    events: list[StepEvent],
+    *,
+    cell_id: str = "",
+    protocol: str = "",
+    exit_status: str = "",
+    reason: str = "",
+    wall_time_s: float | None = None,
+) -> RunSummary:
+    ended = sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index)
+    return RunSummary(
+        run_id=run_id, channel=channel, cell_id=cell_id, protocol=protocol, exit_status=exit_status, reason=reason,
+        steps_run=len(ended), cell_time_s=max((e.time_s for e in ended), default=0.0), wall_time_s=wall_time_s,
+        n_samples=sum(e.stats.n_samples for e in ended if e.stats),
+        cycles=summarize_cycles(ended),
+        step_ends=[
+            StepEnd(
+                step_index=e.step_index, label=e.label, cycle=e.cycle,
+                reason=f"{e.reason.kind}:{e.reason.name}" if e.reason else "", value=e.reason.value if e.reason else None,
+                duration_s=e.stats.duration_s if e.stats else 0.0,
+            )
+            for e in ended
+        ],
+    )

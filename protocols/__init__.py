@@ -1,0 +1,1 @@
+"""The protocol language, the library of protocol files, and the Prefect flows that run them."""

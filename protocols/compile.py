@@ -1,0 +1,127 @@
+"""Protocol -> the flat list of StepCommands an agent runs, checked before anything moves.
+
+Compiling resolves C-rates against the cell's nominal capacity, expands
+cycle loops, gives every step a time bound (the flow's timeout and the
+agent's step-time limit derive from it), and refuses a protocol that asks
+for more than the channel allows (the tighter of channel and protocol limits
+is what the agent enforces; asking for more is an error, not a clip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from labtwin.models import EndConditions, Limits, StepCommand, StepKind
+from protocols.model import CC, CV, Protocol, ProtocolError, Repeat, Rest
+
+# A cc step ending on voltage alone may take at most this multiple of the
+# time its charge would take at nominal capacity (then the step-time limit trips).
+CC_TIME_MARGIN = 1.5
+CV_DEFAULT_MAX_S = 10 * 3600.0
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    run_id: str
+    nominal_capacity_Ah: float | None = None
+    channel_limits: Limits | None = None
+
+
+def _current_A(c_rate: float | None, current_A: float | None, ctx: CompileContext, where: str) -> float:
+    if current_A is not None:
+        return current_A
+    if ctx.nominal_capacity_Ah is None:
+        raise ProtocolError(f"{where}: c_rate needs the cell's nominal capacity (metadata.nominal_capacity_Ah or the channel's cell)")
+    return c_rate * ctx.nominal_capacity_Ah
+
+
+def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepCommand]:
+    """The steps in run order, each a StepCommand ready to publish."""
+    if ctx.nominal_capacity_Ah is None and protocol.metadata.nominal_capacity_Ah is not None:
+        ctx = CompileContext(ctx.run_id, protocol.metadata.nominal_capacity_Ah, ctx.channel_limits)
+    limits = protocol.safety
+    if ctx.channel_limits is not None:
+        refused = ctx.channel_limits.violations_of(limits)
+        refused = [r for r in refused if "None" not in r]  # a protocol silent on a limit inherits the channel's
+        if refused:
+            raise ProtocolError("the protocol asks for more than the channel allows: " + "; ".join(refused))
+        limits = ctx.channel_limits.tighten(limits)
+    commands: list[StepCommand] = []
+
+    def emit(item, cycle: int, where: str) -> None:
+        index = len(commands)
+        interval = protocol.record.interval_s
+        if isinstance(item, Rest):
+            s = item.rest
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, label=s.label or f"rest {s.duration_s:g} s", cycle=cycle,
+                step=StepKind.rest, end=EndConditions(time_s=s.duration_s), limits=_step_limits(limits, None),
+                sample_interval_s=min(interval, s.duration_s),
+            )
+        elif isinstance(item, CC):
+            s = item.cc
+            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.cc")
+            if limits.current_max_A is not None and abs(current) > limits.current_max_A:
+                raise ProtocolError(
+                    f"{where}.cc: current {current:.6g} A exceeds current_max_A {limits.current_max_A:g} A; "
+                    "lower the current or raise the limit (the channel's own limit cannot be exceeded)"
+                )
+            _check_voltage(s.until.voltage_V, limits, f"{where}.cc.until.voltage_V")
+            bound = s.until.time_s
+            if bound is None:
+                if ctx.nominal_capacity_Ah is None and s.until.capacity_Ah is None:
+                    raise ProtocolError(f"{where}.cc: without until.time_s the step needs a capacity to bound its time")
+                charge = s.until.capacity_Ah or ctx.nominal_capacity_Ah
+                bound = CC_TIME_MARGIN * charge / abs(current) * 3600.0
+            label = s.label or (
+                f"{'charge' if current > 0 else 'discharge'} {current:.3g} A"
+                + (f" to {s.until.voltage_V:g} V" if s.until.voltage_V else "")
+            )
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, label=label, cycle=cycle, step=StepKind.cc, current_A=current,
+                end=EndConditions(time_s=s.until.time_s, voltage_V=s.until.voltage_V, capacity_Ah=s.until.capacity_Ah),
+                limits=_step_limits(limits, bound if s.until.time_s is None else None), sample_interval_s=interval,
+            )
+        elif isinstance(item, CV):
+            s = item.cv
+            _check_voltage(s.voltage_V, limits, f"{where}.cv.voltage_V")
+            threshold = s.until.current_A
+            if s.until.c_rate is not None:
+                threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cv.until")
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, label=s.label or f"hold {s.voltage_V:g} V", cycle=cycle,
+                step=StepKind.cv, voltage_V=s.voltage_V,
+                end=EndConditions(time_s=s.until.time_s, current_A=threshold),
+                limits=_step_limits(limits, CV_DEFAULT_MAX_S if s.until.time_s is None else None),
+                sample_interval_s=interval,
+            )
+        else:  # pragma: no cover
+            raise ProtocolError(f"{where}: unknown step")
+        commands.append(cmd)
+
+    def walk(items, cycle: int, where: str) -> None:
+        for k, item in enumerate(items):
+            here = f"{where}[{k}]"
+            if isinstance(item, Repeat):
+                for n in range(item.repeat):
+                    walk(item.steps, cycle + n + 1 if cycle == 0 else cycle, f"{here}.steps")
+            else:
+                emit(item, cycle, here)
+
+    walk(protocol.method, 0, "method")
+    return commands
+
+
+def _step_limits(limits: Limits, step_time_max_s: float | None) -> Limits:
+    if step_time_max_s is None:
+        return limits
+    return limits.tighten(Limits(step_time_max_s=step_time_max_s))
+
+
+def _check_voltage(voltage_V: float | None, limits: Limits, where: str) -> None:
+    if voltage_V is None:
+        return
+    if limits.voltage_max_V is not None and voltage_V > limits.voltage_max_V:
+        raise ProtocolError(f"{where}: {voltage_V:g} V is above the safety limit voltage_max_V {limits.voltage_max_V:g} V")
+    if limits.voltage_min_V is not None and voltage_V < limits.voltage_min_V:
+        raise ProtocolError(f"{where}: {voltage_V:g} V is below the safety limit voltage_min_V {limits.voltage_min_V:g} V")
