@@ -1,0 +1,350 @@
+"""The ``labtwin`` command line. Every command that prints results accepts ``--json``.
+
+Where the broker comes from, first match wins: ``--broker``, ``LABTWIN_BROKER``,
+the lab file's ``broker:``, else an embedded broker in this process (for the
+commands that run a whole lab here: demo, run, dryrun).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from labtwin.clock import parse_speed  # noqa: E402
+from labtwin.store import DEFAULT_SQLITE, Store, describe_url  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats.",
+)
+console = Console()
+err = Console(stderr=True)
+
+BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file, or embedded)")
+LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB or the packaged instruments/lab.yaml)")
+StoreOpt = typer.Option(None, "--store", help="SQLite path or postgresql:// URL (default: ./labtwin-data/labtwin.db)")
+JsonOpt = typer.Option(False, "--json", help="print results as JSON")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _broker(option: str | None, lab_broker: str | None = None) -> str | None:
+    return option or os.environ.get("LABTWIN_BROKER") or lab_broker
+
+
+def _store(option: str | None, lab_store: str | None = None) -> str:
+    return option or os.environ.get("LABTWIN_STORE") or lab_store or str(DEFAULT_SQLITE)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _summary_table(summary) -> Table:
+    from labtwin.summary import RunSummary
+
+    s: RunSummary = summary
+    wall = f"{s.wall_time_s:.1f} s wall" if s.wall_time_s is not None else ""
+    table = Table(
+        title=f"{s.channel} · {s.cell_id} · {s.protocol}\n{s.exit_status}"
+        f"{(' (' + s.reason + ')') if s.reason else ''} · {s.steps_run} steps · {s.n_samples} samples · "
+        f"{s.cell_time_s / 3600:.2f} h cell time · {wall}",
+    )
+    for col in ("cycle", "charge / mAh", "discharge / mAh", "CE / %", "end of charge / V", "end of discharge / V"):
+        table.add_column(col, justify="right")
+    for c in s.cycles:
+        table.add_row(
+            str(c.cycle), f"{c.charge_Ah * 1e3:.4g}", f"{c.discharge_Ah * 1e3:.4g}",
+            "" if c.coulombic_efficiency is None else f"{100 * c.coulombic_efficiency:.2f}",
+            "" if c.end_of_charge_V is None else f"{c.end_of_charge_V:.3f}",
+            "" if c.end_of_discharge_V is None else f"{c.end_of_discharge_V:.3f}",
+        )
+    return table
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    out: Path = typer.Option(Path("labtwin-data"), "--out", help="where plots go"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The whole mission on the embedded defaults: broker, agents, recorder, Prefect flows, store, plots."""
+    _setup_logging(verbose)
+    from labtwin.cli.demo import run_demo
+
+    try:
+        result = asyncio.run(run_demo(_broker(broker), _store(store), out, console, quiet=as_json))
+    except (ConnectionError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(result)
+
+
+# --------------------------------------------------------------------------- run / dryrun
+
+
+@app.command()
+def run(
+    protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    channel: str = typer.Option(..., "--channel", "-c", help="channel name from the lab file"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    store: Optional[str] = StoreOpt,
+    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a protocol on a channel as a Prefect flow.
+
+    With a broker (--broker, LABTWIN_BROKER or the lab file) the flow drives the
+    channel's agent wherever it runs; with none, this process starts an embedded
+    broker, the channel's agent and a recorder.
+    """
+    _setup_logging(verbose)
+    from labtwin.cli.wiring import default_lab
+
+    try:
+        config = default_lab(lab)
+        config.channel(channel)
+        url = _broker(broker, config.broker)
+        speed_value = "config" if speed is None else parse_speed(speed)
+        summary = asyncio.run(_run(config, protocol, channel, url, _store(store, config.store), speed_value))
+    except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(summary.model_dump())
+    else:
+        console.print(_summary_table(summary))
+    if summary.exit_status != "success":
+        raise typer.Exit(1)
+
+
+async def _run(config, protocol, channel, url, store_url, speed):
+    from labtwin.cli.wiring import LocalLab
+    from protocols.flows import run_protocol
+
+    if url is not None:
+        return await run_protocol(protocol, channel, url, lab=config.lab)
+    async with LocalLab(config, [channel], None, store_url, speed) as local:
+        summary = await run_protocol(protocol, channel, local.url, lab=config.lab)
+        await local.wait_stored(summary.run_id)
+        return summary
+
+
+@app.command()
+def dryrun(
+    protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    sim: str = typer.Option(..., "--sim", help="simulated cell: a name in simulators/cells or a YAML path"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write samples.csv and summary.json here"),
+    channel_limits: Optional[str] = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
+    lab: Optional[Path] = LabOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a protocol against a simulated cell at max speed: how long, which limits end each step."""
+    _setup_logging(verbose)
+    from labtwin.cli.dryrun import run_dryrun
+
+    try:
+        summary = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab))
+    except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(summary.model_dump())
+        return
+    console.print(_summary_table(summary))
+    steps = Table(title="how each step ended")
+    for col in ("step", "cycle", "label", "ended by", "value", "duration / s"):
+        steps.add_column(col)
+    for e in summary.step_ends:
+        steps.add_row(str(e.step_index), str(e.cycle), e.label, e.reason, "" if e.value is None else f"{e.value:.4g}",
+                      f"{e.duration_s:.0f}")
+    console.print(steps)
+    console.print(f"estimated duration on a real channel: [bold]{summary.cell_time_s / 3600:.2f} h[/]")
+    if out:
+        console.print(f"wrote {out / 'samples.csv'} and {out / 'summary.json'}")
+
+
+# --------------------------------------------------------------------------- services
+
+
+@app.command()
+def agent(
+    channel: str = typer.Option(..., "--channel", "-c"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve one channel: run its steps and enforce its limits next to the instrument."""
+    _setup_logging(verbose)
+    from labtwin.agent import Agent
+    from labtwin.cli.wiring import build_channel, default_lab
+
+    try:
+        config = default_lab(lab)
+        cfg = config.channel(channel)
+        url = _broker(broker, config.broker)
+        if url is None:
+            _fail("an agent needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+        built = build_channel(channel, cfg, "config" if speed is None else parse_speed(speed))
+        a = Agent(
+            lab=config.lab, channel=channel, driver=built.driver, clock=built.clock, broker_url=url,
+            channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
+            driver_name=built.driver_name,
+        )
+        err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
+        asyncio.run(a.serve())
+    except KeyboardInterrupt:
+        pass
+    except (ConnectionError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def record(
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    store: Optional[str] = StoreOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Write every data and event document of the lab into the store."""
+    _setup_logging(verbose)
+    from labtwin.cli.wiring import default_lab
+    from labtwin.recorder import Recorder
+
+    try:
+        config = default_lab(lab)
+        url = _broker(broker, config.broker)
+        if url is None:
+            _fail("the recorder needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+        s = Store.open(_store(store, config.store))
+        err.print(f"recording lab {config.lab} from {url} into {describe_url(s.url)}; Ctrl-C stops")
+        asyncio.run(Recorder(url, s, config.lab).serve())
+    except KeyboardInterrupt:
+        pass
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def broker(
+    port: int = typer.Option(1883, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes it to the network (no TLS!)"),
+) -> None:
+    """Run the embedded MQTT broker on its own (for agents in other processes)."""
+    from labtwin.broker import EmbeddedBroker
+
+    async def _serve():
+        async with EmbeddedBroker(host, port) as b:
+            err.print(f"embedded broker on {b.url}; Ctrl-C stops")
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(_serve())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def monitor(
+    broker: Optional[str] = BrokerOpt,
+    lab: str = typer.Option("+", "--lab-name", help="only this lab (default: all)"),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
+) -> None:
+    """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
+    from labtwin.monitor import monitor as run_monitor
+
+    url = _broker(broker)
+    if url is None:
+        _fail("monitor needs a broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    try:
+        asyncio.run(run_monitor(url, lab, seconds, console))
+    except KeyboardInterrupt:
+        pass
+    except ConnectionError as exc:
+        _fail(str(exc))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@app.command()
+def runs(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """The runs in the store."""
+    s = Store.open(_store(store))
+    rows = s.runs()
+    if as_json:
+        _print_json([r.__dict__ for r in rows])
+        return
+    table = Table(title=f"runs in {describe_url(s.url)}")
+    for col in ("run", "channel", "cell", "protocol", "started", "status", "samples", "cell time / h"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.run_id, r.channel or "", r.cell_id or "", r.protocol or "", (r.started_at or "")[:19],
+            r.exit_status or "running?", f"{r.stored_samples}" + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
+            "" if r.cell_time_s is None else f"{r.cell_time_s / 3600:.2f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def export(
+    run_id: str = typer.Argument(..., help="run id or a unique prefix"),
+    fmt: str = typer.Option("csv", "--format", help="csv, parquet or bdf (Battery Data Format)"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export a run's samples with unit-bearing column names."""
+    from labtwin.export import FORMATS, export_samples
+
+    if fmt not in FORMATS:
+        _fail(f"--format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    s = Store.open(_store(store))
+    try:
+        rid = s.find_run(run_id)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    start, _ = s.run_documents(rid)
+    suffix = {"csv": ".csv", "parquet": ".parquet", "bdf": ".bdf"}[fmt]
+    path = out or Path(f"{rid}{suffix}")
+    samples = s.samples(rid)
+    export_samples(samples, path, fmt, start.time.timestamp() if start else None)
+    if as_json:
+        _print_json({"run_id": rid, "path": str(path), "format": fmt, "samples": int(len(samples["time_s"]))})
+    else:
+        console.print(f"wrote {len(samples['time_s'])} samples of {rid} to {path}")
+
+
+def main() -> None:
+    app()
