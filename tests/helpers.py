@@ -1,0 +1,49 @@
+"""Test helpers: a lab of simulated channels and a way to drive an agent by hand over the bus."""
+
+from __future__ import annotations
+
+import asyncio
+
+from labtwin import bus as busmod
+from labtwin.bus import Bus
+from labtwin.lab import ChannelConfig, LabConfig
+from labtwin.models import Limits, RunStart, RunStop, StartRun, StepCommand, StepEvent, StopRun
+
+
+def sim_lab(lab: str, cells: dict[str, str], limits: Limits | None = None, speed="max") -> LabConfig:
+    return LabConfig(
+        lab=lab,
+        channels={
+            ch: ChannelConfig(driver="simulated", cell=cell, cell_id=f"{ch}-cell", speed=speed, seed=7,
+                              limits=limits or Limits(voltage_min_V=0.1, voltage_max_V=4.0))
+            for ch, cell in cells.items()
+        },
+    )
+
+
+async def wait_doc(sub, predicate, timeout_s: float = 30.0):
+    async def _wait():
+        while True:
+            msg = await sub.get()
+            if predicate(msg.document):
+                return msg.document
+
+    return await asyncio.wait_for(_wait(), timeout_s)
+
+
+async def run_steps_by_hand(url: str, lab: str, channel: str, run_id: str, commands: list[StepCommand],
+                            stop_status: str = "success") -> tuple[list[StepEvent], RunStop]:
+    """Drive an agent without Prefect: StartRun, the steps one by one, StopRun."""
+    async with Bus(url) as bus:
+        sub = await bus.subscribe_ready(busmod.topic(lab, channel, "event"))
+        cmd_topic = busmod.topic(lab, channel, "cmd")
+        await bus.publish(cmd_topic, StartRun(run_id=run_id, channel=channel, cell_id="c", protocol="p", n_steps=len(commands)))
+        await wait_doc(sub, lambda d: isinstance(d, RunStart) and d.run_id == run_id)
+        ended = []
+        for cmd in commands:
+            await bus.publish(cmd_topic, cmd)
+            ev = await wait_doc(sub, lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.step_index == cmd.step_index)
+            ended.append(ev)
+        await bus.publish(cmd_topic, StopRun(run_id=run_id, exit_status=stop_status))
+        stop = await wait_doc(sub, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
+    return ended, stop

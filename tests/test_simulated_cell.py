@@ -1,0 +1,62 @@
+"""The simulated potentiostat behaves like an SMU on a cell: charge balance, compliance, clock."""
+
+import numpy as np
+import pytest
+
+from labtwin.clock import VirtualClock
+from labtwin.potentiostat import Potentiostat
+from simulators.cells import CellFileError, available_cells, load_cell
+from simulators.potentiostat import SimulatedPotentiostat
+
+
+@pytest.mark.parametrize("name", available_cells())
+def test_every_cell_file_loads_with_sources(name):
+    cell = load_cell(name)
+    assert set(cell.parameters.model_fields_set) <= set(cell.sources)
+
+
+def test_cell_file_without_a_source_is_refused(tmp_path):
+    text = (load_cell.__globals__["CELL_DIR"] / "lto_bare_thinfilm.yaml").read_text()
+    bad = tmp_path / "x.yaml"
+    bad.write_text(text.replace("  series_resistance_ohm: \"seed 000", "  zz: \""))
+    with pytest.raises(CellFileError, match="series_resistance_ohm"):
+        load_cell(bad)
+
+
+def test_simulator_satisfies_the_potentiostat_protocol():
+    sp = SimulatedPotentiostat(load_cell("lto_bare_thinfilm"), VirtualClock())
+    assert isinstance(sp, Potentiostat)
+
+
+def test_full_discharge_delivers_the_cells_capacity():
+    cell = load_cell("lto_bare_thinfilm")
+    clock = VirtualClock()
+    sp = SimulatedPotentiostat(cell, clock, np.random.default_rng(0))
+    current = -cell.nominal_capacity_Ah / 2  # C/2
+    sp.set_current(current, 0.1)
+    while sp.read().voltage_V > 1.2:
+        clock.sleep(10)
+    delivered = -current * clock.now() / 3600
+    assert delivered == pytest.approx(cell.parameters.capacity_Ah, rel=0.03)
+
+
+def test_voltage_compliance_holds_like_an_smu():
+    cell = load_cell("lco_lgps_glassy")
+    clock = VirtualClock()
+    sp = SimulatedPotentiostat(cell, clock, np.random.default_rng(0))
+    sp.set_current(cell.nominal_capacity_Ah, 3.5)  # 1C into a limit below full charge
+    for _ in range(2000):
+        clock.sleep(10)
+        r = sp.read()
+    assert r.voltage_V == pytest.approx(3.5, abs=0.01)
+    assert r.current_A < cell.nominal_capacity_Ah * 0.1  # current has tapered
+
+
+def test_time_passes_only_with_the_clock():
+    cell = load_cell("lto_bare_thinfilm")
+    clock = VirtualClock()
+    sp = SimulatedPotentiostat(cell, clock, np.random.default_rng(0))
+    sp.set_current(-cell.nominal_capacity_Ah, 0.1)
+    v1 = sp.read().voltage_V
+    v2 = sp.read().voltage_V
+    assert v1 == pytest.approx(v2, abs=2e-3)  # no time passed: same state (noise only)
