@@ -1,0 +1,62 @@
+"""The CLI as a user runs it: dryrun writes its files, runs lists, export writes unit-bearing columns."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from labtwin.cli import app
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+runner = CliRunner()
+
+
+def test_dryrun_export_and_runs(tmp_path):
+    out = tmp_path / "dry"
+    result = runner.invoke(app, ["dryrun", "lto_formation", "--sim", "lto_bare_thinfilm", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["exit_status"] == "success" and len(summary["cycles"]) == 5
+    assert summary["cell_time_s"] > 5 * 3600  # five 1C cycles plus rests
+    with (out / "samples.csv").open() as fh:
+        rows = [r for r in csv.reader(fh) if not r[0].startswith("#")]
+    assert rows[0][:7] == ["time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle"]
+    assert len(rows) - 1 == summary["n_samples"]
+    assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]
+
+    db = str(out / "dryrun.db")
+    listed = json.loads(runner.invoke(app, ["runs", "--store", db, "--json"]).stdout)
+    assert listed[0]["stored_samples"] == summary["n_samples"]
+    bdf = tmp_path / "run.bdf"
+    result = runner.invoke(app, ["export", summary["run_id"][:12], "--format", "bdf", "--out", str(bdf), "--store", db])
+    assert result.exit_code == 0, result.output
+    header = bdf.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["Test Time / s", "Voltage / V", "Current / A"] and "Cycle Count / 1" in header
+    pq = tmp_path / "run.parquet"
+    assert runner.invoke(app, ["export", summary["run_id"], "--format", "parquet", "--out", str(pq), "--store", db]).exit_code == 0
+    import pyarrow.parquet as papq
+
+    assert papq.read_table(pq).num_rows == summary["n_samples"]
+
+
+def test_dryrun_of_a_malformed_protocol_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metadata: {name: x}\nsafety: {voltage_min_V: 1, voltage_max_V: 3}\nmethod:\n  - cc: {c_rate: fast, until: {voltage_V: 2}}\n")
+    result = runner.invoke(app, ["dryrun", str(bad), "--sim", "lto_bare_thinfilm"])
+    assert result.exit_code == 2
+    assert "method[0].cc.c_rate" in result.output and "fast" in result.output
+
+
+def test_unknown_export_format_is_refused_with_the_choices(tmp_path):
+    result = runner.invoke(app, ["export", "x", "--format", "xlsx", "--store", str(tmp_path / "e.db")])
+    assert result.exit_code == 2 and "csv, parquet, bdf" in result.output
+
+
+def test_layering_contracts_hold():
+    """labtwin's core imports no driver, simulator or protocol; drivers and simulators are peers."""
+    lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+    proc = subprocess.run(lint, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,89 @@
+"""Garbled payloads never stop a subscriber; the store is idempotent on (run_id, seq)."""
+
+import asyncio
+
+import pytest
+
+from labtwin import bus as busmod
+from labtwin.bus import Bus, MalformedPayload, decode
+from labtwin.cli.wiring import LocalLab
+from labtwin.models import EndConditions, SampleBatch, StepCommand, StepKind
+from labtwin.store import Store
+from tests.helpers import run_steps_by_hand, sim_lab
+
+
+def _batch(run_id="r", seq=0, n=5) -> SampleBatch:
+    return SampleBatch(
+        run_id=run_id, channel="ch", seq=seq, time_s=[float(i) for i in range(n)], voltage_V=[1.5] * n,
+        current_A=[1e-3] * n, capacity_Ah=[0.0] * n, temperature_C=[25.0] * n, step=[0] * n, cycle=[1] * n,
+    )
+
+
+def test_decode_names_the_bad_field():
+    with pytest.raises(MalformedPayload, match="voltage_V"):
+        decode("labtwin/v1/l/c/data", _batch().model_dump_json().replace('"voltage_V":[1.5', '"voltage_V":["x"'))
+    with pytest.raises(MalformedPayload):
+        decode("labtwin/v1/l/c/cmd", b"\xff\x00not json")
+
+
+GARBAGE = [b"", b"{", b"\xff\xfe", b'{"kind": "samples"}', b'{"kind": "nope", "v": 1}', b"[1,2,3]", b'{"v": 2}']
+
+
+async def test_garbled_payloads_on_every_topic_are_counted_and_the_channel_keeps_working(broker_url, unique_lab, tmp_path):
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"})
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        async with Bus(local.url) as bad:
+            for kind in ("cmd", "event", "data", "status"):
+                for payload in GARBAGE:
+                    await bad.publish(busmod.topic(unique_lab, "ch", kind), payload)
+            await bad.flush()
+        await asyncio.sleep(0.5)
+        agent_bus = local.agents["ch"]._bus
+        assert agent_bus.stats.malformed >= len(GARBAGE)  # the cmd ones reached the agent and were skipped
+        assert local.recorder.bus.stats.malformed >= 2 * len(GARBAGE)  # data + event
+        cmd = StepCommand(run_id="after", step_index=0, step=StepKind.rest, end=EndConditions(time_s=100), sample_interval_s=10)
+        ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "after", [cmd])
+        await local.wait_stored("after")
+        assert local.store.sample_count("after") == 10 == stop.n_samples
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store.open(tmp_path / "x.db")
+    else:
+        s = Store.open(request.getfixturevalue("postgres_url"))
+    yield s
+    s.close()
+
+
+def test_a_batch_written_twice_is_stored_once(store):
+    first = store.write([_batch(seq=0), _batch(seq=1)])
+    again = store.write([_batch(seq=1), _batch(seq=0), _batch(seq=2)])
+    assert (first.batches, again.batches, again.duplicate_batches) == (2, 1, 2)
+    assert store.sample_count("r") == 15
+    assert store.seqs("r") == [0, 1, 2]
+
+
+def test_samples_come_back_in_order_with_units_in_their_names(store):
+    store.write([_batch(seq=1, n=3), _batch(seq=0, n=2)])
+    data = store.samples("r")
+    assert list(data["time_s"]) == [0.0, 1.0, 0.0, 1.0, 2.0]
+    assert set(data) >= {"voltage_V", "current_A", "capacity_Ah", "step", "cycle"}
+
+
+async def test_a_batch_published_twice_on_the_bus_is_stored_once(broker_url, unique_lab, tmp_path):
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"})
+    async with LocalLab(lab, [], broker_url, str(tmp_path / "s.db")) as local:
+        async with Bus(local.url) as pub:
+            t = busmod.topic(unique_lab, "ch", "data")
+            for _ in range(2):
+                await pub.publish(t, _batch(run_id="dup", seq=0))
+            await pub.publish(t, _batch(run_id="dup", seq=1))
+            await pub.flush()
+        for _ in range(50):
+            if local.recorder.stats.documents >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert local.recorder.stats.duplicate_batches == 1
+        assert local.store.sample_count("dup") == 10
