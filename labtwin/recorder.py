@@ -51,7 +51,7 @@ class Recorder:
         self.stats = RecorderStats()
         self.bus: Bus | None = None
         self._ready = asyncio.Event()
-        self._stopped_runs: set[str] = set()
+        self._stopped_runs: dict[str, int] = {}
         self._run_stopped = asyncio.Condition()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -109,7 +109,7 @@ class Recorder:
         s.duplicate_batches += counts.duplicate_batches
         s.samples += counts.samples
         s.events += counts.events
-        stopped = [d.run_id for d in docs if isinstance(d, RunStop)]
+        stopped = {d.run_id: d.last_seq for d in docs if isinstance(d, RunStop)}
         if stopped:
             async with self._run_stopped:
                 self._stopped_runs.update(stopped)
@@ -117,9 +117,15 @@ class Recorder:
                 self._run_stopped.notify_all()
 
     async def wait_stored(self, run_id: str, timeout_s: float = 30.0) -> None:
-        """Wait until a run's RunStop has been written (and so everything published before it)."""
+        """Wait until a run's RunStop is written and every batch up to its last_seq is stored.
+
+        Data and event topics are not ordered with respect to each other, so the
+        RunStop alone does not prove the last batches have landed."""
         async def _wait() -> None:
             async with self._run_stopped:
                 await self._run_stopped.wait_for(lambda: run_id in self._stopped_runs)
+            last_seq = self._stopped_runs[run_id]
+            while len(await asyncio.to_thread(self.store.seqs, run_id)) < last_seq + 1:
+                await asyncio.sleep(0.02)
 
         await asyncio.wait_for(_wait(), timeout_s)
