@@ -146,7 +146,7 @@ class Agent:
         will = (self._t("status"), busmod.offline_status(self.channel))
         async with Bus(self.broker_url, f"agent-{self.lab}-{self.channel}", will=will, persistent=True) as bus:
             self._bus = bus
-            commands = await bus.subscribe_ready(self._t("cmd"))
+            commands = await bus.subscribe(self._t("cmd"))
             await self._publish_status(force=True)
             self._ready.set()
             executor = asyncio.create_task(self._execute_commands())

@@ -283,18 +283,12 @@ class Bus:
         self._idle.clear()
         await self._outbox.put(_Outgoing(next(self._ids), topic_name, bytes(data), qos, retain))
 
-    def subscribe(self, filters: str | Iterable[str]) -> Subscription:
-        """Documents on these topic filters from now on (and retained ones), decoded by topic kind."""
-        fs = (filters,) if isinstance(filters, str) else tuple(filters)
-        sub = Subscription(self, fs)
-        self._subs.append(sub)
-        if self._client is not None and self._connected.is_set():
-            for f in fs:
-                asyncio.get_running_loop().create_task(self._subscribe_now(f))
-        return sub
+    async def subscribe(self, filters: str | Iterable[str]) -> Subscription:
+        """Documents on these topic filters (and retained ones), decoded by topic kind.
 
-    async def subscribe_ready(self, filters: str | Iterable[str]) -> Subscription:
-        """Like subscribe(), but returns only once the broker has acknowledged the subscription."""
+        Returns once the broker has acknowledged the subscription, so nothing
+        published afterwards is missed; while disconnected, the filters are
+        subscribed on the next connect."""
         fs = (filters,) if isinstance(filters, str) else tuple(filters)
         sub = Subscription(self, fs)
         self._subs.append(sub)

@@ -63,7 +63,7 @@ class LabConfig(BaseModel):
 
     def channel(self, name: str) -> ChannelConfig:
         if name not in self.channels:
-            raise KeyError(f"no channel {name!r} in lab {self.lab!r}: channels are {', '.join(self.channels)}")
+            raise ValueError(f"no channel {name!r} in lab {self.lab!r}: channels are {', '.join(self.channels)}")
         return self.channels[name]
 
 

@@ -97,19 +97,14 @@ class Limits(BaseModel):
         )
 
     def violations_of(self, other: "Limits") -> list[str]:
-        """What in ``other`` asks for more than these limits allow (empty if nothing)."""
+        """What ``other`` asks for beyond these limits (empty if nothing). A limit ``other``
+        leaves unset is not a request for more: it inherits this one when the two are tightened."""
         out: list[str] = []
-        if self.voltage_min_V is not None and (
-            other.voltage_min_V is None or other.voltage_min_V < self.voltage_min_V
-        ):
+        if None not in (self.voltage_min_V, other.voltage_min_V) and other.voltage_min_V < self.voltage_min_V:
             out.append(f"voltage_min_V {other.voltage_min_V} is below the channel's {self.voltage_min_V}")
-        if self.voltage_max_V is not None and (
-            other.voltage_max_V is None or other.voltage_max_V > self.voltage_max_V
-        ):
+        if None not in (self.voltage_max_V, other.voltage_max_V) and other.voltage_max_V > self.voltage_max_V:
             out.append(f"voltage_max_V {other.voltage_max_V} is above the channel's {self.voltage_max_V}")
-        if self.current_max_A is not None and (
-            other.current_max_A is None or other.current_max_A > self.current_max_A
-        ):
+        if None not in (self.current_max_A, other.current_max_A) and other.current_max_A > self.current_max_A:
             out.append(f"current_max_A {other.current_max_A} is above the channel's {self.current_max_A}")
         return out
 

@@ -64,7 +64,7 @@ async def monitor(broker_url: str, lab: str = "+", seconds: float | None = None,
     view = MonitorView()
     filters = [f"{busmod.ROOT}/{lab}/+/status", f"{busmod.ROOT}/{lab}/+/event"]
     async with Bus(broker_url) as bus:
-        sub = await bus.subscribe_ready(filters)
+        sub = await bus.subscribe(filters)
         deadline = None if seconds is None else time.monotonic() + seconds
         with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:
             while deadline is None or time.monotonic() < deadline:

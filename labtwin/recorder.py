@@ -61,7 +61,7 @@ class Recorder:
         filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event"]
         async with Bus(self.broker_url, self.client_id, persistent=True) as bus:
             self.bus = bus
-            sub = await bus.subscribe_ready(filters)
+            sub = await bus.subscribe(filters)
             self._ready.set()
             stopper = asyncio.create_task(stop.wait()) if stop else None
             try:

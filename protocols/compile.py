@@ -42,7 +42,6 @@ def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepComman
     limits = protocol.safety
     if ctx.channel_limits is not None:
         refused = ctx.channel_limits.violations_of(limits)
-        refused = [r for r in refused if "None" not in r]  # a protocol silent on a limit inherits the channel's
         if refused:
             raise ProtocolError("the protocol asks for more than the channel allows: " + "; ".join(refused))
         limits = ctx.channel_limits.tighten(limits)

@@ -122,7 +122,7 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
 
 
 async def _connect_channel(bus: Bus, lab: str, channel: str) -> ChannelLink:
-    stream = await bus.subscribe_ready([busmod.topic(lab, channel, "event"), busmod.topic(lab, channel, "status")])
+    stream = await bus.subscribe([busmod.topic(lab, channel, "event"), busmod.topic(lab, channel, "status")])
     link = ChannelLink(bus, lab, channel, stream)
     deadline = time.monotonic() + STATUS_WAIT_S
     while link.status is None:

@@ -35,14 +35,16 @@ async def run_steps_by_hand(url: str, lab: str, channel: str, run_id: str, comma
                             stop_status: str = "success") -> tuple[list[StepEvent], RunStop]:
     """Drive an agent without Prefect: StartRun, the steps one by one, StopRun."""
     async with Bus(url) as bus:
-        sub = await bus.subscribe_ready(busmod.topic(lab, channel, "event"))
+        sub = await bus.subscribe(busmod.topic(lab, channel, "event"))
         cmd_topic = busmod.topic(lab, channel, "cmd")
         await bus.publish(cmd_topic, StartRun(run_id=run_id, channel=channel, cell_id="c", protocol="p", n_steps=len(commands)))
         await wait_doc(sub, lambda d: isinstance(d, RunStart) and d.run_id == run_id)
         ended = []
         for cmd in commands:
             await bus.publish(cmd_topic, cmd)
-            ev = await wait_doc(sub, lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.step_index == cmd.step_index)
+            ev = await wait_doc(
+                sub, lambda d, i=cmd.step_index: isinstance(d, StepEvent) and d.event == "ended" and d.step_index == i
+            )
             ended.append(ev)
         await bus.publish(cmd_topic, StopRun(run_id=run_id, exit_status=stop_status))
         stop = await wait_doc(sub, lambda d: isinstance(d, RunStop) and d.run_id == run_id)

@@ -91,3 +91,10 @@ def test_cv_setpoint_outside_safety_window_is_refused():
     bad = {**GOOD, "method": [{"cv": {"voltage_V": 3.2, "until": {"time_s": 10}}}]}
     with pytest.raises(ProtocolError, match="above the safety limit"):
         compile_protocol(parse_protocol(bad), CompileContext("r", nominal_capacity_Ah=0.002))
+
+
+def test_a_limit_the_protocol_leaves_unset_is_inherited_from_the_channel_not_refused():
+    channel = Limits(voltage_min_V=0.5, voltage_max_V=3.5, current_max_A=0.01, temperature_max_C=45)
+    commands = compile_protocol(parse_protocol(GOOD), CompileContext("r", nominal_capacity_Ah=0.002, channel_limits=channel))
+    assert all(c.limits.current_max_A == 0.01 and c.limits.temperature_max_C == 45 for c in commands)
+    assert all(c.limits.voltage_min_V == 1.0 for c in commands)  # the protocol's tighter window wins

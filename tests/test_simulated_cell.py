@@ -5,7 +5,7 @@ import pytest
 
 from labtwin.clock import VirtualClock
 from labtwin.potentiostat import Potentiostat
-from simulators.cells import CellFileError, available_cells, load_cell
+from simulators.cells import CELL_DIR, CellFileError, available_cells, load_cell
 from simulators.potentiostat import SimulatedPotentiostat
 
 
@@ -16,7 +16,7 @@ def test_every_cell_file_loads_with_sources(name):
 
 
 def test_cell_file_without_a_source_is_refused(tmp_path):
-    text = (load_cell.__globals__["CELL_DIR"] / "lto_bare_thinfilm.yaml").read_text()
+    text = (CELL_DIR / "lto_bare_thinfilm.yaml").read_text()
     bad = tmp_path / "x.yaml"
     bad.write_text(text.replace("  series_resistance_ohm: \"seed 000", "  zz: \""))
     with pytest.raises(CellFileError, match="series_resistance_ohm"):

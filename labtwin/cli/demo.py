@@ -27,7 +27,7 @@ DEMO_PLAN = {"ch1": "lto_formation", "ch2": "lco_formation"}
 
 async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], stop: asyncio.Event) -> None:
     async with Bus(url, f"demo-progress-{lab}") as bus:
-        sub = await bus.subscribe_ready(f"{busmod.ROOT}/{lab}/+/event")
+        sub = await bus.subscribe(f"{busmod.ROOT}/{lab}/+/event")
         while not stop.is_set():
             try:
                 doc = (await sub.get(0.2)).document

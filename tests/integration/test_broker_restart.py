@@ -12,7 +12,6 @@ from tests.helpers import run_steps_by_hand, sim_lab, wait_doc
 
 async def test_run_survives_a_broker_restart_and_the_store_gets_every_sample(unique_lab, tmp_path):
     broker = await EmbeddedBroker().start()
-    port = broker.port
     # Real time x 2000 so the run spans the restart: 2 h of cell time at 1 s sampling ~ 3.6 s wall.
     lab = sim_lab(unique_lab, {"ch": "lco_lgps_glassy"}, Limits(voltage_min_V=1.9, voltage_max_V=3.8), speed=2000)
     cmd = StepCommand(run_id="rs", step_index=0, step=StepKind.rest, end=EndConditions(time_s=7200), sample_interval_s=1)
@@ -25,7 +24,7 @@ async def test_run_survives_a_broker_restart_and_the_store_gets_every_sample(uni
                 await broker.start()  # same port, fresh broker: all sessions gone
 
             async with Bus(local.url, "watcher", persistent=True) as bus:
-                sub = await bus.subscribe_ready(busmod.topic(unique_lab, "ch", "event"))
+                sub = await bus.subscribe(busmod.topic(unique_lab, "ch", "event"))
                 # Drive the step, restarting the broker while it runs.
                 driver = asyncio.create_task(run_steps_by_hand(local.url, unique_lab, "ch", "rs", [cmd]))
                 await restart()

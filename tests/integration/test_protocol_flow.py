@@ -56,10 +56,9 @@ async def test_a_tripped_limit_fails_the_run_and_stops_the_flow_early(embedded_b
     proto = tmp_path / "short.yaml"
     proto.write_text(SHORT_LTO.replace("voltage_V: 2.5", "voltage_V: 2.9"))
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))
-    lab.channels["ch"].limits = Limits(voltage_min_V=0.5, voltage_max_V=3.0)
     async with LocalLab(lab, ["ch"], embedded_broker.url, str(tmp_path / "s.db")) as local:
-        # The protocol's own safety window (3.0 V) is wider than where the cell ends (overcharge runs away),
-        # so the agent trips voltage_max_V on the first charge and the flow stops there.
+        # Charging "until 2.9 V": the fully delithiated cell runs away past 2.9 V within one 10 s sample
+        # and crosses 3.0 V, so the agent trips voltage_max_V on the first charge and the flow stops there.
         summary = await run_protocol(str(proto), "ch", local.url, lab=unique_lab)
     assert summary.exit_status == "failed"
     assert summary.step_ends[-1].reason == "safety_limit:voltage_max_V"
