@@ -1,8 +1,10 @@
 """The channel agent: runs steps on one instrument, enforces safety every sample, streams documents.
 
 One agent per channel, on the PC next to the instrument. The step loop runs
-in a worker thread (drivers block on I/O; the event loop must keep receiving
-commands such as an abort while a step runs). Every sample is checked against
+in the agent's own thread (drivers block on I/O; the event loop must keep
+receiving commands such as an abort while a step runs). Not asyncio's shared
+default pool: a step holds its thread for the whole step, and aiomqtt connects
+through that pool, so N channels in one process could starve every reconnect. Every sample is checked against
 the channel's limits tightened by the command's own, in this process: the
 network is never inside the safety loop. Whatever happens (a limit, an
 abort, an exception, a cancelled task) the instrument is put in its safe
@@ -21,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -125,6 +128,7 @@ class Agent:
         self.status_every_wall_s = status_every_wall_s
         self.run: RunContext | None = None
         self._abort = threading.Event()
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{channel}")
         self._bus: Bus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = asyncio.Event()
@@ -165,6 +169,7 @@ class Agent:
                     task.cancel()
                 await asyncio.gather(*waiters, return_exceptions=True)
                 self._safe_state()
+                self._step_thread.shutdown(wait=False)
                 await bus.publish(self._t("status"), self._status(ChannelState.offline, "agent stopped"), retain=True)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -253,7 +258,7 @@ class Agent:
             return
         await self._bus.publish(self._t("event"), started)
         await self._publish_status(force=True, state=ChannelState.running, cmd=cmd)
-        reason, stats = await asyncio.to_thread(self._step_loop, cmd, limits, run)
+        reason, stats = await self._loop.run_in_executor(self._step_thread, self._step_loop, cmd, limits, run)
         if reason.kind == "safety_limit":
             run.tripped = reason
         await self._publish_step_end(cmd, run, reason, stats)

@@ -203,6 +203,8 @@ class Bus:
         outbox_size: int = 10_000,
         inflight_window: int = 64,
         connect_timeout_s: float = 10.0,
+        attempt_timeout_s: float = 2.0,
+        io_timeout_s: float = 30.0,
         keepalive_s: int = 15,
     ) -> None:
         self.address = BrokerAddress.parse(url)
@@ -220,6 +222,11 @@ class Bus:
         self._closing = False
         self._manager: asyncio.Task | None = None
         self._connect_timeout_s = connect_timeout_s
+        # aiomqtt has one timeout for everything; it is the connect timeout here, kept short so a
+        # CONNECT the broker never answers (seen with amqtt under concurrent connects) is retried
+        # several times within connect_timeout_s. Subscribe and publish pass their own, longer one.
+        self._attempt_timeout_s = attempt_timeout_s
+        self._io_timeout_s = io_timeout_s
         self._keepalive_s = keepalive_s
         self._idle = asyncio.Event()
         self._idle.set()
@@ -300,7 +307,7 @@ class Bus:
     async def _subscribe_now(self, filter_: str) -> None:
         try:
             if self._client is not None:
-                await self._client.subscribe(filter_, qos=1)
+                await self._client.subscribe(filter_, qos=1, timeout=self._io_timeout_s)
         except aiomqtt.MqttError as exc:  # re-subscribed on the next connect anyway
             log.debug("subscribe %s deferred: %s", filter_, exc)
 
@@ -327,13 +334,14 @@ class Bus:
                     clean_session=not self.persistent,
                     will=will,
                     keepalive=self._keepalive_s,
+                    timeout=self._attempt_timeout_s,
                     max_queued_outgoing_messages=None,
                 ) as client:
                     client.pending_calls_threshold = 10 * self._window  # silence per-publish warnings
                     self._client = client
                     filters = sorted({f for s in self._subs for f in s.filters})
                     for f in filters:
-                        await client.subscribe(f, qos=1)
+                        await client.subscribe(f, qos=1, timeout=self._io_timeout_s)
                     if not first:
                         self.stats.reconnects += 1
                         log.info("bus %s reconnected to %s", self.client_id, self.address)
@@ -375,7 +383,7 @@ class Bus:
 
     async def _publish_one(self, client: aiomqtt.Client, item: _Outgoing, window: asyncio.Semaphore) -> None:
         try:
-            await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+            await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=self._io_timeout_s)
             self._inflight.pop(item.ident, None)
             self.stats.published += 1
         finally:

@@ -100,6 +100,20 @@ class ChannelLink:
                 return doc
 
 
+async def start_prefect_api() -> None:
+    """Make sure Prefect's API answers before any MQTT client exists in this process.
+
+    With no PREFECT_API_URL, Prefect starts its ephemeral local server on the
+    first client, and that start blocks the calling event loop (8.5 s measured
+    here): long enough to time out a Bus that is connecting and to miss MQTT
+    keepalives. Starting it first makes the stall harmless.
+    """
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        await client.hello()
+
+
 def step_timeout_s(cmd: StepCommand, speed: float | None) -> float:
     """Wall seconds a step may take: its own time bound at the channel's speed (as-fast-as-possible
     channels are assumed no slower than real time), plus a grace for start-up and transport."""

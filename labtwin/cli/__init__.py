@@ -149,8 +149,9 @@ def run(
 
 async def _run(config, protocol, channel, url, store_url, speed):
     from labtwin.cli.wiring import LocalLab
-    from protocols.flows import run_protocol
+    from protocols.flows import run_protocol, start_prefect_api
 
+    await start_prefect_api()
     if url is not None:
         return await run_protocol(protocol, channel, url, lab=config.lab)
     async with LocalLab(config, [channel], None, store_url, speed) as local:

@@ -43,10 +43,13 @@ async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], 
 
 
 async def run_demo(broker_url: str | None, store_url: str, out: Path, console: Console, quiet: bool = False) -> dict:
-    from protocols.flows import run_protocol  # imports Prefect (~1 s)
+    from protocols.flows import run_protocol, start_prefect_api  # imports Prefect (~1 s)
 
     wall_start = time.monotonic()
     config = default_lab()
+    if not quiet:
+        console.print("starting Prefect's local API (first run on a machine: ~15 s) ...")
+    await start_prefect_api()
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}", style="bold"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=quiet, transient=False,
@@ -56,10 +59,9 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
             where = "embedded broker" if local.broker else "broker"
             console.print(f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', "
                           f"store {describe_url(local.store.url)}")
-            console.print("starting Prefect's local API (first run on a machine: ~15 s) ...")
         stop = asyncio.Event()
         with progress:
-            bars = {ch: progress.add_task(f"{ch} {proto} (waiting for Prefect)", total=None) for ch, proto in DEMO_PLAN.items()}
+            bars = {ch: progress.add_task(f"{ch} {proto}", total=None) for ch, proto in DEMO_PLAN.items()}
             follower = asyncio.create_task(_follow(local.url, config.lab, progress, bars, stop))
             summaries = await asyncio.gather(
                 *(run_protocol(proto, ch, local.url, lab=config.lab) for ch, proto in DEMO_PLAN.items())

@@ -20,7 +20,7 @@ from simulators.cells import load_cell
 async def run_dryrun(
     protocol: str, sim: str, out: Path | None, channel: str | None = None, lab_file: Path | None = None
 ) -> RunSummary:
-    from protocols.flows import run_protocol
+    from protocols.flows import run_protocol, start_prefect_api
 
     cell = load_cell(sim)
     if channel is not None:
@@ -38,6 +38,7 @@ async def run_dryrun(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         Path(store_url).unlink(missing_ok=True)
+    await start_prefect_api()
     async with LocalLab(config, ["sim"], None, store_url, None) as local:
         summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)
