@@ -68,15 +68,18 @@ class RunContext:
     last_time_s: float = 0.0
 
 
+_COLUMNS = ("time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle")
+_IMPEDANCE_COLUMNS = ("frequency_Hz", "z_real_ohm", "z_imag_ohm")
+
+
 @dataclass
 class _BatchBuilder:
     run_id: str
     channel: str
-    columns: dict[str, list] = field(
-        default_factory=lambda: {k: [] for k in ("time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle")}
-    )
+    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in _COLUMNS + _IMPEDANCE_COLUMNS})
+    impedance: bool = False
 
-    def add(self, t: float, v: float, i: float, q: float, temp: float, step: int, cycle: int) -> None:
+    def add(self, t: float, v: float, i: float, q: float, temp: float, step: int, cycle: int, reading: Reading | None = None) -> None:
         c = self.columns
         c["time_s"].append(t)
         c["voltage_V"].append(v)
@@ -85,13 +88,24 @@ class _BatchBuilder:
         c["temperature_C"].append(temp)
         c["step"].append(step)
         c["cycle"].append(cycle)
+        if reading is not None and reading.frequency_Hz is not None:
+            self.impedance = True
+            c["frequency_Hz"].append(reading.frequency_Hz)
+            c["z_real_ohm"].append(reading.z_real_ohm)
+            c["z_imag_ohm"].append(reading.z_imag_ohm)
 
     def __len__(self) -> int:
         return len(self.columns["time_s"])
 
     def take(self, seq: int) -> SampleBatch:
-        batch = SampleBatch.model_construct(run_id=self.run_id, channel=self.channel, seq=seq, v=1, kind="samples", **self.columns)
+        data = {k: self.columns[k] for k in _COLUMNS}
+        if self.impedance:
+            if len(self.columns["frequency_Hz"]) != len(self.columns["time_s"]):
+                raise ValueError("an impedance batch mixes points with and without a frequency")
+            data.update({k: self.columns[k] for k in _IMPEDANCE_COLUMNS})
+        batch = SampleBatch.model_construct(run_id=self.run_id, channel=self.channel, seq=seq, v=1, kind="samples", **data)
         self.columns = {k: [] for k in self.columns}
+        self.impedance = False
         return batch
 
 
@@ -283,24 +297,69 @@ class Agent:
         driver = self.driver
         if isinstance(driver, RunsTechniques) and driver.supports(cmd.step):
             return driver.run_technique(cmd), driver.abort
+        clock = self.clock
+
+        def compliance_for(current_A: float) -> float:
+            v = limits.voltage_max_V if current_A > 0 else limits.voltage_min_V
+            return math.copysign(1e3, current_A) if v is None else v
+
+        def every_interval() -> Iterator[Reading]:
+            while True:
+                clock.sleep(cmd.sample_interval_s)
+                yield driver.read()
+
+        current_limit = limits.current_max_A if limits.current_max_A else 1e3
         if cmd.step is StepKind.rest:
             driver.open_circuit()
         elif cmd.step is StepKind.cc:
-            compliance = limits.voltage_max_V if cmd.current_A > 0 else limits.voltage_min_V
-            if compliance is None:
-                compliance = math.copysign(1e3, cmd.current_A)
-            driver.set_current(cmd.current_A, compliance)
+            driver.set_current(cmd.current_A, compliance_for(cmd.current_A))
         elif cmd.step is StepKind.cv:
-            driver.set_voltage(cmd.voltage_V, limits.current_max_A if limits.current_max_A else 1e3)
+            driver.set_voltage(cmd.voltage_V, current_limit)
+        elif cmd.step is StepKind.cccv:
+            # An SMU in current mode with its voltage limit at the CV setpoint IS a CCCV source:
+            # it regulates at the limit once the cell gets there, and the current tapers.
+            driver.set_current(cmd.current_A, cmd.voltage_V)
+        elif cmd.step is StepKind.gitt:
+            return self._gitt(cmd, compliance_for(cmd.current_A)), lambda: None
+        elif cmd.step is StepKind.cyclic_voltammetry:
+            return self._sweep(cmd, current_limit), lambda: None
+        elif cmd.step is StepKind.eis:
+            raise ValueError(
+                f"channel {self.channel}: driver {self.driver_name or type(driver).__name__} cannot run impedance "
+                "(EIS needs a frequency response analyser: a device-run technique)"
+            )
         else:  # pragma: no cover - StepKind is closed
             raise ValueError(f"unsupported step {cmd.step}")
+        return every_interval(), lambda: None
 
-        def host_timed() -> Iterator[Reading]:
-            while True:
-                self.clock.sleep(cmd.sample_interval_s)
+    def _gitt(self, cmd: StepCommand, compliance_V: float) -> Iterator[Reading]:
+        """Pulses and relaxations on a host-timed source; ends after the relaxation that follows
+        the first pulse to end beyond the cut-off voltage (so the last relaxation is measured too)."""
+        g, driver, clock = cmd.gitt, self.driver, self.clock
+        cutoff = cmd.end.voltage_V
+        for _ in range(g.max_pulses):
+            driver.set_current(cmd.current_A, compliance_V)
+            last = None
+            for _ in range(max(1, int(round(g.pulse_s / cmd.sample_interval_s)))):
+                clock.sleep(cmd.sample_interval_s)
+                last = driver.read()
+                yield last
+            driver.open_circuit()
+            for _ in range(max(1, int(round(g.relax_s / cmd.sample_interval_s)))):
+                clock.sleep(cmd.sample_interval_s)
                 yield driver.read()
+            if cutoff is not None and last is not None:
+                if (cmd.current_A > 0 and last.voltage_V >= cutoff) or (cmd.current_A < 0 and last.voltage_V <= cutoff):
+                    return
 
-        return host_timed(), lambda: None
+    def _sweep(self, cmd: StepCommand, current_limit_A: float) -> Iterator[Reading]:
+        """Cyclic voltammetry as a staircase: one potential step per sample, held for step_V / scan rate."""
+        sweep, driver, clock = cmd.sweep, self.driver, self.clock
+        dwell = sweep.step_V / sweep.scan_rate_V_s
+        for potential in sweep.potentials_V():
+            driver.set_voltage(potential, current_limit_A)
+            clock.sleep(dwell)
+            yield driver.read()
 
     def _step_loop(self, cmd: StepCommand, limits: Limits, run: RunContext) -> tuple[EndReason, StepStats]:
         """The safety loop: every sample is checked here before anything else happens with it."""
@@ -337,7 +396,7 @@ class Agent:
                 stats.duration_s = step_t
                 stats.n_samples += 1
                 run.n_samples += 1
-                batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle)
+                batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle, reading)
                 self._last_reading = reading
                 if reason is None:
                     reason = check_end(cmd.step, cmd.end, cmd.current_A, v, i, step_t, abs(run.capacity_Ah - step_start_q))

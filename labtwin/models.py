@@ -115,7 +115,78 @@ class Limits(BaseModel):
 class StepKind(str, Enum):
     rest = "rest"
     cc = "cc"  # constant current
-    cv = "cv"  # constant voltage
+    cv = "cv"  # constant voltage hold (not cyclic voltammetry: that is ``cyclic_voltammetry``)
+    cccv = "cccv"  # constant current, then hold at the voltage it reaches, in one step
+    gitt = "gitt"  # galvanostatic intermittent titration: pulse + relaxation, repeated to a cut-off
+    cyclic_voltammetry = "cyclic_voltammetry"  # potential sweeps between vertices at a scan rate
+    eis = "eis"  # impedance spectroscopy (potentiostatic or galvanostatic), device-run
+
+
+class GittSettings(BaseModel):
+    """Pulse + relaxation, repeated until a pulse ends beyond ``end.voltage_V`` or ``max_pulses``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pulse_s: float = Field(gt=0)
+    relax_s: float = Field(gt=0)
+    max_pulses: int = Field(1000, ge=1)
+
+
+class SweepSettings(BaseModel):
+    """Cyclic voltammetry: start -> vertex_1 -> vertex_2 -> vertex_1 ... for ``cycles``, at ``scan_rate_V_s``,
+    in potential steps of ``step_V`` (a staircase, as digital potentiostats apply it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_V: float
+    vertex_1_V: float
+    vertex_2_V: float
+    scan_rate_V_s: float = Field(gt=0)
+    cycles: int = Field(1, ge=1, le=1000)
+    step_V: float = Field(0.001, gt=0, le=0.1)
+
+    def potentials_V(self) -> list[float]:
+        """The staircase of set potentials, one per sample."""
+        import numpy as np
+
+        def leg(a: float, b: float) -> list[float]:
+            n = max(1, int(round(abs(b - a) / self.step_V)))
+            return list(np.linspace(a, b, n + 1)[1:])
+
+        out: list[float] = []
+        here = self.start_V
+        for _ in range(self.cycles):
+            out += leg(here, self.vertex_1_V)
+            out += leg(self.vertex_1_V, self.vertex_2_V)
+            here = self.vertex_2_V
+        out += leg(here, self.start_V)
+        return out
+
+    def duration_s(self) -> float:
+        return len(self.potentials_V()) * self.step_V / self.scan_rate_V_s
+
+
+class EisSettings(BaseModel):
+    """Impedance from ``f_start_Hz`` down (or up) to ``f_end_Hz``, log-spaced, around open circuit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["potentiostatic", "galvanostatic"] = "potentiostatic"
+    f_start_Hz: float = Field(1e5, gt=0)
+    f_end_Hz: float = Field(0.1, gt=0)
+    points_per_decade: int = Field(10, ge=1, le=100)
+    amplitude: float = Field(0.005, gt=0, description="V for potentiostatic, A for galvanostatic")
+    periods: float = Field(2.0, gt=0, description="periods measured per frequency (sets the step's duration)")
+
+    def frequencies_Hz(self) -> list[float]:
+        import numpy as np
+
+        decades = abs(np.log10(self.f_end_Hz / self.f_start_Hz))
+        n = max(2, int(round(decades * self.points_per_decade)) + 1)
+        return list(np.logspace(np.log10(self.f_start_Hz), np.log10(self.f_end_Hz), n))
+
+    def duration_s(self) -> float:
+        return sum(max(self.periods / f, 0.1) for f in self.frequencies_Hz())
 
 
 class EndConditions(BaseModel):
@@ -163,13 +234,22 @@ class StepCommand(Document):
     end: EndConditions = Field(default_factory=EndConditions)
     limits: Limits = Field(default_factory=Limits)
     sample_interval_s: float = Field(1.0, gt=0)
+    gitt: GittSettings | None = None
+    sweep: SweepSettings | None = None
+    eis: EisSettings | None = None
 
     @model_validator(mode="after")
     def _setpoint_matches_kind(self) -> "StepCommand":
-        if self.step is StepKind.cc and self.current_A is None:
-            raise ValueError("a cc step needs current_A")
-        if self.step is StepKind.cv and self.voltage_V is None:
-            raise ValueError("a cv step needs voltage_V")
+        if self.step in (StepKind.cc, StepKind.cccv, StepKind.gitt) and self.current_A is None:
+            raise ValueError(f"a {self.step.value} step needs current_A")
+        if self.step in (StepKind.cv, StepKind.cccv) and self.voltage_V is None:
+            raise ValueError(f"a {self.step.value} step needs voltage_V")
+        if self.step is StepKind.gitt and self.gitt is None:
+            raise ValueError("a gitt step needs gitt settings (pulse_s, relax_s)")
+        if self.step is StepKind.cyclic_voltammetry and self.sweep is None:
+            raise ValueError("a cyclic_voltammetry step needs sweep settings")
+        if self.step is StepKind.eis and self.eis is None:
+            raise ValueError("an eis step needs eis settings")
         if self.end.time_s is None and self.limits.step_time_max_s is None:
             raise ValueError("every step needs a time bound: end.time_s or limits.step_time_max_s")
         for name in ("current_A", "voltage_V"):
@@ -312,12 +392,18 @@ class SampleBatch(Document):
     temperature_C: list[float]
     step: list[int]
     cycle: list[int]
+    frequency_Hz: list[float] | None = Field(None, description="impedance steps only")
+    z_real_ohm: list[float] | None = None
+    z_imag_ohm: list[float] | None = None
 
     @model_validator(mode="after")
     def _same_length(self) -> "SampleBatch":
         n = len(self.time_s)
         for name in ("voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle"):
             if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} values, time_s has {n}")
+        for name in ("frequency_Hz", "z_real_ohm", "z_imag_ohm"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise ValueError(f"column {name} has {len(getattr(self, name))} values, time_s has {n}")
         return self
 

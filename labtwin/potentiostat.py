@@ -33,6 +33,9 @@ class Reading:
     current_A: float
     temperature_C: float = float("nan")
     time_s: float | None = None
+    frequency_Hz: float | None = None  # impedance points only
+    z_real_ohm: float | None = None
+    z_imag_ohm: float | None = None
 
 
 @runtime_checkable

@@ -55,7 +55,7 @@ def check_end(
         charging = setpoint_current_A > 0
         if (charging and voltage_V >= end.voltage_V) or (not charging and voltage_V <= end.voltage_V):
             return EndReason(kind="end_condition", name="voltage_V", value=voltage_V, threshold=end.voltage_V)
-    if end.current_A is not None and step is StepKind.cv and abs(current_A) <= end.current_A:
+    if end.current_A is not None and step in (StepKind.cv, StepKind.cccv) and abs(current_A) <= end.current_A:
         return EndReason(kind="end_condition", name="current_A", value=current_A, threshold=end.current_A)
     if end.capacity_Ah is not None and step_capacity_Ah >= end.capacity_Ah:
         return EndReason(kind="end_condition", name="capacity_Ah", value=step_capacity_Ah, threshold=end.capacity_Ah)

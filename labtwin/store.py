@@ -48,6 +48,9 @@ SCHEMA = [
     + ", ".join(f"{col} {typ}" for _, col, typ in SAMPLE_FIELDS)
     + ")",
     "CREATE INDEX IF NOT EXISTS samples_run_seq ON samples (run_id, seq)",
+    """CREATE TABLE IF NOT EXISTS impedance (
+        run_id TEXT NOT NULL, seq INTEGER NOT NULL, i INTEGER NOT NULL, frequency_hz DOUBLE PRECISION,
+        z_real_ohm DOUBLE PRECISION, z_imag_ohm DOUBLE PRECISION, PRIMARY KEY (run_id, seq, i))""",
     """CREATE TABLE IF NOT EXISTS step_events (
         run_id TEXT NOT NULL, step_index INTEGER NOT NULL, event TEXT NOT NULL, channel TEXT, label TEXT,
         cycle INTEGER, step TEXT, time_s DOUBLE PRECISION, reason_kind TEXT, reason_name TEXT, doc TEXT NOT NULL,
@@ -165,6 +168,11 @@ class Store:
             )
         )
         cur.executemany(self._sql(_INSERT_SAMPLES), rows)
+        if batch.frequency_Hz is not None:
+            cur.executemany(
+                self._sql("INSERT INTO impedance (run_id, seq, i, frequency_hz, z_real_ohm, z_imag_ohm) VALUES (?, ?, ?, ?, ?, ?)"),
+                list(zip([batch.run_id] * n, [batch.seq] * n, range(n), batch.frequency_Hz, batch.z_real_ohm, batch.z_imag_ohm)),
+            )
         counts.batches += 1
         counts.samples += n
 
@@ -250,6 +258,26 @@ class Store:
             rows = cur.fetchall()
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
         out = {name: data[:, k] for k, (name, _, _) in enumerate(SAMPLE_FIELDS)}
+        out["step"] = out["step"].astype(int)
+        out["cycle"] = out["cycle"].astype(int)
+        return out
+
+    def impedance(self, run_id: str) -> dict[str, np.ndarray]:
+        """The impedance points of a run with the step and cycle they belong to, in measurement order."""
+        with self._lock:
+            cur = self.conn.cursor()
+            cur.execute(
+                self._sql(
+                    "SELECT z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s FROM impedance z "
+                    "JOIN samples s ON s.run_id = z.run_id AND s.seq = z.seq AND s.i = z.i "
+                    "WHERE z.run_id = ? ORDER BY z.seq, z.i"
+                ),
+                (run_id,),
+            )
+            rows = cur.fetchall()
+        data = np.array(rows, dtype=float).reshape(-1, 6)
+        names = ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle", "time_s")
+        out = {name: data[:, k] for k, name in enumerate(names)}
         out["step"] = out["step"].astype(int)
         out["cycle"] = out["cycle"].astype(int)
         return out

@@ -10,7 +10,7 @@ async def test_voltage_limit_ends_the_step_within_one_sample(broker_url, unique_
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=2.2))
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         sim = local.agents["ch"].driver
-        sim.state.soc[:] = 0.5
+        sim.model.soc = 0.5
         cmd = StepCommand(run_id="r1", step_index=0, step=StepKind.cc, current_A=5.18e-5,
                           end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=5)
         ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "r1", [cmd])
@@ -27,7 +27,7 @@ async def test_voltage_limit_ends_the_step_within_one_sample(broker_url, unique_
 async def test_after_a_trip_the_agent_refuses_further_steps_of_that_run(broker_url, unique_lab, tmp_path):
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=2.2))
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
-        local.agents["ch"].driver.state.soc[:] = 0.9
+        local.agents["ch"].driver.model.soc = 0.9
         trip = StepCommand(run_id="r2", step_index=0, step=StepKind.cc, current_A=5e-5,
                            end=EndConditions(time_s=36000), sample_interval_s=10)
         again = StepCommand(run_id="r2", step_index=1, step=StepKind.cc, current_A=5e-5,

@@ -15,6 +15,7 @@ Sign: positive current charges (raises the state of charge).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,3 +113,101 @@ class EquivalentCircuitModel:
         slope = self.docv_dsoc(state.soc) * dt_s / self._charge_C
         resistance = p.series_resistance_ohm + p.rc_resistance_ohm * (1.0 - a) + slope
         return (np.asarray(voltage_V) - self.ocv_V(state.soc) - state.v_rc_V * a) / resistance
+
+
+class EcmCell:
+    """One equivalent-circuit cell with the same stepping interface as ``PhysicsCell``.
+
+    Scalar float arithmetic on purpose: a channel steps one cell per sample, and
+    numpy's per-call overhead on one-element arrays costs ~20x the arithmetic.
+    """
+
+    def __init__(self, p: EcmParameters, nominal_capacity_Ah: float | None = None) -> None:
+        import bisect
+
+        self.p = p
+        self._bisect = bisect.bisect_right
+        self._soc = list(p.ocv_soc)
+        self._v = list(p.ocv_voltage_V)
+        self._charge_C = p.capacity_Ah * 3600.0
+        self.soc = p.initial_soc
+        self.v_rc_V = 0.0
+        self.age_s = 0.0
+        self.current_A = 0.0
+        self.temperature_C = p.temperature_C
+        self.faults: list = []
+        self.voltage_V = self.ocv_V(self.soc)
+
+    def ocv_V(self, soc: float) -> float:
+        pts, vs = self._soc, self._v
+        if soc <= pts[0]:
+            return vs[0] - self.p.overcharge_slope_V * (pts[0] - soc)
+        if soc >= pts[-1]:
+            return vs[-1] + self.p.overcharge_slope_V * (soc - pts[-1])
+        k = self._bisect(pts, soc)
+        f = (soc - pts[k - 1]) / (pts[k] - pts[k - 1])
+        return vs[k - 1] + f * (vs[k] - vs[k - 1])
+
+    def _slope(self, soc: float) -> float:
+        return (self.ocv_V(soc + 1e-4) - self.ocv_V(soc - 1e-4)) / 2e-4
+
+    def open_circuit_voltage_V(self) -> float:
+        return self.ocv_V(self.soc)
+
+    def _stored(self, current_A: float) -> float:
+        p = self.p
+        lossy = current_A > 0 if p.side_reaction_direction == "charge" else current_A < 0
+        stored = current_A * (1.0 - p.side_reaction_fraction) if lossy else current_A
+        if p.leakage_resistance_ohm is not None:
+            stored -= self.ocv_V(self.soc) / p.leakage_resistance_ohm
+        return stored
+
+    def _decay(self, dt_s: float) -> float:
+        p = self.p
+        return math.exp(-dt_s / (p.rc_resistance_ohm * p.rc_capacitance_F)) if p.rc_resistance_ohm > 0 else 0.0
+
+    def _end_voltage(self, current_A: float, dt_s: float, a: float) -> tuple[float, float, float]:
+        p = self.p
+        soc = self.soc + self._stored(current_A) * dt_s / self._charge_C
+        v_rc = self.v_rc_V * a + current_A * p.rc_resistance_ohm * (1.0 - a)
+        return self.ocv_V(soc) + current_A * p.series_resistance_ohm + v_rc, soc, v_rc
+
+    def _current_for(self, voltage_V: float, dt_s: float, a: float) -> float:
+        p = self.p
+        resistance = p.series_resistance_ohm + p.rc_resistance_ohm * (1.0 - a) + self._slope(self.soc) * dt_s / self._charge_C
+        return (voltage_V - self.ocv_V(self.soc) - self.v_rc_V * a) / resistance
+
+    def step(self, dt_s: float, mode: str, setpoint: float = 0.0, compliance: float = math.inf) -> tuple[float, float]:
+        if dt_s <= 0:
+            return self.voltage_V, self.current_A
+        a = self._decay(dt_s)
+        if mode in ("off", "open_circuit"):
+            current = 0.0
+        elif mode == "current":
+            current = setpoint
+            v, _, _ = self._end_voltage(current, dt_s, a)
+            if (current > 0 and v > compliance) or (current < 0 and v < compliance):
+                limited = self._current_for(compliance, dt_s, a)
+                current = min(current, max(limited, 0.0)) if current > 0 else max(current, min(limited, 0.0))
+        else:
+            current = self._current_for(setpoint, dt_s, a)
+            if math.isfinite(compliance):
+                current = max(-abs(compliance), min(abs(compliance), current))
+        v, self.soc, self.v_rc_V = self._end_voltage(current, dt_s, a)
+        self.voltage_V, self.current_A = v, current
+        self.age_s += dt_s
+        return v, current
+
+    def impedance_ohm(self, frequency_Hz) -> np.ndarray:
+        """R0 + R1 || C1 + the state-of-charge 'capacitor' (dOCV/dSOC over the charge): linearised OCV."""
+        p = self.p
+        w = 2 * np.pi * np.asarray(frequency_Hz, dtype=float)
+        z = p.series_resistance_ohm + (p.rc_resistance_ohm / (1 + 1j * w * p.rc_resistance_ohm * p.rc_capacitance_F))
+        return z + self._slope(self.soc) / (1j * w * self._charge_C)
+
+    def inject(self, fault) -> None:
+        self.faults.append(fault)
+
+    @property
+    def lithium_fraction(self) -> float:
+        return 1.0 - self.soc
