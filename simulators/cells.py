@@ -69,6 +69,8 @@ def _leaves(model: BaseModel, prefix: str = "") -> list[str]:
     """Dotted paths of every value the file set (list items by index)."""
     out: list[str] = []
     for name in model.model_fields_set:
+        if name == "kind":
+            continue  # a model's kind is structure, not a measured value
         value = getattr(model, name)
         path = f"{prefix}{name}"
         if isinstance(value, BaseModel):
@@ -126,7 +128,8 @@ def load_cell(name_or_path: str | Path) -> CellDefinition:
         raise CellFileError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
         lines = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']} (got {e.get('input')!r})"
+            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}"
+            + ("" if isinstance(e.get("input"), (dict, list)) else f" (got {e.get('input')!r})")
             for e in exc.errors()
         ]
         raise CellFileError("\n".join(lines)) from None

@@ -230,8 +230,8 @@ class PhysicsCell:
         """The current in [lo, hi] that ends the step at target_V (secant with bisection safeguard)."""
         i0 = min(max(self.current_A, lo_A), hi_A)
         v0, parts0 = self._trial(dt_s, i0, kt)
-        scale = max(abs(hi_A), abs(lo_A), 1e-9)
-        i1 = min(max(i0 + (1e-3 * scale if target_V > v0 else -1e-3 * scale), lo_A), hi_A)
+        delta = max(1e-3 * abs(i0), 1e-3 * self.nominal_capacity_Ah)  # ~1 mC/h: small against any step current
+        i1 = min(max(i0 + (delta if target_V > v0 else -delta), lo_A), hi_A)
         if i1 == i0:
             return i0, v0, parts0
         v1, parts1 = self._trial(dt_s, i1, kt)

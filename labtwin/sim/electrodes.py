@@ -269,9 +269,11 @@ class PlatedLithiumElectrode:
         self.faradaic_A = 0.0
         self.potential_V = 0.0
 
-    def _i0(self, inventory_C: float) -> float:
-        q = max(inventory_C, 0.0) + self.p.seed_charge_C
-        return self.p.exchange_current_A * self.exchange_scale * q / (q + self.p.cover_charge_C)
+    def _i0(self, inventory_C: float, plating: bool = True) -> float:
+        """Exchange current on the covered area. Native nucleation sites help plating only:
+        stripping needs plated lithium, so its coverage goes to zero with the inventory."""
+        q = max(inventory_C, 0.0) + (self.p.seed_charge_C if plating else 0.0)
+        return self.p.exchange_current_A * self.exchange_scale * max(q / (q + self.p.cover_charge_C), 1e-9)
 
     def ocv_V(self, thermal_V: float) -> float:
         return 0.0 if self.inventory_C > 0 else self.potential_V
@@ -284,7 +286,7 @@ class PlatedLithiumElectrode:
     def trial(self, dt_s: float, applied_A: float, thermal_V: float) -> _PlatedTrial:
         def faradaic(current_A: float) -> tuple[float, float]:
             # the coverage at the end of the step sets the kinetics (implicit in the inventory)
-            i0 = self._i0(max(self._after(current_A, dt_s), 0.0) if current_A >= 0 else self._after(current_A, dt_s))
+            i0 = self._i0(max(self._after(current_A, dt_s), 0.0), plating=current_A < 0)
             root = math.sqrt(4 * i0 * i0 + current_A * current_A)
             return 2 * thermal_V * math.asinh(current_A / (2 * i0)), 2 * thermal_V / root
 
@@ -298,6 +300,6 @@ class PlatedLithiumElectrode:
         self.faradaic_A, self.potential_V = t.faradaic_A, t.potential_V
 
     def impedance_ohm(self, omega_rad_s: np.ndarray, thermal_V: float) -> np.ndarray:
-        i0 = self._i0(self.inventory_C)
+        i0 = self._i0(self.inventory_C, plating=self.faradaic_A < 0)
         r_ct = 2 * thermal_V / math.sqrt(4 * i0 * i0 + self.faradaic_A**2)
         return 1.0 / (1j * omega_rad_s * self.p.double_layer_F + 1.0 / r_ct)

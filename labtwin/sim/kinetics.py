@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-EXCHANGE_FLOOR = 1e-3  # i0 never below 0.1 % of i0_ref: a full host still exchanges at its surface
+EXCHANGE_FLOOR = 1e-6  # i0 never quite zero: a full or empty host still exchanges a little at its surface
 
 
 def exchange_current_A(i0_ref_A, x):

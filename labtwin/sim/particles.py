@@ -44,7 +44,7 @@ from labtwin.sim import kinetics
 from labtwin.sim.constants import arrhenius_factor
 from labtwin.sim.ocp import RegularSolutionOcp
 
-X_EDGE = 1e-7
+X_EDGE = 1e-12
 
 
 class ManyParticleParameters(BaseModel):

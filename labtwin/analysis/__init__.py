@@ -1,0 +1,1 @@
+"""Analysis of measured (or simulated) data: plain functions on numpy arrays with units in their names."""
