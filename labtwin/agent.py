@@ -312,7 +312,13 @@ class Agent:
         if cmd.step is StepKind.rest:
             driver.open_circuit()
         elif cmd.step is StepKind.cc:
-            driver.set_current(cmd.current_A, compliance_for(cmd.current_A))
+            # The source's own voltage limit sits at the step's end voltage when it has one (as a
+            # cycler's CC step does): a cell whose voltage jumps within a sample (an emptied host)
+            # is clamped there and ends the step, instead of running on to the safety limit.
+            compliance = compliance_for(cmd.current_A)
+            if cmd.end.voltage_V is not None:
+                compliance = min(compliance, cmd.end.voltage_V) if cmd.current_A > 0 else max(compliance, cmd.end.voltage_V)
+            driver.set_current(cmd.current_A, compliance)
         elif cmd.step is StepKind.cv:
             driver.set_voltage(cmd.voltage_V, current_limit)
         elif cmd.step is StepKind.cccv:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labtwin.models import EndConditions, Limits, StepCommand, StepKind
-from protocols.model import CC, CV, Protocol, ProtocolError, Repeat, Rest
+from labtwin.models import EisSettings, EndConditions, GittSettings, Limits, StepCommand, StepKind, SweepSettings
+from protocols.model import CC, CCCV, CV, EIS, GITT, Protocol, ProtocolError, Repeat, Rest, Voltammetry
 
 # A cc step ending on voltage alone may take at most this multiple of the
 # time its charge would take at nominal capacity (then the step-time limit trips).
@@ -94,6 +94,62 @@ def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepComman
                 limits=_step_limits(limits, CV_DEFAULT_MAX_S if s.until.time_s is None else None),
                 sample_interval_s=interval,
             )
+        elif isinstance(item, CCCV):
+            s = item.cccv
+            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.cccv")
+            _check_current(current, limits, f"{where}.cccv")
+            _check_voltage(s.voltage_V, limits, f"{where}.cccv.voltage_V")
+            threshold = s.until.current_A
+            if s.until.c_rate is not None:
+                threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cccv.until")
+            bound = s.until.time_s or (CC_TIME_MARGIN * (ctx.nominal_capacity_Ah or 0) / abs(current) * 3600.0 + CV_DEFAULT_MAX_S)
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.cccv, current_A=current,
+                voltage_V=s.voltage_V, label=s.label or f"{'charge' if current > 0 else 'discharge'} {current:.3g} A to {s.voltage_V:g} V, hold",
+                end=EndConditions(time_s=s.until.time_s, current_A=threshold),
+                limits=_step_limits(limits, bound if s.until.time_s is None else None), sample_interval_s=interval,
+            )
+        elif isinstance(item, GITT):
+            s = item.gitt
+            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.gitt")
+            _check_current(current, limits, f"{where}.gitt")
+            _check_voltage(s.until_voltage_V, limits, f"{where}.gitt.until_voltage_V")
+            charge = ctx.nominal_capacity_Ah
+            pulses = s.max_pulses
+            if charge is not None:
+                pulses = min(pulses, int(CC_TIME_MARGIN * charge / (abs(current) * s.pulse_s / 3600.0)) + 1)
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.gitt, current_A=current,
+                label=s.label or f"GITT {current:.3g} A x {s.pulse_s:g} s / {s.relax_s:g} s to {s.until_voltage_V:g} V",
+                end=EndConditions(voltage_V=s.until_voltage_V),
+                gitt=GittSettings(pulse_s=s.pulse_s, relax_s=s.relax_s, max_pulses=pulses),
+                limits=_step_limits(limits, pulses * (s.pulse_s + s.relax_s) * 1.05),
+                sample_interval_s=min(interval, s.pulse_s / 5, s.relax_s / 5),
+            )
+        elif isinstance(item, Voltammetry):
+            s = item.cyclic_voltammetry
+            rates = s.scan_rate_V_s if isinstance(s.scan_rate_V_s, list) else [s.scan_rate_V_s]
+            for k, rate in enumerate(rates):
+                for name in ("start_V", "vertex_1_V", "vertex_2_V"):
+                    _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
+                sweep = SweepSettings(start_V=s.start_V, vertex_1_V=s.vertex_1_V, vertex_2_V=s.vertex_2_V,
+                                      scan_rate_V_s=rate, cycles=s.cycles, step_V=s.step_V)
+                commands.append(StepCommand(
+                    run_id=ctx.run_id, step_index=len(commands), cycle=cycle, step=StepKind.cyclic_voltammetry,
+                    label=s.label or f"CV {rate * 1e3:g} mV/s {s.vertex_1_V:g}-{s.vertex_2_V:g} V",
+                    sweep=sweep, limits=_step_limits(limits, sweep.duration_s() * 1.2 + 10),
+                    sample_interval_s=s.step_V / rate,
+                ))
+            return
+        elif isinstance(item, EIS):
+            s = item.eis
+            settings = EisSettings(mode=s.mode, f_start_Hz=s.f_start_Hz, f_end_Hz=s.f_end_Hz,
+                                   points_per_decade=s.points_per_decade, amplitude=s.amplitude)
+            cmd = StepCommand(
+                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.eis, eis=settings,
+                label=s.label or f"EIS {s.f_start_Hz:g}-{s.f_end_Hz:g} Hz",
+                limits=_step_limits(limits, settings.duration_s() * 1.5 + 60), sample_interval_s=1.0,
+            )
         else:  # pragma: no cover
             raise ProtocolError(f"{where}: unknown step")
         commands.append(cmd)
@@ -115,6 +171,14 @@ def _step_limits(limits: Limits, step_time_max_s: float | None) -> Limits:
     if step_time_max_s is None:
         return limits
     return limits.tighten(Limits(step_time_max_s=step_time_max_s))
+
+
+def _check_current(current_A: float, limits: Limits, where: str) -> None:
+    if limits.current_max_A is not None and abs(current_A) > limits.current_max_A:
+        raise ProtocolError(
+            f"{where}: current {current_A:.6g} A exceeds current_max_A {limits.current_max_A:g} A; "
+            "lower the current or raise the limit (the channel's own limit cannot be exceeded)"
+        )
 
 
 def _check_voltage(voltage_V: float | None, limits: Limits, where: str) -> None:

@@ -96,8 +96,84 @@ class CVStep(_Strict):
         return self
 
 
+class CCCVStep(_Strict):
+    """Constant current to voltage_V, then hold voltage_V until the current tapers to until.current_A / c_rate."""
+
+    current_A: float | None = None
+    c_rate: float | None = None
+    voltage_V: float = Field(gt=0)
+    until: Until
+    label: str = ""
+
+    @model_validator(mode="after")
+    def _setpoint(self) -> "CCCVStep":
+        if (self.current_A is None) == (self.c_rate is None):
+            raise ValueError("a cccv step needs exactly one of current_A or c_rate")
+        if self.until.current_A is None and self.until.c_rate is None and self.until.time_s is None:
+            raise ValueError("a cccv step needs until.current_A, until.c_rate or until.time_s")
+        return self
+
+
+class GittStep(_Strict):
+    """Galvanostatic intermittent titration: pulses of current_A / c_rate for pulse_s, each followed by
+    relax_s at open circuit, until a pulse ends beyond until_voltage_V."""
+
+    current_A: float | None = None
+    c_rate: float | None = None
+    pulse_s: float = Field(gt=0)
+    relax_s: float = Field(gt=0)
+    until_voltage_V: float = Field(gt=0)
+    max_pulses: int = Field(1000, ge=1)
+    label: str = ""
+
+    @model_validator(mode="after")
+    def _setpoint(self) -> "GittStep":
+        if (self.current_A is None) == (self.c_rate is None):
+            raise ValueError("a gitt step needs exactly one of current_A or c_rate (negative discharges)")
+        return self
+
+
+class VoltammetryStep(_Strict):
+    """Cyclic voltammetry: sweeps start -> vertex_1 -> vertex_2 (-> vertex_1 ...) at each scan rate in turn."""
+
+    start_V: float
+    vertex_1_V: float
+    vertex_2_V: float
+    scan_rate_V_s: float | list[float] = Field(description="one rate, or a list: one step per rate")
+    cycles: int = Field(1, ge=1)
+    step_V: float = Field(0.001, gt=0)
+    label: str = ""
+
+
+class EisStep(_Strict):
+    """Impedance spectrum around open circuit."""
+
+    mode: str = Field("potentiostatic", pattern="^(potentiostatic|galvanostatic)$")
+    f_start_Hz: float = Field(1e5, gt=0)
+    f_end_Hz: float = Field(0.1, gt=0)
+    points_per_decade: int = Field(10, ge=1)
+    amplitude: float = Field(0.005, gt=0, description="V (potentiostatic) or A (galvanostatic)")
+    label: str = ""
+
+
 class Rest(_Strict):
     rest: RestStep
+
+
+class CCCV(_Strict):
+    cccv: CCCVStep
+
+
+class GITT(_Strict):
+    gitt: GittStep
+
+
+class Voltammetry(_Strict):
+    cyclic_voltammetry: VoltammetryStep
+
+
+class EIS(_Strict):
+    eis: EisStep
 
 
 class CC(_Strict):
@@ -115,7 +191,7 @@ class Repeat(_Strict):
     steps: list["StepItem"] = Field(min_length=1)
 
 
-StepItem = Annotated[Union[Rest, CC, CV, Repeat], Field(union_mode="left_to_right")]
+StepItem = Annotated[Union[Rest, CC, CV, CCCV, GITT, Voltammetry, EIS, Repeat], Field(union_mode="left_to_right")]
 Repeat.model_rebuild()
 
 
@@ -153,7 +229,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"Rest", "CC", "CV", "Repeat"}:
+        elif part in {"Rest", "CC", "CV", "CCCV", "GITT", "Voltammetry", "EIS", "Repeat"}:
             continue  # union member names are noise to a protocol author
         else:
             out += f".{part}" if out else str(part)

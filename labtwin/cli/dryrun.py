@@ -26,10 +26,13 @@ async def run_dryrun(
     if channel is not None:
         limits = default_lab(lab_file).channel(channel).limits
     else:
+        # A simulated channel's hard limits: the cell's operating window plus 5 % of its span each side,
+        # so a protocol's own safety limits (just outside the window) are the ones that act.
         lo, hi = cell.voltage_window_V
+        margin = 0.05 * (hi - lo)
         from labtwin.models import Limits
 
-        limits = Limits(voltage_min_V=lo, voltage_max_V=hi)
+        limits = Limits(voltage_min_V=lo - margin, voltage_max_V=hi + margin)
     config = LabConfig(
         lab="dryrun",
         channels={"sim": ChannelConfig(driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed="max", seed=0, limits=limits)},
@@ -44,5 +47,9 @@ async def run_dryrun(
         await local.wait_stored(summary.run_id)
         if out is not None:
             export_samples(local.store.samples(summary.run_id), out / "samples.csv", "csv")
+            impedance = local.store.impedance(summary.run_id)
+            if len(impedance["frequency_Hz"]):
+                columns = {k: impedance[k] for k in ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle")}
+                export_samples(columns, out / "eis.csv", "csv")
             (out / "summary.json").write_text(json.dumps(summary.model_dump(), indent=2, default=str))
     return summary

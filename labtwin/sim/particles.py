@@ -176,11 +176,16 @@ class ManyParticleElectrode:
                 a1, a2, a3 = float(a @ (r * inv)), float(a @ gi), float(a @ hi)
                 p1, p2, hh = float(wu @ (r * inv)), float(wu @ gi), float(wu @ hi)
                 denom = c_dt - a2 + a3 * p2 / (1 + hh) + float(g.sum())
+                if not denom > 1e-300:
+                    return None
                 dv = (-f_v - a1 + a3 * p1 / (1 + hh)) / denom
                 dx = (r - g * dv - h * ((p1 - dv * p2) / (1 + hh))) * inv
             else:
                 a1, a2 = float(a @ (r * inv)), float(a @ gi)
-                dv = (-f_v - a1) / (c_dt - a2 + float(g.sum()))
+                denom = c_dt - a2 + float(g.sum())
+                if not denom > 1e-300:
+                    return None  # singular linearisation: retry with a shorter step
+                dv = (-f_v - a1) / denom
                 dx = (r - g * dv) * inv
             x = np.clip(x + dx, X_EDGE, 1 - X_EDGE)
             v += dv
