@@ -300,8 +300,12 @@ class Agent:
         clock = self.clock
 
         def compliance_for(current_A: float) -> float:
+            """The source's hardware voltage limit: a backstop 2 % beyond the safety limit, so the
+            agent's own check trips first (and records why) while the instrument still clamps."""
             v = limits.voltage_max_V if current_A > 0 else limits.voltage_min_V
-            return math.copysign(1e3, current_A) if v is None else v
+            if v is None:
+                return math.copysign(1e3, current_A)
+            return v + math.copysign(0.02 * max(abs(v), 0.1), current_A)
 
         def every_interval() -> Iterator[Reading]:
             while True:

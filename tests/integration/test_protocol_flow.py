@@ -54,11 +54,12 @@ async def test_protocol_runs_as_a_flow_with_one_task_run_per_step_and_every_samp
 
 async def test_a_tripped_limit_fails_the_run_and_stops_the_flow_early(embedded_broker, unique_lab, tmp_path):
     proto = tmp_path / "short.yaml"
-    proto.write_text(SHORT_LTO.replace("voltage_V: 2.5", "voltage_V: 2.9"))
+    proto.write_text(SHORT_LTO.replace("until: {voltage_V: 2.5", "until: {time_s: 20000"))
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))
     async with LocalLab(lab, ["ch"], embedded_broker.url, str(tmp_path / "s.db")) as local:
-        # Charging "until 2.9 V": the fully delithiated cell runs away past 2.9 V within one 10 s sample
-        # and crosses 3.0 V, so the agent trips voltage_max_V on the first charge and the flow stops there.
+        # Charging on time alone: the fully delithiated cell runs away past the 3.0 V channel limit
+        # (the source's own backstop is 2 % beyond it), so the agent trips voltage_max_V on the first
+        # charge and the flow stops there.
         summary = await run_protocol(str(proto), "ch", local.url, lab=unique_lab)
     assert summary.exit_status == "failed"
     assert summary.step_ends[-1].reason == "safety_limit:voltage_max_V"
