@@ -129,9 +129,9 @@ def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepComman
         elif isinstance(item, Voltammetry):
             s = item.cyclic_voltammetry
             rates = s.scan_rate_V_s if isinstance(s.scan_rate_V_s, list) else [s.scan_rate_V_s]
-            for k, rate in enumerate(rates):
-                for name in ("start_V", "vertex_1_V", "vertex_2_V"):
-                    _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
+            for name in ("start_V", "vertex_1_V", "vertex_2_V"):
+                _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
+            for rate in rates:
                 sweep = SweepSettings(start_V=s.start_V, vertex_1_V=s.vertex_1_V, vertex_2_V=s.vertex_2_V,
                                       scan_rate_V_s=rate, cycles=s.cycles, step_V=s.step_V)
                 commands.append(StepCommand(

@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -148,7 +148,7 @@ class VoltammetryStep(_Strict):
 class EisStep(_Strict):
     """Impedance spectrum around open circuit."""
 
-    mode: str = Field("potentiostatic", pattern="^(potentiostatic|galvanostatic)$")
+    mode: Literal["potentiostatic", "galvanostatic"] = "potentiostatic"
     f_start_Hz: float = Field(1e5, gt=0)
     f_end_Hz: float = Field(0.1, gt=0)
     points_per_decade: int = Field(10, ge=1)

@@ -171,8 +171,8 @@ class PhysicsCell:
         out = {"R_series": self._r_series}
         out.update({layer.name: float(r) for layer, r in zip(self.p.interfaces, self._r_layers)})
         kt = thermal_voltage_V(self.temperature_C)
-        z_pos = self.positive.impedance_ohm(np.array([1e-9]), kt)
-        out["R_ct_positive_dc"] = float(z_pos.real[0])
+        # The positive electrode's low-frequency limit: charge transfer plus solid diffusion.
+        out["positive_dc_ohm"] = float(self.positive.impedance_ohm(np.array([1e-9]), kt).real[0])
         return out
 
     def open_circuit_voltage_V(self) -> float:
@@ -279,7 +279,8 @@ class PhysicsCell:
                 lo, hi = (0.0, current) if current > 0 else (current, 0.0)
                 current, voltage, parts = self._solve_voltage(dt_s, compliance, kt, lo, hi)
         else:
-            limit = abs(compliance) if math.isfinite(compliance) else 10.0 * self.nominal_capacity_Ah * 100
+            # No current limit given: allow up to 1000 C, far beyond any cell, so the voltage always regulates.
+            limit = abs(compliance) if math.isfinite(compliance) else 1000.0 * self.nominal_capacity_Ah
             current, voltage, parts = self._solve_voltage(dt_s, setpoint, kt, -limit, limit)
         self._commit(dt_s, current, voltage, parts)
         return voltage, current

@@ -7,8 +7,8 @@ interval is stable. Constant-voltage control solves for the current that puts
 the terminal voltage on the setpoint at the end of the interval, linearising
 the OCV over it (backward Euler in the charge).
 
-State arrays are numpy so one model instance can step many cells at once;
-a simulated channel steps one.
+``EcmCell`` steps one cell with the same interface as the physics-based
+``labtwin.sim.cell.PhysicsCell``, so a simulated potentiostat takes either.
 
 Sign: positive current charges (raises the state of charge).
 """
@@ -16,7 +16,6 @@ Sign: positive current charges (raises the state of charge).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -54,65 +53,6 @@ class EcmParameters(BaseModel):
         if any(b <= a for a, b in zip(self.ocv_soc, self.ocv_soc[1:])):
             raise ValueError("ocv_soc must increase strictly")
         return self
-
-
-@dataclass
-class EcmState:
-    soc: np.ndarray
-    v_rc_V: np.ndarray
-
-
-class EquivalentCircuitModel:
-    """Steps an equivalent-circuit cell under current, voltage or open-circuit control."""
-
-    def __init__(self, params: EcmParameters) -> None:
-        self.params = params
-        self._soc_pts = np.asarray(params.ocv_soc, dtype=float)
-        self._v_pts = np.asarray(params.ocv_voltage_V, dtype=float)
-        self._charge_C = params.capacity_Ah * 3600.0
-
-    def initial_state(self, n_cells: int = 1, soc: float | None = None) -> EcmState:
-        s = self.params.initial_soc if soc is None else soc
-        return EcmState(soc=np.full(n_cells, s, dtype=float), v_rc_V=np.zeros(n_cells))
-
-    def ocv_V(self, soc: np.ndarray | float) -> np.ndarray:
-        soc = np.asarray(soc, dtype=float)
-        v = np.interp(soc, self._soc_pts, self._v_pts)
-        beyond = np.clip(soc - self._soc_pts[-1], 0.0, None) - np.clip(self._soc_pts[0] - soc, 0.0, None)
-        return v + self.params.overcharge_slope_V * beyond
-
-    def docv_dsoc(self, soc: np.ndarray) -> np.ndarray:
-        h = 1e-4
-        return (self.ocv_V(soc + h) - self.ocv_V(soc - h)) / (2 * h)
-
-    def _stored_current_A(self, current_A: np.ndarray, state: EcmState) -> np.ndarray:
-        """Current that changes the state of charge: side reactions and leakage take their share."""
-        p = self.params
-        lossy = current_A > 0 if p.side_reaction_direction == "charge" else current_A < 0
-        stored = np.where(lossy, current_A * (1.0 - p.side_reaction_fraction), current_A)
-        if p.leakage_resistance_ohm is not None:
-            stored = stored - self.ocv_V(state.soc) / p.leakage_resistance_ohm
-        return stored
-
-    def terminal_voltage_V(self, state: EcmState, current_A: np.ndarray) -> np.ndarray:
-        return self.ocv_V(state.soc) + current_A * self.params.series_resistance_ohm + state.v_rc_V
-
-    def step_current(self, state: EcmState, current_A: np.ndarray | float, dt_s: float) -> np.ndarray:
-        """Advance under a constant current; returns the terminal voltage at the end."""
-        p = self.params
-        i = np.broadcast_to(np.asarray(current_A, dtype=float), state.soc.shape)
-        a = np.exp(-dt_s / (p.rc_resistance_ohm * p.rc_capacitance_F)) if p.rc_resistance_ohm > 0 else 0.0
-        state.soc = state.soc + self._stored_current_A(i, state) * dt_s / self._charge_C
-        state.v_rc_V = state.v_rc_V * a + i * p.rc_resistance_ohm * (1.0 - a)
-        return self.terminal_voltage_V(state, i)
-
-    def current_for_voltage_A(self, state: EcmState, voltage_V: np.ndarray | float, dt_s: float) -> np.ndarray:
-        """The constant current over dt that ends the interval at the terminal voltage asked for."""
-        p = self.params
-        a = np.exp(-dt_s / (p.rc_resistance_ohm * p.rc_capacitance_F)) if p.rc_resistance_ohm > 0 else 0.0
-        slope = self.docv_dsoc(state.soc) * dt_s / self._charge_C
-        resistance = p.series_resistance_ohm + p.rc_resistance_ohm * (1.0 - a) + slope
-        return (np.asarray(voltage_V) - self.ocv_V(state.soc) - state.v_rc_V * a) / resistance
 
 
 class EcmCell:

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from labtwin.sim import kinetics
-from labtwin.sim.constants import arrhenius_factor
+from labtwin.sim.constants import arrhenius_factor, thermal_voltage_V
 from labtwin.sim.diffusion import DiffusionParameters, FiniteVolumeDiffusion
 from labtwin.sim.ocp import ConstantOcp, Ocp
 
@@ -111,7 +111,7 @@ class InsertionElectrode:
         diffusion = p.diffusion or DiffusionParameters(geometry="planar", length_m=1e-6, diffusivity_m2_s=1.0, n_volumes=2)
         self.diffusion = FiniteVolumeDiffusion(diffusion, p.capacity_Ah * 3600.0, p.initial_x)
         self.faradaic_A = 0.0
-        self.potential_V = float(p.ocp.voltage_V(p.initial_x, 0.02569))
+        self.potential_V = float(p.ocp.voltage_V(p.initial_x, thermal_voltage_V(self.temperature_C)))
 
     # state -------------------------------------------------------------
     @property

@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from labtwin.sim import kinetics
-from labtwin.sim.constants import arrhenius_factor
+from labtwin.sim.constants import arrhenius_factor, thermal_voltage_V
 from labtwin.sim.ocp import RegularSolutionOcp
 
 X_EDGE = 1e-12
@@ -88,8 +88,9 @@ class ManyParticleElectrode:
         self.temperature_C = 25.0
         self.x = np.full(n, float(p.initial_x))
         self.faradaic_A = 0.0
-        self.potential_V = float(np.dot(self.w, self._u(self.x, 0.02569)))
-        self._dt_hint = 1.0
+        self.potential_V = float(np.dot(self.w, self._u(self.x, thermal_voltage_V(self.temperature_C))))
+        self._dt_hint = 1.0  # the last accepted sub-step length: where the next step starts
+        self._pending_hint = 1.0
 
     # state --------------------------------------------------------------
     @property
@@ -216,7 +217,7 @@ class ManyParticleElectrode:
 
     def commit(self, t: _ParticleTrial) -> None:
         self.x, self.potential_V, self.faradaic_A = t.x, t.potential_V, t.faradaic_A
-        self._dt_hint = max(getattr(self, "_pending_hint", 1.0), 1e-3)
+        self._dt_hint = max(self._pending_hint, 1e-3)
 
     # frequency domain ---------------------------------------------------
     def impedance_ohm(self, omega_rad_s: np.ndarray, thermal_V: float) -> np.ndarray:

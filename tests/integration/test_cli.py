@@ -60,3 +60,25 @@ def test_layering_contracts_hold():
     lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
     proc = subprocess.run(lint, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dryrun_of_the_seed000_protocol_shows_plateau_oscillations_and_writes_eis(tmp_path):
+    """Issue 3's 'done means': the seed-000 protocol on the bare LTO cell, through flow, bus and agent."""
+    import numpy as np
+
+    from labtwin.analysis.plateau import plateau_oscillation
+
+    out = tmp_path / "lto"
+    result = runner.invoke(app, ["dryrun", "seed000-lto-0.1C", "--sim", "lto-thin-film", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["exit_status"] == "success"
+    rows = list(csv.DictReader(line for line in (out / "samples.csv").open() if not line.startswith("#")))
+    step = np.array([int(r["step"]) for r in rows])
+    first_discharge = step == 1
+    q = np.array([float(r["capacity_Ah"]) for r in rows])[first_discharge]
+    v = np.array([float(r["voltage_V"]) for r in rows])[first_discharge]
+    osc = plateau_oscillation(-(q - q[0]), v)
+    assert 1.5e-3 <= osc.amplitude_V <= 4e-3
+    assert 0.4 <= osc.period_Ah * 1e6 / 1.89 <= 1.0
+    eis = list(csv.DictReader(line for line in (out / "eis.csv").open() if not line.startswith("#")))
+    assert len(eis) >= 40 and all(float(r["z_real_ohm"]) > 0 for r in eis)
