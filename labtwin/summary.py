@@ -8,6 +8,13 @@ Coulombic efficiency is charge out over charge in, with "in" being the
 direction the cycle starts with: for a cathode or full cell that starts by
 charging it is discharge/charge; for an anode half cell (LTO vs Li) that
 starts by lithiating (discharging) it is charge/discharge, as in seed 000.
+
+Cycles are counted from the charge the steps moved, as a cycler's analysis
+does, not from the protocol's loop counters: the run's first current-carrying
+step sets the direction a cycle starts with, and every later step in that
+direction that follows a step in the other direction opens the next cycle.
+Rests and impedance steps belong to the cycle they sit in. Nested loops
+(9 cycles, then a 10th with a check-up EIS) therefore count 10 cycles, not 1.
 """
 
 from __future__ import annotations
@@ -55,28 +62,46 @@ class RunSummary(BaseModel):
     step_ends: list[StepEnd]
 
 
+def _direction(ev: StepEvent) -> str | None:
+    if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) <= 1e-12:
+        return None
+    return "charge" if ev.stats.charge_Ah > ev.stats.discharge_Ah else "discharge"
+
+
+def number_cycles(events: list[StepEvent]) -> list[tuple[int, StepEvent]]:
+    """(electrochemical cycle, event) for each ended step; cycle 0 before the first current flows."""
+    numbered, cycle, first, previous = [], 0, None, None
+    for ev in sorted(events, key=lambda e: e.step_index):
+        if ev.event != "ended" or ev.stats is None:
+            continue
+        direction = _direction(ev)
+        if direction is not None:
+            if first is None:
+                first, cycle = direction, 1
+            elif direction == first and previous not in (None, first):
+                cycle += 1
+            previous = direction
+        numbered.append((cycle, ev))
+    return numbered
+
+
 def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
     by_cycle: dict[int, list[StepEvent]] = defaultdict(list)
-    for ev in sorted(events, key=lambda e: e.step_index):
-        if ev.event == "ended" and ev.stats is not None:
-            by_cycle[ev.cycle].append(ev)
+    for cycle, ev in number_cycles(events):
+        by_cycle[cycle].append(ev)
     out = []
     for cycle in sorted(by_cycle):
         if cycle == 0:
-            continue  # steps outside any cycle loop (an initial rest, a check-up)
+            continue  # steps before any current flowed (an initial rest, a check-up)
         evs = by_cycle[cycle]
         charge = sum(e.stats.charge_Ah for e in evs)
         discharge = sum(e.stats.discharge_Ah for e in evs)
-        first = None
-        for e in evs:
-            if max(e.stats.charge_Ah, e.stats.discharge_Ah) > 1e-12:
-                first = "charge" if e.stats.charge_Ah > e.stats.discharge_Ah else "discharge"
-                break
+        first = next((d for d in map(_direction, evs) if d is not None), None)
         ce = None
         if charge > 0 and discharge > 0:
             ce = discharge / charge if first == "charge" else charge / discharge
-        eoc = [e.stats.end_voltage_V for e in evs if e.stats.charge_Ah > e.stats.discharge_Ah]
-        eod = [e.stats.end_voltage_V for e in evs if e.stats.discharge_Ah > e.stats.charge_Ah]
+        eoc = [e.stats.end_voltage_V for e in evs if _direction(e) == "charge"]
+        eod = [e.stats.end_voltage_V for e in evs if _direction(e) == "discharge"]
         out.append(
             CycleSummary(
                 cycle=cycle, charge_Ah=charge, discharge_Ah=discharge, coulombic_efficiency=ce,
@@ -100,6 +125,7 @@ def summarize_run(
     wall_time_s: float | None = None,
 ) -> RunSummary:
     ended = sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index)
+    cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(ended)}
     return RunSummary(
         run_id=run_id, channel=channel, cell_id=cell_id, protocol=protocol, exit_status=exit_status, reason=reason,
         steps_run=len(ended), cell_time_s=max((e.time_s for e in ended), default=0.0), wall_time_s=wall_time_s,
@@ -107,7 +133,7 @@ def summarize_run(
         cycles=summarize_cycles(ended),
         step_ends=[
             StepEnd(
-                step_index=e.step_index, label=e.label, cycle=e.cycle,
+                step_index=e.step_index, label=e.label, cycle=cycle_of.get(e.step_index, e.cycle),
                 reason=f"{e.reason.kind}:{e.reason.name}" if e.reason else "", value=e.reason.value if e.reason else None,
                 duration_s=e.stats.duration_s if e.stats else 0.0,
             )

@@ -1,7 +1,7 @@
 """The simulated cells reproduce the seeds' signatures for physical reasons (PHYSICS.md's table).
 
 Model-level runs (the cell stepped directly, as the simulated potentiostat does
-between samples) keep these fast; tests/integration/test_dryrun_physics.py runs
+between samples) keep these fast; tests/integration/test_cli.py runs
 a seed protocol end to end through Prefect, MQTT and the agent.
 """
 
@@ -187,3 +187,51 @@ def test_contact_loss_raises_the_high_frequency_resistance():
     before = model.impedance_ohm([1e6])[0].real
     model.inject(Fault(kind="contact_loss", at_time_s=0.0, resistance_ohm=25.0))
     assert model.impedance_ohm([1e6])[0].real == pytest.approx(before + 25.0, rel=1e-3)
+
+
+def _cycle_to_eis(model, nominal_Ah: float, window_V, cycles: int, frequency_Hz: np.ndarray, rng, noise: float):
+    """0.2C CC-CV charge / CC discharge for ``cycles``; EIS at the charged state (after 10 min rest) every 10th."""
+    current_A = 0.2 * nominal_Ah
+    lo, hi = window_V
+    spectra = {}
+    for cycle in range(1, cycles + 1):
+        while abs(model.step(300.0, "current", current_A, hi)[1]) > 0.05 * current_A:
+            pass
+        if cycle % 10 == 0:
+            model.step(600.0, "open_circuit")
+            z = model.impedance_ohm(frequency_Hz)
+            spectra[cycle] = z + noise * np.abs(z) * (rng.standard_normal(len(z)) + 1j * rng.standard_normal(len(z)))
+        while abs(model.step(300.0, "current", -current_A, lo)[1]) > 0.05 * current_A:
+            pass
+    return spectra
+
+
+def test_seed003_ceramic_charge_transfer_grows_and_glassy_ceramic_stays_flat_by_eis_fit():
+    """Seed 003: ceramic R_ct 142.6 -> 234.9 ohm from cycle 10 to 50; glassy/ceramic barely rises.
+
+    The resistances are recovered the way a lab would: a CNLS fit of the
+    spectrum (R_SE, then the R_CI, R_AI and R_ct arcs ordered by time
+    constant, then solid diffusion), on points with the cell file's noise.
+    """
+    from labtwin.analysis.eis import fit_circuit
+
+    frequency_Hz = np.logspace(6, -1, 57)  # 1 MHz to 0.1 Hz, 8 points per decade as seed003-cycling-eis.yaml
+    circuit = "R0-p(R1,C1)-p(R2,C2)-p(R3,C3)-W1"
+    fitted = {}
+    for name in ("lco-lgps-ceramic", "lco-lgps-glassy-ceramic"):
+        cell = load_cell(name)
+        spectra = _cycle_to_eis(cell.build_model(), cell.nominal_capacity_Ah, cell.voltage_window_V, 50, frequency_Hz,
+                                np.random.default_rng(3), cell.impedance_noise_relative)
+        fitted[name] = {n: fit_circuit(circuit, frequency_Hz, spectra[n]) for n in (10, 50)}
+    ceramic, glassy = fitted["lco-lgps-ceramic"], fitted["lco-lgps-glassy-ceramic"]
+    for fit in (*ceramic.values(), *glassy.values()):
+        assert fit.relative_rms < 0.01
+    assert ceramic[10].parameters["R3"] == pytest.approx(142.6, rel=0.15)
+    assert ceramic[50].parameters["R3"] == pytest.approx(234.9, rel=0.15)
+    assert ceramic[10].parameters["R1"] == pytest.approx(196.5, rel=0.15)  # R_CI
+    assert ceramic[50].parameters["R1"] == pytest.approx(269.5, rel=0.15)
+    assert glassy[10].parameters["R3"] == pytest.approx(106.2, rel=0.15)
+    assert glassy[10].parameters["R1"] == pytest.approx(102.2, rel=0.15)
+    for name, growth in (("ceramic", ceramic), ("glassy", glassy)):
+        rise = growth[50].parameters["R3"] / growth[10].parameters["R3"]
+        assert (rise > 1.4) if name == "ceramic" else (rise < 1.1), (name, rise)

@@ -98,3 +98,27 @@ def test_a_limit_the_protocol_leaves_unset_is_inherited_from_the_channel_not_ref
     commands = compile_protocol(parse_protocol(GOOD), CompileContext("r", nominal_capacity_Ah=0.002, channel_limits=channel))
     assert all(c.limits.current_max_A == 0.01 and c.limits.temperature_max_C == 45 for c in commands)
     assert all(c.limits.voltage_min_V == 1.0 for c in commands)  # the protocol's tighter window wins
+
+
+def test_cycles_are_counted_from_charge_direction_not_from_nested_loop_counters():
+    """seed003-cycling-eis nests 9 cycles inside a loop whose 10th cycle adds a rest and an EIS step."""
+    from labtwin.models import StepEvent, StepStats
+    from labtwin.summary import summarize_run
+
+    def ended(i: int, step: str, loop: int, charge: float = 0.0, discharge: float = 0.0) -> StepEvent:
+        return StepEvent(run_id="r", channel="c", step_index=i, cycle=loop, step=step, event="ended", time_s=float(i),
+                         stats=StepStats(charge_Ah=charge, discharge_Ah=discharge, end_voltage_V=1.0))
+
+    events, i = [ended(0, "rest", 0)], 1
+    for loop in (1, 2):
+        for _ in range(9):
+            events += [ended(i, "cc", loop, charge=1.0), ended(i + 1, "cc", loop, discharge=0.9)]
+            i += 2
+        events += [ended(i, "cc", loop, charge=1.0), ended(i + 1, "rest", loop), ended(i + 2, "eis", loop),
+                   ended(i + 3, "cc", loop, discharge=0.9)]
+        i += 4
+    summary = summarize_run("r", "c", events)
+    assert [c.cycle for c in summary.cycles] == list(range(1, 21))
+    assert all(c.coulombic_efficiency == pytest.approx(0.9) for c in summary.cycles)
+    eis_cycles = [e.cycle for e in summary.step_ends if e.label == "" and e.step_index in (20, 42)]
+    assert eis_cycles == [10, 20]

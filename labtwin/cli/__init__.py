@@ -191,7 +191,8 @@ def dryrun(
     console.print(steps)
     console.print(f"estimated duration on a real channel: [bold]{summary.cell_time_s / 3600:.2f} h[/]")
     if out:
-        console.print(f"wrote {out / 'samples.csv'} and {out / 'summary.json'}")
+        written = [p.name for p in (out / 'samples.csv', out / 'eis.csv', out / 'summary.json') if p.exists()]
+        console.print(f"wrote {', '.join(written)} in {out}")
 
 
 # --------------------------------------------------------------------------- services

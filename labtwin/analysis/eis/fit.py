@@ -1,0 +1,322 @@
+"""Complex non-linear least squares (CNLS) fits of equivalent circuits, with guesses made from the data.
+
+Why these choices:
+- Modulus weighting (residuals divided by |Z|): a spectrum spans decades of
+  |Z|; unweighted, the low-frequency tail owns the fit and the high-frequency
+  arc (the interface resistance a battery lab watches) is fitted to noise.
+- Parameters are fitted as logarithms: every circuit value is positive and
+  spans many decades, so log space keeps steps well scaled and signs right.
+  A CPE exponent is bounded to (0, 1].
+- Initial guesses come from the spectrum itself (the question impedance.py
+  users ask most): the high-frequency intercept gives the series resistance,
+  each arc of -Z'' gives a resistance (its width on the real axis) and a time
+  constant (its apex frequency), the low-frequency tail gives the Warburg
+  coefficient. Arcs are assigned to the circuit's parallel groups in the
+  order they are written (high frequency first, the usual convention), and a
+  few alternative assignments are tried; the fit with the lowest cost wins.
+- Uncertainties are one standard error from the Jacobian at the optimum
+  (covariance (J^T J)^-1 s^2 with s^2 the residual variance), as impedance.py
+  and curve_fit report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from labtwin.analysis.eis.circuit import Circuit, Element, Node, Parallel, Series, parse_circuit
+
+
+@dataclass
+class CircuitFit:
+    circuit: Circuit
+    parameters: dict[str, float]
+    standard_errors: dict[str, float]
+    units: dict[str, str]
+    relative_rms: float
+    cost: float
+    n_evaluations: int
+    success: bool
+    message: str
+    fixed: dict[str, float] = field(default_factory=dict)
+
+    def impedance_ohm(self, frequency_Hz) -> np.ndarray:
+        return self.circuit([self.parameters[n] for n in self.circuit.parameter_names], frequency_Hz)
+
+    def table(self) -> str:
+        lines = [f"circuit {self.circuit.text}   relative RMS residual {self.relative_rms:.3%}"]
+        for name in self.circuit.parameter_names:
+            value, err = self.parameters[name], self.standard_errors.get(name, float("nan"))
+            tag = " (fixed)" if name in self.fixed else f" +/- {err:.3g}"
+            lines.append(f"  {name:10s} {value:12.5g} {self.units[name]:12s}{tag}")
+        return "\n".join(lines)
+
+
+def _as_arrays(frequency_Hz, impedance_ohm) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(frequency_Hz, dtype=float)
+    z = np.asarray(impedance_ohm, dtype=complex)
+    if f.shape != z.shape or f.ndim != 1:
+        raise ValueError(f"frequency_Hz and impedance_ohm must be 1-D and the same length (got {f.shape} and {z.shape})")
+    good = np.isfinite(f) & np.isfinite(z) & (f > 0)
+    if good.sum() < 3:
+        raise ValueError("need at least 3 finite points with frequency_Hz > 0 to fit a circuit")
+    order = np.argsort(-f[good])
+    return f[good][order], z[good][order]
+
+
+@dataclass
+class _Arc:
+    frequency_Hz: float
+    resistance_ohm: float
+
+
+def _arcs(frequency_Hz: np.ndarray, z: np.ndarray) -> list[_Arc]:
+    """Arcs of -Z'' (high frequency first): apex frequency and width on the real axis."""
+    minus_imag = -z.imag
+    if len(minus_imag) >= 5:
+        smooth = np.convolve(np.pad(minus_imag, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    else:
+        smooth = minus_imag
+    n = len(smooth)
+    peaks = [i for i in range(1, n - 1) if smooth[i] > smooth[i - 1] and smooth[i] >= smooth[i + 1] and smooth[i] > 0]
+    arcs = []
+    for k, i in enumerate(peaks):
+        lo = peaks[k - 1] if k > 0 else 0
+        hi = peaks[k + 1] if k + 1 < len(peaks) else n - 1
+        left = lo + int(np.argmin(smooth[lo : i + 1]))
+        right = i + int(np.argmin(smooth[i : hi + 1]))
+        width = z.real[right] - z.real[left]
+        if right == n - 1 or width <= 0:  # the arc runs off the low-frequency end
+            width = max(width, 2.0 * smooth[i])
+        arcs.append(_Arc(float(frequency_Hz[i]), float(max(width, 1e-12))))
+    return arcs
+
+
+def _parallel_groups(node: Node) -> list[Parallel]:
+    if isinstance(node, Element):
+        return []
+    children = node.parts if isinstance(node, Series) else node.branches
+    found = [node] if isinstance(node, Parallel) else []
+    for child in children:
+        found += _parallel_groups(child)
+    return found
+
+
+def _members(node: Node) -> list[Element]:
+    if isinstance(node, Element):
+        return [node]
+    children = node.parts if isinstance(node, Series) else node.branches
+    return [e for c in children for e in _members(c)]
+
+
+def initial_guess(circuit: Circuit, frequency_Hz, impedance_ohm, arc_order: str = "written") -> np.ndarray:
+    """Starting values read off the spectrum; ``arc_order`` 'written', 'reversed' or 'spread'."""
+    f, z = _as_arrays(frequency_Hz, impedance_ohm)
+    omega = 2.0 * np.pi * f
+    r_inf = float(max(z.real[0], 1e-3 * np.max(np.abs(z))))
+    arcs = _arcs(f, z)
+    groups = _parallel_groups(circuit.tree)
+    # Only outermost groups carry arcs; nested ones share their parent's.
+    nested = {id(g2) for g in groups for g2 in _parallel_groups(g) if g2 is not g}
+    outer = [g for g in groups if id(g) not in nested]
+    span = float(max(np.max(z.real) - r_inf, 1e-3 * r_inf))
+    if arc_order == "spread" or not arcs:
+        decades = np.logspace(np.log10(f[0]), np.log10(f[-1]), len(outer) + 2)[1:-1]
+        assigned = [_Arc(float(fk), span / max(len(outer), 1)) for fk in decades]
+    else:
+        chosen = sorted(sorted(arcs, key=lambda a: -a.resistance_ohm)[: len(outer)], key=lambda a: -a.frequency_Hz)
+        while len(chosen) < len(outer):  # fewer arcs than groups: put the rest between them, log-spaced
+            chosen.append(_Arc(chosen[-1].frequency_Hz / 10.0, chosen[-1].resistance_ohm / 2.0))
+        assigned = chosen if arc_order == "written" else chosen[::-1]
+    arc_of: dict[str, _Arc] = {}
+    for group, arc in zip(outer, assigned):
+        for element in _members(group):
+            arc_of[element.name] = arc
+    # Warburg coefficient from the low-frequency tail: -Z'' sqrt(omega) at the lowest frequencies.
+    tail = max(3, len(f) // 10)
+    sigma = float(np.median(np.abs(z.imag[-tail:]) * np.sqrt(omega[-tail:])))
+    sigma = max(sigma, 1e-6 * span)
+    tau_diffusion = 1.0 / (2.0 * np.pi * f[-1])
+    guess: list[float] = []
+    series_r_used = False
+    for element in circuit.elements:
+        arc = arc_of.get(element.name)
+        kind = element.kind
+        if kind == "R":
+            if arc is not None:
+                guess.append(arc.resistance_ohm)
+            elif not series_r_used:
+                guess.append(r_inf)
+                series_r_used = True
+            else:
+                guess.append(0.1 * r_inf)
+        elif kind == "C":
+            if arc is not None:
+                guess.append(1.0 / (2.0 * np.pi * arc.frequency_Hz * arc.resistance_ohm))
+            else:  # series capacitor: the low-frequency reactance
+                guess.append(1.0 / (omega[-1] * max(-z.imag[-1], 1e-12)))
+        elif kind == "CPE":
+            alpha = 0.85
+            if arc is not None:
+                guess += [1.0 / (arc.resistance_ohm * (2.0 * np.pi * arc.frequency_Hz) ** alpha), alpha]
+            else:
+                guess += [1.0 / (omega[-1] ** alpha * max(np.abs(z[-1]), 1e-12)), alpha]
+        elif kind == "L":
+            guess.append(max(z.imag[0], 1e-3 * r_inf) / omega[0])
+        elif kind == "W":
+            guess.append(sigma)
+        elif kind in ("Wo", "Ws"):
+            guess += [sigma * np.sqrt(2.0 * tau_diffusion), tau_diffusion]
+        elif kind == "K":
+            a = arc or _Arc(float(np.sqrt(f[0] * f[-1])), span)
+            guess += [a.resistance_ohm, 1.0 / (2.0 * np.pi * a.frequency_Hz)]
+        else:  # pragma: no cover - every element type has a rule above
+            raise ValueError(f"no initial-guess rule for element {element.name}")
+    return np.asarray(guess, dtype=float)
+
+
+def _arc_time_constant_s(group: Parallel, p: np.ndarray, slices: dict[str, slice]) -> float:
+    r, c = (slices[e.name] for e in group.branches)  # type: ignore[union-attr]
+    kind = group.branches[1].kind  # type: ignore[union-attr]
+    if kind == "C":
+        return float(p[r][0] * p[c][0])
+    q, alpha = p[c]
+    return float((p[r][0] * q) ** (1.0 / alpha))
+
+
+def sort_arcs(circuit: Circuit, params: np.ndarray) -> np.ndarray:
+    """Order interchangeable arcs by time constant, fastest first.
+
+    R0-p(R1,C1)-p(R2,C2) fits equally well with the two arcs swapped, so a
+    fit's labels are arbitrary until ordered. Arcs of the same shape (p(R,C)
+    or p(R,CPE)) in the top-level series are re-labelled so R1 is the
+    highest-frequency arc, as circuits are conventionally written; a trend
+    of R2 across spectra then follows one physical process.
+    """
+    if not isinstance(circuit.tree, Series):
+        return params
+    slices = circuit.slices()
+    out = params.copy()
+    by_shape: dict[str, list[Parallel]] = {}
+    for part in circuit.tree.parts:
+        if (isinstance(part, Parallel) and len(part.branches) == 2 and all(isinstance(b, Element) for b in part.branches)
+                and part.branches[0].kind == "R" and part.branches[1].kind in ("C", "CPE")):  # type: ignore[union-attr]
+            by_shape.setdefault(part.branches[1].kind, []).append(part)  # type: ignore[union-attr]
+    for groups in by_shape.values():
+        if len(groups) < 2:
+            continue
+        order = sorted(groups, key=lambda g: _arc_time_constant_s(g, params, slices))
+        for target, source in zip(groups, order):
+            for t_el, s_el in zip(target.branches, source.branches):
+                out[slices[t_el.name]] = params[slices[s_el.name]]  # type: ignore[union-attr]
+    return out
+
+
+def _alpha_mask(circuit: Circuit) -> np.ndarray:
+    mask = np.zeros(len(circuit.parameter_names), dtype=bool)
+    for element, sl in zip(circuit.elements, circuit.slices().values()):
+        if element.kind == "CPE":
+            mask[sl.start + 1] = True
+    return mask
+
+
+def _numeric_jacobian(fun, x: np.ndarray) -> np.ndarray:
+    f0 = fun(x)
+    jac = np.empty((len(f0), len(x)))
+    for k in range(len(x)):
+        step = 1e-7 * max(1.0, abs(x[k]))
+        xk = x.copy()
+        xk[k] += step
+        jac[:, k] = (fun(xk) - f0) / step
+    return jac
+
+
+def fit_circuit(
+    circuit: str | Circuit,
+    frequency_Hz,
+    impedance_ohm,
+    initial: dict[str, float] | list[float] | None = None,
+    fixed: dict[str, float] | None = None,
+    weighting: str = "modulus",
+) -> CircuitFit:
+    """Fit ``circuit`` to a spectrum; guesses are made from the data unless ``initial`` is given."""
+    circ = parse_circuit(circuit) if isinstance(circuit, str) else circuit
+    f, z = _as_arrays(frequency_Hz, impedance_ohm)
+    omega = 2.0 * np.pi * f
+    names = circ.parameter_names
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(names)
+    if unknown:
+        raise ValueError(f"fixed parameters {sorted(unknown)} are not in circuit {circ.text}; its parameters are {names}")
+    free = np.array([n not in fixed for n in names])
+    if weighting == "modulus":
+        weight = 1.0 / np.abs(z)
+    elif weighting == "unit":
+        weight = np.ones_like(f)
+    else:
+        raise ValueError(f"weighting {weighting!r}: use 'modulus' or 'unit'")
+    alpha = _alpha_mask(circ)
+    upper = np.where(alpha[free], 0.0, np.inf)
+    lower = np.full(int(free.sum()), -np.inf)
+
+    base = np.zeros(len(names))
+    for i, n in enumerate(names):
+        if n in fixed:
+            base[i] = fixed[n]
+
+    def residuals(log_free: np.ndarray) -> np.ndarray:
+        p = base.copy()
+        p[free] = np.exp(log_free)
+        diff = (circ.impedance(p, omega) - z) * weight
+        return np.concatenate([diff.real, diff.imag])
+
+    if initial is not None:
+        values = [initial[n] for n in names] if isinstance(initial, dict) else list(initial)
+        if len(values) != len(names):
+            raise ValueError(f"initial has {len(values)} values; circuit {circ.text} has parameters {names}")
+        starts = [np.asarray(values, dtype=float)]
+    else:
+        starts = [initial_guess(circ, f, z, order) for order in ("written", "reversed", "spread")]
+    best = None
+    for start in starts:
+        x0 = np.log(np.clip(start[free], 1e-300, None))
+        x0 = np.minimum(x0, upper - 1e-9)
+        result = least_squares(residuals, x0, bounds=(lower, upper), method="trf", x_scale=1.0, max_nfev=2000)
+        if best is None or result.cost < best.cost:
+            best = result
+    assert best is not None
+    p = base.copy()
+    p[free] = np.exp(best.x)
+    if not fixed:
+        sorted_p = sort_arcs(circ, p)
+        if not np.array_equal(sorted_p, p):  # re-label, then take the Jacobian at the re-labelled optimum
+            p = sorted_p
+            best.x = np.log(p[free])
+            best.jac = _numeric_jacobian(residuals, best.x)
+    n_points, n_free = 2 * len(f), int(free.sum())
+    dof = max(n_points - n_free, 1)
+    s2 = 2.0 * best.cost / dof
+    errors = np.full(len(names), np.nan)
+    try:
+        cov_log = np.linalg.pinv(best.jac.T @ best.jac) * s2
+        errors[free] = p[free] * np.sqrt(np.clip(np.diag(cov_log), 0.0, None))
+    except np.linalg.LinAlgError:
+        pass
+    for i, n in enumerate(names):
+        if n in fixed:
+            errors[i] = 0.0
+    rel = (circ.impedance(p, omega) - z) / np.abs(z)
+    return CircuitFit(
+        circuit=circ,
+        parameters=dict(zip(names, p.tolist())),
+        standard_errors=dict(zip(names, errors.tolist())),
+        units=dict(zip(names, circ.parameter_units)),
+        relative_rms=float(np.sqrt(np.mean(np.abs(rel) ** 2))),
+        cost=float(best.cost),
+        n_evaluations=int(best.nfev),
+        success=bool(best.success),
+        message=str(best.message),
+        fixed=fixed,
+    )
