@@ -122,7 +122,7 @@ def test_csv_readers_handle_bare_columns_headers_and_labtwin_eis_csv(tmp_path):
                     + "".join(f"{a},{b.real},{b.imag},{3 if k < 2 else 7},0\n" for k, (a, b) in enumerate(zip(f, z))))
     spectra = read_spectra(runs)
     assert [len(s.frequency_Hz) for s in spectra] == [2, 2]
-    assert spectra[1].label.endswith("step 7")
+    assert spectra[1].label == "cycle 0 (step 7)"
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("time,voltage,current\n1,2,3\n")
     with pytest.raises(SpectrumFileError, match="frequency"):

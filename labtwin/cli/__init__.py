@@ -75,7 +75,11 @@ def _summary_table(summary) -> Table:
     )
     for col in ("cycle", "charge / mAh", "discharge / mAh", "CE / %", "end of charge / V", "end of discharge / V"):
         table.add_column(col, justify="right")
-    for c in s.cycles:
+    cycles = s.cycles if len(s.cycles) <= 24 else [*s.cycles[:10], None, *s.cycles[-10:]]
+    for c in cycles:
+        if c is None:
+            table.add_row("...", "", "", "", "", "")
+            continue
         table.add_row(
             str(c.cycle), f"{c.charge_Ah * 1e3:.4g}", f"{c.discharge_Ah * 1e3:.4g}",
             "" if c.coulombic_efficiency is None else f"{100 * c.coulombic_efficiency:.2f}",
@@ -185,13 +189,20 @@ def dryrun(
     steps = Table(title="how each step ended")
     for col in ("step", "cycle", "label", "ended by", "value", "duration / s"):
         steps.add_column(col)
-    for e in summary.step_ends:
+    shown = summary.step_ends
+    if len(shown) > 30:  # a 50-cycle protocol has 100+ steps: the first and last ones tell the story
+        shown = [*shown[:12], None, *shown[-12:]]
+    for e in shown:
+        if e is None:
+            steps.add_row("...", "", f"{len(summary.step_ends) - 24} more steps (summary.json has all)", "", "", "")
+            continue
         steps.add_row(str(e.step_index), str(e.cycle), e.label, e.reason, "" if e.value is None else f"{e.value:.4g}",
                       f"{e.duration_s:.0f}")
     console.print(steps)
     console.print(f"estimated duration on a real channel: [bold]{summary.cell_time_s / 3600:.2f} h[/]")
     if out:
-        written = [p.name for p in (out / 'samples.csv', out / 'eis.csv', out / 'summary.json') if p.exists()]
+        names = ("samples.csv", "eis.csv", "summary.json", "run.png", "nyquist.png", "cv.png", "plateau.png")
+        written = [name for name in names if (out / name).exists()]
         console.print(f"wrote {', '.join(written)} in {out}")
 
 
@@ -346,6 +357,11 @@ def export(
         _print_json({"run_id": rid, "path": str(path), "format": fmt, "samples": int(len(samples["time_s"]))})
     else:
         console.print(f"wrote {len(samples['time_s'])} samples of {rid} to {path}")
+
+
+from labtwin.cli.analyse import analyse_app  # noqa: E402
+
+app.add_typer(analyse_app, name="analyse")
 
 
 def main() -> None:

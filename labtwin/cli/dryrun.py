@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 
 from labtwin.cli.wiring import LocalLab, default_lab
+import numpy as np
+
 from labtwin.export import export_samples
 from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.summary import RunSummary
+from labtwin.models import StepKind
+from labtwin.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
+from labtwin.summary import RunSummary, number_cycles
 from simulators.cells import load_cell
 
 
@@ -46,10 +50,48 @@ async def run_dryrun(
         summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)
         if out is not None:
-            export_samples(local.store.samples(summary.run_id), out / "samples.csv", "csv")
-            impedance = local.store.impedance(summary.run_id)
-            if len(impedance["frequency_Hz"]):
-                columns = {k: impedance[k] for k in ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle")}
-                export_samples(columns, out / "eis.csv", "csv")
-            (out / "summary.json").write_text(json.dumps(summary.model_dump(), indent=2, default=str))
+            write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")
     return summary
+
+
+def write_outputs(store, summary: RunSummary, out: Path, title: str) -> list[Path]:
+    """samples.csv, eis.csv, summary.json and the plots a lab looks at first.
+
+    The cycle column is the electrochemical cycle (counted from charge
+    direction, as in the summary), not the protocol's loop counter.
+    """
+    events = store.step_events(summary.run_id)
+    cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(events)}
+    samples = store.samples(summary.run_id)
+    samples["cycle"] = np.array([cycle_of.get(int(s), 0) for s in samples["step"]], dtype=int)
+    written = [export_samples(samples, out / "samples.csv", "csv")]
+    impedance = store.impedance(summary.run_id)
+    if len(impedance["frequency_Hz"]):
+        impedance["cycle"] = np.array([cycle_of.get(int(s), 0) for s in impedance["step"]], dtype=int)
+        columns = {k: impedance[k] for k in ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle")}
+        written.append(export_samples(columns, out / "eis.csv", "csv"))
+        spectra = []
+        for step in dict.fromkeys(impedance["step"].tolist()):
+            mask = impedance["step"] == step
+            spectra.append((f"cycle {impedance['cycle'][mask][0]} (step {step})", impedance["z_real_ohm"][mask],
+                            impedance["z_imag_ohm"][mask]))
+        written.append(plot_nyquist(spectra, title, out / "nyquist.png"))
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(summary.model_dump(), indent=2, default=str))
+    written.append(summary_path)
+    if len(samples["time_s"]):
+        written.append(plot_run(samples, title, out / "run.png"))
+        sweeps = [(ev.label or f"step {ev.step_index}", ev.step_index) for ev in events if ev.step == StepKind.cyclic_voltammetry]
+        if sweeps:
+            curves = [(label, samples["voltage_V"][samples["step"] == k], samples["current_A"][samples["step"] == k])
+                      for label, k in sweeps]
+            written.append(plot_voltammograms(curves, title, out / "cv.png"))
+        galvanostatic = [ev for ev in events if ev.step == StepKind.cc and ev.stats and ev.stats.n_samples > 50]
+        if galvanostatic:
+            first = galvanostatic[0]
+            mask = samples["step"] == first.step_index
+            plateau = plot_plateau(samples["capacity_Ah"][mask], samples["voltage_V"][mask],
+                                   f"{title}: plateau of step {first.step_index} ({first.label})", out / "plateau.png")
+            if plateau is not None:
+                written.append(plateau)
+    return written

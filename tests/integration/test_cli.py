@@ -82,3 +82,23 @@ def test_dryrun_of_the_seed000_protocol_shows_plateau_oscillations_and_writes_ei
     assert 0.4 <= osc.period_Ah * 1e6 / 1.89 <= 1.0
     eis = list(csv.DictReader(line for line in (out / "eis.csv").open() if not line.startswith("#")))
     assert len(eis) >= 40 and all(float(r["z_real_ohm"]) > 0 for r in eis)
+    for plot in ("run.png", "plateau.png", "nyquist.png"):
+        assert (out / plot).stat().st_size > 10_000, plot  # a rendered figure, not an empty file
+    assert {int(r["cycle"]) for r in eis} == {2}  # the EIS after the first full cycle sits in cycle 2
+
+
+def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
+    from pathlib import Path
+
+    measured = Path(__file__).resolve().parents[3] / "shared" / "data" / "eis" / "Circuit1_EIS_1.z"
+    result = runner.invoke(app, ["analyse", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json",
+                                 "--plot", str(tmp_path / "fit.png")])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.output)
+    assert entry["lin_kk"]["valid"]
+    assert entry["fit"]["relative_rms"] < 0.01
+    assert 20 < entry["fit"]["parameters"]["R0"] < 40 and 30 < entry["fit"]["parameters"]["R1"] < 60
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+    bad = runner.invoke(app, ["analyse", "eis", str(measured), "-c", "R0-p(R1,C1"])
+    assert bad.exit_code == 2
+    assert "not closed" in bad.output

@@ -77,7 +77,7 @@ def read_csv(path: str | Path) -> list[Spectrum]:
         header = rows[0]
         rows = rows[1:]
     if header is None:
-        fi, ri, ii, si = 0, 1, 2, None
+        fi, ri, ii, si, ci = 0, 1, 2, None, None
         negate = False
     else:
         fi = _find(header, _FREQ, "frequency", path)
@@ -86,6 +86,7 @@ def read_csv(path: str | Path) -> list[Spectrum]:
         negate = header[ii].strip().lower().startswith("-im")
         lowered = [h.strip().lower() for h in header]
         si = lowered.index("step") if "step" in lowered else None
+        ci = lowered.index("cycle") if "cycle" in lowered else None
     try:
         f = np.array([float(r[fi]) for r in rows])
         zr = np.array([float(r[ri]) for r in rows])
@@ -98,7 +99,13 @@ def read_csv(path: str | Path) -> list[Spectrum]:
     if si is None:
         return [Spectrum(f, z, path.stem)]
     steps = np.array([int(float(r[si])) for r in rows])
-    return [Spectrum(f[steps == s], z[steps == s], f"{path.stem} step {s}") for s in dict.fromkeys(steps.tolist())]
+    cycles = np.array([int(float(r[ci])) for r in rows]) if ci is not None else None
+    spectra = []
+    for s in dict.fromkeys(steps.tolist()):
+        mask = steps == s
+        label = f"cycle {cycles[mask][0]} (step {s})" if cycles is not None else f"step {s}"
+        spectra.append(Spectrum(f[mask], z[mask], label))
+    return spectra
 
 
 def read_spectra(path: str | Path) -> list[Spectrum]:
