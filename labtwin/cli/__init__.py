@@ -359,9 +359,10 @@ def export(
         console.print(f"wrote {len(samples['time_s'])} samples of {rid} to {path}")
 
 
-from labtwin.cli.analyse import analyse_app  # noqa: E402
+from labtwin.cli.analyze import analyze_app  # noqa: E402
 
-app.add_typer(analyse_app, name="analyse")
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(analyze_app, name="analyse", hidden=True)  # the British spelling works too
 
 
 def main() -> None:

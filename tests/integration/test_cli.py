@@ -91,13 +91,15 @@ def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
     from pathlib import Path
 
     measured = Path(__file__).resolve().parents[3] / "shared" / "data" / "eis" / "Circuit1_EIS_1.z"
-    result = runner.invoke(app, ["analyse", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json",
+    result = runner.invoke(app, ["analyze", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json",
                                  "--plot", str(tmp_path / "fit.png")])
     assert result.exit_code == 0, result.output
-    (entry,) = json.loads(result.output)
+    entry = json.loads(result.output)
+    assert entry["circuit"] == "L0-R0-p(R1,C1)"
+    assert set(entry["parameters"]) == set(entry["units"]) == set(entry["uncertainties"]) == {"L0", "R0", "R1", "C1"}
     assert entry["lin_kk"]["valid"]
-    assert entry["fit"]["relative_rms"] < 0.01
-    assert 20 < entry["fit"]["parameters"]["R0"] < 40 and 30 < entry["fit"]["parameters"]["R1"] < 60
+    assert entry["relative_rms"] < 0.01
+    assert 20 < entry["parameters"]["R0"] < 40 and 30 < entry["parameters"]["R1"] < 60
     assert (tmp_path / "fit.png").stat().st_size > 10_000
     bad = runner.invoke(app, ["analyse", "eis", str(measured), "-c", "R0-p(R1,C1"])
     assert bad.exit_code == 2

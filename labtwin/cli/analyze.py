@@ -1,4 +1,4 @@
-"""`labtwin analyse ...`: the analysis functions on files, for a lab's own data as much as labtwin's."""
+"""`labtwin analyze ...` (also spelt `analyse`): the analysis functions on files, for a lab's own data as much as labtwin's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-analyse_app = typer.Typer(no_args_is_help=True, help="Analyse measured or simulated data files.")
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyse measured or simulated data files.")
 console = Console()
 err = Console(stderr=True)
 
@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@analyse_app.command("eis")
+@analyze_app.command("eis")
 def eis(
     file: Path = typer.Argument(..., help="a spectrum file: .z (ZPlot) or .csv (f, Z', Z''; labtwin's eis.csv)"),
     circuit: str = typer.Option("R0-p(R1,CPE1)-W1", "--circuit", "-c", help="equivalent circuit, impedance.py convention"),
@@ -40,17 +40,22 @@ def eis(
         _fail(str(exc))
     results = []
     for spectrum in spectra:
-        entry: dict = {"spectrum": spectrum.label, "points": int(len(spectrum.frequency_Hz))}
+        fit = fit_circuit(parsed, spectrum.frequency_Hz, spectrum.impedance_ohm)
+        entry: dict = {
+            "spectrum": spectrum.label, "points": int(len(spectrum.frequency_Hz)), "circuit": parsed.text,
+            "parameters": fit.parameters, "units": fit.units, "uncertainties": fit.standard_errors,
+            "relative_rms": fit.relative_rms,
+        }
         if kk:
             test = lin_kk(spectrum.frequency_Hz, spectrum.impedance_ohm)
             entry["lin_kk"] = {"valid": test.valid(kk_tolerance), "max_residual": test.max_residual,
                                "rms_residual": test.rms_residual, "n_elements": test.n_elements, "mu": test.mu}
-        fit = fit_circuit(parsed, spectrum.frequency_Hz, spectrum.impedance_ohm)
-        entry["fit"] = {"circuit": parsed.text, "relative_rms": fit.relative_rms, "parameters": fit.parameters,
-                        "standard_errors": fit.standard_errors, "units": fit.units}
         results.append((spectrum, fit, entry))
     if as_json:
-        print(json.dumps([e for _, _, e in results], indent=2, default=float))
+        # One spectrum: its object. Several (a run's eis.csv): {"circuit", "spectra": [objects]}.
+        entries = [e for _, _, e in results]
+        payload = entries[0] if len(entries) == 1 else {"circuit": parsed.text, "spectra": entries}
+        print(json.dumps(payload, indent=2, default=float))
     else:
         # One row per parameter, one column per spectrum: a trend across spectra reads left to right.
         table = Table(title=f"{file.name}: {parsed.text}")
