@@ -32,6 +32,7 @@ import aiomqtt
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from labtwin.models import COMMAND_ADAPTER, EVENT_ADAPTER, ChannelState, ChannelStatus, SampleBatch
+from labtwin.twin.documents import Anomaly, CellState
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ def topic(lab: str, channel: str, kind: str) -> str:
     return f"{ROOT}/{lab}/{channel}/{kind}"
 
 
+def cell_topic(lab: str, cell: str, kind: str) -> str:
+    """The twin's topics for one cell: kind is state (retained) or anomaly."""
+    if kind not in {"state", "anomaly"}:
+        raise ValueError(f"unknown cell topic kind {kind!r}")
+    return f"{ROOT}/{lab}/cells/{cell}/{kind}"
+
+
 _STATUS_ADAPTER = TypeAdapter(ChannelStatus)
 _DATA_ADAPTER = TypeAdapter(SampleBatch)
 _ADAPTERS: dict[str, TypeAdapter] = {
@@ -64,6 +72,8 @@ _ADAPTERS: dict[str, TypeAdapter] = {
     "event": EVENT_ADAPTER,
     "data": _DATA_ADAPTER,
     "status": _STATUS_ADAPTER,
+    "state": TypeAdapter(CellState),
+    "anomaly": TypeAdapter(Anomaly),
 }
 
 

@@ -24,6 +24,9 @@ class ChannelConfig(BaseModel):
 
     driver: str = Field("simulated", description="'simulated' or a real driver name")
     cell: str | None = Field(None, description="simulated cell: a name in simulators/cells or a YAML path")
+    twin_model: str | None = Field(
+        None, description="cell definition the twin runs in the loop for this channel's cell (default: `cell`)"
+    )
     cell_id: str | None = Field(None, description="the physical cell's identity (defaults to channel + cell)")
     resource: str | None = Field(None, description="instrument address for real drivers (VISA or serial URL)")
     speed: float | str | None = Field("max", description="simulated channels: cell s per wall s, or 'max'")

@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -183,7 +184,8 @@ async def run_protocol(
         await bus.publish(
             link.topic("cmd"),
             StartRun(run_id=run_id, channel=channel, cell_id=cell, protocol=proto.metadata.name,
-                     n_steps=len(commands), flow_run_id=flow_run_id),
+                     n_steps=len(commands), flow_run_id=flow_run_id,
+                     metadata={"anomaly_policy": json.dumps(proto.anomalies)} if proto.anomalies else {}),
         )
         await link.wait_for(lambda d: isinstance(d, RunStart) and d.run_id == run_id, 30, 30, "run start")
         exit_status, reason = "success", ""

@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labtwin.models import Limits
+from labtwin.twin.documents import AnomalyKind
 
 
 class _Strict(BaseModel):
@@ -211,6 +212,10 @@ class Protocol(_Strict):
     metadata: Metadata
     record: Record = Field(default_factory=Record)
     safety: Limits
+    anomalies: dict[AnomalyKind, Literal["notify", "stop"]] = Field(
+        default_factory=dict,
+        description="what the twin does when it finds each anomaly kind: notify (default) or stop the run safely",
+    )
     method: list[StepItem] = Field(min_length=1)
 
     @model_validator(mode="after")

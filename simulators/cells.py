@@ -39,6 +39,9 @@ class CellDefinition(BaseModel):
     voltage_noise_V: float = Field(0.0, ge=0)
     current_noise_A: float = Field(0.0, ge=0)
     impedance_noise_relative: float = Field(0.0, ge=0, description="standard deviation of EIS points relative to |Z|")
+    eis_circuit: str = Field(
+        "R0-p(R1,CPE1)-W1", description="equivalent circuit the twin fits to this cell's spectra (impedance.py convention)"
+    )
     aliases: list[str] = Field(default_factory=list, description="other names --sim accepts")
 
     @model_validator(mode="before")

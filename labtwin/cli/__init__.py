@@ -89,6 +89,15 @@ def _summary_table(summary) -> Table:
     return table
 
 
+def _anomaly_table(anomalies) -> Table:
+    table = Table(title="what the twin flagged")
+    for col in ("kind", "cell", "test time / h", "cycle", "action", "what"):
+        table.add_column(col)
+    for a in anomalies:
+        table.add_row(a.kind, a.cell, f"{a.time_s / 3600:.2f}", "" if a.cycle is None else str(a.cycle), a.action, a.message)
+    return table
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -171,19 +180,20 @@ def dryrun(
     out: Optional[Path] = typer.Option(None, "--out", help="write samples.csv and summary.json here"),
     channel_limits: Optional[str] = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
     lab: Optional[Path] = LabOpt,
+    with_twin: bool = typer.Option(True, "--twin/--no-twin", help="let the twin follow the run and report anomalies"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run a protocol against a simulated cell at max speed: how long, which limits end each step."""
+    """Run a protocol against a simulated cell at max speed: how long, which limits end each step, what the twin flags."""
     _setup_logging(verbose)
     from labtwin.cli.dryrun import run_dryrun
 
     try:
-        summary = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab))
+        summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin))
     except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
         _fail(str(exc))
     if as_json:
-        _print_json(summary.model_dump())
+        _print_json({**summary.model_dump(), "anomalies": [a.model_dump(mode="json") for a in anomalies]})
         return
     console.print(_summary_table(summary))
     steps = Table(title="how each step ended")
@@ -200,8 +210,10 @@ def dryrun(
                       f"{e.duration_s:.0f}")
     console.print(steps)
     console.print(f"estimated duration on a real channel: [bold]{summary.cell_time_s / 3600:.2f} h[/]")
+    if with_twin:
+        console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
     if out:
-        names = ("samples.csv", "eis.csv", "summary.json", "run.png", "nyquist.png", "cv.png", "plateau.png")
+        names = ("samples.csv", "eis.csv", "summary.json", "anomalies.json", "run.png", "nyquist.png", "cv.png", "plateau.png")
         written = [name for name in names if (out / name).exists()]
         console.print(f"wrote {', '.join(written)} in {out}")
 
@@ -262,6 +274,42 @@ def record(
         s = Store.open(_store(store, config.store))
         err.print(f"recording lab {config.lab} from {url} into {describe_url(s.url)}; Ctrl-C stops")
         asyncio.run(Recorder(url, s, config.lab).serve())
+    except KeyboardInterrupt:
+        pass
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def twin(
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Follow every cell of the lab: model in the loop, live estimates, anomalies on .../cells/<cell>/anomaly."""
+    _setup_logging(verbose)
+    from labtwin.cli.wiring import default_lab, twin_factory
+    from labtwin.twin.service import TwinService
+
+    try:
+        config = default_lab(lab)
+        url = _broker(broker, config.broker)
+        if url is None:
+            _fail("the twin needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+        err.print(f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops")
+
+        async def _serve() -> None:
+            service = TwinService(url, twin_factory(config), config.lab)
+            task = asyncio.create_task(service.serve())
+            seen = 0
+            while not task.done():
+                await asyncio.sleep(0.2)
+                for anomaly in service.anomalies[seen:]:
+                    console.print(f"[bold red]{anomaly.kind}[/] {anomaly.cell} t={anomaly.time_s:.0f} s: {anomaly.message}")
+                seen = len(service.anomalies)
+            await task
+
+        asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
     except (ConnectionError, ValueError) as exc:

@@ -18,12 +18,15 @@ from labtwin.lab import ChannelConfig, LabConfig
 from labtwin.models import StepKind
 from labtwin.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
 from labtwin.summary import RunSummary, number_cycles
+from labtwin.twin.documents import Anomaly
 from simulators.cells import load_cell
 
 
 async def run_dryrun(
-    protocol: str, sim: str, out: Path | None, channel: str | None = None, lab_file: Path | None = None
-) -> RunSummary:
+    protocol: str, sim: str, out: Path | None, channel: str | None = None, lab_file: Path | None = None,
+    twin: bool = True,
+) -> tuple[RunSummary, list[Anomaly]]:
+    """Returns the run's summary and what the twin flagged while following it."""
     from protocols.flows import run_protocol, start_prefect_api
 
     cell = load_cell(sim)
@@ -46,12 +49,17 @@ async def run_dryrun(
         out.mkdir(parents=True, exist_ok=True)
         Path(store_url).unlink(missing_ok=True)
     await start_prefect_api()
-    async with LocalLab(config, ["sim"], None, store_url, None) as local:
+    async with LocalLab(config, ["sim"], None, store_url, None, twin=twin) as local:
         summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)
+        anomalies: list[Anomaly] = []
+        if local.twin_service is not None:
+            await local.twin_service.wait_run_followed(summary.run_id, timeout_s=600.0)
+            anomalies = [a for a in local.twin_service.anomalies if a.run_id == summary.run_id]
         if out is not None:
             write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")
-    return summary
+            (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=2))
+    return summary, anomalies
 
 
 def write_outputs(store, summary: RunSummary, out: Path, title: str) -> list[Path]:

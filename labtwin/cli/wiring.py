@@ -22,7 +22,9 @@ from labtwin.clock import Clock, VirtualClock
 from labtwin.lab import ChannelConfig, LabConfig, lab_file_from_env, load_lab
 from labtwin.potentiostat import Potentiostat
 from labtwin.recorder import Recorder
+from labtwin.models import RunStart
 from labtwin.store import Store
+from labtwin.twin.service import TwinService
 from simulators.cells import load_cell
 from simulators.potentiostat import SimulatedPotentiostat
 
@@ -59,6 +61,37 @@ def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "co
     )
 
 
+def twin_factory(config: LabConfig, cells: dict[str, str] | None = None):
+    """How the twin service makes a twin for the cell a RunStart names: its model from the lab file.
+
+    The model is the channel's ``twin_model`` (else its simulated ``cell``): a
+    parameter file in simulators/cells, the same one a dry-run of that cell uses.
+    A channel with neither gets a twin without a model in the loop (cycling,
+    impedance and oscillation detectors still run; residual ones do not).
+    """
+    import json
+
+    from labtwin.twin.cell_twin import CellTwin, TwinSettings
+
+    cells = cells or {}
+
+    def make(run: RunStart) -> CellTwin:
+        name = None
+        if run.channel in config.channels:
+            cfg = config.channel(run.channel)
+            name = cells.get(run.channel) or cfg.twin_model or cfg.cell
+        elif run.channel in cells:
+            name = cells[run.channel]
+        policy = json.loads(run.metadata.get("anomaly_policy", "{}"))
+        if name is None:
+            return CellTwin(run.cell_id, lambda: None, "", TwinSettings(policy=policy), lab=run.lab)
+        definition = load_cell(name)
+        settings = TwinSettings(policy=policy, circuit=definition.eis_circuit)
+        return CellTwin(run.cell_id, definition.build_model, definition.name, settings, lab=run.lab)
+
+    return make
+
+
 @dataclass
 class LocalLab:
     """Broker (embedded unless given), agents for some channels and a recorder, in this process."""
@@ -70,6 +103,7 @@ class LocalLab:
     speed: float | None | str = "config"
     cells: dict[str, str] = field(default_factory=dict)
     record: bool = True
+    twin: bool = False
 
     async def __aenter__(self) -> "LocalLab":
         self._stop = asyncio.Event()
@@ -87,6 +121,12 @@ class LocalLab:
             self.recorder = Recorder(url, self.store, self.config.lab, client_id=f"recorder-{self.config.lab}-local")
             self._tasks.append(asyncio.create_task(self.recorder.serve(self._stop)))
             await self._ready(self.recorder.wait_ready())
+        self.twin_service = None
+        if self.twin:
+            self.twin_service = TwinService(url, twin_factory(self.config, self.cells), self.config.lab,
+                                            client_id=f"twin-{self.config.lab}-local")
+            self._tasks.append(asyncio.create_task(self.twin_service.serve(self._stop)))
+            await self._ready(self.twin_service.wait_ready())
         self.agents: dict[str, Agent] = {}
         for name in self.channels:
             cfg = self.config.channel(name)

@@ -71,7 +71,12 @@ def test_dryrun_of_the_seed000_protocol_shows_plateau_oscillations_and_writes_ei
     out = tmp_path / "lto"
     result = runner.invoke(app, ["dryrun", "seed000-lto-0.1C", "--sim", "lto-thin-film", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["exit_status"] == "success"
+    report = json.loads(result.output)
+    assert report["exit_status"] == "success"
+    # The twin followed the run: oscillation onset on every galvanostatic half cycle, nothing else.
+    kinds = [(a["kind"], a["step"]) for a in report["anomalies"]]
+    assert kinds == [("oscillation_onset", step) for step in (1, 2, 3, 4)], kinds
+    assert json.loads((out / "anomalies.json").read_text()) == report["anomalies"]
     rows = list(csv.DictReader(line for line in (out / "samples.csv").open() if not line.startswith("#")))
     step = np.array([int(r["step"]) for r in rows])
     first_discharge = step == 1

@@ -1,0 +1,99 @@
+"""Soft shorts: a cell that loses charge at rest, and sudden voltage jumps under steady current (seed 002).
+
+At rest a healthy cell relaxes toward its open-circuit voltage, ever more
+slowly. A soft short (a lithium filament, a separator defect) is a
+parallel leakage path: the voltage keeps falling at a steady rate. The twin
+runs its model in the loop with no leakage, so the residual (measured minus
+predicted) of a shorted cell falls steadily at rest while the model's own
+relaxation cancels out. The slope of the residual over the second half of a
+rest, times the cell's differential capacity dQ/dV, is the leakage current.
+Flagged above ``leak_c_rate`` (C/2000: a 1 Ah cell losing more than 0.5 mA,
+about 1.2 % of its charge a day) and a total drift of ``min_drift_V``.
+
+Under a steady current a short that forms (or a filament that breaks
+through) shows as a jump of the voltage between two samples far beyond
+the step's own sample-to-sample changes, AGAINST the direction the current
+drives the voltage (a drop while charging, a rise toward zero while
+plating or discharging): a short pulls the cell toward its shorted
+equilibrium. Moves WITH the drive are the cell filling or emptying (the
+steep end of a plateau can fall a volt between two samples) and are left
+to the step's end conditions. At rest a jump either way counts. Flagged
+when a change exceeds ``jump_V`` (20 mV) and ``jump_sigma`` (8) times the
+step's typical change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SoftShortSettings:
+    leak_c_rate: float = 1.0 / 2000.0
+    min_drift_V: float = 0.002
+    min_rest_s: float = 600.0
+    jump_V: float = 0.02
+    jump_sigma: float = 8.0
+    current_steady_fraction: float = 0.02
+
+
+@dataclass
+class RestLeak:
+    leak_A: float
+    residual_slope_V_per_s: float
+    drift_V: float
+
+
+@dataclass
+class VoltageJump:
+    time_s: float
+    jump_V: float
+    typical_change_V: float
+
+
+@dataclass
+class SoftShortDetector:
+    nominal_capacity_Ah: float
+    settings: SoftShortSettings = field(default_factory=SoftShortSettings)
+
+    def __post_init__(self) -> None:
+        self.start_step()
+
+    def start_step(self) -> None:
+        self._last: tuple[float, float, float] | None = None
+        self._changes: list[float] = []
+
+    def rest_leak(self, time_s: np.ndarray, residual_V: np.ndarray, dq_dv_Ah_per_V: float) -> RestLeak | None:
+        """Check one finished (or running) rest: samples of time and twin residual."""
+        t, r = np.asarray(time_s, dtype=float), np.asarray(residual_V, dtype=float)
+        if len(t) < 8 or t[-1] - t[0] < self.settings.min_rest_s:
+            return None
+        half = t >= t[0] + 0.5 * (t[-1] - t[0])
+        slope = float(np.polyfit(t[half] - t[half][0], r[half], 1)[0])
+        drift = float(r[half][0] - r[half][-1])
+        leak = -slope * dq_dv_Ah_per_V * 3600.0
+        if leak > self.settings.leak_c_rate * self.nominal_capacity_Ah and drift > self.settings.min_drift_V:
+            return RestLeak(leak, slope, drift)
+        return None
+
+    def add(self, time_s: float, voltage_V: float, current_A: float) -> VoltageJump | None:
+        """One sample of a constant-current or rest step."""
+        if self._last is None:
+            self._last = (time_s, voltage_V, current_A)
+            return None
+        _, v0, i0 = self._last
+        self._last = (time_s, voltage_V, current_A)
+        steady = abs(current_A - i0) <= self.settings.current_steady_fraction * max(abs(i0), 1e-3 * self.nominal_capacity_Ah)
+        if not steady:
+            return None
+        change = voltage_V - v0
+        typical = float(np.median(np.abs(self._changes[-50:]))) if len(self._changes) >= 10 else None
+        self._changes.append(change)
+        if typical is None:
+            return None
+        against_drive = current_A == 0.0 or (change < 0) == (current_A > 0)
+        if against_drive and abs(change) > self.settings.jump_V and abs(change) > self.settings.jump_sigma * max(typical, 1e-5):
+            return VoltageJump(time_s, change, typical)
+        return None

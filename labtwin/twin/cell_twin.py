@@ -1,0 +1,385 @@
+"""One cell's digital twin: the model in the loop, the live estimates, and the detectors.
+
+The twin is fed the same documents the recorder stores (run start, sample
+batches, step events) and answers with anomalies and a state. It never
+talks to the network itself (service.py does), so replay, tests and the
+live service drive the very same object.
+
+Model in the loop: the cell's simulation-core model (the same parameter file
+a dry-run uses) is stepped with the MEASURED current over each sample
+interval and predicts the voltage; the residual (measured minus predicted)
+is what the residual and soft-short detectors watch. State of charge is
+counted in coulombs from the last full charge or discharge (a step ended by
+its voltage limit), as a battery management system does, with the capacity
+re-estimated every cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from labtwin.detectors.cycling import CycleFigures, CyclingDetector
+from labtwin.detectors.impedance import ImpedanceGrowthDetector
+from labtwin.detectors.oscillation import OscillationDetector
+from labtwin.detectors.residual import ResidualDetector
+from labtwin.detectors.soft_short import SoftShortDetector
+from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent, StepKind
+from labtwin.twin.documents import Action, Anomaly, CellState
+from labtwin.twin.estimator import RecursiveRcEstimator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CIRCUIT = "R0-p(R1,CPE1)-W1"
+
+
+class CellModel(Protocol):
+    """What the twin needs of a simulation-core cell (PhysicsCell and EcmCell both are)."""
+
+    nominal_capacity_Ah: float
+
+    def step(self, dt_s: float, mode: str, setpoint: float = 0.0, compliance: float = math.inf) -> tuple[float, float]: ...
+
+    def open_circuit_voltage_V(self) -> float: ...
+
+
+@dataclass
+class TwinSettings:
+    circuit: str = DEFAULT_CIRCUIT
+    policy: dict[str, Action] = field(default_factory=dict)
+    compliance_margin_V: float = 0.05
+
+
+@dataclass
+class _Cycle:
+    number: int = 0
+    first_direction: str | None = None
+    previous_direction: str | None = None
+    charge_Ah: float = 0.0
+    discharge_Ah: float = 0.0
+    energy_in_Wh: float = 0.0
+    energy_out_Wh: float = 0.0
+
+
+class CellTwin:
+    def __init__(self, cell: str, model_factory: Callable[[], CellModel | None], model_name: str = "",
+                 settings: TwinSettings | None = None, lab: str = "") -> None:
+        self.cell = cell
+        self.lab = lab
+        self.model_name = model_name
+        self.settings = settings or TwinSettings()
+        self._factory = model_factory
+        self.model: CellModel | None = model_factory()
+        self.nominal_capacity_Ah = getattr(self.model, "nominal_capacity_Ah", None) or 1.0
+        self.state = CellState(cell=cell, lab=lab, model=model_name)
+        self.anomalies: list[Anomaly] = []
+        self.run: RunStart | None = None
+        self.finished_run_ids: set[str] = set()
+        self._new_run_detectors()
+        self.impedance_detector = ImpedanceGrowthDetector()
+        self.cycling = CyclingDetector()
+        self.estimator = RecursiveRcEstimator()
+
+    # ------------------------------------------------------------------ ordering
+    def feed(self, doc: RunStart | StepEvent | SampleBatch | RunStop) -> list[Anomaly]:
+        """Take any document of the cell's run, in whatever order the bus delivered it.
+
+        MQTT keeps order within a topic, not across data and event topics, so a
+        step's first batch can overtake its 'started' event and its 'ended'
+        event can overtake its last batch. Documents wait here until what
+        precedes them has been applied: batches in seq order and after their
+        step started, 'ended' after the batches up to its stats.last_seq.
+        """
+        if isinstance(doc, RunStart):
+            self._pending: list = []
+            self._next_seq = 0
+            self._applied_started: set[int] = set()
+            self._open_step: int | None = None
+            return self.on_run_start(doc)
+        if self.run is None or getattr(doc, "run_id", None) != self.run.run_id:
+            return []  # a document of a run whose start this twin never saw (joined late): ignored
+        self._pending.append(doc)
+        found: list[Anomaly] = []
+        progressed = True
+        while progressed and self._pending:
+            progressed = False
+            for doc_ in self._pending:
+                if self._ready(doc_):
+                    self._pending.remove(doc_)
+                    found += self._apply(doc_)
+                    progressed = True
+                    break
+        if len(self._pending) > 2000:  # something never arrived (lost batch): apply in arrival order rather than stall
+            log.warning("twin %s: %d documents waiting for a predecessor that never came; applying them as they are",
+                        self.cell, len(self._pending))
+            for doc_ in sorted(self._pending, key=lambda d: getattr(d, "seq", -1)):
+                found += self._apply(doc_)
+            self._pending = []
+        return found
+
+    def _ready(self, doc) -> bool:
+        if isinstance(doc, SampleBatch):
+            return doc.seq == self._next_seq and (not doc.step or doc.step[0] in self._applied_started)
+        if isinstance(doc, StepEvent):
+            if doc.event == "started":
+                return self._open_step is None
+            last = doc.stats.last_seq if doc.stats else None
+            return self._open_step == doc.step_index and (last is None or self._next_seq > last)
+        if isinstance(doc, RunStop):
+            return self._next_seq > doc.last_seq and self._open_step is None and len(self._pending) == 1
+        return True
+
+    def _apply(self, doc) -> list[Anomaly]:
+        if isinstance(doc, SampleBatch):
+            self._next_seq = max(self._next_seq, doc.seq + 1)
+            return self.on_samples(doc)
+        if isinstance(doc, StepEvent):
+            if doc.event == "started":
+                self._applied_started.add(doc.step_index)
+                self._open_step = doc.step_index
+            else:
+                self._open_step = None
+            return self.on_step_event(doc)
+        if isinstance(doc, RunStop):
+            self.finished_run_ids.add(doc.run_id)
+            return self.on_run_stop(doc)
+        return []
+
+    # ------------------------------------------------------------------ lifecycle
+    def _new_run_detectors(self) -> None:
+        self.oscillation = OscillationDetector(self.nominal_capacity_Ah)
+        self.soft_short = SoftShortDetector(self.nominal_capacity_Ah)
+        self.residual = ResidualDetector()
+        self._cycle = _Cycle()
+        self._step_kind: StepKind | None = None
+        self._step_index: int | None = None
+        self._last_t: float | None = None
+        self._rest_t: list[float] = []
+        self._rest_r: list[float] = []
+        self._step_q: list[float] = []
+        self._step_v: list[float] = []
+        self._dq_dv_Ah_per_V: float | None = None
+        self._spectrum: list[tuple[float, float, float]] = []
+        self._soc: float | None = None
+        self._capacity_Ah: float | None = None
+
+    def on_run_start(self, doc: RunStart) -> list[Anomaly]:
+        self.run = doc
+        if self.model is None or self.state.run_id:  # a fresh model per run: the cell's history is in the data
+            self.model = self._factory()
+        self._new_run_detectors()
+        self.estimator.reset_continuity()
+        self.state = self.state.model_copy(update={"run_id": doc.run_id, "channel": doc.channel, "time_s": 0.0, "cycle": 0})
+        return []
+
+    def on_step_event(self, ev: StepEvent) -> list[Anomaly]:
+        found: list[Anomaly] = []
+        if ev.event == "started":
+            self._step_kind, self._step_index = ev.step, ev.step_index
+            if self._cycle.number == 0 and ev.step not in (StepKind.rest, StepKind.eis):
+                self._cycle.number = 1  # the first current-carrying step opens cycle 1 (its direction is known at its end)
+            self.oscillation.start_step()
+            self.soft_short.start_step()
+            self.residual.start_step()
+            if ev.step == StepKind.eis:
+                self.estimator.reset_continuity()
+            self._rest_t, self._rest_r, self._step_q, self._step_v, self._spectrum = [], [], [], [], []
+            self.state = self.state.model_copy(update={"step": ev.step_index})
+            return found
+        if ev.step == StepKind.eis and self._spectrum:
+            found += self._fit_spectrum(ev)
+        if ev.step == StepKind.rest and self._dq_dv_Ah_per_V:
+            leak = self.soft_short.rest_leak(np.array(self._rest_t), np.array(self._rest_r), self._dq_dv_Ah_per_V)
+            if leak is not None:
+                found.append(self._anomaly("soft_short", self._rest_t[len(self._rest_t) // 2], ev.time_s,
+                                           f"cell loses charge at rest: leakage {leak.leak_A:.3g} A "
+                                           f"({leak.drift_V * 1e3:.1f} mV below its model over the second half of the rest)",
+                                           {"leak_A": leak.leak_A, "drift_V": leak.drift_V}))
+        if ev.stats is not None and ev.step in (StepKind.cc, StepKind.cccv, StepKind.cv) and len(self._step_q) > 10:
+            tail = max(3, len(self._step_q) // 5)
+            dq = abs(self._step_q[-1] - self._step_q[-tail])
+            dv = abs(self._step_v[-1] - self._step_v[-tail])
+            if dv > 1e-4:
+                self._dq_dv_Ah_per_V = dq / dv
+        if ev.reason is not None and ev.reason.kind == "end_condition" and ev.reason.name == "voltage_V" and ev.stats:
+            self._soc = 1.0 if ev.stats.charge_Ah > ev.stats.discharge_Ah else 0.0
+        found += self._count_cycle(ev)
+        return found
+
+    def on_run_stop(self, doc: RunStop) -> list[Anomaly]:
+        return self._close_cycle(self.state.time_s)
+
+    # ------------------------------------------------------------------ samples
+    def on_samples(self, batch: SampleBatch) -> list[Anomaly]:
+        found: list[Anomaly] = []
+        if batch.frequency_Hz is not None:
+            for f, zr, zi in zip(batch.frequency_Hz, batch.z_real_ohm or [], batch.z_imag_ohm or []):
+                self._spectrum.append((f, zr, zi))
+            self._last_t = batch.time_s[-1]
+            return found
+        for t, v, i, q in zip(batch.time_s, batch.voltage_V, batch.current_A, batch.capacity_Ah):
+            found += self._sample(t, v, i, q)
+        return found
+
+    def _sample(self, t: float, v: float, i: float, q: float) -> list[Anomaly]:
+        found: list[Anomaly] = []
+        dt = 0.0 if self._last_t is None else t - self._last_t
+        self._last_t = t
+        predicted = None
+        if self.model is not None and dt > 0:
+            try:
+                if self._step_kind == StepKind.rest or i == 0.0:
+                    predicted, _ = self.model.step(dt, "open_circuit")
+                else:
+                    # Compliance 50 mV beyond the measured voltage, in the current's direction: where the model
+                    # cannot carry the measured current (its cell is a little emptier or fuller than the real
+                    # one at the end of a step) it holds that voltage instead of running off to nonsense,
+                    # and its state stays near the cell's. A short or a contact fault still shows in full:
+                    # it moves the measured voltage against the current's direction, which is not clamped.
+                    margin = self.settings.compliance_margin_V
+                    predicted, _ = self.model.step(dt, "current", i, v + margin if i > 0 else v - margin)
+            except (FloatingPointError, ValueError, ZeroDivisionError) as exc:
+                log.warning("twin %s: model step failed (%s); residual paused until the next run", self.cell, exc)
+                self.model = None
+        residual = v - predicted if predicted is not None else None
+        if self._soc is not None and dt > 0:
+            capacity = self._capacity_Ah or self.nominal_capacity_Ah
+            self._soc = min(1.2, max(-0.2, self._soc + i * dt / 3600.0 / capacity))
+        if self.model is not None and dt > 0:
+            try:
+                ocv = self.model.open_circuit_voltage_V()
+                self.estimator.add(dt, v - ocv, i)
+            except (FloatingPointError, ValueError):
+                pass
+        if self._step_kind in (StepKind.cc, StepKind.cccv, StepKind.cv):
+            self._step_q.append(q)
+            self._step_v.append(v)
+        if self._step_kind == StepKind.cc and i != 0.0:
+            onset = self.oscillation.add(t, q, v)
+            if onset is not None:
+                found.append(self._anomaly(
+                    "oscillation_onset", onset.onset_time_s, t,
+                    f"voltage oscillation on the plateau: amplitude {onset.amplitude_V * 1e3:.2f} mV, "
+                    f"period {onset.period_Ah * 1e6:.3g} uAh",
+                    {"amplitude_V": onset.amplitude_V, "period_Ah": onset.period_Ah, "correlation": onset.correlation,
+                     "onset_capacity_Ah": onset.onset_capacity_Ah}))
+        if self._step_kind in (StepKind.cc, StepKind.rest):
+            jump = self.soft_short.add(t, v, i)
+            if jump is not None:
+                found.append(self._anomaly("voltage_drop", t, t, f"sudden voltage change of {jump.jump_V * 1e3:.1f} mV "
+                                           f"under steady current (typical {jump.typical_change_V * 1e3:.2f} mV per sample)",
+                                           {"jump_V": jump.jump_V, "typical_change_V": jump.typical_change_V}))
+        if self._step_kind == StepKind.rest and residual is not None:
+            self._rest_t.append(t)
+            self._rest_r.append(residual)
+        if residual is not None:
+            excursion = self.residual.add(t, residual)
+            if excursion is not None:
+                found.append(self._anomaly("twin_residual", excursion.onset_time_s, t,
+                                           f"measured voltage departs from the twin by {(excursion.residual_V - excursion.baseline_V) * 1e3:.1f} mV "
+                                           f"({abs(excursion.residual_V - excursion.baseline_V) / excursion.sigma_V:.1f} sigma)",
+                                           {"residual_V": excursion.residual_V, "baseline_V": excursion.baseline_V,
+                                            "sigma_V": excursion.sigma_V}))
+        est = self.estimator.estimate()
+        remaining = None
+        if self._soc is not None and i != 0.0:
+            capacity = self._capacity_Ah or self.nominal_capacity_Ah
+            left_Ah = (1.0 - self._soc) * capacity if i > 0 else self._soc * capacity
+            remaining = t + max(left_Ah, 0.0) * 3600.0 / abs(i)
+        self.state = self.state.model_copy(update={
+            "time_s": t, "voltage_V": v, "predicted_voltage_V": predicted, "residual_V": residual,
+            "residual_sigma_V": self.residual.sigma_V, "soc": self._soc,
+            "series_resistance_ohm": est.series_resistance_ohm if est else None,
+            "rc_resistance_ohm": est.rc_resistance_ohm if est else None,
+            "rc_time_constant_s": est.rc_time_constant_s if est else None,
+            "predicted_step_end_s": remaining,
+        })
+        return found
+
+    # ------------------------------------------------------------------ impedance
+    def _fit_spectrum(self, ev: StepEvent) -> list[Anomaly]:
+        from labtwin.analysis.eis import fit_circuit
+
+        data = np.array(self._spectrum, dtype=float)
+        self._spectrum = []
+        try:
+            fit = fit_circuit(self.settings.circuit, data[:, 0], data[:, 1] + 1j * data[:, 2])
+        except ValueError as exc:
+            log.warning("twin %s: EIS fit failed: %s", self.cell, exc)
+            return []
+        resistances = {name: value for name, value in fit.parameters.items()
+                       if name[0] == "R" and name[1:].isdigit() and name != "R0"}
+        cycle = max(self._cycle.number, 1)
+        self.state = self.state.model_copy(update={"impedance_ohm": dict(fit.parameters)})
+        found = []
+        for growth in self.impedance_detector.add_fit(cycle, resistances):
+            found.append(self._anomaly(
+                "impedance_growth", ev.time_s, ev.time_s,
+                f"{growth.element} grew {growth.growth:.0%} over its baseline ({growth.baseline_ohm:.1f} -> "
+                f"{growth.resistance_ohm:.1f} ohm, {growth.rate_ohm_per_cycle:.2f} ohm/cycle)",
+                {"element_resistance_ohm": growth.resistance_ohm, "baseline_ohm": growth.baseline_ohm,
+                 "growth": growth.growth, "rate_ohm_per_cycle": growth.rate_ohm_per_cycle},
+                element=growth.element))
+        return found
+
+    # ------------------------------------------------------------------ cycles
+    def _count_cycle(self, ev: StepEvent) -> list[Anomaly]:
+        if ev.stats is None:
+            return []
+        s = ev.stats
+        direction = None
+        if max(s.charge_Ah, s.discharge_Ah) > 1e-12:
+            direction = "charge" if s.charge_Ah > s.discharge_Ah else "discharge"
+        found: list[Anomaly] = []
+        c = self._cycle
+        if direction is not None:
+            if c.first_direction is None:
+                c.first_direction, c.number = direction, 1
+            elif direction == c.first_direction and c.previous_direction not in (None, c.first_direction):
+                found += self._close_cycle(ev.time_s)
+                c = self._cycle
+            c.previous_direction = direction
+        c.charge_Ah += s.charge_Ah
+        c.discharge_Ah += s.discharge_Ah
+        c.energy_in_Wh += s.energy_in_Wh
+        c.energy_out_Wh += s.energy_out_Wh
+        self.state = self.state.model_copy(update={"cycle": c.number})
+        return found
+
+    def _close_cycle(self, time_s: float) -> list[Anomaly]:
+        c = self._cycle
+        if c.first_direction is None or c.charge_Ah <= 0 or c.discharge_Ah <= 0:
+            return []
+        figures = CycleFigures(c.number, time_s, c.charge_Ah, c.discharge_Ah, c.energy_in_Wh, c.energy_out_Wh, c.first_direction)
+        self._cycle = _Cycle(number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction)
+        self._capacity_Ah = figures.delivered_Ah
+        first = self.cycling.cycles[0].delivered_Ah if self.cycling.cycles else figures.delivered_Ah
+        found = [self._anomaly(f.kind, time_s, time_s, f.message, f.figures, cycle=figures.cycle)
+                 for f in self.cycling.add_cycle(figures)]
+        self.state = self.state.model_copy(update={
+            "capacity_Ah": figures.delivered_Ah, "capacity_retention": figures.delivered_Ah / first if first else None,
+            "coulombic_efficiency": figures.coulombic_efficiency,
+        })
+        return found
+
+    # ------------------------------------------------------------------ output
+    def _anomaly(self, kind: str, onset_s: float, detected_s: float, message: str, figures: dict[str, float],
+                 cycle: int | None = None, element: str | None = None) -> Anomaly:
+        policy = self.settings.policy
+        action = policy.get(f"{kind}:{element}") if element else None
+        action = action or policy.get(kind, "notify")
+        anomaly = Anomaly(
+            kind=kind, cell=self.cell, lab=self.lab, channel=self.run.channel if self.run else "",
+            run_id=self.run.run_id if self.run else "", time_s=onset_s, detected_time_s=detected_s,
+            cycle=cycle if cycle is not None else self._cycle.number, step=self._step_index,
+            message=(f"{element}: " if element and not message.startswith(element) else "") + message,
+            figures={k: float(v) for k, v in figures.items() if v is not None and math.isfinite(float(v))}, action=action,
+        )
+        self.anomalies.append(anomaly)
+        self.state = self.state.model_copy(update={"anomalies": len(self.anomalies)})
+        return anomaly
