@@ -1,0 +1,224 @@
+"""Every detector: a true positive on a cell that has the problem, silence on a healthy one.
+
+Signals come from the simulation core (the seeds' cells stepped directly)
+or from the published numbers; sensor noise is added where a real channel
+would have it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from labtwin.analysis.plateau import plateau_oscillation
+from labtwin.detectors.cycling import CycleFigures, CyclingDetector
+from labtwin.detectors.impedance import ImpedanceGrowthDetector
+from labtwin.detectors.oscillation import OscillationDetector
+from labtwin.detectors.residual import ResidualDetector
+from labtwin.detectors.soft_short import SoftShortDetector
+from labtwin.sim.cell import Fault
+from labtwin.twin.estimator import RecursiveRcEstimator
+from simulators.cells import load_cell
+from tests.test_physics import galvanostatic
+
+NOISE_V = 3e-4  # 0.3 mV RMS: a good cycler channel
+
+
+@pytest.fixture(scope="module")
+def lto_discharges():
+    """First 0.1C discharge of bare and AZO(60) LTO (noise-free), and bare at 0.025C."""
+    out = {}
+    for name, rate in (("lto-thin-film", 0.1), ("lto-thin-film-azo60", 0.1), ("lto-thin-film", 0.025)):
+        cell = load_cell(name)
+        dt = 10.0 * 0.1 / rate if rate == 0.1 else 40.0
+        v, q = galvanostatic(cell.build_model(), -rate * cell.nominal_capacity_Ah, 0.1, dt)
+        out[(name, rate)] = (cell.nominal_capacity_Ah, dt, v, q)
+    return out
+
+
+def _run_oscillation(nominal_Ah, dt, v, q, seed=0, stop_fraction=1.0):
+    noisy = v + NOISE_V * np.random.default_rng(seed).standard_normal(len(v))
+    detector = OscillationDetector(nominal_Ah)
+    for k in range(len(v)):
+        if abs(q[k]) > stop_fraction * nominal_Ah:
+            break
+        found = detector.add(k * dt, q[k], noisy[k])
+        if found is not None:
+            return found
+    return None
+
+
+def _oscillation_start_Ah(v, q, min_peak_to_peak_V=1.6e-3):
+    """Where the noise-free plateau first shows an oscillation of the size the detector is set for."""
+    capacity = -q
+    osc = plateau_oscillation(capacity, v)
+    per = 40
+    grid = np.arange(osc.plateau_start_Ah, osc.plateau_end_Ah, osc.period_Ah / per)
+    vg = np.interp(grid, capacity, v)
+    trend = np.convolve(np.pad(vg, per, mode="edge"), np.ones(2 * per + 1) / (2 * per + 1), mode="valid")
+    residual = vg - trend
+    spans = np.array([np.ptp(residual[k : k + per]) for k in range(len(residual) - per)])
+    return float(grid[int(np.argmax(spans > min_peak_to_peak_V))]), osc.period_Ah
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oscillation_onset_on_bare_lto_within_three_periods_of_its_start(lto_discharges, seed):
+    nominal, dt, v, q = lto_discharges[("lto-thin-film", 0.1)]
+    start_Ah, period_Ah = _oscillation_start_Ah(v, q)
+    found = _run_oscillation(nominal, dt, v, q, seed)
+    assert found is not None
+    assert found.detected_capacity_Ah - start_Ah <= 3 * period_Ah, (found, start_Ah, period_Ah)
+    assert 0.5 * period_Ah < found.period_Ah < 2.0 * period_Ah
+    assert found.amplitude_V > 0.8e-3
+
+
+def test_oscillation_onset_found_at_0025C_too(lto_discharges):
+    nominal, dt, v, q = lto_discharges[("lto-thin-film", 0.025)]
+    assert _run_oscillation(nominal, dt, v, q) is not None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oscillation_detector_silent_on_azo60_plateau(lto_discharges, seed):
+    """Seed 000: no oscillations on AZO(60). The model's AZO cell has a sawtooth in the last ~15 % of its
+    plateau (the last grains transform after the redistribution can no longer feed them): a known model
+    limitation written up in the issue note; the detector is held to silence over the first 85 %."""
+    nominal, dt, v, q = lto_discharges[("lto-thin-film-azo60", 0.1)]
+    assert _run_oscillation(nominal, dt, v, q, seed, stop_fraction=0.85) is None
+
+
+def test_oscillation_detector_silent_on_a_smooth_noisy_plateau():
+    nominal = 52e-6
+    q = -np.linspace(0, 0.9 * nominal, 6000)
+    v = 1.55 - 0.02 * (q / nominal) ** 2 + 5e-4 * np.random.default_rng(4).standard_normal(len(q))  # 0.5 mV noise
+    detector = OscillationDetector(nominal)
+    assert all(detector.add(10.0 * k, q[k], v[k]) is None for k in range(len(q)))
+
+
+def test_impedance_growth_flags_ceramic_not_glassy_and_never_a_falling_resistance():
+    ceramic = ImpedanceGrowthDetector()
+    flagged = []
+    for cycle, r_ct in ((10, 142.6), (20, 172.0), (30, 196.8), (40, 216.6), (50, 234.9)):  # seed 003 + model between
+        flagged += ceramic.add_fit(cycle, {"R_ct": r_ct})
+    assert [f.element for f in flagged] == ["R_ct"]
+    assert flagged[0].growth > 0.3 and flagged[0].rate_ohm_per_cycle > 0
+    glassy = ImpedanceGrowthDetector()
+    assert not [f for c, r in ((10, 106.2), (20, 106.9), (30, 107.3), (40, 108.2), (50, 108.9)) for f in glassy.add_fit(c, {"R_ct": r})]
+    coating = ImpedanceGrowthDetector()  # seed 000 AZO(60): R_ct falls as the coating converts
+    assert not [f for c, r in ((1, 400.0), (5, 300.0), (10, 200.0), (20, 160.0)) for f in coating.add_fit(c, {"R_ct": r})]
+
+
+def _cycle(n, capacity_Ah, ce=0.999, polarization_V=0.1, v_mid=3.7):
+    charge = capacity_Ah / ce
+    return CycleFigures(n, 3600.0 * n, charge, capacity_Ah, charge * (v_mid + polarization_V / 2),
+                        capacity_Ah * (v_mid - polarization_V / 2), "charge")
+
+
+def test_capacity_fade_and_knee_flagged_only_when_they_happen():
+    healthy = CyclingDetector()
+    found = [f.kind for n in range(1, 61) for f in healthy.add_cycle(_cycle(n, 1.0 - 0.0005 * n))]
+    assert found == []  # 0.05 %/cycle: 97 % after 60 cycles, straight line
+    knee = CyclingDetector()
+    kinds = []
+    for n in range(1, 61):
+        capacity = 1.0 - 0.0005 * n - (0.02 * (n - 40) if n > 40 else 0.0)  # accelerates from cycle 40
+        kinds += [(f.kind, n) for f in knee.add_cycle(_cycle(n, capacity))]
+    assert ("knee_onset", 43) in kinds or any(k == "knee_onset" and 41 <= n <= 45 for k, n in kinds), kinds
+    assert any(k == "capacity_fade" for k, _ in kinds)
+
+
+def test_first_cycle_ce_of_pristine_lco_flagged_and_dual_shell_not():
+    pristine = CyclingDetector()
+    assert [f.kind for f in pristine.add_cycle(_cycle(1, 8.8e-3 * 7.29, ce=0.219))] == ["low_first_cycle_ce"]
+    dual = CyclingDetector()
+    assert dual.add_cycle(_cycle(1, 1.0, ce=0.904)) == []
+
+
+def test_sudden_ce_change_flagged_but_sampling_jitter_is_not():
+    detector = CyclingDetector()
+    rng = np.random.default_rng(0)
+    kinds = [f.kind for n in range(1, 21) for f in detector.add_cycle(_cycle(n, 1.0, ce=0.998 + 0.004 * (rng.random() - 0.5)))]
+    assert kinds == []
+    assert [f.kind for f in detector.add_cycle(_cycle(21, 1.0, ce=0.95))] == ["ce_change"]
+
+
+def test_polarization_growth_flagged_on_bare_lco_not_on_glassy_ceramic():
+    bare = CyclingDetector()
+    kinds = [f.kind for n, p in enumerate(np.linspace(0.75, 1.33, 10), start=1) for f in bare.add_cycle(_cycle(n, 1.0, polarization_V=p))]
+    assert kinds == ["polarization_growth"]
+    glassy = CyclingDetector()
+    assert not [f for n in range(1, 11) for f in glassy.add_cycle(_cycle(n, 1.0, polarization_V=0.21 + 0.002 * n))]
+
+
+def _rest_residuals(fault: Fault | None):
+    """Rest a charged LCO cell for 2 h: the twin (a healthy model) against the cell (maybe shorted)."""
+    cell = load_cell("lco-lgps-glassy-ceramic")
+    real, twin = cell.build_model(), cell.build_model()
+    for model in (real, twin):
+        galvanostatic(model, 0.2 * cell.nominal_capacity_Ah, 3.5, 60.0)
+    if fault is not None:
+        real.inject(fault.model_copy(update={"at_time_s": real.age_s}))
+    t, residual = [], []
+    for k in range(120):
+        v_real, _ = real.step(60.0, "open_circuit")
+        v_twin, _ = twin.step(60.0, "open_circuit")
+        t.append(60.0 * (k + 1))
+        residual.append(v_real - v_twin)
+    # dQ/dV near the top of charge from the model's OCV: 10 mV of charge either way
+    return cell.nominal_capacity_Ah, np.array(t), np.array(residual)
+
+
+def test_soft_short_at_rest_flagged_with_its_leakage_current():
+    nominal, t, residual = _rest_residuals(Fault(kind="soft_short", at_time_s=0.0, resistance_ohm=20_000.0))
+    dq_dv = 0.25 * nominal / 0.1  # LCO near 3.5 V vs Li-In: about a quarter of the capacity per 100 mV
+    leak = SoftShortDetector(nominal).rest_leak(t, residual, dq_dv)
+    assert leak is not None
+    assert leak.leak_A == pytest.approx(3.5 / 20_000.0, rel=0.6)  # V / R_short, within the dQ/dV estimate's reach
+    nominal, t, residual = _rest_residuals(None)
+    assert SoftShortDetector(nominal).rest_leak(t, residual, dq_dv) is None
+
+
+def test_voltage_jump_against_the_drive_flagged_but_end_of_discharge_collapse_is_not():
+    nominal = 1e-3
+    detector = SoftShortDetector(nominal)
+    rng = np.random.default_rng(1)
+    v = 3.9 + 0.0001 * np.arange(100) + 2e-4 * rng.standard_normal(100)  # charging, rising slowly
+    v[60:] -= 0.15  # a filament shorts the cell
+    hits = [detector.add(10.0 * k, v[k], 1e-4) for k in range(100)]
+    assert [h.time_s for h in hits if h] == [600.0]
+    detector = SoftShortDetector(nominal)
+    v = 1.52 - 0.0001 * np.arange(100)
+    v[95:] = [1.4, 1.2, 0.8, 0.3, 0.1]  # the plateau ends: a volt between samples, with the discharge
+    assert all(detector.add(10.0 * k, v[k], -1e-4) is None for k in range(100))
+
+
+def test_residual_detector_learns_its_sigma_and_flags_only_a_real_departure():
+    rng = np.random.default_rng(2)
+    detector = ResidualDetector()
+    residual = 0.004 + 0.001 * rng.standard_normal(600)  # a model 4 mV off, 1 mV noise: healthy
+    assert all(detector.add(float(k), residual[k]) is None for k in range(600))
+    residual = 0.004 + 0.001 * rng.standard_normal(100)
+    residual[50:] -= 0.05  # contact loss: the cell departs from its model by 50 mV
+    hits = [detector.add(600.0 + k, residual[k]) for k in range(100)]
+    found = [h for h in hits if h]
+    assert len(found) == 1 and found[0].onset_time_s == 650.0
+
+
+def test_rls_recovers_a_one_rc_cell_from_current_pulses():
+    r0, r1, tau, dt = 0.05, 0.03, 40.0, 1.0
+    a = math.exp(-dt / tau)
+    estimator = RecursiveRcEstimator()
+    rng = np.random.default_rng(3)
+    v1 = previous = current = 0.0
+    for k in range(4000):
+        if k % 200 == 0:
+            current = float(rng.choice([-2.0, 0.0, 1.0, 3.0]))
+        v1 = a * v1 + r1 * (1 - a) * previous  # the RC charges with the current held over the last interval
+        previous = current
+        y = r0 * current + v1 + 1e-5 * rng.standard_normal()
+        estimator.add(dt, y, current)
+    est = estimator.estimate()
+    assert est.series_resistance_ohm == pytest.approx(r0, rel=0.02)
+    assert est.rc_resistance_ohm == pytest.approx(r1, rel=0.05)
+    assert est.rc_time_constant_s == pytest.approx(tau, rel=0.05)
