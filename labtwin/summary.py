@@ -23,7 +23,7 @@ from collections import defaultdict
 
 from pydantic import BaseModel
 
-from labtwin.models import StepEvent
+from labtwin.models import StepEvent, StepKind
 
 
 class CycleSummary(BaseModel):
@@ -62,10 +62,22 @@ class RunSummary(BaseModel):
     step_ends: list[StepEnd]
 
 
-def _direction(ev: StepEvent) -> str | None:
-    if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) <= 1e-12:
+def charge_direction(ev: StepEvent) -> str | None:
+    """The direction a step moved charge in, or None when it moved none on balance.
+
+    Impedance steps never count (their small AC charge averages out, and its
+    sign is noise), nor do steps whose charge and discharge are within a
+    factor of ten of each other (a CV sweep goes both ways).
+    """
+    if ev.stats is None or ev.step == StepKind.eis:
         return None
-    return "charge" if ev.stats.charge_Ah > ev.stats.discharge_Ah else "discharge"
+    charge, discharge = ev.stats.charge_Ah, ev.stats.discharge_Ah
+    if max(charge, discharge) <= 1e-12 or max(charge, discharge) < 10.0 * min(charge, discharge):
+        return None
+    return "charge" if charge > discharge else "discharge"
+
+
+_direction = charge_direction
 
 
 def number_cycles(events: list[StepEvent]) -> list[tuple[int, StepEvent]]:
@@ -98,7 +110,8 @@ def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
         discharge = sum(e.stats.discharge_Ah for e in evs)
         first = next((d for d in map(_direction, evs) if d is not None), None)
         ce = None
-        if charge > 0 and discharge > 0:
+        both_ways = len({d for d in map(_direction, evs) if d is not None}) == 2
+        if charge > 0 and discharge > 0 and both_ways:
             ce = discharge / charge if first == "charge" else charge / discharge
         eoc = [e.stats.end_voltage_V for e in evs if _direction(e) == "charge"]
         eod = [e.stats.end_voltage_V for e in evs if _direction(e) == "discharge"]

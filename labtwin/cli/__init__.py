@@ -317,6 +317,37 @@ def twin(
 
 
 @app.command()
+def replay(
+    file: Path = typer.Argument(..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"),
+    speed: Optional[str] = typer.Option(None, "--speed", help="1 = as recorded, 1000, or max (default)"),
+    model: Optional[str] = typer.Option(None, "--model", help="cell definition to run in the loop (simulators/cells)"),
+    circuit: Optional[str] = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
+    cell: Optional[str] = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
+    broker: Optional[str] = BrokerOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Replay recorded data through the bus; the twin and its detectors run on it exactly as live."""
+    _setup_logging(verbose)
+    from labtwin.cli.replay import run_replay
+    from labtwin.replay import RecordingError
+
+    try:
+        summary, anomalies = asyncio.run(run_replay(file, _broker(broker), parse_speed(speed or "max"), model, circuit, cell))
+    except (RecordingError, ConnectionError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json({"anomalies": [a.model_dump(mode="json") for a in anomalies], "replayed": summary})
+        return
+    console.print(
+        f"replayed {summary['file']} ({summary['format']}): {summary['samples']} samples, {summary['steps']} steps, "
+        f"{summary['cycles']} cycles, {summary['impedance_spectra']} impedance spectra, "
+        f"{summary['cell_time_s'] / 3600:.2f} h of test time in {summary['wall_time_s']:.1f} s"
+    )
+    console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
+
+
+@app.command()
 def broker(
     port: int = typer.Option(1883, "--port"),
     host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes it to the network (no TLS!)"),

@@ -11,7 +11,11 @@ hair-triggered. Flagged when ``consecutive`` samples in a row sit beyond
 not (a short, a contact going bad, a sensor failing). The first
 ``skip_after_step_change`` samples of each step are ignored: a step change
 is where the model's sample-and-hold of the current differs most from the
-instrument's own control loop.
+instrument's own control loop. Where the voltage moves fast (the steep end
+of a discharge) the allowance widens by ``slope_allowance`` times the
+voltage change over the last sample: there a model a few seconds ahead of
+or behind the cell is off by tens of millivolts without anything being
+wrong with the cell.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ResidualSettings:
     sigma_floor_V: float = 0.002
     consecutive: int = 5
     skip_after_step_change: int = 3
+    slope_allowance: float = 2.0
 
 
 @dataclass
@@ -56,7 +61,8 @@ class ResidualDetector:
         self._run = []
         self.reported_in_step = False
 
-    def add(self, time_s: float, residual_V: float) -> ResidualExcursion | None:
+    def add(self, time_s: float, residual_V: float, voltage_change_V: float = 0.0) -> ResidualExcursion | None:
+        """One sample's residual; ``voltage_change_V`` is the measured change since the previous sample."""
         self._since_step += 1
         if self._since_step <= self.settings.skip_after_step_change or not np.isfinite(residual_V):
             return None
@@ -69,7 +75,8 @@ class ResidualDetector:
                 self.sigma_V = max(1.4826 * mad, self.settings.sigma_floor_V)
             return None
         assert self.sigma_V is not None
-        if abs(residual_V - self.baseline_V) > self.settings.k_sigma * self.sigma_V:
+        allowance = self.settings.k_sigma * self.sigma_V + self.settings.slope_allowance * abs(voltage_change_V)
+        if abs(residual_V - self.baseline_V) > allowance:
             self._run.append(time_s)
         else:
             self._run = []

@@ -30,6 +30,7 @@ from labtwin.detectors.oscillation import OscillationDetector
 from labtwin.detectors.residual import ResidualDetector
 from labtwin.detectors.soft_short import SoftShortDetector
 from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent, StepKind
+from labtwin.summary import charge_direction
 from labtwin.twin.documents import Action, Anomaly, CellState
 from labtwin.twin.estimator import RecursiveRcEstimator
 
@@ -64,6 +65,7 @@ class _Cycle:
     discharge_Ah: float = 0.0
     energy_in_Wh: float = 0.0
     energy_out_Wh: float = 0.0
+    directions: set[str] = field(default_factory=set)
 
 
 class CellTwin:
@@ -159,6 +161,7 @@ class CellTwin:
         self._step_kind: StepKind | None = None
         self._step_index: int | None = None
         self._last_t: float | None = None
+        self._last_v: float | None = None
         self._rest_t: list[float] = []
         self._rest_r: list[float] = []
         self._step_q: list[float] = []
@@ -247,6 +250,7 @@ class CellTwin:
                 log.warning("twin %s: model step failed (%s); residual paused until the next run", self.cell, exc)
                 self.model = None
         residual = v - predicted if predicted is not None else None
+        previous_v, self._last_v = self._last_v, v
         if self._soc is not None and dt > 0:
             capacity = self._capacity_Ah or self.nominal_capacity_Ah
             self._soc = min(1.2, max(-0.2, self._soc + i * dt / 3600.0 / capacity))
@@ -278,7 +282,7 @@ class CellTwin:
             self._rest_t.append(t)
             self._rest_r.append(residual)
         if residual is not None:
-            excursion = self.residual.add(t, residual)
+            excursion = self.residual.add(t, residual, v - previous_v if previous_v is not None else 0.0)
             if excursion is not None:
                 found.append(self._anomaly("twin_residual", excursion.onset_time_s, t,
                                            f"measured voltage departs from the twin by {(excursion.residual_V - excursion.baseline_V) * 1e3:.1f} mV "
@@ -332,9 +336,7 @@ class CellTwin:
         if ev.stats is None:
             return []
         s = ev.stats
-        direction = None
-        if max(s.charge_Ah, s.discharge_Ah) > 1e-12:
-            direction = "charge" if s.charge_Ah > s.discharge_Ah else "discharge"
+        direction = charge_direction(ev)
         found: list[Anomaly] = []
         c = self._cycle
         if direction is not None:
@@ -344,6 +346,7 @@ class CellTwin:
                 found += self._close_cycle(ev.time_s)
                 c = self._cycle
             c.previous_direction = direction
+            c.directions.add(direction)
         c.charge_Ah += s.charge_Ah
         c.discharge_Ah += s.discharge_Ah
         c.energy_in_Wh += s.energy_in_Wh
@@ -353,7 +356,7 @@ class CellTwin:
 
     def _close_cycle(self, time_s: float) -> list[Anomaly]:
         c = self._cycle
-        if c.first_direction is None or c.charge_Ah <= 0 or c.discharge_Ah <= 0:
+        if len(c.directions) < 2:  # a cycle went both ways, or it is not a cycle (a GITT charge, a formation half)
             return []
         figures = CycleFigures(c.number, time_s, c.charge_Ah, c.discharge_Ah, c.energy_in_Wh, c.energy_out_Wh, c.first_direction)
         self._cycle = _Cycle(number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction)
