@@ -134,6 +134,10 @@ def read_csv(path: Path) -> Recording:
         return _finish(path.stem, "bdf", t, column("Voltage / V"), column("Current / A"),
                        column("Step Count / 1", "Step Index / 1", dtype=int), column("Cycle Count / 1", required=False, dtype=int),
                        None, column("Temperature T1 / degC", required=False))
+    missing = [name for name in ("time_s", "voltage_V", "current_A", "step") if name not in col]
+    if missing:
+        raise RecordingError(f"{path}: columns {missing} missing; a labtwin recording has time_s, voltage_V, current_A, "
+                             f"step (and capacity_Ah, cycle); a BDF file has 'Test Time / s'. The header is {header}")
     t = column("time_s")
     step = column("step", dtype=int)
     rec = _finish(path.stem, "labtwin-csv", t, column("voltage_V"), column("current_A"), step,

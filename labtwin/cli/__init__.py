@@ -91,8 +91,9 @@ def _summary_table(summary) -> Table:
 
 def _anomaly_table(anomalies) -> Table:
     table = Table(title="what the twin flagged")
-    for col in ("kind", "cell", "test time / h", "cycle", "action", "what"):
-        table.add_column(col)
+    for col in ("kind", "cell", "test time / h", "cycle", "action"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=18)
+    table.add_column("what", ratio=1)
     for a in anomalies:
         table.add_row(a.kind, a.cell, f"{a.time_s / 3600:.2f}", "" if a.cycle is None else str(a.cycle), a.action, a.message)
     return table

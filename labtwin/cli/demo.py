@@ -22,7 +22,9 @@ from labtwin.models import RunStart, StepEvent
 from labtwin.plots import plot_run
 from labtwin.store import describe_url
 
-DEMO_PLAN = {"ch1": "lto_formation", "ch2": "lco_formation"}
+# ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
+# ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
+DEMO_PLAN = {"ch1": "demo-lto-0.1C", "ch2": "lco_formation"}
 
 
 async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], stop: asyncio.Event) -> None:
@@ -54,7 +56,7 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
         SpinnerColumn(), TextColumn("{task.description}", style="bold"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, disable=quiet, transient=False,
     )
-    async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url) as local:
+    async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True) as local:
         if not quiet:
             where = "embedded broker" if local.broker else "broker"
             console.print(f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', "
@@ -68,8 +70,11 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
             )
             for s in summaries:
                 await local.wait_stored(s.run_id)
+                await local.twin_service.wait_run_followed(s.run_id, timeout_s=600.0)
             stop.set()
             await follower
+        anomalies = list(local.twin_service.anomalies)
+        states = {cell: twin.state for cell, twin in local.twin_service.twins.items()}
         plots = {}
         for s in summaries:
             samples = local.store.samples(s.run_id)
@@ -82,12 +87,28 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
         for s in summaries:
             console.print(_summary_table(s))
             console.print(f"  samples stored: {stored[s.run_id]} of {s.n_samples} produced · plot: {plots[s.channel]}")
+        from labtwin.cli import _anomaly_table
+
+        for cell, state in states.items():
+            parts = [f"twin of [bold]{cell}[/] ({state.model}): cycle {state.cycle}"]
+            if state.capacity_Ah is not None:
+                parts.append(f"capacity {state.capacity_Ah * 1e3:.4g} mAh")
+            if state.coulombic_efficiency is not None:
+                parts.append(f"CE {state.coulombic_efficiency:.2%}")
+            if state.series_resistance_ohm is not None:
+                parts.append(f"R0 {state.series_resistance_ohm:.3g} ohm (RLS)")
+            if state.residual_sigma_V is not None:
+                parts.append(f"residual sigma {state.residual_sigma_V * 1e3:.1f} mV")
+            console.print(" · ".join(parts))
+        console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
         console.print(f"store: {describe_url(db)} · total wall time {time.monotonic() - wall_start:.1f} s")
-        console.print("next: `labtwin runs`, `labtwin export RUN --format bdf`, `labtwin dryrun lto_formation --sim lto_bare_thinfilm`")
+        console.print("next: `labtwin runs`, `labtwin export RUN --format bdf`, `labtwin replay DIR_OR_FILE`, `labtwin dryrun seed003-cycling-eis --sim lco-lgps-ceramic`")
     return {
         "summaries": [s.model_dump() for s in summaries],
         "stored_samples": stored,
         "plots": plots,
         "store": describe_url(db),
+        "anomalies": [a.model_dump(mode="json") for a in anomalies],
+        "twin_states": {cell: state.model_dump(mode="json") for cell, state in states.items()},
         "wall_time_s": time.monotonic() - wall_start,
     }

@@ -162,6 +162,7 @@ class CellTwin:
         self._step_index: int | None = None
         self._last_t: float | None = None
         self._last_v: float | None = None
+        self._last_q: float | None = None
         self._rest_t: list[float] = []
         self._rest_r: list[float] = []
         self._step_q: list[float] = []
@@ -233,10 +234,18 @@ class CellTwin:
         found: list[Anomaly] = []
         dt = 0.0 if self._last_t is None else t - self._last_t
         self._last_t = t
+        # The model is driven with the charge the instrument counted over the interval, not the current
+        # sampled at its end: where a step ends inside the interval (a voltage limit met between samples)
+        # the two differ, and over cycles the difference would drift the model away from the cell.
+        dq = None if self._last_q is None else q - self._last_q
+        self._last_q = q
+        drive_A = dq * 3600.0 / dt if dq is not None and dt > 0 else i
+        if i != 0.0 and drive_A * i < 0:
+            drive_A = i  # a counter reset or a sign mismatch: trust the sampled current
         predicted = None
         if self.model is not None and dt > 0:
             try:
-                if self._step_kind == StepKind.rest or i == 0.0:
+                if self._step_kind == StepKind.rest or (i == 0.0 and abs(drive_A) < 1e-15):
                     predicted, _ = self.model.step(dt, "open_circuit")
                 else:
                     # Compliance 50 mV beyond the measured voltage, in the current's direction: where the model
@@ -245,7 +254,7 @@ class CellTwin:
                     # and its state stays near the cell's. A short or a contact fault still shows in full:
                     # it moves the measured voltage against the current's direction, which is not clamped.
                     margin = self.settings.compliance_margin_V
-                    predicted, _ = self.model.step(dt, "current", i, v + margin if i > 0 else v - margin)
+                    predicted, _ = self.model.step(dt, "current", drive_A, v + margin if drive_A > 0 else v - margin)
             except (FloatingPointError, ValueError, ZeroDivisionError) as exc:
                 log.warning("twin %s: model step failed (%s); residual paused until the next run", self.cell, exc)
                 self.model = None

@@ -1,0 +1,71 @@
+"""The twin as a user meets it: following dry-runs over the bus, and replaying recorded files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from labtwin.cli import app
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+runner = CliRunner()
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+CERAMIC_CHECKUPS = """
+metadata: {name: ceramic check-ups, chemistry: LCO|LGPS|Li-In, nominal_capacity_Ah: 1.02e-3}
+record: {interval_s: 300}
+safety: {voltage_min_V: 1.8, voltage_max_V: 3.75}
+method:
+  - repeat: 6
+    steps:
+      - cc: {c_rate: 0.2, until: {voltage_V: 3.68}}
+      - cc: {c_rate: -0.2, until: {voltage_V: 1.88}}
+      - cc: {c_rate: 0.2, until: {voltage_V: 3.68}}
+      - rest: {duration_s: 600}
+      - eis: {f_start_Hz: 1000000, f_end_Hz: 0.1, points_per_decade: 6}
+      - cc: {c_rate: -0.2, until: {voltage_V: 1.88}}
+"""
+
+
+@pytest.mark.parametrize(("cell", "flagged"), [("lco-lgps-ceramic", True), ("lco-lgps-glassy-ceramic", False)])
+def test_twin_flags_impedance_growth_on_ceramic_lco_during_a_dry_run_and_not_on_glassy(tmp_path, cell, flagged):
+    protocol = tmp_path / "checkups.yaml"
+    protocol.write_text(CERAMIC_CHECKUPS)
+    result = runner.invoke(app, ["dryrun", str(protocol), "--sim", cell, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    growth = [a for a in report["anomalies"] if a["kind"] == "impedance_growth"]
+    assert bool(growth) is flagged, report["anomalies"]
+    if flagged:
+        # The charge-transfer arc (R3, the slowest) grows first: the sqrt law of seed 003's ceramic cell.
+        assert growth[0]["message"].startswith("R3") and growth[0]["figures"]["growth"] > 0.3
+    others = {a["kind"] for a in report["anomalies"]} - {"impedance_growth"}
+    assert not others, report["anomalies"]
+
+
+def test_replay_of_a_biologic_mpr_runs_and_reports_its_cycles_steps_and_spectra():
+    result = runner.invoke(app, ["replay", str(DATA / "cycling" / "biol.mpr"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    replayed = report["replayed"]
+    assert replayed["format"] == "biologic-mpr" and replayed["samples"] == 23561
+    assert replayed["impedance_spectra"] == 5
+    # GITT-like charging with impedance check-ups: one cycle opened, never completed, so no efficiency.
+    assert replayed["steps"] >= 20 and replayed["cycles"] == 1
+    assert replayed["cycle_table"][0]["coulombic_efficiency"] is None
+    assert 21.0 < replayed["cell_time_s"] / 3600 < 21.3
+    assert isinstance(report["anomalies"], list)
+
+
+def test_replay_refuses_what_it_cannot_read(tmp_path):
+    bad = tmp_path / "data.txt"
+    bad.write_text("1,2,3\n")
+    result = runner.invoke(app, ["replay", str(bad)])
+    assert result.exit_code == 2 and "unknown recording format" in result.output
+    csv_file = tmp_path / "samples.csv"
+    csv_file.write_text("time_s,voltage_V\n0,1\n")
+    result = runner.invoke(app, ["replay", str(csv_file)])
+    assert result.exit_code == 2 and "current_A" in result.output and "step" in result.output
