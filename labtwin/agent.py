@@ -12,7 +12,8 @@ state in this module's own ``finally``.
 
 Documents out: RunStart on a StartRun command, StepEvent started/ended per
 step, SampleBatch every ``batch_size`` samples (or sooner when samples come
-slowly, so a live view stays live), RunStop on StopRun. Sequence numbers run
+slowly: at most ``batch_max_wall_s`` = 0.1 s of wall time, so a live view stays live and
+the twin sees a real-time sample within its 200 ms anomaly budget), RunStop on StopRun. Sequence numbers run
 per run without gaps.
 """
 
@@ -125,7 +126,7 @@ class Agent:
         nominal_capacity_Ah: float | None = None,
         driver_name: str = "",
         batch_size: int = 100,
-        batch_max_wall_s: float = 0.5,
+        batch_max_wall_s: float = 0.1,
         status_every_wall_s: float = 1.0,
     ) -> None:
         self.lab = busmod.check_name("lab", lab)

@@ -80,6 +80,7 @@ class Fault(_Strict):
 
     kind: Literal["soft_short", "contact_loss", "temperature_step", "sensor_noise", "dropout"]
     at_time_s: float = Field(0.0, ge=0)
+    duration_s: float | None = Field(None, gt=0, description="gone again after this long (an intermittent short); None: stays")
     resistance_ohm: float | None = Field(None, gt=0, description="soft_short: leakage path; contact_loss: added series")
     delta_C: float = 0.0
     noise_V: float = Field(0.0, ge=0)
@@ -133,7 +134,8 @@ class PhysicsCell:
         return self.p.temperature_C + sum(f.delta_C for f in self._active("temperature_step"))
 
     def _active(self, kind: str) -> list[Fault]:
-        return [f for f in self.faults if f.kind == kind and f.at_time_s <= self.age_s]
+        return [f for f in self.faults if f.kind == kind and f.at_time_s <= self.age_s
+                and (f.duration_s is None or self.age_s < f.at_time_s + f.duration_s)]
 
     def inject(self, fault: Fault) -> None:
         """Add a fault at run time (tests of the twin's detectors do this)."""

@@ -283,7 +283,10 @@ def fit_circuit(
     for start in starts:
         x0 = np.log(np.clip(start[free], 1e-300, None))
         x0 = np.minimum(x0, upper - 1e-9)
-        result = least_squares(residuals, x0, bounds=(lower, upper), method="trf", x_scale=1.0, max_nfev=2000)
+        if np.all(np.isinf(upper)):  # no CPE exponent to bound: MINPACK's Levenberg-Marquardt, the fastest here
+            result = least_squares(residuals, x0, method="lm", max_nfev=2000)
+        else:
+            result = least_squares(residuals, x0, bounds=(lower, upper), method="trf", x_scale=1.0, max_nfev=2000)
         if best is None or result.cost < best.cost:
             best = result
     assert best is not None
