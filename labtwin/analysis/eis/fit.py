@@ -6,7 +6,10 @@ Why these choices:
   arc (the interface resistance a battery lab watches) is fitted to noise.
 - Parameters are fitted as logarithms: every circuit value is positive and
   spans many decades, so log space keeps steps well scaled and signs right.
-  A CPE exponent is bounded to (0, 1].
+  A CPE exponent is fitted as a = exp(-y^2), which keeps it in (0, 1]
+  without bounds, so one fast Levenberg-Marquardt solver serves every
+  circuit (an exponent that lands on 1 reports no error bar: it sits on
+  its bound).
 - Initial guesses come from the spectrum itself (the question impedance.py
   users ask most): the high-frequency intercept gives the series resistance,
   each arc of -Z'' gives a resistance (its width on the real axis) and a time
@@ -257,18 +260,26 @@ def fit_circuit(
         weight = np.ones_like(f)
     else:
         raise ValueError(f"weighting {weighting!r}: use 'modulus' or 'unit'")
-    alpha = _alpha_mask(circ)
-    upper = np.where(alpha[free], 0.0, np.inf)
-    lower = np.full(int(free.sum()), -np.inf)
+    # Positive values are fitted as logarithms, CPE exponents (0 < a <= 1) as a = exp(-y^2): every
+    # parameter is then unbounded, so MINPACK's Levenberg-Marquardt (the fastest here) serves every
+    # circuit, and a = 1 (an ideal capacitor, common) is the finite point y = 0 rather than a bound.
+    logit = _alpha_mask(circ)[free]
+
+    def to_values(x: np.ndarray) -> np.ndarray:
+        return np.where(logit, np.exp(-np.square(x)), np.exp(np.clip(x, -700, 700)))
+
+    def to_x(values: np.ndarray) -> np.ndarray:
+        a = np.clip(values, 1e-9, 1.0)
+        return np.where(logit, np.sqrt(-np.log(a)), np.log(np.clip(values, 1e-300, None)))
 
     base = np.zeros(len(names))
     for i, n in enumerate(names):
         if n in fixed:
             base[i] = fixed[n]
 
-    def residuals(log_free: np.ndarray) -> np.ndarray:
+    def residuals(x: np.ndarray) -> np.ndarray:
         p = base.copy()
-        p[free] = np.exp(log_free)
+        p[free] = to_values(x)
         diff = (circ.impedance(p, omega) - z) * weight
         return np.concatenate([diff.real, diff.imag])
 
@@ -281,30 +292,26 @@ def fit_circuit(
         starts = [initial_guess(circ, f, z, order) for order in ("written", "reversed", "spread")]
     best = None
     for start in starts:
-        x0 = np.log(np.clip(start[free], 1e-300, None))
-        x0 = np.minimum(x0, upper - 1e-9)
-        if np.all(np.isinf(upper)):  # no CPE exponent to bound: MINPACK's Levenberg-Marquardt, the fastest here
-            result = least_squares(residuals, x0, method="lm", max_nfev=2000)
-        else:
-            result = least_squares(residuals, x0, bounds=(lower, upper), method="trf", x_scale=1.0, max_nfev=2000)
+        result = least_squares(residuals, to_x(start[free]), method="lm", max_nfev=2000)
         if best is None or result.cost < best.cost:
             best = result
     assert best is not None
     p = base.copy()
-    p[free] = np.exp(best.x)
+    p[free] = to_values(best.x)
     if not fixed:
         sorted_p = sort_arcs(circ, p)
         if not np.array_equal(sorted_p, p):  # re-label, then take the Jacobian at the re-labelled optimum
             p = sorted_p
-            best.x = np.log(p[free])
+            best.x = to_x(p[free])
             best.jac = _numeric_jacobian(residuals, best.x)
     n_points, n_free = 2 * len(f), int(free.sum())
     dof = max(n_points - n_free, 1)
     s2 = 2.0 * best.cost / dof
     errors = np.full(len(names), np.nan)
     try:
-        cov_log = np.linalg.pinv(best.jac.T @ best.jac) * s2
-        errors[free] = p[free] * np.sqrt(np.clip(np.diag(cov_log), 0.0, None))
+        cov_x = np.linalg.pinv(best.jac.T @ best.jac) * s2
+        dvalue_dx = np.where(logit, 2.0 * np.abs(best.x) * p[free], p[free])  # |da/dy|: zero at a = 1 (no error there)
+        errors[free] = dvalue_dx * np.sqrt(np.clip(np.diag(cov_x), 0.0, None))
     except np.linalg.LinAlgError:
         pass
     for i, n in enumerate(names):
