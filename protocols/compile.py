@@ -132,6 +132,13 @@ def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepComman
             for name in ("start_V", "vertex_1_V", "vertex_2_V"):
                 _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
             for rate in rates:
+                if s.hold_start_s > 0:
+                    commands.append(StepCommand(
+                        run_id=ctx.run_id, step_index=len(commands), cycle=cycle, step=StepKind.cv,
+                        label=f"hold {s.start_V:g} V before {rate * 1e3:g} mV/s", voltage_V=s.start_V,
+                        end=EndConditions(time_s=s.hold_start_s), limits=_step_limits(limits, None),
+                        sample_interval_s=min(interval, s.hold_start_s / 10),
+                    ))
                 sweep = SweepSettings(start_V=s.start_V, vertex_1_V=s.vertex_1_V, vertex_2_V=s.vertex_2_V,
                                       scan_rate_V_s=rate, cycles=s.cycles, step_V=s.step_V)
                 commands.append(StepCommand(

@@ -143,6 +143,9 @@ class VoltammetryStep(_Strict):
     scan_rate_V_s: float | list[float] = Field(description="one rate, or a list: one step per rate")
     cycles: int = Field(1, ge=1)
     step_V: float = Field(0.001, gt=0)
+    hold_start_s: float = Field(
+        0.0, ge=0, description="hold start_V this long before each sweep, so every rate starts from an equilibrated film"
+    )
     label: str = ""
 
 

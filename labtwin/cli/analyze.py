@@ -85,3 +85,80 @@ def eis(
         plot_nyquist(lines, f"{file.name}: {parsed.text}", plot)
         if not as_json:
             console.print(f"wrote {plot}")
+
+
+def _is_sweep(voltage_V: np.ndarray, current_A: np.ndarray) -> bool:
+    """A CV step: the potential moves in even steps (a ramp or staircase) over 50 mV or more, and the current changes sign."""
+    if len(voltage_V) < 20 or np.ptp(voltage_V) < 0.05 or not (np.any(current_A > 0) and np.any(current_A < 0)):
+        return False
+    moves = np.abs(np.diff(voltage_V))
+    typical = float(np.median(moves))
+    return typical > 0 and float(np.mean((moves > 0.5 * typical) & (moves < 2.0 * typical))) > 0.8
+
+
+@analyze_app.command("cv")
+def cv(
+    files: list[Path] = typer.Argument(..., help="CSV files with time_s, voltage_V, current_A (labtwin samples.csv: one voltammogram per step that sweeps)"),
+    series_resistance_ohm: float = typer.Option(0.0, "--series-resistance-ohm", help="iR correction: E = V - I R"),
+    area_concentration: Optional[float] = typer.Option(None, "--area-concentration", help="A*C in mol/m for Randles-Sevcik (film: Q/(F L))"),
+    cell: Optional[str] = typer.Option(None, "--cell", help="take A*C and R from a simulated cell's film (simulators/cells)"),
+    electrons: int = typer.Option(1, "--electrons", "-n"),
+    as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
+) -> None:
+    """Peaks and peak separation per voltammogram; Randles-Sevcik D over the linear range when 3+ rates and A*C are given."""
+    from labtwin.analysis.cv import randles_sevcik, voltammogram
+    from labtwin.replay import RecordingError, read_recording
+
+    if cell is not None:
+        from simulators.cells import load_cell  # the CLI is where labtwin meets the simulators
+
+        definition = load_cell(cell)
+        film = definition.parameters.positive
+        diffusion = getattr(film, "diffusion", None)
+        if diffusion is None or diffusion.geometry != "planar":
+            _fail(f"--cell {cell}: its positive electrode is not a planar film; give --area-concentration instead")
+        area_concentration = film.capacity_Ah * 3600.0 / 96485.33212 / diffusion.length_m
+        series_resistance_ohm = series_resistance_ohm or definition.parameters.series_resistance_ohm
+    sweeps = []
+    for path in files:
+        try:
+            rec = read_recording(path)
+        except RecordingError as exc:
+            _fail(str(exc))
+        for step in dict.fromkeys(rec.step.tolist()):
+            mask = rec.step == step
+            v, i, t = rec.voltage_V[mask], rec.current_A[mask], rec.time_s[mask]
+            if not _is_sweep(v, i):
+                continue  # not a sweep: a rest, a hold, a galvanostatic step
+            sweeps.append((f"{path.stem} step {step}", voltammogram(v - i * series_resistance_ohm, i, t)))
+    if not sweeps:
+        _fail("no voltammogram found: a CV step sweeps the potential and the current changes sign")
+    result: dict = {"voltammograms": [
+        {"name": name, "scan_rate_V_s": vg.scan_rate_V_s, "peak_separation_V": vg.peak_separation_V,
+         "anodic_peak": vars(vg.anodic) if vg.anodic else None, "cathodic_peak": vars(vg.cathodic) if vg.cathodic else None,
+         "peaks": [vars(p) for p in vg.peaks]}
+        for name, vg in sweeps
+    ]}
+    usable = [(vg.scan_rate_V_s, vg.anodic.current_A) for _, vg in sweeps if vg.anodic is not None]
+    if area_concentration is not None and len({r for r, _ in usable}) >= 3:
+        rs = randles_sevcik([r for r, _ in usable], [p for _, p in usable], area_concentration, electrons)
+        result["randles_sevcik"] = {"diffusivity_m2_s": rs.diffusivity_m2_s, "r_squared": rs.r_squared,
+                                    "linear_range_V_s": list(rs.linear_range_V_s), "rates_used": rs.rates_used,
+                                    "slope_A_per_sqrt_V_s": rs.slope_A_per_sqrt_V_s}
+    if as_json:
+        print(json.dumps(result, indent=2, default=float))
+        return
+    table = Table(title="voltammograms")
+    for col in ("sweep", "rate / mV/s", "E_pa / V", "E_pc / V", "dE_p / mV", "i_pa", "i_pc", "peaks"):
+        table.add_column(col, justify="right")
+    for name, vg in sweeps:
+        table.add_row(name, f"{vg.scan_rate_V_s * 1e3:.3g}", f"{vg.anodic.potential_V:.4f}" if vg.anodic else "",
+                      f"{vg.cathodic.potential_V:.4f}" if vg.cathodic else "",
+                      f"{vg.peak_separation_V * 1e3:.1f}" if vg.peak_separation_V is not None else "",
+                      f"{vg.anodic.current_A:.4g}" if vg.anodic else "", f"{vg.cathodic.current_A:.4g}" if vg.cathodic else "",
+                      str(len(vg.peaks)))
+    console.print(table)
+    if "randles_sevcik" in result:
+        r = result["randles_sevcik"]
+        console.print(f"Randles-Sevcik: D = {r['diffusivity_m2_s']:.3g} m2/s (R^2 {r['r_squared']:.4f}, linear from "
+                      f"{r['linear_range_V_s'][0] * 1e3:.3g} to {r['linear_range_V_s'][1] * 1e3:.3g} mV/s, {r['rates_used']} rates)")

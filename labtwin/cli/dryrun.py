@@ -58,7 +58,8 @@ async def run_dryrun(
             anomalies = [a for a in local.twin_service.anomalies if a.run_id == summary.run_id]
         if out is not None:
             write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")
-            (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=2))
+            if twin:
+                (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=2))
     return summary, anomalies
 
 

@@ -109,3 +109,18 @@ def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
     bad = runner.invoke(app, ["analyse", "eis", str(measured), "-c", "R0-p(R1,C1"])
     assert bad.exit_code == 2
     assert "not closed" in bad.output
+
+
+def test_dryrun_of_seed001_then_analyze_cv_returns_the_film_diffusivity(tmp_path):
+    out = tmp_path / "cv"
+    result = runner.invoke(app, ["dryrun", "seed001-cv-multirate", "--sim", "lto-cv", "--out", str(out), "--no-twin", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (out / "cv.png").stat().st_size > 10_000
+    result = runner.invoke(app, ["analyze", "cv", str(out / "samples.csv"), "--cell", "lto-cv", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rates = [v["scan_rate_V_s"] for v in report["voltammograms"]]
+    assert rates == pytest.approx([0.01, 0.02, 0.05, 0.1, 0.2, 0.5], rel=1e-3)  # the holds between rates are not sweeps
+    separations = [v["peak_separation_V"] for v in report["voltammograms"]]
+    assert all(b > a for a, b in zip(separations, separations[1:]))
+    assert report["randles_sevcik"]["diffusivity_m2_s"] == pytest.approx(2.47e-15, rel=0.2)
