@@ -59,9 +59,9 @@ def main() -> None:
             start = [auto.parameters[n] * 1.3 for n in parsed.parameter_names]  # 30 % off: a real fit, not a check
             if "CPE1_1" in parsed.parameter_names:
                 start[parsed.parameter_names.index("CPE1_1")] = 0.9
-            t_lab, lab = best_of(lambda: fit_circuit(parsed, f, z, initial=start))
-            t_imp, imp = best_of(lambda: CustomCircuit(circuit, initial_guess=list(start)).fit(f, z, weight_by_modulus=True))
-            t_auto, _ = best_of(lambda: fit_circuit(parsed, f, z))
+            t_lab, lab = best_of(lambda c=parsed, f=f, z=z, s=start: fit_circuit(c, f, z, initial=s))
+            t_imp, imp = best_of(lambda c=circuit, f=f, z=z, s=start: CustomCircuit(c, initial_guess=list(s)).fit(f, z, weight_by_modulus=True))
+            t_auto, _ = best_of(lambda c=parsed, f=f, z=z: fit_circuit(c, f, z))
             same = np.allclose(imp.parameters_, [lab.parameters[n] for n in parsed.parameter_names], rtol=0.01)
             if not same:  # where they differ, say which reached the better optimum (same weighted cost)
                 r = (imp.predict(f) - z) / np.abs(z)
