@@ -344,24 +344,38 @@ class Agent:
         return every_interval(), lambda: None
 
     def _gitt(self, cmd: StepCommand, compliance_V: float) -> Iterator[Reading]:
-        """Pulses and relaxations on a host-timed source; ends after the relaxation that follows
-        the first pulse to end beyond the cut-off voltage (so the last relaxation is measured too)."""
+        """Pulses and relaxations on a host-timed source, until a pulse reaches the cut-off voltage.
+
+        The pulse that reaches the cut-off ends there (the source's voltage limit sits at the cut-off,
+        as in a cc step with an end voltage, and the pulse stops at the first sample beyond it) and is
+        still followed by its relaxation, so the last relaxed voltage is measured too. Running the
+        last pulse to its full length would drive the cell into the safety limit instead."""
         g, driver, clock = cmd.gitt, self.driver, self.clock
         cutoff = cmd.end.voltage_V
+        if cutoff is not None:
+            compliance_V = min(compliance_V, cutoff) if cmd.current_A > 0 else max(compliance_V, cutoff)
+
+        def beyond(reading: Reading) -> bool:
+            return cutoff is not None and (
+                (cmd.current_A > 0 and reading.voltage_V >= cutoff - 1e-6) or (cmd.current_A < 0 and reading.voltage_V <= cutoff + 1e-6)
+            )
+
         for _ in range(g.max_pulses):
             driver.set_current(cmd.current_A, compliance_V)
-            last = None
+            reached = False
             for _ in range(max(1, int(round(g.pulse_s / cmd.sample_interval_s)))):
                 clock.sleep(cmd.sample_interval_s)
-                last = driver.read()
-                yield last
+                reading = driver.read()
+                yield reading
+                if beyond(reading):
+                    reached = True
+                    break
             driver.open_circuit()
             for _ in range(max(1, int(round(g.relax_s / cmd.sample_interval_s)))):
                 clock.sleep(cmd.sample_interval_s)
                 yield driver.read()
-            if cutoff is not None and last is not None:
-                if (cmd.current_A > 0 and last.voltage_V >= cutoff) or (cmd.current_A < 0 and last.voltage_V <= cutoff):
-                    return
+            if reached:
+                return
 
     def _sweep(self, cmd: StepCommand, current_limit_A: float) -> Iterator[Reading]:
         """Cyclic voltammetry as a staircase: one potential step per sample, held for step_V / scan rate."""

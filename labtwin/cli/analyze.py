@@ -162,3 +162,44 @@ def cv(
         r = result["randles_sevcik"]
         console.print(f"Randles-Sevcik: D = {r['diffusivity_m2_s']:.3g} m2/s (R^2 {r['r_squared']:.4f}, linear from "
                       f"{r['linear_range_V_s'][0] * 1e3:.3g} to {r['linear_range_V_s'][1] * 1e3:.3g} mV/s, {r['rates_used']} rates)")
+
+
+@analyze_app.command("gitt")
+def gitt(
+    file: Path = typer.Argument(..., help="a recording with the GITT pulses: labtwin samples.csv, BDF csv or EC-Lab .mpr"),
+    length_m: Optional[float] = typer.Option(None, "--length-m", help="diffusion length: film thickness, or particle radius / 3"),
+    cell: Optional[str] = typer.Option(None, "--cell", help="take the diffusion length from a simulated cell (simulators/cells)"),
+    as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
+) -> None:
+    """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
+    from labtwin.analysis.gitt import gitt_pulses
+    from labtwin.replay import RecordingError, read_recording
+
+    if cell is not None and length_m is None:
+        from simulators.cells import load_cell  # the CLI is where labtwin meets the simulators
+
+        diffusion = getattr(load_cell(cell).parameters.positive, "diffusion", None)
+        if diffusion is None:
+            _fail(f"--cell {cell}: its positive electrode has no solid diffusion; give --length-m")
+        length_m = diffusion.length_m / 3.0 if diffusion.geometry == "spherical" else diffusion.length_m
+    try:
+        rec = read_recording(file)
+    except RecordingError as exc:
+        _fail(str(exc))
+    pulses = gitt_pulses(rec.time_s, rec.voltage_V, rec.current_A, length_m)
+    if not pulses:
+        _fail(f"{file}: no current pulse with a rest before and after it")
+    if as_json:
+        print(json.dumps({"length_m": length_m, "pulses": [vars(p) for p in pulses]}, indent=2, default=float))
+        return
+    table = Table(title=f"{file.name}: {len(pulses)} GITT pulses" + (f", L = {length_m:.3g} m" if length_m else ""))
+    for col in ("pulse", "start / h", "I / A", "relaxed / V", "dE_s / mV", "dE_t / mV", "polarization / V", "D / m2/s", "tau D / L2"):
+        table.add_column(col, justify="right")
+    for p in pulses:
+        table.add_row(str(p.index), f"{p.start_time_s / 3600:.2f}", f"{p.current_A:.3g}", f"{p.relaxed_after_V:.4f}",
+                      f"{p.steady_state_change_V * 1e3:.2f}", f"{p.transient_change_V * 1e3:.2f}", f"{p.polarization_V:.3f}",
+                      "" if p.diffusivity_m2_s is None else f"{p.diffusivity_m2_s:.3g}",
+                      "" if p.short_time_ratio is None else f"{p.short_time_ratio:.2f}")
+    console.print(table)
+    console.print(f"mean polarization {np.mean([p.polarization_V for p in pulses]):.3f} V"
+                  + ("; Weppner-Huggins holds where tau D / L2 << 1" if length_m else ""))

@@ -124,3 +124,18 @@ def test_dryrun_of_seed001_then_analyze_cv_returns_the_film_diffusivity(tmp_path
     separations = [v["peak_separation_V"] for v in report["voltammograms"]]
     assert all(b > a for a, b in zip(separations, separations[1:]))
     assert report["randles_sevcik"]["diffusivity_m2_s"] == pytest.approx(2.47e-15, rel=0.2)
+
+
+def test_gitt_dry_runs_end_at_the_cutoff_and_show_bare_lco_polarization_far_above_glassy_ceramic(tmp_path):
+    mean_polarization = {}
+    for cell in ("lco-lgps-bare", "lco-lgps-glassy-ceramic"):
+        out = tmp_path / cell
+        result = runner.invoke(app, ["dryrun", "seed003-gitt", "--sim", cell, "--out", str(out), "--no-twin", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["exit_status"] == "success"  # the last pulse stops at 1.88 V, not at the safety limit
+        result = runner.invoke(app, ["analyze", "gitt", str(out / "samples.csv"), "--cell", cell, "--json"])
+        assert result.exit_code == 0, result.output
+        pulses = json.loads(result.output)["pulses"]
+        assert len(pulses) >= 10 and all(p["diffusivity_m2_s"] > 0 for p in pulses)
+        mean_polarization[cell] = sum(p["polarization_V"] for p in pulses) / len(pulses)
+    assert mean_polarization["lco-lgps-bare"] > 3 * mean_polarization["lco-lgps-glassy-ceramic"] > 0  # seed 003's order
