@@ -203,3 +203,86 @@ def gitt(
     console.print(table)
     console.print(f"mean polarization {np.mean([p.polarization_V for p in pulses]):.3f} V"
                   + ("; Weppner-Huggins holds where tau D / L2 << 1" if length_m else ""))
+
+
+@analyze_app.command("cycling")
+def cycling(
+    source: str = typer.Argument(..., help="a run id (or unique prefix) in the store, or a recording file"),
+    store: Optional[str] = typer.Option(None, "--store", help="SQLite path or postgresql:// URL for a run id"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
+) -> None:
+    """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
+    from labtwin.analysis.cycling import differential_capacity
+    from labtwin.models import StepEvent
+    from labtwin.replay import RecordingError, documents, read_recording
+    from labtwin.summary import number_cycles, summarize_cycles
+
+    path = Path(source)
+    if path.exists():
+        try:
+            rec = read_recording(path)
+        except RecordingError as exc:
+            _fail(str(exc))
+        events = [d for d in documents(rec, lab="analysis", channel="file", cell_id=path.stem)
+                  if isinstance(d, StepEvent) and d.event == "ended"]
+        samples = {"voltage_V": rec.voltage_V, "capacity_Ah": rec.capacity_Ah, "step": _step_indices(rec.step)}
+    else:
+        from labtwin.store import DEFAULT_SQLITE, Store
+
+        s = Store.open(store or DEFAULT_SQLITE)
+        try:
+            run_id = s.find_run(source)
+        except KeyError as exc:
+            _fail(f"{source!r} is neither a file nor a run in the store: {exc.args[0]}")
+        events = s.step_events(run_id)
+        samples = s.samples(run_id)
+    cycles = summarize_cycles(events)
+    rows = []
+    for c in cycles:
+        polarization = None
+        if c.charge_Ah > 0 and c.discharge_Ah > 0 and c.coulombic_efficiency is not None:
+            polarization = c.energy_in_Wh / c.charge_Ah - c.energy_out_Wh / c.discharge_Ah
+        rows.append({**c.model_dump(), "mean_polarization_V": polarization})
+    if plot is not None:
+        import matplotlib.pyplot as plt
+
+        cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(events)}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for ev in events:
+            if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) < 0.05 * max(
+                    (max(e.stats.charge_Ah, e.stats.discharge_Ah) for e in events if e.stats), default=0):
+                continue
+            mask = np.asarray(samples["step"]) == ev.step_index
+            if mask.sum() < 10:
+                continue
+            dqdv = differential_capacity(np.asarray(samples["voltage_V"])[mask], np.asarray(samples["capacity_Ah"])[mask])
+            sign = 1.0 if ev.stats.charge_Ah > ev.stats.discharge_Ah else -1.0
+            ax.plot(dqdv.voltage_V, sign * dqdv.dq_dv_Ah_per_V * 1e3, lw=0.8, label=f"cycle {cycle_of.get(ev.step_index, 0)}")
+        ax.set_xlabel("voltage / V")
+        ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")
+        handles, labels = ax.get_legend_handles_labels()
+        if 0 < len(handles) <= 12:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+    if as_json:
+        print(json.dumps({"cycles": rows}, indent=2, default=float))
+        return
+    table = Table(title=f"{source}: {len(rows)} cycles")
+    for col in ("cycle", "charge / mAh", "discharge / mAh", "CE / %", "energy in / mWh", "energy out / mWh", "polarization / V"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["cycle"]), f"{r['charge_Ah'] * 1e3:.4g}", f"{r['discharge_Ah'] * 1e3:.4g}",
+                      "" if r["coulombic_efficiency"] is None else f"{100 * r['coulombic_efficiency']:.2f}",
+                      f"{r['energy_in_Wh'] * 1e3:.4g}", f"{r['energy_out_Wh'] * 1e3:.4g}",
+                      "" if r["mean_polarization_V"] is None else f"{r['mean_polarization_V']:.3f}")
+    console.print(table)
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
+def _step_indices(recorded_step: np.ndarray) -> np.ndarray:
+    """Replay numbers steps 0, 1, 2, ... each time the recorded step changes; the same here, per sample."""
+    return np.concatenate([[0], np.cumsum(np.diff(recorded_step) != 0)]).astype(int)
