@@ -1,4 +1,4 @@
-"""The recorder: every data and event document on the bus, into the store.
+"""The recorder: every data and event document on the bus, and the twin's anomalies and states, into the store.
 
 It is just another subscriber (the Bluesky way): it never talks to agents.
 Documents are written in small transactions (up to ``max_batch`` documents
@@ -58,7 +58,8 @@ class Recorder:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
-        filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event"]
+        filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event",
+                   f"{busmod.ROOT}/{self.lab}/cells/+/anomaly", f"{busmod.ROOT}/{self.lab}/cells/+/state"]
         async with Bus(self.broker_url, self.client_id, persistent=True) as bus:
             self.bus = bus
             sub = await bus.subscribe(filters)

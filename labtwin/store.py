@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent
+from labtwin.twin.documents import Anomaly, CellState
 
 DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
@@ -55,6 +56,15 @@ SCHEMA = [
         run_id TEXT NOT NULL, step_index INTEGER NOT NULL, event TEXT NOT NULL, channel TEXT, label TEXT,
         cycle INTEGER, step TEXT, time_s DOUBLE PRECISION, reason_kind TEXT, reason_name TEXT, doc TEXT NOT NULL,
         PRIMARY KEY (run_id, step_index, event))""",
+    # The twin's findings: one row per anomaly (keyed so a re-delivered message is stored once) and the
+    # cell states it published, for trends of SOC, resistances and capacity after the fact.
+    """CREATE TABLE IF NOT EXISTS anomalies (
+        run_id TEXT NOT NULL, cell TEXT NOT NULL, kind TEXT NOT NULL, time_s DOUBLE PRECISION NOT NULL,
+        detected_time_s DOUBLE PRECISION, step INTEGER, cycle INTEGER, action TEXT, message TEXT, doc TEXT NOT NULL,
+        PRIMARY KEY (run_id, cell, kind, time_s))""",
+    """CREATE TABLE IF NOT EXISTS cell_states (
+        cell TEXT NOT NULL, run_id TEXT NOT NULL, time_s DOUBLE PRECISION NOT NULL, doc TEXT NOT NULL,
+        PRIMARY KEY (cell, run_id, time_s))""",
 ]
 
 _INSERT_SAMPLES = (
@@ -145,6 +155,17 @@ class Store:
                     elif isinstance(doc, RunStop):
                         self._write_run_stop(cur, doc)
                         counts.events += 1
+                    elif isinstance(doc, Anomaly):
+                        cur.execute(self._sql(
+                            "INSERT INTO anomalies (run_id, cell, kind, time_s, detected_time_s, step, cycle, action, message, doc) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                            (doc.run_id, doc.cell, doc.kind, doc.time_s, doc.detected_time_s, doc.step, doc.cycle,
+                             doc.action, doc.message, doc.model_dump_json()))
+                        counts.events += 1
+                    elif isinstance(doc, CellState):
+                        cur.execute(self._sql(
+                            "INSERT INTO cell_states (cell, run_id, time_s, doc) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                            (doc.cell, doc.run_id, doc.time_s, doc.model_dump_json()))
                 self.conn.commit()
             except BaseException:
                 self.conn.rollback()
@@ -281,6 +302,28 @@ class Store:
         out["step"] = out["step"].astype(int)
         out["cycle"] = out["cycle"].astype(int)
         return out
+
+    def anomalies(self, run_id: str | None = None, cell: str | None = None) -> list[Anomaly]:
+        """The twin's anomalies, oldest first, for a run and/or a cell (all when neither is given)."""
+        where, args = [], []
+        if run_id is not None:
+            where.append("run_id = ?")
+            args.append(run_id)
+        if cell is not None:
+            where.append("cell = ?")
+            args.append(cell)
+        sql = "SELECT doc FROM anomalies" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY time_s"
+        with self._lock:
+            cur = self.conn.cursor()
+            cur.execute(self._sql(sql), tuple(args))
+            return [Anomaly.model_validate_json(row[0]) for row in cur.fetchall()]
+
+    def cell_states(self, cell: str, run_id: str | None = None) -> list[CellState]:
+        sql = "SELECT doc FROM cell_states WHERE cell = ?" + (" AND run_id = ?" if run_id else "") + " ORDER BY run_id, time_s"
+        with self._lock:
+            cur = self.conn.cursor()
+            cur.execute(self._sql(sql), (cell, run_id) if run_id else (cell,))
+            return [CellState.model_validate_json(row[0]) for row in cur.fetchall()]
 
     def sample_count(self, run_id: str) -> int:
         with self._lock:
