@@ -36,6 +36,8 @@ from labtwin.models import (
     ChannelStatus,
     EndReason,
     Limits,
+    PauseRun,
+    ResumeRun,
     RunStart,
     RunStop,
     SampleBatch,
@@ -143,6 +145,8 @@ class Agent:
         self.status_every_wall_s = status_every_wall_s
         self.run: RunContext | None = None
         self._abort = threading.Event()
+        self._pause = threading.Event()  # set by PauseRun, cleared by ResumeRun; read by the step thread
+        self._pausing = False  # the step thread: the reading just yielded was taken while paused
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{channel}")
         self._bus: Bus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,6 +199,17 @@ class Agent:
             doc = message.document
             if isinstance(doc, StopRun) and doc.exit_status != "success" and self.run and doc.run_id == self.run.run_id:
                 self._abort.set()  # takes effect within one sample of the running step
+            if isinstance(doc, (PauseRun, ResumeRun)):
+                # Not queued behind the running step: a pause acts within one sample of it.
+                if self.run is not None and doc.run_id == self.run.run_id:
+                    if isinstance(doc, PauseRun):
+                        self._pause.set()
+                        log.warning("channel %s: run %s paused: %s", self.channel, doc.run_id, doc.reason)
+                        await self._publish_status(force=True, state=ChannelState.paused, message=f"paused: {doc.reason}")
+                    else:
+                        self._pause.clear()
+                        await self._publish_status(force=True, state=ChannelState.running, message="resumed")
+                continue
             await self._queue.put(doc)
 
     async def _execute_commands(self) -> None:
@@ -220,6 +235,7 @@ class Agent:
         if self.run is not None:
             await self._finish_run(self.run, "aborted", f"superseded by run {cmd.run_id}")
         self._abort.clear()
+        self._pause.clear()
         self.run = RunContext(cmd.run_id, cmd.cell_id, cmd.protocol, cmd.n_steps, start_cell_s=self.clock.now())
         doc = RunStart(
             run_id=cmd.run_id, lab=self.lab, channel=self.channel, cell_id=cmd.cell_id or self.cell_id,
@@ -238,6 +254,7 @@ class Agent:
         await self._finish_run(run, status, cmd.reason or (run.tripped.name if run.tripped else ""))
 
     async def _finish_run(self, run: RunContext, status: str, reason: str) -> None:
+        self._pause.clear()
         self._safe_state()
         await self._bus.publish(
             self._t("event"),
@@ -271,13 +288,19 @@ class Agent:
             reason = EndReason(kind="aborted", name="abort", message="run was aborted")
             await self._publish_step_end(cmd, run, reason, StepStats())
             return
+        if self._pause.is_set():  # paused between steps (or during a device-run technique): hold here
+            self._safe_state()
+            while self._pause.is_set() and not self._abort.is_set():
+                await self._publish_status(state=ChannelState.paused, cmd=cmd, message="paused before this step")
+                await asyncio.sleep(0.05)
         await self._bus.publish(self._t("event"), started)
         await self._publish_status(force=True, state=ChannelState.running, cmd=cmd)
         reason, stats = await self._loop.run_in_executor(self._step_thread, self._step_loop, cmd, limits, run)
         if reason.kind == "safety_limit":
             run.tripped = reason
         await self._publish_step_end(cmd, run, reason, stats)
-        await self._publish_status(force=True, state=ChannelState.fault if run.tripped else ChannelState.running, cmd=cmd)
+        state = ChannelState.fault if run.tripped else (ChannelState.paused if self._pause.is_set() else ChannelState.running)
+        await self._publish_status(force=True, state=state, cmd=cmd)
 
     async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
         await self._bus.publish(
@@ -308,40 +331,58 @@ class Agent:
                 return math.copysign(1e3, current_A)
             return v + math.copysign(0.02 * max(abs(v), 0.1), current_A)
 
+        current_limit = limits.current_max_A if limits.current_max_A else 1e3
+
+        def apply_setting() -> None:
+            """The source setting of a host-timed step (again after a pause)."""
+            if cmd.step is StepKind.rest:
+                driver.open_circuit()
+            elif cmd.step is StepKind.cc:
+                # The source's own voltage limit sits at the step's end voltage when it has one (as a
+                # cycler's CC step does): a cell whose voltage jumps within a sample (an emptied host)
+                # is clamped there and ends the step, instead of running on to the safety limit.
+                compliance = compliance_for(cmd.current_A)
+                if cmd.end.voltage_V is not None:
+                    compliance = min(compliance, cmd.end.voltage_V) if cmd.current_A > 0 else max(compliance, cmd.end.voltage_V)
+                driver.set_current(cmd.current_A, compliance)
+            elif cmd.step is StepKind.cv:
+                driver.set_voltage(cmd.voltage_V, current_limit)
+            elif cmd.step is StepKind.cccv:
+                # An SMU in current mode with its voltage limit at the CV setpoint IS a CCCV source:
+                # it regulates at the limit once the cell gets there, and the current tapers.
+                driver.set_current(cmd.current_A, cmd.voltage_V)
+
         def every_interval() -> Iterator[Reading]:
             while True:
+                if self._pause.is_set() and not self._abort.is_set():
+                    # Paused: open circuit within this sample, keep sampling (limits still checked), re-apply on resume.
+                    driver.open_circuit()
+                    while self._pause.is_set() and not self._abort.is_set():
+                        clock.sleep(cmd.sample_interval_s)
+                        if clock.speed is None:
+                            time.sleep(0.02)  # at max speed a pause must not spin out rest samples as fast as the CPU allows
+                        self._pausing = True
+                        yield driver.read()
+                    self._pausing = False
+                    if self._abort.is_set():
+                        return
+                    apply_setting()
                 clock.sleep(cmd.sample_interval_s)
                 yield driver.read()
 
-        current_limit = limits.current_max_A if limits.current_max_A else 1e3
-        if cmd.step is StepKind.rest:
-            driver.open_circuit()
-        elif cmd.step is StepKind.cc:
-            # The source's own voltage limit sits at the step's end voltage when it has one (as a
-            # cycler's CC step does): a cell whose voltage jumps within a sample (an emptied host)
-            # is clamped there and ends the step, instead of running on to the safety limit.
-            compliance = compliance_for(cmd.current_A)
-            if cmd.end.voltage_V is not None:
-                compliance = min(compliance, cmd.end.voltage_V) if cmd.current_A > 0 else max(compliance, cmd.end.voltage_V)
-            driver.set_current(cmd.current_A, compliance)
-        elif cmd.step is StepKind.cv:
-            driver.set_voltage(cmd.voltage_V, current_limit)
-        elif cmd.step is StepKind.cccv:
-            # An SMU in current mode with its voltage limit at the CV setpoint IS a CCCV source:
-            # it regulates at the limit once the cell gets there, and the current tapers.
-            driver.set_current(cmd.current_A, cmd.voltage_V)
-        elif cmd.step is StepKind.gitt:
+        if cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv):
+            apply_setting()
+            return every_interval(), lambda: None
+        if cmd.step is StepKind.gitt:
             return self._gitt(cmd, compliance_for(cmd.current_A)), lambda: None
-        elif cmd.step is StepKind.cyclic_voltammetry:
+        if cmd.step is StepKind.cyclic_voltammetry:
             return self._sweep(cmd, current_limit), lambda: None
-        elif cmd.step is StepKind.eis:
+        if cmd.step is StepKind.eis:
             raise ValueError(
                 f"channel {self.channel}: driver {self.driver_name or type(driver).__name__} cannot run impedance "
                 "(EIS needs a frequency response analyser: a device-run technique)"
             )
-        else:  # pragma: no cover - StepKind is closed
-            raise ValueError(f"unsupported step {cmd.step}")
-        return every_interval(), lambda: None
+        raise ValueError(f"unsupported step {cmd.step}")  # pragma: no cover - StepKind is closed
 
     def _gitt(self, cmd: StepCommand, compliance_V: float) -> Iterator[Reading]:
         """Pulses and relaxations on a host-timed source, until a pulse reaches the cut-off voltage.
@@ -398,10 +439,15 @@ class Agent:
         reason: EndReason | None = None
         readings, stop_device = self._samples(cmd, limits)
         try:
+            paused_s = 0.0  # time spent paused does not count toward the step's time conditions and limit
             for reading in readings:
                 step_t = (reading.time_s if reading.time_s is not None else self.clock.now() - step_start_s)
+                paused_now = self._pausing
+                if paused_now:
+                    paused_s += step_t - prev_t
+                active_t = step_t - paused_s
                 v, i, temp = reading.voltage_V, reading.current_A, reading.temperature_C
-                reason = check_limits(limits, v, i, temp, step_t)
+                reason = check_limits(limits, v, i, temp, active_t)
                 if reason is not None:
                     self._safe_state()  # within this sample, before anything is published
                     stop_device()
@@ -423,8 +469,8 @@ class Agent:
                 run.n_samples += 1
                 batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle, reading)
                 self._last_reading = reading
-                if reason is None:
-                    reason = check_end(cmd.step, cmd.end, cmd.current_A, v, i, step_t, abs(run.capacity_Ah - step_start_q))
+                if reason is None and not paused_now:
+                    reason = check_end(cmd.step, cmd.end, cmd.current_A, v, i, active_t, abs(run.capacity_Ah - step_start_q))
                 if reason is None and self._abort.is_set():
                     reason = EndReason(kind="aborted", name="abort", message="run aborted on request")
                     stop_device()

@@ -273,7 +273,25 @@ class StopRun(Document):
     reason: str = ""
 
 
-Command = Annotated[Union[StartRun, StepCommand, StopRun], Field(discriminator="kind")]
+class PauseRun(Document):
+    """Twin or operator -> agent: hold the run. The source goes to open circuit within one sample (host-timed
+    steps; a device-run technique finishes first) and sampling goes on, so the relaxing cell is still watched
+    and the safety limits still apply; no step advances until ResumeRun."""
+
+    kind: Literal["pause_run"] = "pause_run"
+    run_id: str
+    reason: str = ""
+
+
+class ResumeRun(Document):
+    """Operator -> agent: the paused run goes on where it stopped (the step's source setting is re-applied;
+    time spent paused does not count toward the step's time)."""
+
+    kind: Literal["resume_run"] = "resume_run"
+    run_id: str
+
+
+Command = Annotated[Union[StartRun, StepCommand, StopRun, PauseRun, ResumeRun], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- documents
@@ -414,6 +432,7 @@ class SampleBatch(Document):
 class ChannelState(str, Enum):
     idle = "idle"
     running = "running"
+    paused = "paused"
     fault = "fault"
     offline = "offline"
 
@@ -440,5 +459,5 @@ class ChannelStatus(Document):
     nominal_capacity_Ah: float | None = Field(None, description="of the cell on this channel, for C-rates")
 
 
-COMMAND_ADAPTER: TypeAdapter[StartRun | StepCommand | StopRun] = TypeAdapter(Command)
+COMMAND_ADAPTER: TypeAdapter[StartRun | StepCommand | StopRun | PauseRun | ResumeRun] = TypeAdapter(Command)
 EVENT_ADAPTER: TypeAdapter[RunStart | StepEvent | RunStop] = TypeAdapter(Event)

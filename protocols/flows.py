@@ -87,8 +87,12 @@ class ChannelLink:
 
     async def wait_for(self, predicate, timeout_s: float, stall_s: float, what: str):
         deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
         while True:
             now = time.monotonic()
+            if self.status is not None and self.status.state is ChannelState.paused:
+                deadline += now - last  # a paused run is waiting for a person, not late
+            last = now
             if now >= deadline:
                 raise StepTimeout(f"channel {self.channel}: no {what} within {timeout_s:.0f} s")
             if now - self.last_heard > stall_s:

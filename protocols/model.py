@@ -215,9 +215,10 @@ class Protocol(_Strict):
     metadata: Metadata
     record: Record = Field(default_factory=Record)
     safety: Limits
-    anomalies: dict[AnomalyKind, Literal["notify", "stop"]] = Field(
+    anomalies: dict[AnomalyKind, Literal["notify", "pause", "stop"]] = Field(
         default_factory=dict,
-        description="what the twin does when it finds each anomaly kind: notify (default) or stop the run safely",
+        description="what the twin does when it finds each anomaly kind: notify (default), pause the run "
+        "(open circuit until `labtwin resume`), or stop it safely",
     )
     method: list[StepItem] = Field(min_length=1)
 

@@ -367,6 +367,68 @@ def broker(
         pass
 
 
+async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: float = 10.0) -> str:
+    """Send a command for the run now on a channel (its run id from the channel's retained status)."""
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.models import ChannelStatus
+
+    async with Bus(url, f"cli-{channel}-{os.getpid()}") as bus:
+        sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
+        try:
+            status = (await sub.get(timeout_s)).document
+        except asyncio.TimeoutError:
+            raise ValueError(f"no status from channel {channel} of lab {lab} on {url}: is its agent running?") from None
+        if not isinstance(status, ChannelStatus) or not status.run_id:
+            raise ValueError(f"channel {channel} has no run to command (state {getattr(status, 'state', '?')})")
+        await bus.publish(busmod.topic(lab, channel, "cmd"), make(status.run_id))
+        await bus.flush()
+        return status.run_id
+
+
+@app.command()
+def pause(
+    channel: str = typer.Option(..., "--channel", "-c"),
+    reason: str = typer.Option("operator", "--reason"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+) -> None:
+    """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
+    from labtwin.cli.wiring import default_lab
+    from labtwin.models import PauseRun
+
+    config = default_lab(lab)
+    url = _broker(broker, config.broker)
+    if url is None:
+        _fail("pause needs the lab's broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    try:
+        run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: PauseRun(run_id=rid, reason=reason)))
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"paused run {run_id} on {channel}")
+
+
+@app.command()
+def resume(
+    channel: str = typer.Option(..., "--channel", "-c"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+) -> None:
+    """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
+    from labtwin.cli.wiring import default_lab
+    from labtwin.models import ResumeRun
+
+    config = default_lab(lab)
+    url = _broker(broker, config.broker)
+    if url is None:
+        _fail("resume needs the lab's broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    try:
+        run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: ResumeRun(run_id=rid)))
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"resumed run {run_id} on {channel}")
+
+
 @app.command()
 def monitor(
     broker: Optional[str] = BrokerOpt,

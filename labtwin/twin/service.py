@@ -7,7 +7,9 @@ labtwin/v1/<lab>/cells/<cell>/state (at most every ``state_interval_s`` of
 wall time, and at every step event) and each anomaly on .../anomaly the
 moment its evidence is complete. An anomaly whose protocol policy says
 ``stop`` sends the channel's agent a StopRun: the agent, next to the
-instrument, puts it in its safe state; the flow sees the run end.
+instrument, puts it in its safe state; the flow sees the run end. ``pause``
+sends a PauseRun: the agent holds the cell at open circuit (still sampling,
+still checking its limits) until a person resumes it (`labtwin resume`).
 
 Twins work in a thread of their own (a model step of a many-particle cell
 takes milliseconds), so the event loop keeps draining the broker.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
-from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent, StopRun
+from labtwin.models import PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
 from labtwin.twin.cell_twin import CellTwin
 from labtwin.twin.documents import Anomaly
 
@@ -38,6 +40,7 @@ class TwinStats:
     samples: int = 0
     anomalies: int = 0
     stops_requested: int = 0
+    pauses_requested: int = 0
     latencies_s: list[float] = field(default_factory=list)
 
 
@@ -87,6 +90,10 @@ class TwinService:
                             await bus.publish(topic(lab, anomaly.channel, "cmd"), StopRun(
                                 run_id=anomaly.run_id, exit_status="aborted", reason=f"twin: {anomaly.kind}: {anomaly.message}"))
                             self.stats.stops_requested += 1
+                        elif anomaly.action == "pause" and anomaly.run_id:
+                            await bus.publish(topic(lab, anomaly.channel, "cmd"), PauseRun(
+                                run_id=anomaly.run_id, reason=f"twin: {anomaly.kind}: {anomaly.message}"))
+                            self.stats.pauses_requested += 1
                     for lab, cell, state in published["states"]:
                         await bus.publish(cell_topic(lab, cell, "state"), state, retain=True)
                     if published["anomalies"] or published["finished"]:

@@ -96,3 +96,57 @@ method:
     discharge = report["step_ends"][1]
     assert discharge["reason"] == "aborted:abort" and discharge["duration_s"] < 9.5 * 3600
     assert len(report["step_ends"]) == 2  # the charge never ran
+
+
+PAUSE_ON_OSCILLATION = """
+metadata: {name: pause on oscillation, chemistry: LTO|Li, nominal_capacity_Ah: 5.18e-5}
+record: {interval_s: 10}
+safety: {voltage_min_V: 0.05, voltage_max_V: 3.1}
+anomalies: {oscillation_onset: pause}
+method:
+  - rest: {duration_s: 60}
+  - cc: {c_rate: -0.1, until: {voltage_V: 0.1}}
+  - cc: {c_rate: 0.1, until: {voltage_V: 3.0}}
+"""
+
+
+async def test_a_pause_policy_holds_the_cell_at_open_circuit_until_resumed(embedded_broker, unique_lab, tmp_path):
+    """The twin pauses the run; the agent holds open circuit, still sampling; `resume` lets the step finish."""
+    import asyncio
+
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.cli.wiring import LocalLab
+    from labtwin.models import ChannelState, ChannelStatus, Limits, ResumeRun
+    from protocols.flows import run_protocol
+    from tests.helpers import sim_lab, wait_doc
+
+    proto = tmp_path / "pause.yaml"
+    proto.write_text(PAUSE_ON_OSCILLATION)
+    lab = sim_lab(unique_lab, {"ch": "lto-thin-film"}, Limits(voltage_min_V=0.05, voltage_max_V=3.1))
+    async with LocalLab(lab, ["ch"], embedded_broker.url, str(tmp_path / "s.db"), twin=True) as local:
+        async with Bus(local.url, f"pause-test-{unique_lab}") as bus:
+            status = await bus.subscribe(busmod.topic(unique_lab, "ch", "status"))
+            flow = asyncio.create_task(run_protocol(str(proto), "ch", local.url, lab=unique_lab))
+            pauses = 0
+            while not flow.done():  # each half cycle's onset pauses the run again: resume each time, as an operator would
+                try:
+                    paused = await wait_doc(status, lambda d: isinstance(d, ChannelStatus) and d.state is ChannelState.paused, 5)
+                except asyncio.TimeoutError:
+                    continue
+                pauses += 1
+                await asyncio.sleep(1.0)  # the cell sits at open circuit while nobody has resumed it
+                assert not flow.done()
+                await bus.publish(busmod.topic(unique_lab, "ch", "cmd"), ResumeRun(run_id=paused.run_id))
+                await wait_doc(status, lambda d: isinstance(d, ChannelStatus) and d.state is not ChannelState.paused, 30)
+            summary = await flow
+        await local.wait_stored(summary.run_id)
+        samples = local.store.samples(summary.run_id)
+        anomalies = [a for a in local.twin_service.anomalies if a.run_id == summary.run_id]
+    assert summary.exit_status == "success" and summary.steps_run == 3
+    assert anomalies[0].kind == "oscillation_onset" and anomalies[0].action == "pause"
+    assert pauses == len([a for a in anomalies if a.action == "pause"]) >= 1
+    in_steps = samples["step"] >= 1
+    held = in_steps & (samples["current_A"] == 0.0)
+    assert held.sum() >= 10  # open-circuit samples inside a current step: the pause, recorded
+    assert {e.reason.split(":")[0] for e in summary.step_ends} == {"end_condition"}  # every step then ran to its end
