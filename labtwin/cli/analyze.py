@@ -103,6 +103,7 @@ def cv(
     area_concentration: Optional[float] = typer.Option(None, "--area-concentration", help="A*C in mol/m for Randles-Sevcik (film: Q/(F L))"),
     cell: Optional[str] = typer.Option(None, "--cell", help="take A*C and R from a simulated cell's film (simulators/cells)"),
     electrons: int = typer.Option(1, "--electrons", "-n"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the voltammograms with their peaks to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Peaks and peak separation per voltammogram; Randles-Sevcik D over the linear range when 3+ rates and A*C are given."""
@@ -119,7 +120,7 @@ def cv(
             _fail(f"--cell {cell}: its positive electrode is not a planar film; give --area-concentration instead")
         area_concentration = film.capacity_Ah * 3600.0 / 96485.33212 / diffusion.length_m
         series_resistance_ohm = series_resistance_ohm or definition.parameters.series_resistance_ohm
-    sweeps = []
+    sweeps, curves = [], []
     for path in files:
         try:
             rec = read_recording(path)
@@ -131,6 +132,7 @@ def cv(
             if not _is_sweep(v, i):
                 continue  # not a sweep: a rest, a hold, a galvanostatic step
             sweeps.append((f"{path.stem} step {step}", voltammogram(v - i * series_resistance_ohm, i, t)))
+            curves.append((v - i * series_resistance_ohm, i))
     if not sweeps:
         _fail("no voltammogram found: a CV step sweeps the potential and the current changes sign")
     result: dict = {"voltammograms": [
@@ -145,6 +147,11 @@ def cv(
         result["randles_sevcik"] = {"diffusivity_m2_s": rs.diffusivity_m2_s, "r_squared": rs.r_squared,
                                     "linear_range_V_s": list(rs.linear_range_V_s), "rates_used": rs.rates_used,
                                     "slope_A_per_sqrt_V_s": rs.slope_A_per_sqrt_V_s}
+    if plot is not None:
+        from labtwin.plots import plot_voltammograms
+
+        plot_voltammograms([(f"{vg.scan_rate_V_s * 1e3:.3g} mV/s", e, i) for (_, vg), (e, i) in zip(sweeps, curves)],
+                           "voltammograms" + (" (iR-corrected)" if series_resistance_ohm else ""), plot)
     if as_json:
         print(json.dumps(result, indent=2, default=float))
         return
@@ -169,6 +176,7 @@ def gitt(
     file: Path = typer.Argument(..., help="a recording with the GITT pulses: labtwin samples.csv, BDF csv or EC-Lab .mpr"),
     length_m: Optional[float] = typer.Option(None, "--length-m", help="diffusion length: film thickness, or particle radius / 3"),
     cell: Optional[str] = typer.Option(None, "--cell", help="take the diffusion length from a simulated cell (simulators/cells)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write polarization and D against the relaxed voltage to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
@@ -189,6 +197,22 @@ def gitt(
     pulses = gitt_pulses(rec.time_s, rec.voltage_V, rec.current_A, length_m)
     if not pulses:
         _fail(f"{file}: no current pulse with a rest before and after it")
+    if plot is not None:
+        import matplotlib.pyplot as plt
+
+        fig, (ax_p, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
+        relaxed = [p.relaxed_after_V for p in pulses]
+        ax_p.plot(relaxed, [p.polarization_V for p in pulses], "o-", ms=3)
+        ax_p.set_xlabel("relaxed voltage / V")
+        ax_p.set_ylabel("polarization / V")
+        if length_m:
+            ax_d.semilogy(relaxed, [p.diffusivity_m2_s for p in pulses], "o-", ms=3)
+            ax_d.set_ylabel("D (Weppner-Huggins) / m2/s")
+        ax_d.set_xlabel("relaxed voltage / V")
+        fig.suptitle(file.name)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
     if as_json:
         print(json.dumps({"length_m": length_m, "pulses": [vars(p) for p in pulses]}, indent=2, default=float))
         return

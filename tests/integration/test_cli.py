@@ -121,7 +121,8 @@ def test_dryrun_of_seed001_then_analyze_cv_returns_the_film_diffusivity(tmp_path
     result = runner.invoke(app, ["dryrun", "seed001-cv-multirate", "--sim", "lto-cv", "--out", str(out), "--no-twin", "--json"])
     assert result.exit_code == 0, result.output
     assert (out / "cv.png").stat().st_size > 10_000
-    result = runner.invoke(app, ["analyze", "cv", str(out / "samples.csv"), "--cell", "lto-cv", "--json"])
+    result = runner.invoke(app, ["analyze", "cv", str(out / "samples.csv"), "--cell", "lto-cv", "--json",
+                                 "--plot", str(tmp_path / "cv-peaks.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     rates = [v["scan_rate_V_s"] for v in report["voltammograms"]]
@@ -129,6 +130,7 @@ def test_dryrun_of_seed001_then_analyze_cv_returns_the_film_diffusivity(tmp_path
     separations = [v["peak_separation_V"] for v in report["voltammograms"]]
     assert all(b > a for a, b in zip(separations, separations[1:]))
     assert report["randles_sevcik"]["diffusivity_m2_s"] == pytest.approx(2.47e-15, rel=0.2)
+    assert (tmp_path / "cv-peaks.png").stat().st_size > 10_000
 
 
 def test_gitt_dry_runs_end_at_the_cutoff_and_show_bare_lco_polarization_far_above_glassy_ceramic(tmp_path):
@@ -138,7 +140,9 @@ def test_gitt_dry_runs_end_at_the_cutoff_and_show_bare_lco_polarization_far_abov
         result = runner.invoke(app, ["dryrun", "seed003-gitt", "--sim", cell, "--out", str(out), "--no-twin", "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["exit_status"] == "success"  # the last pulse stops at 1.88 V, not at the safety limit
-        result = runner.invoke(app, ["analyze", "gitt", str(out / "samples.csv"), "--cell", cell, "--json"])
+        result = runner.invoke(app, ["analyze", "gitt", str(out / "samples.csv"), "--cell", cell, "--json",
+                                     "--plot", str(out / "gitt.png")])
+        assert (out / "gitt.png").stat().st_size > 10_000
         assert result.exit_code == 0, result.output
         pulses = json.loads(result.output)["pulses"]
         assert len(pulses) >= 10 and all(p["diffusivity_m2_s"] > 0 for p in pulses)
