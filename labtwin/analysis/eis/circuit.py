@@ -68,6 +68,51 @@ def _rc_tau(omega, r, tau):
     return r / (1.0 + 1j * omega * tau)
 
 
+# d Z / d parameter for each element, given the element's own Z: what the fit's analytic Jacobian is built from.
+def _d_resistor(omega, z, r):
+    return [np.ones(omega.shape, dtype=complex)]
+
+
+def _d_capacitor(omega, z, c):
+    return [-z / c]
+
+
+def _d_inductor(omega, z, inductance):
+    return [1j * omega]
+
+
+def _d_cpe(omega, z, q, alpha):
+    return [-z / q, -z * np.log(1j * omega)]
+
+
+def _d_warburg(omega, z, sigma):
+    return [z / sigma]
+
+
+def _d_warburg_open(omega, z, z0, tau):
+    s = np.sqrt(1j * omega * tau)
+    coth = 1.0 / np.tanh(s)
+    d_ds = z0 * ((1.0 - coth**2) * s - coth) / s**2  # d/ds [coth(s)/s] = (-csch^2(s) s - coth(s)) / s^2, csch^2 = coth^2 - 1
+    return [z / z0, d_ds * s / (2.0 * tau)]
+
+
+def _d_warburg_short(omega, z, z0, tau):
+    s = np.sqrt(1j * omega * tau)
+    tanh = np.tanh(s)
+    d_ds = z0 * ((1.0 - tanh**2) * s - tanh) / s**2
+    return [z / z0, d_ds * s / (2.0 * tau)]
+
+
+def _d_rc_tau(omega, z, r, tau):
+    return [z / r, -z * 1j * omega / (1.0 + 1j * omega * tau)]
+
+
+_GRADIENTS = {
+    "R": _d_resistor, "C": _d_capacitor, "L": _d_inductor, "CPE": _d_cpe, "W": _d_warburg,
+    "Wo": _d_warburg_open, "Ws": _d_warburg_short, "K": _d_rc_tau,
+}
+
+
 ELEMENTS: dict[str, ElementType] = {
     e.symbol: e
     for e in (
@@ -197,6 +242,7 @@ class Circuit:
     parameter_names: list[str]
     parameter_units: list[str]
     impedance: ImpedanceFunction = field(repr=False)
+    impedance_and_gradient: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False, default=None)
 
     def __call__(self, params, frequency_Hz) -> np.ndarray:
         return self.impedance(np.asarray(params, dtype=float), 2.0 * np.pi * np.asarray(frequency_Hz, dtype=float))
@@ -238,6 +284,46 @@ def _compile(node: Node, offsets: dict[str, int]) -> ImpedanceFunction:
     return parallel
 
 
+def _compile_gradient(node: Node, offsets: dict[str, int], n_params: int):
+    """(Z, dZ/dp) for every frequency: forward-mode derivatives through the same tree, so a fit
+    needs one evaluation per iteration instead of one per parameter."""
+    if isinstance(node, Element):
+        start, n, fn, grad = offsets[node.name], len(node.type.parameter_units), node.type.impedance, _GRADIENTS[node.kind]
+
+        def element(p, w):
+            args = p[start : start + n]
+            z = fn(w, *args)
+            dz = np.zeros((len(w), n_params), dtype=complex)
+            for k, column in enumerate(grad(w, z, *args)):
+                dz[:, start + k] = column
+            return z, dz
+
+        return element
+    if isinstance(node, Series):
+        parts = [_compile_gradient(child, offsets, n_params) for child in node.parts]
+
+        def series(p, w):
+            z, dz = parts[0](p, w)
+            for part in parts[1:]:
+                zk, dzk = part(p, w)
+                z, dz = z + zk, dz + dzk
+            return z, dz
+
+        return series
+    branches = [_compile_gradient(child, offsets, n_params) for child in node.branches]
+
+    def parallel(p, w):
+        admittance, d_admittance = 0.0, 0.0
+        for branch in branches:
+            zb, dzb = branch(p, w)
+            admittance = admittance + 1.0 / zb
+            d_admittance = d_admittance - dzb / (zb**2)[:, None]  # dY = -dZ / Z^2
+        z = 1.0 / admittance
+        return z, -d_admittance * (z**2)[:, None]  # dZ = -dY Z^2
+
+    return parallel
+
+
 def parse_circuit(text: str) -> Circuit:
     """Read a circuit string and compile its impedance function; raises CircuitError pointing at the problem."""
     parser = _Parser(text)
@@ -254,4 +340,5 @@ def parse_circuit(text: str) -> Circuit:
         names += element.parameter_names()
         units += list(element.type.parameter_units)
         start += len(element.type.parameter_units)
-    return Circuit(parser.text, tree, elements, names, units, _compile(tree, offsets))
+    return Circuit(parser.text, tree, elements, names, units, _compile(tree, offsets),
+                   _compile_gradient(tree, offsets, len(names)))
