@@ -115,12 +115,15 @@ def test_capacity_fade_and_knee_flagged_only_when_they_happen():
     healthy = CyclingDetector()
     found = [f.kind for n in range(1, 61) for f in healthy.add_cycle(_cycle(n, 1.0 - 0.0005 * n))]
     assert found == []  # 0.05 %/cycle: 97 % after 60 cycles, straight line
+    jitter = np.random.default_rng(5).normal(0.0, 0.008, 60)  # +-0.8 %: capacity read at 120 s sampling
+    noisy = CyclingDetector()
+    assert not [f for n in range(1, 61) for f in noisy.add_cycle(_cycle(n, (1.0 - 0.002 * n) * (1 + jitter[n - 1])))]
     knee = CyclingDetector()
     kinds = []
     for n in range(1, 61):
         capacity = 1.0 - 0.0005 * n - (0.02 * (n - 40) if n > 40 else 0.0)  # accelerates from cycle 40
         kinds += [(f.kind, n) for f in knee.add_cycle(_cycle(n, capacity))]
-    assert ("knee_onset", 43) in kinds or any(k == "knee_onset" and 41 <= n <= 45 for k, n in kinds), kinds
+    assert any(k == "knee_onset" and 41 <= n <= 46 for k, n in kinds), kinds
     assert any(k == "capacity_fade" for k, _ in kinds)
 
 
