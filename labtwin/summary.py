@@ -77,16 +77,13 @@ def charge_direction(ev: StepEvent) -> str | None:
     return "charge" if charge > discharge else "discharge"
 
 
-_direction = charge_direction
-
-
 def number_cycles(events: list[StepEvent]) -> list[tuple[int, StepEvent]]:
     """(electrochemical cycle, event) for each ended step; cycle 0 before the first current flows."""
     numbered, cycle, first, previous = [], 0, None, None
     for ev in sorted(events, key=lambda e: e.step_index):
         if ev.event != "ended" or ev.stats is None:
             continue
-        direction = _direction(ev)
+        direction = charge_direction(ev)
         if direction is not None:
             if first is None:
                 first, cycle = direction, 1
@@ -108,13 +105,13 @@ def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
         evs = by_cycle[cycle]
         charge = sum(e.stats.charge_Ah for e in evs)
         discharge = sum(e.stats.discharge_Ah for e in evs)
-        first = next((d for d in map(_direction, evs) if d is not None), None)
+        first = next((d for d in map(charge_direction, evs) if d is not None), None)
         ce = None
-        both_ways = len({d for d in map(_direction, evs) if d is not None}) == 2
+        both_ways = len({d for d in map(charge_direction, evs) if d is not None}) == 2
         if charge > 0 and discharge > 0 and both_ways:
             ce = discharge / charge if first == "charge" else charge / discharge
-        eoc = [e.stats.end_voltage_V for e in evs if _direction(e) == "charge"]
-        eod = [e.stats.end_voltage_V for e in evs if _direction(e) == "discharge"]
+        eoc = [e.stats.end_voltage_V for e in evs if charge_direction(e) == "charge"]
+        eod = [e.stats.end_voltage_V for e in evs if charge_direction(e) == "discharge"]
         out.append(
             CycleSummary(
                 cycle=cycle, charge_Ah=charge, discharge_Ah=discharge, coulombic_efficiency=ce,
