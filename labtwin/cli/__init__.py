@@ -54,6 +54,17 @@ def _store(option: str | None, lab_store: str | None = None) -> str:
     return option or os.environ.get("LABTWIN_STORE") or lab_store or str(DEFAULT_SQLITE)
 
 
+def _lab_and_broker(lab: Optional[Path], broker: Optional[str], who: str):
+    """The lab file and the broker a service needs; a clear error when there is no broker to reach."""
+    from labtwin.cli.wiring import default_lab
+
+    config = default_lab(lab)
+    url = _broker(broker, config.broker)
+    if url is None:
+        _fail(f"{who} needs the lab's broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+    return config, url
+
+
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
@@ -264,14 +275,10 @@ def record(
 ) -> None:
     """Write every data and event document of the lab into the store."""
     _setup_logging(verbose)
-    from labtwin.cli.wiring import default_lab
     from labtwin.recorder import Recorder
 
     try:
-        config = default_lab(lab)
-        url = _broker(broker, config.broker)
-        if url is None:
-            _fail("the recorder needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+        config, url = _lab_and_broker(lab, broker, "the recorder")
         s = Store.open(_store(store, config.store))
         err.print(f"recording lab {config.lab} from {url} into {describe_url(s.url)}; Ctrl-C stops")
         asyncio.run(Recorder(url, s, config.lab).serve())
@@ -289,14 +296,11 @@ def twin(
 ) -> None:
     """Follow every cell of the lab: model in the loop, live estimates, anomalies on .../cells/<cell>/anomaly."""
     _setup_logging(verbose)
-    from labtwin.cli.wiring import default_lab, twin_factory
+    from labtwin.cli.wiring import twin_factory
     from labtwin.twin.service import TwinService
 
     try:
-        config = default_lab(lab)
-        url = _broker(broker, config.broker)
-        if url is None:
-            _fail("the twin needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
+        config, url = _lab_and_broker(lab, broker, "the twin")
         err.print(f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops")
 
         async def _serve() -> None:
@@ -394,13 +398,9 @@ def pause(
     lab: Optional[Path] = LabOpt,
 ) -> None:
     """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
-    from labtwin.cli.wiring import default_lab
     from labtwin.models import PauseRun
 
-    config = default_lab(lab)
-    url = _broker(broker, config.broker)
-    if url is None:
-        _fail("pause needs the lab's broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    config, url = _lab_and_broker(lab, broker, "pause")
     try:
         run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: PauseRun(run_id=rid, reason=reason)))
     except (ConnectionError, ValueError) as exc:
@@ -415,13 +415,9 @@ def resume(
     lab: Optional[Path] = LabOpt,
 ) -> None:
     """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
-    from labtwin.cli.wiring import default_lab
     from labtwin.models import ResumeRun
 
-    config = default_lab(lab)
-    url = _broker(broker, config.broker)
-    if url is None:
-        _fail("resume needs the lab's broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    config, url = _lab_and_broker(lab, broker, "resume")
     try:
         run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: ResumeRun(run_id=rid)))
     except (ConnectionError, ValueError) as exc:
