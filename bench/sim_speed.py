@@ -55,7 +55,7 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
     def value(expr):
         return float(np.ravel(pv.evaluate(expr))[0]) if isinstance(expr, pybamm.Symbol) else float(expr)
 
-    def electrode(side: str, sign: str) -> dict:
+    def electrode(side: str) -> dict:
         c_max = pv[f"Maximum concentration in {side.lower()} electrode [mol.m-3]"]
         radius = pv[f"{side} particle radius [m]"]
         eps = pv[f"{side} electrode active material volume fraction"]
@@ -94,7 +94,7 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
     v_py = solution["Voltage [V]"].entries
 
     params = CellParameters(series_resistance_ohm=0.0, temperature_C=T_K - 273.15,
-                            positive=electrode("Positive", "+"), negative=electrode("Negative", "-"))
+                            positive=electrode("Positive"), negative=electrode("Negative"))
     t2 = time.perf_counter()
     cell = PhysicsCell(params, capacity_Ah)
     v_ours = []

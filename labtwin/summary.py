@@ -37,6 +37,25 @@ class CycleSummary(BaseModel):
     end_of_discharge_V: float | None
     first_direction: str | None
 
+    @property
+    def delivered_Ah(self) -> float:
+        """The capacity the cell gives back: discharge for a cathode or full cell, charge for an anode half cell."""
+        return self.discharge_Ah if self.first_direction != "discharge" else self.charge_Ah
+
+    @property
+    def mean_polarization_V(self) -> float | None:
+        """Mean charge voltage minus mean discharge voltage (each direction's energy over its charge)."""
+        if self.charge_Ah <= 0 or self.discharge_Ah <= 0:
+            return None
+        return self.energy_in_Wh / self.charge_Ah - self.energy_out_Wh / self.discharge_Ah
+
+
+def coulombic_efficiency(charge_Ah: float, discharge_Ah: float, first_direction: str | None) -> float | None:
+    """Charge out over charge in, "in" being the direction the cycle starts with (module docstring)."""
+    if charge_Ah <= 0 or discharge_Ah <= 0:
+        return None
+    return discharge_Ah / charge_Ah if first_direction == "charge" else charge_Ah / discharge_Ah
+
 
 class StepEnd(BaseModel):
     step_index: int
@@ -106,10 +125,8 @@ def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
         charge = sum(e.stats.charge_Ah for e in evs)
         discharge = sum(e.stats.discharge_Ah for e in evs)
         first = next((d for d in map(charge_direction, evs) if d is not None), None)
-        ce = None
         both_ways = len({d for d in map(charge_direction, evs) if d is not None}) == 2
-        if charge > 0 and discharge > 0 and both_ways:
-            ce = discharge / charge if first == "charge" else charge / discharge
+        ce = coulombic_efficiency(charge, discharge, first) if both_ways else None
         eoc = [e.stats.end_voltage_V for e in evs if charge_direction(e) == "charge"]
         eod = [e.stats.end_voltage_V for e in evs if charge_direction(e) == "discharge"]
         out.append(

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from labtwin.analysis.plateau import plateau_oscillation
-from labtwin.detectors.cycling import CycleFigures, CyclingDetector
+from labtwin.detectors.cycling import CyclingDetector
 from labtwin.detectors.impedance import ImpedanceGrowthDetector
 from labtwin.detectors.oscillation import OscillationDetector
 from labtwin.detectors.residual import ResidualDetector
 from labtwin.detectors.soft_short import SoftShortDetector
 from labtwin.sim.cell import Fault
+from labtwin.summary import CycleSummary
 from labtwin.twin.estimator import RecursiveRcEstimator
 from simulators.cells import load_cell
 from tests.test_physics import galvanostatic
@@ -107,8 +108,9 @@ def test_impedance_growth_flags_ceramic_not_glassy_and_never_a_falling_resistanc
 
 def _cycle(n, capacity_Ah, ce=0.999, polarization_V=0.1, v_mid=3.7):
     charge = capacity_Ah / ce
-    return CycleFigures(n, 3600.0 * n, charge, capacity_Ah, charge * (v_mid + polarization_V / 2),
-                        capacity_Ah * (v_mid - polarization_V / 2), "charge")
+    return CycleSummary(cycle=n, charge_Ah=charge, discharge_Ah=capacity_Ah, coulombic_efficiency=ce,
+                        energy_in_Wh=charge * (v_mid + polarization_V / 2), energy_out_Wh=capacity_Ah * (v_mid - polarization_V / 2),
+                        end_of_charge_V=None, end_of_discharge_V=None, first_direction="charge")
 
 
 def test_capacity_fade_and_knee_flagged_only_when_they_happen():

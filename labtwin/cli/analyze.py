@@ -262,12 +262,8 @@ def cycling(
         events = s.step_events(run_id)
         samples = s.samples(run_id)
     cycles = summarize_cycles(events)
-    rows = []
-    for c in cycles:
-        polarization = None
-        if c.charge_Ah > 0 and c.discharge_Ah > 0 and c.coulombic_efficiency is not None:
-            polarization = c.energy_in_Wh / c.charge_Ah - c.energy_out_Wh / c.discharge_Ah
-        rows.append({**c.model_dump(), "mean_polarization_V": polarization})
+    rows = [{**c.model_dump(), "mean_polarization_V": c.mean_polarization_V if c.coulombic_efficiency is not None else None}
+            for c in cycles]
     if plot is not None:
         import matplotlib.pyplot as plt
 

@@ -7,24 +7,12 @@ import time
 from pathlib import Path
 
 from labtwin.bus import Bus, topic
-from labtwin.models import RunStart, SampleBatch, StepEvent
+from labtwin.cli.wiring import twin_factory
+from labtwin.lab import ChannelConfig, LabConfig
+from labtwin.models import SampleBatch, StepEvent
 from labtwin.replay import documents, read_recording
 from labtwin.summary import summarize_cycles
-from labtwin.twin.cell_twin import CellTwin, TwinSettings
 from labtwin.twin.documents import Anomaly
-
-
-def _factory(model: str | None, circuit: str | None):
-    def make(run: RunStart) -> CellTwin:
-        if model is None:
-            return CellTwin(run.cell_id, lambda: None, "", TwinSettings(circuit=circuit or TwinSettings().circuit), lab=run.lab)
-        from simulators.cells import load_cell  # the CLI is where labtwin meets the simulators
-
-        definition = load_cell(model)
-        return CellTwin(run.cell_id, definition.build_model, definition.name,
-                        TwinSettings(circuit=circuit or definition.eis_circuit), lab=run.lab)
-
-    return make
 
 
 async def run_replay(path: Path, broker_url: str | None, speed: float | None, model: str | None,
@@ -41,7 +29,9 @@ async def run_replay(path: Path, broker_url: str | None, speed: float | None, mo
         broker = await EmbeddedBroker().start()
         broker_url = broker.url
     stop = asyncio.Event()
-    service = TwinService(broker_url, _factory(model, circuit), lab, client_id=f"twin-replay-{docs[0].run_id}")
+    # The replay's one channel, with the chosen model as its twin model: the same factory the live twin uses.
+    config = LabConfig(lab=lab, channels={channel: ChannelConfig(driver="simulated", twin_model=model)})
+    service = TwinService(broker_url, twin_factory(config, circuit=circuit), lab, client_id=f"twin-replay-{docs[0].run_id}")
     task = asyncio.create_task(service.serve(stop))
     wall = time.perf_counter()
     try:

@@ -61,13 +61,14 @@ def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "co
     )
 
 
-def twin_factory(config: LabConfig, cells: dict[str, str] | None = None):
+def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit: str | None = None):
     """How the twin service makes a twin for the cell a RunStart names: its model from the lab file.
 
     The model is the channel's ``twin_model`` (else its simulated ``cell``): a
     parameter file in simulators/cells, the same one a dry-run of that cell uses.
     A channel with neither gets a twin without a model in the loop (cycling,
     impedance and oscillation detectors still run; residual ones do not).
+    ``circuit`` overrides the cell's EIS circuit.
     """
     import json
 
@@ -84,9 +85,10 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None):
             name = cells[run.channel]
         policy = json.loads(run.metadata.get("anomaly_policy", "{}"))
         if name is None:
-            return CellTwin(run.cell_id, lambda: None, "", TwinSettings(policy=policy), lab=run.lab)
+            return CellTwin(run.cell_id, lambda: None, "", TwinSettings(policy=policy, circuit=circuit or TwinSettings().circuit),
+                            lab=run.lab)
         definition = load_cell(name)
-        settings = TwinSettings(policy=policy, circuit=definition.eis_circuit)
+        settings = TwinSettings(policy=policy, circuit=circuit or definition.eis_circuit)
         return CellTwin(run.cell_id, definition.build_model, definition.name, settings, lab=run.lab)
 
     return make

@@ -1,7 +1,7 @@
 """Per-cycle detectors: capacity fade and its knee, Coulombic efficiency, polarization growth.
 
-Each is fed one finished cycle at a time (the twin builds cycles from the
-agent's step statistics, as the run summary does) and returns the anomalies
+Each is fed one finished cycle at a time, a CycleSummary (the twin builds
+cycles from the agent's step statistics, as the run summary does) and returns the anomalies
 that cycle completes. Thresholds are parameters; defaults and why:
 
 - capacity fade: retention below 80 % of the first full cycle, the usual
@@ -28,33 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass
-class CycleFigures:
-    cycle: int
-    time_s: float
-    charge_Ah: float
-    discharge_Ah: float
-    energy_in_Wh: float
-    energy_out_Wh: float
-    first_direction: str  # "charge" (cathode/full cell) or "discharge" (anode half cell)
-
-    @property
-    def coulombic_efficiency(self) -> float | None:
-        if self.charge_Ah <= 0 or self.discharge_Ah <= 0:
-            return None
-        return self.discharge_Ah / self.charge_Ah if self.first_direction == "charge" else self.charge_Ah / self.discharge_Ah
-
-    @property
-    def delivered_Ah(self) -> float:
-        """The capacity the cell gives back: discharge for a cathode or full cell, charge for an anode half cell."""
-        return self.discharge_Ah if self.first_direction == "charge" else self.charge_Ah
-
-    @property
-    def polarization_V(self) -> float | None:
-        if self.charge_Ah <= 0 or self.discharge_Ah <= 0:
-            return None
-        return self.energy_in_Wh / self.charge_Ah - self.energy_out_Wh / self.discharge_Ah
+from labtwin.summary import CycleSummary
 
 
 @dataclass
@@ -79,10 +53,10 @@ class Finding:
 @dataclass
 class CyclingDetector:
     settings: CyclingSettings = field(default_factory=CyclingSettings)
-    cycles: list[CycleFigures] = field(default_factory=list)
+    cycles: list[CycleSummary] = field(default_factory=list)
     reported: set[str] = field(default_factory=set)
 
-    def add_cycle(self, c: CycleFigures) -> list[Finding]:
+    def add_cycle(self, c: CycleSummary) -> list[Finding]:
         self.cycles.append(c)
         s, out = self.settings, []
         ce = c.coulombic_efficiency
@@ -118,7 +92,7 @@ class CyclingDetector:
                 out.append(Finding("knee_onset", f"fade accelerated: {-recent:.2%}/cycle over the last {w} cycles vs {-before:.2%}/cycle before",
                                    {"recent_fade_per_cycle": float(-recent), "earlier_fade_per_cycle": float(-before),
                                     "recent_slope_standard_error": slope_se}))
-        pol = [x.polarization_V for x in self.cycles]
+        pol = [x.mean_polarization_V for x in self.cycles]
         if len(pol) >= 4 and pol[-1] is not None and "polarization_growth" not in self.reported:
             base_values = [p for p in pol[:3] if p is not None]
             if base_values:

@@ -24,13 +24,13 @@ from typing import Protocol
 
 import numpy as np
 
-from labtwin.detectors.cycling import CycleFigures, CyclingDetector
+from labtwin.detectors.cycling import CyclingDetector
 from labtwin.detectors.impedance import ImpedanceGrowthDetector
 from labtwin.detectors.oscillation import OscillationDetector
 from labtwin.detectors.residual import ResidualDetector
 from labtwin.detectors.soft_short import SoftShortDetector
 from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent, StepKind
-from labtwin.summary import charge_direction
+from labtwin.summary import CycleSummary, charge_direction, coulombic_efficiency
 from labtwin.twin.documents import Action, Anomaly, CellState
 from labtwin.twin.estimator import RecursiveRcEstimator
 
@@ -367,7 +367,12 @@ class CellTwin:
         c = self._cycle
         if len(c.directions) < 2:  # a cycle went both ways, or it is not a cycle (a GITT charge, a formation half)
             return []
-        figures = CycleFigures(c.number, time_s, c.charge_Ah, c.discharge_Ah, c.energy_in_Wh, c.energy_out_Wh, c.first_direction)
+        figures = CycleSummary(
+            cycle=c.number, charge_Ah=c.charge_Ah, discharge_Ah=c.discharge_Ah,
+            coulombic_efficiency=coulombic_efficiency(c.charge_Ah, c.discharge_Ah, c.first_direction),
+            energy_in_Wh=c.energy_in_Wh, energy_out_Wh=c.energy_out_Wh, end_of_charge_V=None, end_of_discharge_V=None,
+            first_direction=c.first_direction,
+        )
         self._cycle = _Cycle(number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction)
         self._capacity_Ah = figures.delivered_Ah
         first = self.cycling.cycles[0].delivered_Ah if self.cycling.cycles else figures.delivered_Ah

@@ -57,7 +57,7 @@ def test_replay_of_a_biologic_mpr_runs_and_reports_its_cycles_steps_and_spectra(
     assert replayed["steps"] >= 20 and replayed["cycles"] == 1
     assert replayed["cycle_table"][0]["coulombic_efficiency"] is None
     assert 21.0 < replayed["cell_time_s"] / 3600 < 21.3
-    assert isinstance(report["anomalies"], list)
+    assert report["anomalies"] == []  # a healthy cell charging in GITT-like steps: nothing to flag
 
 
 def test_replay_refuses_what_it_cannot_read(tmp_path):

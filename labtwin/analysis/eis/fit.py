@@ -258,14 +258,14 @@ def fit_circuit(
     # Positive values are fitted as logarithms, CPE exponents (0 < a <= 1) as a = exp(-y^2): every
     # parameter is then unbounded, so MINPACK's Levenberg-Marquardt (the fastest here) serves every
     # circuit, and a = 1 (an ideal capacitor, common) is the finite point y = 0 rather than a bound.
-    logit = _alpha_mask(circ)[free]
+    exponent = _alpha_mask(circ)[free]
 
     def to_values(x: np.ndarray) -> np.ndarray:
-        return np.where(logit, np.exp(-np.square(x)), np.exp(np.clip(x, -300, 300)))  # 1e+-130: no product overflows
+        return np.where(exponent, np.exp(-np.square(x)), np.exp(np.clip(x, -300, 300)))  # 1e+-130: no product overflows
 
     def to_x(values: np.ndarray) -> np.ndarray:
         a = np.clip(values, 1e-9, 1.0)
-        return np.where(logit, np.sqrt(-np.log(a)), np.log(np.clip(values, 1e-300, None)))
+        return np.where(exponent, np.sqrt(-np.log(a)), np.log(np.clip(values, 1e-300, None)))
 
     base = np.zeros(len(names))
     for i, n in enumerate(names):
@@ -284,7 +284,7 @@ def fit_circuit(
         p = base.copy()
         p[free] = values
         _, dz = circ.impedance_and_gradient(p, omega)
-        dp_dx = np.where(logit, -2.0 * x * values, values)
+        dp_dx = np.where(exponent, -2.0 * x * values, values)
         dzw = dz[:, free] * (weight * 1.0)[:, None] * dp_dx[None, :]
         return np.vstack([dzw.real, dzw.imag])
 
@@ -319,7 +319,7 @@ def fit_circuit(
     errors = np.full(len(names), np.nan)
     try:
         cov_x = np.linalg.pinv(best.jac.T @ best.jac) * s2
-        dvalue_dx = np.where(logit, 2.0 * np.abs(best.x) * p[free], p[free])  # |da/dy|: zero at a = 1 (no error there)
+        dvalue_dx = np.where(exponent, 2.0 * np.abs(best.x) * p[free], p[free])  # |da/dy|: zero at a = 1 (no error there)
         errors[free] = dvalue_dx * np.sqrt(np.clip(np.diag(cov_x), 0.0, None))
     except np.linalg.LinAlgError:
         pass
