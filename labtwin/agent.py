@@ -32,7 +32,9 @@ from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.clock import Clock
 from labtwin.models import (
+    DVDT_WINDOW_SAMPLES,
     ChannelState,
+    EndStep,
     ChannelStatus,
     EndReason,
     Limits,
@@ -49,7 +51,7 @@ from labtwin.models import (
     StopRun,
 )
 from labtwin.potentiostat import Potentiostat, Reading, RunsTechniques
-from labtwin.safety import check_end, check_limits
+from labtwin.safety import IMMEDIATE, TripDelay, VoltageSlope, check_end, check_limits
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class RunContext:
     n_batches: int = 0
     tripped: EndReason | None = None
     last_time_s: float = 0.0
+    last_command_wall: float = field(default_factory=time.monotonic)
+    step_running: bool = False
+    ended: dict[int, StepEvent] = field(default_factory=dict)  # how each step of this run ended, by index
 
 
 _COLUMNS = ("time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle")
@@ -88,7 +93,7 @@ class _BatchBuilder:
         c["voltage_V"].append(v)
         c["current_A"].append(i)
         c["capacity_Ah"].append(q)
-        c["temperature_C"].append(temp)
+        c["temperature_C"].append(None if math.isnan(temp) else temp)  # no sensor: null on the wire, NULL in the store
         c["step"].append(step)
         c["cycle"].append(cycle)
         if reading is not None and reading.frequency_Hz is not None:
@@ -130,6 +135,7 @@ class Agent:
         batch_size: int = 100,
         batch_max_wall_s: float = 0.1,
         status_every_wall_s: float = 1.0,
+        lease_grace_s: float = 60.0,
     ) -> None:
         self.lab = busmod.check_name("lab", lab)
         self.channel = busmod.check_name("channel", channel)
@@ -143,6 +149,7 @@ class Agent:
         self.batch_size = batch_size
         self.batch_max_wall_s = batch_max_wall_s
         self.status_every_wall_s = status_every_wall_s
+        self.lease_grace_s = lease_grace_s
         self.run: RunContext | None = None
         self._abort = threading.Event()
         self._pause = threading.Event()  # set by PauseRun, cleared by ResumeRun; read by the step thread
@@ -155,6 +162,8 @@ class Agent:
         self._last_status_wall = 0.0
         self._state = ChannelState.idle
         self._last_reading: Reading | None = None
+        self._current_cmd: StepCommand | None = None  # the step running, for statuses sent from elsewhere
+        self._end_request: tuple[int, EndReason] | None = None  # EndStep from the flow, for the step running
 
     # ------------------------------------------------------------------ topics
 
@@ -199,6 +208,11 @@ class Agent:
             doc = message.document
             if isinstance(doc, StopRun) and doc.exit_status != "success" and self.run and doc.run_id == self.run.run_id:
                 self._abort.set()  # takes effect within one sample of the running step
+            if isinstance(doc, EndStep):
+                cmd = self._current_cmd
+                if self.run is not None and doc.run_id == self.run.run_id and cmd is not None and cmd.step_index == doc.step_index:
+                    self._end_request = (doc.step_index, doc.reason)  # read by the step thread at its next sample
+                continue
             if isinstance(doc, (PauseRun, ResumeRun)):
                 # Not queued behind the running step: a pause acts within one sample of it.
                 if self.run is not None and doc.run_id == self.run.run_id:
@@ -233,10 +247,25 @@ class Agent:
         if self.run is not None and self.run.run_id == cmd.run_id:
             return  # a repeated StartRun (QoS 1 duplicate): already started
         if self.run is not None:
-            await self._finish_run(self.run, "aborted", f"superseded by run {cmd.run_id}")
+            # The run in progress is the channel's lease: a step running, or a flow that sent a command less
+            # than lease_grace_s ago, keeps it and the newcomer is refused (its flow sees the status and waits).
+            # A run whose flow has gone quiet that long was abandoned (its flow was killed): it gives way.
+            quiet_s = time.monotonic() - self.run.last_command_wall
+            if self.run.step_running or quiet_s < self.lease_grace_s:
+                log.warning("channel %s: refused run %s: busy with run %s", self.channel, cmd.run_id, self.run.run_id)
+                await self._publish_status(force=True, state=self._state,
+                                           message=f"refused run {cmd.run_id}: busy with run {self.run.run_id}")
+                return
+            await self._finish_run(self.run, "aborted", f"abandoned: no command from its flow for {quiet_s:.0f} s; "
+                                                       f"superseded by run {cmd.run_id}")
         self._abort.clear()
         self._pause.clear()
         self.run = RunContext(cmd.run_id, cmd.cell_id, cmd.protocol, cmd.n_steps, start_cell_s=self.clock.now())
+        if cmd.resume is not None:  # continue the interrupted run's record where the store has it
+            r = cmd.resume
+            self.run.start_cell_s -= r.time_s
+            self.run.last_time_s, self.run.capacity_Ah = r.time_s, r.capacity_Ah
+            self.run.next_seq, self.run.n_samples = r.next_seq, r.n_samples
         doc = RunStart(
             run_id=cmd.run_id, lab=self.lab, channel=self.channel, cell_id=cmd.cell_id or self.cell_id,
             protocol=cmd.protocol, n_steps=cmd.n_steps, flow_run_id=cmd.flow_run_id, metadata=cmd.metadata,
@@ -273,7 +302,22 @@ class Agent:
         if run is None or run.run_id != cmd.run_id:
             # A step of a run this agent did not start (e.g. after an agent restart): start it implicitly.
             await self._start_run(StartRun(run_id=cmd.run_id, channel=self.channel, cell_id=self.cell_id, protocol="", n_steps=0))
+            if self.run is None or self.run.run_id != cmd.run_id:  # refused: the channel is another run's
+                await self._bus.publish(self._t("event"), StepEvent(
+                    run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label,
+                    cycle=cmd.cycle, step=cmd.step, event="ended", time_s=0.0,
+                    reason=EndReason(kind="error", name="channel_busy",
+                                     message=f"channel busy with run {self.run.run_id if self.run else '?'}"),
+                    stats=StepStats()))
+                return
             run = self.run
+        run.last_command_wall = time.monotonic()
+        if cmd.step_index in run.ended:
+            # A step this run already ran: a QoS 1 redelivery, or a flow that sent it again after losing track
+            # (a Prefect API error around the task run). Say again how it ended; never run a step twice.
+            log.info("channel %s: step %d of run %s already ran; repeating its end", self.channel, cmd.step_index, run.run_id)
+            await self._bus.publish(self._t("event"), run.ended[cmd.step_index])
+            return
         limits = self.channel_limits.tighten(cmd.limits)
         started = StepEvent(
             run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
@@ -295,7 +339,12 @@ class Agent:
                 await asyncio.sleep(0.05)
         await self._bus.publish(self._t("event"), started)
         await self._publish_status(force=True, state=ChannelState.running, cmd=cmd)
-        reason, stats = await self._loop.run_in_executor(self._step_thread, self._step_loop, cmd, limits, run)
+        run.step_running, self._current_cmd = True, cmd
+        try:
+            reason, stats = await self._loop.run_in_executor(self._step_thread, self._step_loop, cmd, limits, run)
+        finally:
+            run.step_running, self._current_cmd = False, None
+            run.last_command_wall = time.monotonic()
         if reason.kind == "safety_limit":
             run.tripped = reason
         await self._publish_step_end(cmd, run, reason, stats)
@@ -303,13 +352,12 @@ class Agent:
         await self._publish_status(force=True, state=state, cmd=cmd)
 
     async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
-        await self._bus.publish(
-            self._t("event"),
-            StepEvent(
-                run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
-                step=cmd.step, event="ended", time_s=run.last_time_s, reason=reason, stats=stats,
-            ),
+        ended = StepEvent(
+            run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
+            step=cmd.step, event="ended", time_s=run.last_time_s, reason=reason, stats=stats,
         )
+        run.ended[cmd.step_index] = ended
+        await self._bus.publish(self._t("event"), ended)
 
     def _emit(self, coro) -> None:
         """From the step thread: hand a publish to the event loop and wait until it is queued
@@ -333,10 +381,23 @@ class Agent:
 
         current_limit = limits.current_max_A if limits.current_max_A else 1e3
 
+        def power_current_A(voltage_V: float) -> float:
+            """Constant power as the current P / V at the last measured voltage (a floor of 10 mV keeps it finite),
+            held within the step's current limit: re-set every sample, as a host-timed cycler does."""
+            current = cmd.power_W / max(abs(voltage_V), 0.01)
+            return math.copysign(min(abs(current), current_limit), current)
+
         def apply_setting() -> None:
             """The source setting of a host-timed step (again after a pause)."""
             if cmd.step is StepKind.rest:
                 driver.open_circuit()
+            elif cmd.step is StepKind.cp:
+                v = self._last_reading.voltage_V if self._last_reading is not None else driver.read().voltage_V
+                current = power_current_A(v)
+                compliance = compliance_for(current)
+                if cmd.end.voltage_V is not None:
+                    compliance = min(compliance, cmd.end.voltage_V) if current > 0 else max(compliance, cmd.end.voltage_V)
+                driver.set_current(current, compliance)
             elif cmd.step is StepKind.cc:
                 # The source's own voltage limit sits at the step's end voltage when it has one (as a
                 # cycler's CC step does): a cell whose voltage jumps within a sample (an emptied host)
@@ -368,9 +429,13 @@ class Agent:
                         return
                     apply_setting()
                 clock.sleep(cmd.sample_interval_s)
-                yield driver.read()
+                reading = driver.read()
+                yield reading
+                if cmd.step is StepKind.cp and not self._pause.is_set():
+                    self._last_reading = reading
+                    apply_setting()
 
-        if cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv):
+        if cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv, StepKind.cp):
             apply_setting()
             return every_interval(), lambda: None
         if cmd.step is StepKind.gitt:
@@ -437,8 +502,25 @@ class Agent:
         last_flush = time.monotonic()
         prev_t, prev_i, prev_v = 0.0, 0.0, None
         reason: EndReason | None = None
-        readings, stop_device = self._samples(cmd, limits)
+        readings: Iterator[Reading] = iter(())
+        stop_device: Callable[[], None] = lambda: None
+        # A step aborted while paused leaves its generator suspended inside the pause (it never clears the
+        # flag): without this the next step would count all its time as paused and never end on time.
+        self._pausing = False
+        self._end_request = None
+        slope = VoltageSlope(DVDT_WINDOW_SAMPLES) if cmd.end.dvdt_V_per_h is not None else None
+        rule = cmd.record
+        last_rec: tuple[float, float, float] | None = None  # (step time, V, I) of the last recorded reading
+        trip = TripDelay(limits.trip_delay_s)
+        hard_trip = TripDelay(self.channel_limits.trip_delay_s)
+        # Host-timed steps can hold at open circuit and go on; a device-run technique, a GITT or a sweep cannot.
+        can_pause = limits.action == "pause" and cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv, StepKind.cp) \
+            and not (isinstance(self.driver, RunsTechniques) and self.driver.supports(cmd.step))
+        dvdt: float | None = None
         try:
+            # Inside the try: configuring the source talks to the instrument too, and a dead link there
+            # must end the step with its reason (and output off), not kill the agent's executor.
+            readings, stop_device = self._samples(cmd, limits)
             paused_s = 0.0  # time spent paused does not count toward the step's time conditions and limit
             for reading in readings:
                 step_t = (reading.time_s if reading.time_s is not None else self.clock.now() - step_start_s)
@@ -447,7 +529,23 @@ class Agent:
                     paused_s += step_t - prev_t
                 active_t = step_t - paused_s
                 v, i, temp = reading.voltage_V, reading.current_A, reading.temperature_C
-                reason = check_limits(limits, v, i, temp, active_t)
+                # The channel's own limits are the lab's hard limits: they trip on their own terms (immediately unless
+                # the lab file gives a delay) and always stop. A protocol's delay and pause apply to its own limits.
+                # Charge of this step up to the previous sample (this one's share is added just below).
+                step_q = run.capacity_Ah - step_start_q
+                hard = hard_trip.check(check_limits(self.channel_limits, v, i, temp, active_t, step_q), step_t)
+                reason = hard or trip.check(check_limits(limits, v, i, temp, active_t, step_q), step_t)
+                if reason is not None and hard is None and can_pause and not paused_now and reason.name not in IMMEDIATE:
+                    # action: pause. Open circuit within this sample; the step waits for `labtwin resume`. A limit
+                    # still exceeded at open circuit (paused_now) is not something a pause can fix: it stops.
+                    self.driver.open_circuit()
+                    self._pause.set()
+                    trip.reset()
+                    log.warning("channel %s: %s tripped (%s): run %s paused", self.channel, reason.name, reason.value, run.run_id)
+                    self._emit(self._publish_status(
+                        force=True, state=ChannelState.paused, cmd=cmd,
+                        message=f"paused by safety limit {reason.name}: {reason.value:.6g} beyond {reason.threshold:g}"))
+                    reason = None
                 if reason is not None:
                     self._safe_state()  # within this sample, before anything is published
                     stop_device()
@@ -465,17 +563,29 @@ class Agent:
                     stats.start_voltage_V = v
                 t_run = run.last_time_s = step_start_run_s + step_t
                 stats.duration_s = step_t
-                stats.n_samples += 1
-                run.n_samples += 1
-                batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle, reading)
                 self._last_reading = reading
                 if reason is None and not paused_now:
-                    reason = check_end(cmd.step, cmd.end, cmd.current_A, v, i, active_t, abs(run.capacity_Ah - step_start_q))
+                    if slope is not None:
+                        dvdt = slope.add(active_t, v)
+                    setpoint = cmd.current_A if cmd.current_A is not None else cmd.power_W
+                    reason = check_end(cmd.step, cmd.end, setpoint, v, i, active_t, abs(run.capacity_Ah - step_start_q), dvdt)
+                request = self._end_request
+                if reason is None and request is not None and request[0] == cmd.step_index and not paused_now:
+                    reason = request[1]
+                    stop_device()
                 if reason is None and self._abort.is_set():
                     reason = EndReason(kind="aborted", name="abort", message="run aborted on request")
                     stop_device()
+                # Every reading was checked above; the record keeps those its rule asks for, and a step's first and last.
+                if rule is None or last_rec is None or reason is not None \
+                        or rule.due(step_t - last_rec[0], v - last_rec[1], i - last_rec[2]):
+                    last_rec = (step_t, v, i)
+                    stats.n_samples += 1
+                    run.n_samples += 1
+                    batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle, reading)
                 now = time.monotonic()
-                if reason is not None or len(batch) >= self.batch_size or now - last_flush > self.batch_max_wall_s:
+                if len(batch) and (reason is not None or len(batch) >= self.batch_size
+                                   or now - last_flush > self.batch_max_wall_s):
                     self._flush(batch, run, stats)
                     last_flush = now
                     if now - self._last_status_wall > self.status_every_wall_s:
@@ -491,6 +601,8 @@ class Agent:
         finally:
             if reason is None or reason.kind != "end_condition":
                 self._safe_state()
+            elif cmd.step is not StepKind.rest:
+                self._rest_between_steps()
             if len(batch):
                 self._flush(batch, run, stats)
             close = getattr(readings, "close", None)
@@ -509,6 +621,17 @@ class Agent:
         stats.last_seq = seq
         self._emit(self._bus.publish(self._t("data"), batch.take(seq)))
 
+    def _rest_between_steps(self) -> None:
+        """A step that ended on its condition leaves the cell at open circuit until the next command
+        arrives: the flow's round trip (tens of ms, or minutes of cell time on an emulator running
+        hundreds of times faster than the wall) must not go on charging or discharging the cell past
+        the condition that ended the step. On a virtual clock no time passes, so nothing changes."""
+        try:
+            self.driver.open_circuit()
+        except Exception:
+            log.exception("channel %s: could not rest the cell after a step; turning the output off", self.channel)
+            self._safe_state()
+
     def _safe_state(self) -> None:
         try:
             self.driver.output_off()
@@ -519,6 +642,7 @@ class Agent:
 
     def _status(self, state: ChannelState, message: str = "", cmd: StepCommand | None = None) -> ChannelStatus:
         r = self._last_reading
+        cmd = cmd or self._current_cmd
         return ChannelStatus(
             channel=self.channel, state=state, cell_id=self.cell_id, driver=self.driver_name,
             speed=self.clock.speed, run_id=self.run.run_id if self.run else None,

@@ -24,6 +24,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class _SnapshotDict(dict):
+    """amqtt 0.12.1's subscription table, iterated over a snapshot.
+
+    amqtt iterates this dict across awaits (publishing retained messages to a connecting session, routing
+    every broadcast); a client that subscribes meanwhile raised "dictionary changed size during iteration"
+    and its connection was dropped: 129 of them when bench/campaign.py's 64 flows connected at once. Every
+    one of those loops means "the subscriptions as they are now", which is what a snapshot gives."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return list(super().items())
+
+
 class EmbeddedBroker:
     """``async with EmbeddedBroker() as broker: broker.url`` -> mqtt://127.0.0.1:<free port>."""
 
@@ -44,6 +59,7 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
         }
         self._broker = Broker(config)
+        self._broker._subscriptions = _SnapshotDict()
         await self._broker.start()
         return self
 

@@ -35,6 +35,31 @@ class WallClock:
         time.sleep(dt_s)
 
 
+class ScaledWallClock:
+    """The wall clock, optionally sped up: what a real-instrument channel runs on.
+
+    A bench instrument lives in real time (``speed=1``). A wire-level emulator
+    (``labtwin emulate ... --speed N``) runs its cell N times faster than the
+    wall; the agent that drives it through the real driver must keep the same
+    pace, so sampling intervals and step times are read as cell seconds.
+    Unlike ``VirtualClock`` nothing waits on anyone: both ends read the wall.
+    """
+
+    def __init__(self, speed: float = 1.0) -> None:
+        if not speed > 0:
+            raise ValueError(f"a wall clock's speed must be a positive number, got {speed}")
+        self.speed = float(speed)
+        self._origin = time.monotonic()
+
+    def now(self) -> float:
+        return (time.monotonic() - self._origin) * self.speed
+
+    def sleep(self, dt_s: float) -> None:
+        if dt_s < 0:
+            raise ValueError(f"cannot sleep a negative time ({dt_s} s)")
+        time.sleep(dt_s / self.speed)
+
+
 class VirtualClock:
     """Cell time that advances only when someone sleeps; paced against the wall clock.
 

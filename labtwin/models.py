@@ -56,6 +56,16 @@ class Limits(BaseModel):
     temperature_min_C: float | None = None
     temperature_max_C: float | None = None
     step_time_max_s: float | None = Field(None, gt=0)
+    capacity_max_Ah: float | None = Field(
+        None, gt=0, description="charge passed in one step (either sign): the backstop when a voltage end condition "
+        "is never met (a soft short charging forever)")
+    trip_delay_s: float | None = Field(
+        None, ge=0, description="a voltage, current or temperature limit trips only once exceeded this long (cell "
+        "time, every sample in between over it): rides through a one-sample spike; NaN readings and the step "
+        "time limit trip at once")
+    action: Literal["stop", "safe_state", "pause"] | None = Field(
+        None, description="on a trip: stop (default) or safe_state, both output off and the run ends failed; pause: "
+        "open circuit and the run waits for `labtwin resume` (a limit still exceeded at open circuit stops it)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Limits":
@@ -94,6 +104,10 @@ class Limits(BaseModel):
             temperature_min_C=pick(self.temperature_min_C, other.temperature_min_C, max),
             temperature_max_C=pick(self.temperature_max_C, other.temperature_max_C, min),
             step_time_max_s=pick(self.step_time_max_s, other.step_time_max_s, min),
+            capacity_max_Ah=pick(self.capacity_max_Ah, other.capacity_max_Ah, min),
+            trip_delay_s=pick(self.trip_delay_s, other.trip_delay_s, min),
+            # The safer action wins: a channel that stops on a trip is not paused by a protocol.
+            action=pick(self.action, other.action, lambda a, b: a if a != "pause" else b),
         )
 
     def violations_of(self, other: "Limits") -> list[str]:
@@ -114,6 +128,7 @@ class Limits(BaseModel):
 
 class StepKind(str, Enum):
     rest = "rest"
+    cp = "cp"  # constant power, host-timed: the current is re-set to P / V every sample
     cc = "cc"  # constant current
     cv = "cv"  # constant voltage hold (not cyclic voltammetry: that is ``cyclic_voltammetry``)
     cccv = "cccv"  # constant current, then hold at the voltage it reaches, in one step
@@ -205,6 +220,29 @@ class EndConditions(BaseModel):
     voltage_V: float | None = None
     current_A: float | None = Field(None, gt=0)
     capacity_Ah: float | None = Field(None, gt=0)
+    dvdt_V_per_h: float | None = Field(
+        None, gt=0, description="ends when |dV/dt| over the last DVDT_WINDOW_SAMPLES samples falls below this "
+        "(a relaxation criterion: rest until the cell is near equilibrium)")
+    twin_soc: float | None = Field(
+        None, gt=0, lt=1, description="ends when the digital twin's state of charge reaches this, from whichever "
+        "side the step started: watched by the flow, which sends EndStep (the agent's own conditions stay the backstop)")
+
+
+# dV/dt is a slope over this many samples: fewer reads sampling noise as a slope.
+DVDT_WINDOW_SAMPLES = 10
+
+
+class ResumePoint(BaseModel):
+    """Where a run that was interrupted stands in the store, so a resumed run continues its record:
+    sample batches go on numbering after the last one stored (the store drops a repeated seq as a
+    duplicate), test time and counted charge go on from their last values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    next_seq: int = Field(ge=0)
+    time_s: float = Field(ge=0)
+    capacity_Ah: float = 0.0
+    n_samples: int = Field(0, ge=0)
 
 
 class StartRun(Document):
@@ -218,6 +256,25 @@ class StartRun(Document):
     n_steps: int = Field(ge=0)
     flow_run_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    resume: ResumePoint | None = Field(None, description="set when the run resumes after a crash")
+
+
+class RecordRule(BaseModel):
+    """Which of a step's samples are recorded: the agent reads the instrument every ``sample_interval_s`` (and
+    checks every reading against the limits and end conditions) but records a reading only when this much time
+    has passed, or the voltage or current has moved this much, since the last recorded one (a cycler's
+    "record every dt or dV or dI"). The first and last readings of a step are always recorded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: float = Field(gt=0)
+    voltage_change_V: float | None = Field(None, gt=0)
+    current_change_A: float | None = Field(None, gt=0)
+
+    def due(self, dt_s: float, dv_V: float, di_A: float) -> bool:
+        return (dt_s >= self.interval_s - 1e-9
+                or (self.voltage_change_V is not None and abs(dv_V) >= self.voltage_change_V)
+                or (self.current_change_A is not None and abs(di_A) >= self.current_change_A))
 
 
 class StepCommand(Document):
@@ -231,9 +288,11 @@ class StepCommand(Document):
     step: StepKind
     current_A: float | None = Field(None, description="cc setpoint; positive charges")
     voltage_V: float | None = Field(None, description="cv setpoint")
+    power_W: float | None = Field(None, description="cp setpoint; positive charges")
     end: EndConditions = Field(default_factory=EndConditions)
     limits: Limits = Field(default_factory=Limits)
-    sample_interval_s: float = Field(1.0, gt=0)
+    sample_interval_s: float = Field(1.0, gt=0, description="how often the agent reads the instrument")
+    record: RecordRule | None = Field(None, description="record only some readings (none: every one)")
     gitt: GittSettings | None = None
     sweep: SweepSettings | None = None
     eis: EisSettings | None = None
@@ -242,6 +301,8 @@ class StepCommand(Document):
     def _setpoint_matches_kind(self) -> "StepCommand":
         if self.step in (StepKind.cc, StepKind.cccv, StepKind.gitt) and self.current_A is None:
             raise ValueError(f"a {self.step.value} step needs current_A")
+        if self.step is StepKind.cp and not self.power_W:
+            raise ValueError("a cp step needs a non-zero power_W")
         if self.step in (StepKind.cv, StepKind.cccv) and self.voltage_V is None:
             raise ValueError(f"a {self.step.value} step needs voltage_V")
         if self.step is StepKind.gitt and self.gitt is None:
@@ -252,7 +313,7 @@ class StepCommand(Document):
             raise ValueError("an eis step needs eis settings")
         if self.end.time_s is None and self.limits.step_time_max_s is None:
             raise ValueError("every step needs a time bound: end.time_s or limits.step_time_max_s")
-        for name in ("current_A", "voltage_V"):
+        for name in ("current_A", "voltage_V", "power_W"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
@@ -291,7 +352,17 @@ class ResumeRun(Document):
     run_id: str
 
 
-Command = Annotated[Union[StartRun, StepCommand, StopRun, PauseRun, ResumeRun], Field(discriminator="kind")]
+class EndStep(Document):
+    """Flow -> agent: end the running step now, on a condition the agent cannot see (the twin's state of
+    charge). The agent ends it within a sample as if one of its own end conditions had been met."""
+
+    kind: Literal["end_step"] = "end_step"
+    run_id: str
+    step_index: int
+    reason: EndReason
+
+
+Command = Annotated[Union[StartRun, StepCommand, StopRun, PauseRun, ResumeRun, EndStep], Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- documents
@@ -407,7 +478,7 @@ class SampleBatch(Document):
     voltage_V: list[float]
     current_A: list[float]
     capacity_Ah: list[float]
-    temperature_C: list[float]
+    temperature_C: list[float | None] = Field(description="None where the channel has no temperature sensor (JSON has no NaN)")
     step: list[int]
     cycle: list[int]
     frequency_Hz: list[float] | None = Field(None, description="impedance steps only")

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from labtwin.models import Limits
 from labtwin.twin.documents import AnomalyKind
+from protocols.strings import StepStringError, parse_step_string
 
 
 class _Strict(BaseModel):
@@ -47,6 +48,18 @@ class Until(_Strict):
     current_A: float | None = Field(None, gt=0)
     c_rate: float | None = Field(None, gt=0, description="current threshold as a C-rate (cv steps)")
     capacity_Ah: float | None = Field(None, gt=0)
+    dvdt_V_per_h: float | None = Field(
+        None, gt=0, description="|dV/dt| falls below this (V per hour, over the last 10 samples): a relaxation criterion")
+    twin_soc: float | None = Field(
+        None, gt=0, lt=1, description="the digital twin's state of charge reaches this (needs `labtwin twin` running; "
+        "the step's other end conditions stay as the backstop)")
+
+    @model_validator(mode="after")
+    def _twin_needs_a_backstop(self) -> "Until":
+        if self.twin_soc is not None and all(
+                getattr(self, k) is None for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah")):
+            raise ValueError("twin_soc needs a backstop the agent can see: add voltage_V, time_s or capacity_Ah")
+        return self
 
     @model_validator(mode="after")
     def _one_current(self) -> "Until":
@@ -55,18 +68,64 @@ class Until(_Strict):
         return self
 
 
-class RestStep(_Strict):
-    duration_s: float = Field(gt=0, description="how long to rest at open circuit")
+CONDITION_NAMES = ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah", "dvdt_V_per_h", "twin_soc")
+
+
+class Goto(_Strict):
+    goto: str = Field(description="the tag of the step, loop or group to go to")
+
+
+def _action_from_string(value):
+    """"goto charge" is sugar for {goto: charge}."""
+    if isinstance(value, str) and value.strip().lower().startswith("goto "):
+        return {"goto": value.strip()[5:].strip()}
+    return value
+
+
+Action = Annotated[Union[Literal["next", "stop", "pause"], Goto], BeforeValidator(_action_from_string)]
+
+
+class _StepBase(_Strict):
     label: str = ""
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="a name gotos can jump to")
+    then: dict[Literal["time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah", "dvdt_V_per_h", "twin_soc"], Action] = Field(
+        default_factory=dict,
+        description="what follows when the step ends on each of its conditions: next (default), stop (the run "
+        "ends, successfully), pause (open circuit until `labtwin resume`), or goto <tag>",
+    )
+
+    @model_validator(mode="after")
+    def _then_names_own_conditions(self):
+        until = getattr(self, "until", None)
+        own = {k for k in CONDITION_NAMES if until is not None and getattr(until, k, None) is not None}
+        if isinstance(self, RestStep):
+            own.add("time_s")
+        unknown = sorted(set(self.then) - own)
+        if unknown:
+            raise ValueError(f"then names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not among "
+                             f"this step's end conditions ({', '.join(sorted(own)) or 'none'})")
+        return self
 
 
-class CCStep(_Strict):
+class RestStep(_StepBase):
+    duration_s: float = Field(gt=0, description="how long to rest at open circuit (at most, with until)")
+    until: Until | None = Field(None, description="end the rest sooner, once the cell has relaxed: dvdt_V_per_h")
+
+    @model_validator(mode="after")
+    def _rest_ends(self) -> "RestStep":
+        if self.until is not None:
+            extra = [k for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah") if getattr(self.until, k) is not None]
+            if extra:
+                raise ValueError(f"a rest ends on duration_s and until.dvdt_V_per_h, not until.{', until.'.join(extra)}")
+        return self
+
+
+class CCStep(_StepBase):
     """Constant current. Positive charges; negative discharges."""
 
     current_A: float | None = None
     c_rate: float | None = Field(None, description="current as a multiple of nominal capacity per hour")
     until: Until
-    label: str = ""
 
     @model_validator(mode="after")
     def _setpoint(self) -> "CCStep":
@@ -81,12 +140,29 @@ class CCStep(_Strict):
         return self
 
 
-class CVStep(_Strict):
+class CPStep(_StepBase):
+    """Constant power. Positive charges; negative discharges. The agent sets the current to P / V every
+    sample (host-timed), so choose a sampling interval short against how fast V moves."""
+
+    power_W: float = Field(description="watts; negative discharges")
+    until: Until
+
+    @model_validator(mode="after")
+    def _ends(self) -> "CPStep":
+        if self.power_W == 0:
+            raise ValueError("a cp step with zero power is a rest: use rest")
+        if self.until.voltage_V is None and self.until.time_s is None and self.until.capacity_Ah is None:
+            raise ValueError("a cp step needs until.voltage_V, until.time_s or until.capacity_Ah")
+        if self.until.current_A is not None or self.until.c_rate is not None:
+            raise ValueError("until.current_A / until.c_rate end cv steps, not cp steps")
+        return self
+
+
+class CVStep(_StepBase):
     """Constant voltage hold."""
 
     voltage_V: float = Field(gt=0)
     until: Until
-    label: str = ""
 
     @model_validator(mode="after")
     def _ends(self) -> "CVStep":
@@ -97,14 +173,13 @@ class CVStep(_Strict):
         return self
 
 
-class CCCVStep(_Strict):
+class CCCVStep(_StepBase):
     """Constant current to voltage_V, then hold voltage_V until the current tapers to until.current_A / c_rate."""
 
     current_A: float | None = None
     c_rate: float | None = None
     voltage_V: float = Field(gt=0)
     until: Until
-    label: str = ""
 
     @model_validator(mode="after")
     def _setpoint(self) -> "CCCVStep":
@@ -115,7 +190,7 @@ class CCCVStep(_Strict):
         return self
 
 
-class GittStep(_Strict):
+class GittStep(_StepBase):
     """Galvanostatic intermittent titration: pulses of current_A / c_rate for pulse_s, each followed by
     relax_s at open circuit, until a pulse ends beyond until_voltage_V."""
 
@@ -125,7 +200,6 @@ class GittStep(_Strict):
     relax_s: float = Field(gt=0)
     until_voltage_V: float = Field(gt=0)
     max_pulses: int = Field(1000, ge=1)
-    label: str = ""
 
     @model_validator(mode="after")
     def _setpoint(self) -> "GittStep":
@@ -134,7 +208,7 @@ class GittStep(_Strict):
         return self
 
 
-class VoltammetryStep(_Strict):
+class VoltammetryStep(_StepBase):
     """Cyclic voltammetry: sweeps start -> vertex_1 -> vertex_2 (-> vertex_1 ...) at each scan rate in turn."""
 
     start_V: float
@@ -146,10 +220,9 @@ class VoltammetryStep(_Strict):
     hold_start_s: float = Field(
         0.0, ge=0, description="hold start_V this long before each sweep, so every rate starts from an equilibrated film"
     )
-    label: str = ""
 
 
-class EisStep(_Strict):
+class EisStep(_StepBase):
     """Impedance spectrum around open circuit."""
 
     mode: Literal["potentiostatic", "galvanostatic"] = "potentiostatic"
@@ -157,7 +230,6 @@ class EisStep(_Strict):
     f_end_Hz: float = Field(0.1, gt=0)
     points_per_decade: int = Field(10, ge=1)
     amplitude: float = Field(0.005, gt=0, description="V (potentiostatic) or A (galvanostatic)")
-    label: str = ""
 
 
 class Rest(_Strict):
@@ -188,6 +260,10 @@ class CV(_Strict):
     cv: CVStep
 
 
+class CP(_Strict):
+    cp: CPStep
+
+
 class Repeat(_Strict):
     """Repeat the steps; each repetition is one cycle (cycle numbers start at 1)."""
 
@@ -195,8 +271,83 @@ class Repeat(_Strict):
     steps: list["StepItem"] = Field(min_length=1)
 
 
-StepItem = Annotated[Union[Rest, CC, CV, CCCV, GITT, Voltammetry, EIS, Repeat], Field(union_mode="left_to_right")]
+class CycleCondition(_Strict):
+    """A condition on a completed cycle, from the agent's step statistics (no samples needed): ends a
+    loop, or the whole run as the protocol's stop_when (PyBaMM's "80% capacity" termination)."""
+
+    discharge_capacity_fraction_below: float | None = Field(
+        None, gt=0, le=1, description="the cycle's discharge capacity over the first cycle's falls below this")
+    discharge_capacity_Ah_below: float | None = Field(None, gt=0)
+    coulombic_efficiency_below: float | None = Field(None, gt=0, le=2, description="discharge / charge of the cycle")
+    cycles: int | None = Field(None, ge=1, description="this many cycles have run")
+
+    @model_validator(mode="after")
+    def _some(self) -> "CycleCondition":
+        if all(getattr(self, k) is None for k in type(self).model_fields):
+            raise ValueError("give at least one of " + ", ".join(type(self).model_fields))
+        return self
+
+
+class LoopSettings(_Strict):
+    until: CycleCondition = Field(description="checked after every iteration (one iteration is one cycle)")
+    max_cycles: int = Field(ge=1, le=1_000_000, description="the loop ends after this many iterations whatever happens")
+
+
+class Loop(_Strict):
+    """Repeat the steps until a cycle condition holds (e.g. capacity below 80 % of the first cycle's)."""
+
+    loop: LoopSettings
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    steps: list["StepItem"] = Field(min_length=1)
+
+
+class Group(_Strict):
+    """Named steps: a goto target and a heading in `protocol show`; runs its steps once."""
+
+    group: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the group's name, also its tag")
+    steps: list["StepItem"] = Field(min_length=1)
+
+
+def _step_from_string(value):
+    """A PyBaMM-style sentence ("Discharge at C/10 until 1.0 V") becomes the mapping of its typed step."""
+    if isinstance(value, str):
+        try:
+            return parse_step_string(value)
+        except StepStringError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+STEP_KEYS = ("rest", "cc", "cp", "cv", "cccv", "gitt", "cyclic_voltammetry", "eis", "repeat", "loop", "group")
+
+
+def _step_kind(value) -> str | None:
+    """Which step a method entry is, from its one key: one clear error instead of one per kind it is not."""
+    if isinstance(value, dict):
+        keys = [k for k in STEP_KEYS if k in value]
+        return keys[0] if len(keys) == 1 else None
+    for key in STEP_KEYS:
+        if hasattr(value, key):
+            return key
+    return None
+
+
+StepItem = Annotated[
+    Union[
+        Annotated[Rest, Tag("rest")], Annotated[CC, Tag("cc")], Annotated[CP, Tag("cp")], Annotated[CV, Tag("cv")], Annotated[CCCV, Tag("cccv")],
+        Annotated[GITT, Tag("gitt")], Annotated[Voltammetry, Tag("cyclic_voltammetry")], Annotated[EIS, Tag("eis")],
+        Annotated["Repeat", Tag("repeat")], Annotated["Loop", Tag("loop")], Annotated["Group", Tag("group")],
+    ],
+    Discriminator(
+        _step_kind, custom_error_type="step_kind",
+        custom_error_message="a step is a mapping with one of " + ", ".join(STEP_KEYS) + ", or a step sentence such as "
+        "'Discharge at C/10 until 1.0 V'",
+    ),
+    BeforeValidator(_step_from_string, json_schema_input_type=Union[str, Rest, CC, CP, CV, CCCV, GITT, Voltammetry, EIS, "Repeat", "Loop", "Group"]),
+]
 Repeat.model_rebuild()
+Loop.model_rebuild()
+Group.model_rebuild()
 
 
 class Metadata(_Strict):
@@ -208,7 +359,28 @@ class Metadata(_Strict):
 
 
 class Record(_Strict):
-    interval_s: float = Field(1.0, gt=0, le=3600, description="sampling interval, seconds of cell time")
+    """When a sample is recorded: every interval_s, or sooner when the voltage or current has moved by
+    voltage_change_V / current_change_A since the last recorded sample (then the agent reads the instrument
+    every poll_interval_s and checks every reading against the limits, recording only what the rule keeps)."""
+
+    interval_s: float = Field(1.0, gt=0, le=3600, description="longest time between recorded samples, seconds of cell time")
+    voltage_change_V: float | None = Field(None, gt=0, description="also record when V moved this much")
+    current_change_A: float | None = Field(None, gt=0, description="also record when I moved this much")
+    poll_interval_s: float | None = Field(
+        None, gt=0, description="how often the agent reads the instrument (default: interval_s, or interval_s / 10 "
+        "when a change rule is given)")
+
+    @model_validator(mode="after")
+    def _poll_within_interval(self) -> "Record":
+        if self.poll_interval_s is not None and self.poll_interval_s > self.interval_s:
+            raise ValueError(f"poll_interval_s {self.poll_interval_s:g} is longer than interval_s {self.interval_s:g}")
+        return self
+
+    def poll_s(self) -> float:
+        if self.poll_interval_s is not None:
+            return self.poll_interval_s
+        changes = self.voltage_change_V is not None or self.current_change_A is not None
+        return self.interval_s / 10 if changes else self.interval_s
 
 
 class Protocol(_Strict):
@@ -221,51 +393,120 @@ class Protocol(_Strict):
         "(open circuit until `labtwin resume`), or stop it safely",
     )
     method: list[StepItem] = Field(min_length=1)
+    stop_when: CycleCondition | None = Field(
+        None, description="experiment-level stop, checked after every cycle: e.g. {discharge_capacity_fraction_below: 0.8}")
 
     @model_validator(mode="after")
     def _safety_needs_voltage_window(self) -> "Protocol":
-        if self.safety.voltage_min_V is None or self.safety.voltage_max_V is None:
-            raise ValueError("safety needs voltage_min_V and voltage_max_V: a protocol must bound the cell voltage")
+        if (self.safety.voltage_min_V is None or self.safety.voltage_max_V is None) and self.drives_the_cell():
+            raise ValueError("safety needs voltage_min_V and voltage_max_V: a protocol that drives current must bound "
+                             "the cell voltage (only a protocol of rest and eis steps may leave it to the channel)")
         return self
+
+    def drives_the_cell(self) -> bool:
+        """Whether any step sources current or voltage beyond a small-signal EIS: such a protocol states its own
+        voltage window; a check-up of rests and spectra runs inside whatever window its channel has."""
+        def active(items) -> bool:
+            for item in items:
+                if isinstance(item, (Repeat, Loop, Group)):
+                    if active(item.steps):
+                        return True
+                elif not isinstance(item, (Rest, EIS)):
+                    return True
+            return False
+        return active(self.method)
 
 
 class ProtocolError(ValueError):
     """A protocol file that cannot run; the message names the file, the field and what is allowed."""
 
 
+UNION_TAGS = {"Rest", "CC", "CP", "CV", "CCCV", "GITT", "Voltammetry", "EIS", "Repeat", "Loop", "Group"}
+
+
+def _path(loc: tuple) -> tuple:
+    """The error's place in the file: the discriminator's tag (right after a list index, before the step's
+    own key or a repeat's fields) and validator wrappers are noise to an author."""
+    out: list = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        if part in UNION_TAGS or str(part).startswith("function-"):
+            continue
+        following = loc[i + 1] if i + 1 < len(loc) else None
+        is_tag = i > 0 and isinstance(loc[i - 1], int) and part in STEP_KEYS and (
+            following == part or (part in ("repeat", "loop", "group") and following in ("steps", "repeat", "loop", "group", "tag"))
+            or following is None)
+        if not is_tag:
+            out.append(part)
+    return tuple(out)
+
+
 def _loc(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    for part in _path(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"Rest", "CC", "CV", "CCCV", "GITT", "Voltammetry", "EIS", "Repeat"}:
-            continue  # union member names are noise to a protocol author
         else:
             out += f".{part}" if out else str(part)
     return out or "(file)"
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
+def yaml_lines(text: str) -> dict[tuple, int]:
+    """Line (1-based) of every mapping key and list item in a YAML document, by its path."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                here = (*path, key.value)
+                lines[here] = key.start_mark.line + 1
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for k, value in enumerate(node.value):
+                lines[(*path, k)] = value.start_mark.line + 1
+                walk(value, (*path, k))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def format_validation_error(source: str, exc: ValidationError, lines: dict[tuple, int] | None = None) -> str:
     seen: set[str] = set()
-    lines = [f"{source}: not a valid protocol:"]
+    out = [f"{source}: not a valid protocol:"]
     for err in exc.errors():
         where = _loc(tuple(err["loc"]))
-        text = f"  {where}: {err['msg']}"
+        line = _line_of(_path(tuple(err["loc"])), lines or {})
+        err["msg"] = err["msg"].removeprefix("Value error, ")
+        text = f"  {source}:{line}: {where}: {err['msg']}" if line else f"  {where}: {err['msg']}"
         if err.get("type") not in {"missing"} and "input" in err and not isinstance(err["input"], (dict, list)):
             text += f" (got {err['input']!r})"
         if text not in seen:
             seen.add(text)
-            lines.append(text)
-    return "\n".join(lines)
+            out.append(text)
+    return "\n".join(out)
 
 
-def parse_protocol(data: dict, source: str = "<protocol>") -> Protocol:
+def parse_protocol(data: dict, source: str = "<protocol>", lines: dict[tuple, int] | None = None) -> Protocol:
     if not isinstance(data, dict):
         raise ProtocolError(f"{source}: a protocol is a mapping with metadata, safety and method sections")
     try:
         return Protocol.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(format_validation_error(source, exc)) from None
+        raise ProtocolError(format_validation_error(source, exc, lines)) from None
 
 
 LIBRARY = Path(__file__).parent / "library"
@@ -285,8 +526,9 @@ def resolve_protocol_path(name_or_path: str | Path) -> Path:
 
 def load_protocol(name_or_path: str | Path) -> Protocol:
     path = resolve_protocol_path(name_or_path)
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProtocolError(f"{path}: not valid YAML: {exc}") from None
-    return parse_protocol(data, str(path))
+    return parse_protocol(data, str(path), yaml_lines(text))

@@ -1,4 +1,5 @@
 """The agent, over a real broker: safety every sample, safe state, gapless sequence numbers."""
+import asyncio
 
 from labtwin.cli.wiring import LocalLab
 from labtwin.models import EndConditions, Limits, StepCommand, StepKind
@@ -63,3 +64,97 @@ async def test_sequence_numbers_have_no_gaps_and_the_store_holds_every_sample(br
     assert seqs == list(range(stop.last_seq + 1))
     assert stored == produced == stop.n_samples > 1000
     assert [e.reason.name for e in ended] == ["voltage_V", "current_A", "time_s"]
+
+
+async def test_a_run_holds_its_channel_and_an_abandoned_one_gives_way(broker_url, unique_lab, tmp_path):
+    """The agent is the channel's lease: a second run is refused while the first has a step running or its flow
+    spoke within lease_grace_s; once the first run's flow has been quiet that long (killed), the next run starts."""
+    import asyncio
+
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.models import ChannelStatus, RunStart, RunStop, StartRun, StepEvent
+    from tests.helpers import wait_doc
+
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"})
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        local.agents["ch"].lease_grace_s = 1.0
+        async with Bus(local.url) as bus:
+            events = await bus.subscribe([busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")])
+            cmd = busmod.topic(unique_lab, "ch", "cmd")
+            await bus.publish(cmd, StartRun(run_id="first", channel="ch", cell_id="c", protocol="p", n_steps=1))
+            await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == "first")
+            await bus.publish(cmd, StepCommand(run_id="first", step_index=0, step=StepKind.rest,
+                                               end=EndConditions(time_s=60), sample_interval_s=10))
+            await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.run_id == "first")
+            # The first run's flow goes quiet (as if killed) right after its step: within the grace it keeps the channel.
+            await bus.publish(cmd, StartRun(run_id="second", channel="ch", cell_id="c", protocol="p", n_steps=1))
+            refused = await wait_doc(events, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("refused run second"))
+            assert refused.run_id == "first"
+            await asyncio.sleep(1.2)
+            await bus.publish(cmd, StartRun(run_id="second", channel="ch", cell_id="c", protocol="p", n_steps=1))
+            stop = await wait_doc(events, lambda d: isinstance(d, RunStop) and d.run_id == "first")
+            assert stop.exit_status == "aborted" and stop.reason.startswith("abandoned")
+            await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == "second")
+
+
+async def test_a_trip_delay_rides_through_a_short_excursion_but_not_the_channels_hard_limit(broker_url, unique_lab, tmp_path):
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=2.6))
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        local.agents["ch"].driver.model.soc = 0.5
+        charge = dict(step=StepKind.cc, current_A=5.18e-5, end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=10)
+        # Protocol limit 1.8 V with a 60 s delay: the step goes on 60 s of samples past 1.8 V, then trips.
+        delayed = StepCommand(run_id="d1", step_index=0, limits=Limits(voltage_max_V=1.8, trip_delay_s=60), **charge)
+        ended, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "d1", [delayed])
+        await local.wait_stored("d1")
+        samples = local.store.samples("d1")
+        over = samples["time_s"][samples["voltage_V"] > 1.8]
+        assert ended[0].reason.name == "voltage_max_V" and "trip delay 60 s" in ended[0].reason.message
+        assert over[-1] - over[0] == 60
+        # The channel's 2.6 V is a hard limit: a protocol's delay does not stretch it.
+        local.agents["ch"].driver.model.soc = 0.97
+        hard = StepCommand(run_id="d2", step_index=0, limits=Limits(trip_delay_s=3600), **charge)
+        ended, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "d2", [hard])
+        await local.wait_stored("d2")
+        v = local.store.samples("d2")["voltage_V"]
+    assert ended[0].reason.name == "voltage_max_V" and (v > 2.6).sum() == 1
+
+
+async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_exceeded_there_stops(broker_url, unique_lab, tmp_path):
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.models import ChannelStatus, RunStart, RunStop, StartRun, StepEvent, StopRun
+    from tests.helpers import wait_doc
+
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        local.agents["ch"].driver.model.soc = 0.5
+        async with Bus(local.url) as bus:
+            sub = await bus.subscribe([busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")])
+            cmd = busmod.topic(unique_lab, "ch", "cmd")
+            await bus.publish(cmd, StartRun(run_id="p1", channel="ch", cell_id="c", protocol="p", n_steps=1))
+            await wait_doc(sub, lambda d: isinstance(d, RunStart))
+            await bus.publish(cmd, StepCommand(run_id="p1", step_index=0, step=StepKind.cc, current_A=5.18e-5,
+                                               end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=10,
+                                               limits=Limits(voltage_max_V=1.8, action="pause")))
+            paused = await wait_doc(sub, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("paused by safety"))
+            assert paused.state.value == "paused" and "voltage_max_V" in paused.message
+            await asyncio.sleep(0.5)  # the paused step keeps sampling at open circuit (and does not end)
+            await bus.publish(cmd, StopRun(run_id="p1", exit_status="aborted", reason="test over"))
+            ended = await wait_doc(sub, lambda d: isinstance(d, StepEvent) and d.event == "ended")
+            await wait_doc(sub, lambda d: isinstance(d, RunStop))
+            assert ended.reason.kind == "aborted"
+            await local.wait_stored("p1")
+            s = local.store.samples("p1")
+            after = s["time_s"] > s["time_s"][s["voltage_V"] > 1.8][0]
+            assert after.sum() >= 3 and (s["current_A"][after] == 0).all()
+            # The next run's steps count their time from zero again (a step aborted while paused once left the
+            # agent counting every later sample as paused: a 600 s rest never ended).
+            rest, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "p3", [StepCommand(
+                run_id="p3", step_index=0, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=10)])
+            assert rest[0].reason.name == "time_s" and rest[0].stats.duration_s == 600
+            # A rest whose open-circuit voltage is already beyond the limit: pausing cannot help, so it stops.
+            ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "p2", [StepCommand(
+                run_id="p2", step_index=0, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=10,
+                limits=Limits(voltage_max_V=1.5, action="pause"))])
+    assert ended[0].reason.kind == "safety_limit" and stop.exit_status == "failed"

@@ -18,6 +18,8 @@ def test_each_limit_trips_by_name():
     assert check_limits(LIM, 2.0, -0.02, 25, 1).name == "current_max_A"
     assert check_limits(LIM, 2.0, 0, 46, 1).name == "temperature_max_C"
     assert check_limits(LIM, 2.0, 0, 25, 100).name == "step_time_max_s"
+    assert check_limits(Limits(capacity_max_Ah=1e-3), 2.0, 0, 25, 1, -1.1e-3).name == "capacity_max_Ah"
+    assert check_limits(Limits(capacity_max_Ah=1e-3), 2.0, 0, 25, 1, 0.9e-3) is None
 
 
 def test_nan_reading_trips_but_missing_temperature_does_not():
@@ -36,3 +38,16 @@ def test_cv_ends_when_current_decays():
     end = EndConditions(current_A=1e-4, time_s=3600)
     assert check_end(StepKind.cv, end, None, 2.5, 2e-4, 1, 0) is None
     assert check_end(StepKind.cv, end, None, 2.5, 0.9e-4, 1, 0).name == "current_A"
+
+
+def test_a_trip_delay_needs_the_limit_exceeded_for_the_whole_delay():
+    from labtwin.models import EndReason
+    from labtwin.safety import TripDelay
+
+    delay = TripDelay(30)
+    over = EndReason(kind="safety_limit", name="voltage_max_V", value=3.1, threshold=3.0)
+    assert delay.check(over, 0) is None and delay.check(over, 20) is None
+    assert delay.check(None, 25) is None  # back inside the limit: the clock starts again
+    assert delay.check(over, 30) is None and delay.check(over, 59) is None
+    assert delay.check(over, 60).name == "voltage_max_V"
+    assert TripDelay(30).check(EndReason(kind="safety_limit", name="invalid_reading"), 0) is not None  # at once

@@ -193,6 +193,7 @@ def dryrun(
     channel_limits: Optional[str] = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
     lab: Optional[Path] = LabOpt,
     with_twin: bool = typer.Option(True, "--twin/--no-twin", help="let the twin follow the run and report anomalies"),
+    speed: str = typer.Option("max", "--speed", help="cell s per wall s, or max; finite speeds land the twin's pause/stop where a real run would"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -201,7 +202,7 @@ def dryrun(
     from labtwin.cli.dryrun import run_dryrun
 
     try:
-        summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin))
+        summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, parse_speed(speed) or "max"))
     except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
         _fail(str(exc))
     if as_json:
@@ -252,7 +253,7 @@ def agent(
         url = _broker(broker, config.broker)
         if url is None:
             _fail("an agent needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
-        built = build_channel(channel, cfg, "config" if speed is None else parse_speed(speed))
+        built = build_channel(channel, cfg, "config" if speed is None else parse_speed(speed), config.lab)
         a = Agent(
             lab=config.lab, channel=channel, driver=built.driver, clock=built.clock, broker_url=url,
             channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
@@ -498,9 +499,16 @@ def export(
 
 
 from labtwin.cli.analyze import analyze_app  # noqa: E402
+from labtwin.cli.emulate import emulate_app  # noqa: E402
+from labtwin.cli.campaign import campaign_app  # noqa: E402
+from labtwin.cli.protocol import protocol_app, schema_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(analyze_app, name="analyse", hidden=True)  # the British spelling works too
+app.add_typer(emulate_app, name="emulate")
+app.add_typer(protocol_app, name="protocol")
+app.add_typer(schema_app, name="schema")
+app.add_typer(campaign_app, name="campaign")
 
 
 def main() -> None:

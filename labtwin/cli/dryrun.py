@@ -24,9 +24,15 @@ from simulators.cells import load_cell
 
 async def run_dryrun(
     protocol: str, sim: str, out: Path | None, channel: str | None = None, lab_file: Path | None = None,
-    twin: bool = True,
+    twin: bool = True, speed: float | str = "max",
 ) -> tuple[RunSummary, list[Anomaly]]:
-    """Returns the run's summary and what the twin flagged while following it."""
+    """Returns the run's summary and what the twin flagged while following it.
+
+    At max speed the simulated cell runs ahead of the twin that follows it, so
+    a pause or stop the protocol asks for on an anomaly lands late in cell time
+    (it acts within a sample in real time). A finite ``speed`` shows where it
+    would land on a real channel, at the cost of wall time.
+    """
     from protocols.flows import run_protocol, start_prefect_api
 
     cell = load_cell(sim)
@@ -42,20 +48,28 @@ async def run_dryrun(
         limits = Limits(voltage_min_V=lo - margin, voltage_max_V=hi + margin)
     config = LabConfig(
         lab="dryrun",
-        channels={"sim": ChannelConfig(driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed="max", seed=0, limits=limits)},
+        channels={"sim": ChannelConfig(driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed=speed, seed=0, limits=limits)},
     )
     store_url = ":memory:" if out is None else str(out / "dryrun.db")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         Path(store_url).unlink(missing_ok=True)
     await start_prefect_api()
-    async with LocalLab(config, ["sim"], None, store_url, None, twin=twin) as local:
+    async with LocalLab(config, ["sim"], None, store_url, "config", twin=twin) as local:
         summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)
         anomalies: list[Anomaly] = []
         if local.twin_service is not None:
             await local.twin_service.wait_run_followed(summary.run_id, timeout_s=600.0)
             anomalies = [a for a in local.twin_service.anomalies if a.run_id == summary.run_id]
+            # The recorder stores anomalies from the bus too: wait until it has them all, so the store a
+            # dry-run leaves behind (--out) says what the report says.
+            import asyncio
+            import time
+
+            deadline = time.monotonic() + 30.0
+            while len(local.store.anomalies(summary.run_id)) < len(anomalies) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         if out is not None:
             write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")
             if twin:

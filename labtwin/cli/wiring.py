@@ -18,7 +18,8 @@ import numpy as np
 from instruments import DEFAULT_LAB_FILE
 from labtwin.agent import Agent
 from labtwin.broker import EmbeddedBroker
-from labtwin.clock import Clock, VirtualClock
+from instruments.transport import AuditTrail
+from labtwin.clock import Clock, ScaledWallClock, VirtualClock
 from labtwin.lab import ChannelConfig, LabConfig, lab_file_from_env, load_lab
 from labtwin.potentiostat import Potentiostat
 from labtwin.recorder import Recorder
@@ -45,7 +46,7 @@ class BuiltChannel:
     driver_name: str
 
 
-def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "config") -> BuiltChannel:
+def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "config", lab_name: str = "default") -> BuiltChannel:
     """A driver and its clock for one channel of the lab file."""
     if cfg.driver == "simulated":
         if not cfg.cell:
@@ -55,10 +56,46 @@ def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "co
         driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
         return BuiltChannel(name, driver, clock, cfg.cell_id or f"{name}-{cell.name}", cell.nominal_capacity_Ah,
                             f"simulated:{cell.name}")
-    raise ValueError(
-        f"channel {name}: driver {cfg.driver!r} is not available yet; this version runs `driver: simulated` channels "
-        "(real drivers over pyvisa/pyserial are the next step, see README 'Real instruments')"
-    )
+    if cfg.driver in REAL_DRIVERS:
+        if not cfg.resource:
+            raise ValueError(f"channel {name}: driver {cfg.driver} needs `resource:` (e.g. TCPIP::192.168.1.20::5025::SOCKET)")
+        driver = REAL_DRIVERS[cfg.driver](name, cfg, lab_name)
+        # A bench instrument lives on the wall clock; `speed: N` only for an emulator started with --speed N.
+        clock = ScaledWallClock(cfg.speed_value or 1.0)
+        return BuiltChannel(name, driver, clock, cfg.cell_id or f"{name}-{cfg.driver}", cfg.nominal_capacity_Ah, cfg.driver)
+    raise ValueError(f"channel {name}: unknown driver {cfg.driver!r}; choose simulated or one of {', '.join(REAL_DRIVERS)}")
+
+
+def _audit(name: str, cfg: ChannelConfig, lab_name: str) -> AuditTrail:
+    return AuditTrail(cfg.audit or Path("labtwin-data") / "audit" / f"{lab_name}-{name}.jsonl")
+
+
+def _keithley2450(name: str, cfg: ChannelConfig, lab_name: str):
+    from instruments.keithley2450 import Keithley2450
+    from instruments.transport import VisaTransport
+
+    transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
+    ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
+    return Keithley2450(transport, voltage_ceiling_V=ceiling)
+
+
+def _emstat(name: str, cfg: ChannelConfig, lab_name: str):
+    from instruments.emstat import EmStat
+    from instruments.transport import SerialLineTransport
+
+    return EmStat(SerialLineTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name)))
+
+
+def _b2900(name: str, cfg: ChannelConfig, lab_name: str):
+    from instruments.b2900 import KeysightB2900
+    from instruments.transport import VisaTransport
+
+    transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
+    ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
+    return KeysightB2900(transport, smu_channel=cfg.smu_channel or 1, voltage_ceiling_V=ceiling)
+
+
+REAL_DRIVERS = {"keithley2450": _keithley2450, "emstat": _emstat, "b2900": _b2900}
 
 
 def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit: str | None = None):
@@ -89,7 +126,8 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
                             lab=run.lab)
         definition = load_cell(name)
         settings = TwinSettings(policy=policy, circuit=circuit or definition.eis_circuit)
-        return CellTwin(run.cell_id, definition.build_model, definition.name, settings, lab=run.lab)
+        return CellTwin(run.cell_id, definition.build_model, definition.name, settings, lab=run.lab,
+                        nominal_capacity_Ah=definition.nominal_capacity_Ah)
 
     return make
 
@@ -108,6 +146,13 @@ class LocalLab:
     twin: bool = False
 
     async def __aenter__(self) -> "LocalLab":
+        try:
+            return await self._start()
+        except BaseException:
+            await self.__aexit__(None, None, None)  # an instrument that cannot be opened must not leave the broker running
+            raise
+
+    async def _start(self) -> "LocalLab":
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.broker: EmbeddedBroker | None = None
@@ -134,7 +179,7 @@ class LocalLab:
             cfg = self.config.channel(name)
             if name in self.cells:
                 cfg = cfg.model_copy(update={"cell": self.cells[name], "driver": "simulated", "cell_id": None})
-            built = build_channel(name, cfg, self.speed)
+            built = build_channel(name, cfg, self.speed, self.config.lab)
             agent = Agent(
                 lab=self.config.lab, channel=name, driver=built.driver, clock=built.clock, broker_url=url,
                 channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
@@ -163,7 +208,7 @@ class LocalLab:
         for task in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
-        if self.broker is not None:
+        if getattr(self, "broker", None) is not None:
             await self.broker.stop()
-        if self.store is not None:
+        if getattr(self, "store", None) is not None:
             self.store.close()

@@ -24,6 +24,23 @@ instead of from the external circuit, so V no longer swings: oscillations
 vanish. Groups differ in size (log-normal) and in barrier Omega (normal
 spread), so they reach their spinodal one after another.
 
+How a grain transforms (``nucleation``):
+
+- ``spinodal`` (bare films): a grain stays homogeneous until its state turns
+  unstable, then runs through the two-phase region on its own: the mosaic
+  instability above, and the plateau oscillates.
+- ``interface``: the new phase nucleates at the grain's surface and grows at
+  the common-tangent (Maxwell) potential, U_eq for a symmetric regular
+  solution, so between its binodal compositions a grain's potential is flat
+  and no grain is ever unstable. Seed 000 credits the AZO coating's faster Li
+  redistribution for its smooth plateau; in this mean-field model faster
+  inter-grain exchange alone does NOT smooth it: with homogeneous grains each
+  of the last grains to transform drains its nearly full neighbours, whose
+  potential is steep, and the whole electrode jumps 10-30 mV at the end of
+  every plateau (measured, 2026-11). Redistribution fast enough to reach a
+  grain's surface before its bulk turns unstable is what lets it grow a
+  second phase instead, which this mode models.
+
 Time stepping: backward Euler on all N + 1 unknowns, solved by Newton. The
 Jacobian is diagonal plus two rank-one terms (the shared V and the mean U),
 so each Newton step is O(N) vector work, no matrix. Steps adapt so no group's
@@ -61,6 +78,9 @@ class ManyParticleParameters(BaseModel):
     redistribution_per_s: float = Field(0.0, ge=0, description="k_r: inter-grain lithium exchange rate per kT")
     double_layer_F: float = Field(0.0, ge=0)
     kinetics_activation_J_per_mol: float = Field(0.0, ge=0)
+    nucleation: Literal["spinodal", "interface"] = Field(
+        "spinodal", description="spinodal: homogeneous grains, mosaic instability; interface: two-phase grains at the common tangent"
+    )
     population_seed: int = Field(0, description="seed of the groups' sizes and barriers: the same cell every time")
     max_dx_per_step: float = Field(0.02, gt=0, le=0.2)
 
@@ -83,6 +103,7 @@ class ManyParticleElectrode:
         self.w = sizes / sizes.sum()
         spread = np.clip(p.barrier_spread * rng.standard_normal(n), -2.5 * p.barrier_spread, 2.5 * p.barrier_spread)
         self.omega_eV = p.ocp.interaction_eV * (1.0 + spread)
+        self._binodal_cache: tuple[float, np.ndarray] | None = None
         self.capacity_scale = 1.0
         self.exchange_scale = 1.0
         self.temperature_C = 25.0
@@ -112,9 +133,32 @@ class ManyParticleElectrode:
             self.p.kinetics_activation_J_per_mol, self.temperature_C
         )
 
+    def _binodal_x(self, kt: float) -> np.ndarray:
+        """Lithium-poor binodal composition of each group (the rich one is 1 - x): where the homogeneous
+        potential crosses the common tangent U_eq, i.e. kT ln((1 - x) / x) = Omega (1 - 2 x)."""
+        if self._binodal_cache is not None and self._binodal_cache[0] == kt:
+            return self._binodal_cache[1]
+        ratio = self.omega_eV / kt
+        x = np.where(ratio > 2.0, np.exp(-ratio), 0.5)
+        for _ in range(60):  # Newton on f(x) = ln((1 - x) / x) - ratio (1 - 2 x), started left of the root
+            f = np.log((1 - x) / x) - ratio * (1 - 2 * x)
+            df = -1.0 / (x * (1 - x)) + 2 * ratio
+            x = np.where(ratio > 2.0, np.clip(x - f / np.minimum(df, -1e-12), 1e-300, 0.5), 0.5)
+        self._binodal_cache = (kt, x)
+        return x
+
+    def _two_phase(self, x: np.ndarray, kt: float) -> np.ndarray | None:
+        """Groups between their binodals (flat potential), or None when grains nucleate at the spinodal."""
+        if self.p.nucleation != "interface":
+            return None
+        low = self._binodal_x(kt)
+        return (x > low) & (x < 1.0 - low)
+
     def _u(self, x: np.ndarray, kt: float) -> np.ndarray:
         x = np.clip(x, X_EDGE, 1 - X_EDGE)
-        return self.p.ocp.equilibrium_V - (self.omega_eV * (1 - 2 * x) + kt * np.log(x / (1 - x)))
+        u = self.p.ocp.equilibrium_V - (self.omega_eV * (1 - 2 * x) + kt * np.log(x / (1 - x)))
+        flat = self._two_phase(x, kt)
+        return u if flat is None else np.where(flat, self.p.ocp.equilibrium_V, u)
 
     def ocv_V(self, thermal_V: float) -> float:
         """Open-circuit potential: where the groups' exchange currents balance (sum I_k = 0)."""
@@ -141,6 +185,10 @@ class ManyParticleElectrode:
         di0 = wi0 * (1.0 - 2.0 * x) / root
         u = self.p.ocp.equilibrium_V - self.omega_eV * (1.0 - 2.0 * x) - kt * np.log(x / (1.0 - x))
         du = 2.0 * self.omega_eV - kt / xx
+        flat = self._two_phase(x, kt)
+        if flat is not None:
+            u = np.where(flat, self.p.ocp.equilibrium_V, u)
+            du = np.where(flat, 0.0, du)
         e = np.exp(np.clip((v - u) * (0.5 / kt), -60.0, 60.0))
         ie = 1.0 / e
         sh2 = e - ie  # 2 sinh

@@ -70,14 +70,16 @@ class _Cycle:
 
 class CellTwin:
     def __init__(self, cell: str, model_factory: Callable[[], CellModel | None], model_name: str = "",
-                 settings: TwinSettings | None = None, lab: str = "") -> None:
+                 settings: TwinSettings | None = None, lab: str = "", nominal_capacity_Ah: float | None = None) -> None:
         self.cell = cell
         self.lab = lab
         self.model_name = model_name
         self.settings = settings or TwinSettings()
         self._factory = model_factory
         self.model: CellModel | None = model_factory()
-        self.nominal_capacity_Ah = getattr(self.model, "nominal_capacity_Ah", None) or 1.0
+        # The cell definition's capacity first: an equivalent-circuit model does not carry one, and a twin that
+        # assumed 1 Ah counted a 52 uAh film's state of charge in millionths.
+        self.nominal_capacity_Ah = nominal_capacity_Ah or getattr(self.model, "nominal_capacity_Ah", None) or 1.0
         self.state = CellState(cell=cell, lab=lab, model=model_name)
         self.anomalies: list[Anomaly] = []
         self.run: RunStart | None = None
@@ -170,6 +172,7 @@ class CellTwin:
         self._dq_dv_Ah_per_V: float | None = None
         self._spectrum: list[tuple[float, float, float]] = []
         self._soc: float | None = None
+        self._step_sign = 0.0  # the direction the running step drives the cell (+ charges), from its first current
         self._capacity_Ah: float | None = None
 
     def on_run_start(self, doc: RunStart) -> list[Anomaly]:
@@ -185,6 +188,7 @@ class CellTwin:
         found: list[Anomaly] = []
         if ev.event == "started":
             self._step_kind, self._step_index = ev.step, ev.step_index
+            self._step_sign = 0.0
             if self._cycle.number == 0 and ev.step not in (StepKind.rest, StepKind.eis):
                 self._cycle.number = 1  # the first current-carrying step opens cycle 1 (its direction is known at its end)
             self.oscillation.start_step()
@@ -204,14 +208,17 @@ class CellTwin:
                                            f"cell loses charge at rest: leakage {leak.leak_A:.3g} A "
                                            f"({leak.drift_V * 1e3:.1f} mV below its model over the second half of the rest)",
                                            {"leak_A": leak.leak_A, "drift_V": leak.drift_V}))
-        if ev.stats is not None and ev.step in (StepKind.cc, StepKind.cccv, StepKind.cv) and len(self._step_q) > 10:
+        if ev.stats is not None and ev.step in (StepKind.cc, StepKind.cccv, StepKind.cv, StepKind.cp) and len(self._step_q) > 10:
             tail = max(3, len(self._step_q) // 5)
             dq = abs(self._step_q[-1] - self._step_q[-tail])
             dv = abs(self._step_v[-1] - self._step_v[-tail])
             if dv > 1e-4:
                 self._dq_dv_Ah_per_V = dq / dv
         if ev.reason is not None and ev.reason.kind == "end_condition" and ev.reason.name == "voltage_V" and ev.stats:
-            self._soc = 1.0 if ev.stats.charge_Ah > ev.stats.discharge_Ah else 0.0
+            # A step driven to its end voltage leaves the cell full (charging) or empty: the direction it was
+            # driven in says which, even when a full cell took almost no charge before the voltage was there.
+            sign = self._step_sign or (ev.stats.charge_Ah - ev.stats.discharge_Ah)
+            self._soc = 1.0 if sign > 0 else 0.0
         found += self._count_cycle(ev)
         return found
 
@@ -237,6 +244,8 @@ class CellTwin:
         # The model is driven with the charge the instrument counted over the interval, not the current
         # sampled at its end: where a step ends inside the interval (a voltage limit met between samples)
         # the two differ, and over cycles the difference would drift the model away from the cell.
+        if i != 0.0 and not self._step_sign:
+            self._step_sign = 1.0 if i > 0 else -1.0
         dq = None if self._last_q is None else q - self._last_q
         self._last_q = q
         drive_A = dq * 3600.0 / dt if dq is not None and dt > 0 else i
@@ -269,7 +278,7 @@ class CellTwin:
                 self.estimator.add(dt, v - ocv, i)
             except (FloatingPointError, ValueError):
                 pass
-        if self._step_kind in (StepKind.cc, StepKind.cccv, StepKind.cv):
+        if self._step_kind in (StepKind.cc, StepKind.cccv, StepKind.cv, StepKind.cp):
             self._step_q.append(q)
             self._step_v.append(v)
         if self._step_kind == StepKind.cc and i != 0.0:

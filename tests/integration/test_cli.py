@@ -97,6 +97,27 @@ def test_dryrun_of_the_seed000_protocol_shows_plateau_oscillations_and_writes_ei
     assert {int(r["cycle"]) for r in eis} == {2}  # the EIS after the first full cycle sits in cycle 2
 
 
+def test_dryrun_of_the_seed000_protocol_on_the_azo60_cell_raises_no_anomaly(tmp_path):
+    """The healthy side of issue 4's 'done means': the same protocol on the coated film, twin on, is silent
+    (the oscillation detector, the twin residual and the voltage-jump watch all see a smooth plateau)."""
+    from labtwin.analysis.plateau import plateau_oscillation
+
+    out = tmp_path / "azo"
+    result = runner.invoke(app, ["dryrun", "seed000-lto-0.1C", "--sim", "lto-thin-film-azo60", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["exit_status"] == "success"
+    assert report["anomalies"] == []
+    rows = list(csv.DictReader(line for line in (out / "samples.csv").open() if not line.startswith("#")))
+    first_discharge = [r for r in rows if int(r["step"]) == 1]
+    import numpy as np
+
+    q = np.array([float(r["capacity_Ah"]) for r in first_discharge])
+    v = np.array([float(r["voltage_V"]) for r in first_discharge])
+    assert plateau_oscillation(-(q - q[0]), v).amplitude_V < 0.5e-3
+    assert abs(np.median(v) - 1.55) < 0.01  # the plateau is where seed 000 puts it
+
+
 def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
     from pathlib import Path
 

@@ -84,17 +84,20 @@ method:
   - cc: {c_rate: -0.1, until: {voltage_V: 0.1}}
   - cc: {c_rate: 0.1, until: {voltage_V: 3.0}}
 """)
-    result = runner.invoke(app, ["dryrun", str(protocol), "--sim", "lto-thin-film", "--json"])
+    # At max speed the simulator runs ahead of the twin that follows it and the stop lands anywhere after
+    # the ~1.9 h onset, even after the discharge ended; at 1000x (10 s samples every 10 ms of wall time) it
+    # lands within a minute or so of cell time even on a loaded machine (in real time within a sample:
+    # bench/anomaly_latency.py, p99 under 50 ms).
+    result = runner.invoke(app, ["dryrun", str(protocol), "--sim", "lto-thin-film", "--json", "--speed", "1000"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["exit_status"] == "aborted", report["reason"]
     (anomaly,) = report["anomalies"]
     assert anomaly["kind"] == "oscillation_onset" and anomaly["action"] == "stop"
-    # The discharge ended by the abort, before its end condition (~10 h). At max speed the simulator
-    # runs ahead of the twin that follows it, so the stop lands hours of cell time after the ~2 h onset;
-    # in real time it lands within a sample (bench/anomaly_latency.py: p99 under 50 ms).
     discharge = report["step_ends"][1]
-    assert discharge["reason"] == "aborted:abort" and discharge["duration_s"] < 9.5 * 3600
+    assert discharge["reason"] == "aborted:abort"
+    stop_delay_s = discharge["duration_s"] + 60 - (anomaly["detected_time_s"] or anomaly["time_s"])
+    assert 0 <= stop_delay_s < 3600, stop_delay_s  # 3.6 s of wall time at 1000x; hours before the ~10 h end
     assert len(report["step_ends"]) == 2  # the charge never ran
 
 
@@ -145,8 +148,35 @@ async def test_a_pause_policy_holds_the_cell_at_open_circuit_until_resumed(embed
         anomalies = [a for a in local.twin_service.anomalies if a.run_id == summary.run_id]
     assert summary.exit_status == "success" and summary.steps_run == 3
     assert anomalies[0].kind == "oscillation_onset" and anomalies[0].action == "pause"
-    assert pauses == len([a for a in anomalies if a.action == "pause"]) >= 1
+    # Every pause the agent took was asked for by the twin; an onset found in the last samples of the run can
+    # arrive after the run has ended, and a pause for a run that is over is (rightly) ignored.
+    assert 1 <= pauses <= len([a for a in anomalies if a.action == "pause"])
     in_steps = samples["step"] >= 1
     held = in_steps & (samples["current_A"] == 0.0)
     assert held.sum() >= 10  # open-circuit samples inside a current step: the pause, recorded
     assert {e.reason.split(":")[0] for e in summary.step_ends} == {"end_condition"}  # every step then ran to its end
+
+
+def test_a_step_ends_when_the_twins_state_of_charge_reaches_its_target(tmp_path):
+    """until: {twin_soc: 0.5}: the flow watches the twin's state and sends EndStep; the agent ends the step.
+    The twin anchors its SOC at the end of a full charge and counts charge from there."""
+    protocol = tmp_path / "half.yaml"
+    protocol.write_text("""
+metadata: {name: discharge to half by the twin, nominal_capacity_Ah: 5.18e-5}
+record: {interval_s: 10}
+safety: {voltage_min_V: 0.5, voltage_max_V: 3.0}
+method:
+  - Discharge at 1C until 1.2 V
+  - Charge at 1C until 2.5 V
+  - cc: {c_rate: -1, until: {twin_soc: 0.5, voltage_V: 1.2}}
+""")
+    # 600x: the twin publishes its state every 0.5 s of wall time, 300 s of cell time, 8 % of charge at 1C.
+    result = runner.invoke(app, ["dryrun", str(protocol), "--sim", "lto_bare_thinfilm", "--json", "--speed", "600"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    end = report["step_ends"][2]
+    assert end["reason"] == "end_condition:twin_soc", end
+    assert 0.4 <= end["value"] < 0.5
+    full = report["cycles"][0]["charge_Ah"]
+    delivered = report["cycles"][-1]["discharge_Ah"]
+    assert 0.4 < delivered / full < 0.62  # the cell really is about half empty

@@ -1,0 +1,205 @@
+"""`labtwin campaign run|status FILE`: a campaign's jobs, queued per channel, resumed after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+campaign_app = typer.Typer(help="Run a campaign (cells x protocols on channels) and see where it stands.", no_args_is_help=True)
+
+BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port of agents elsewhere (default: embedded, agents here)")
+LabOpt = typer.Option(None, "--lab", help="lab file (default: the campaign's, LABTWIN_LAB, or the packaged one)")
+StoreOpt = typer.Option(None, "--store", help="the store the recorder writes (resume reads it); default the lab's")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _load(file: Path, lab: Optional[Path]):
+    from labtwin.cli.wiring import default_lab
+    from protocols.campaign import channels_of, load_campaign
+    from protocols.model import ProtocolError
+
+    try:
+        campaign = load_campaign(file)
+        config = default_lab(lab or campaign.lab)
+        for channel in channels_of(campaign):
+            config.channel(channel)
+    except (ProtocolError, ValueError) as exc:
+        _fail(str(exc))
+    return campaign, config
+
+
+@campaign_app.command("run")
+def run(
+    file: Path = typer.Argument(..., help="campaign file"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    store: Optional[str] = StoreOpt,
+    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+) -> None:
+    """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
+    from labtwin.clock import parse_speed
+
+    campaign, config = _load(file, lab)
+    store_url = store or config.store
+    try:
+        results = asyncio.run(_run(file, campaign, config, broker or config.broker, store_url,
+                                   "config" if speed is None else parse_speed(speed)))
+    except (ConnectionError, ValueError, TimeoutError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"campaign {campaign.campaign}")
+    for col in ("run", "cell", "protocol", "channel", "outcome", "steps", "resumed"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        table.add_row(r.run_id, r.cell, r.protocol, r.channel, r.outcome + (f" ({r.reason})" if r.reason else ""),
+                      str(r.steps_run), "yes" if r.resumed else "")
+    console.print(table)
+    if any(r.outcome not in ("success",) and not r.outcome.startswith("skipped") for r in results):
+        raise typer.Exit(1)
+
+
+async def _run(file, campaign, config, broker_url, store_url, speed):
+    from labtwin.cli.wiring import LocalLab
+    from labtwin.store import DEFAULT_SQLITE
+    from protocols.campaign import channels_of
+    from protocols.campaign_flow import run_campaign
+    from protocols.flows import start_prefect_api
+
+    await start_prefect_api()
+    store_url = store_url or str(DEFAULT_SQLITE)
+    if broker_url is not None:
+        return await run_campaign(str(file), broker_url, config.lab, store_url)
+    async with LocalLab(config, channels_of(campaign), None, store_url, speed) as local:
+        return await run_campaign(str(file), local.url, config.lab, store_url)
+
+
+@campaign_app.command("serve")
+def serve(
+    file: Path = typer.Argument(..., help="campaign file"),
+    broker: Optional[str] = BrokerOpt,
+    lab: Optional[Path] = LabOpt,
+    store: Optional[str] = StoreOpt,
+    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    duration: Optional[str] = typer.Option(None, "--for", help="serve this long (30m, 6h, 7d), then stop; default until Ctrl-C"),
+    run_now: bool = typer.Option(True, "--run-now/--schedule-only", help="also run the campaign's jobs once, now"),
+    prefect_port: int = typer.Option(4200, "--prefect-port", help="port of the local Prefect server (UI and API) "
+                                     "started when PREFECT_API_URL is not set"),
+    as_json: bool = typer.Option(False, "--json", help="print the served flow runs as JSON when it stops"),
+) -> None:
+    """Serve the campaign through Prefect deployments: its jobs once, and its schedule for as long as it runs.
+
+    With PREFECT_API_URL set, the deployments go to that server; otherwise a local Prefect server starts
+    (UI and API on 127.0.0.1:--prefect-port, database in labtwin-data/prefect)."""
+    import os
+
+    from labtwin.clock import parse_speed
+    from protocols.campaign import interval_s
+
+    campaign, config = _load(file, lab)
+    try:
+        duration_s = interval_s(duration) if duration else None
+    except ValueError as exc:
+        _fail(f"--for: {exc}")
+    store_url = store or config.store
+    try:
+        served = asyncio.run(_serve(file, campaign, config, broker or config.broker, store_url,
+                                    "config" if speed is None else parse_speed(speed), duration_s, run_now,
+                                    prefect_port, os.environ.get("PREFECT_API_URL")))
+    except KeyboardInterrupt:
+        return
+    except (ConnectionError, ValueError, TimeoutError, RuntimeError) as exc:
+        _fail(str(exc))
+    if as_json:
+        import dataclasses
+        import json
+
+        print(json.dumps([dataclasses.asdict(r) for r in served], indent=2))
+        return
+    table = Table(title=f"campaign {campaign.campaign}: flow runs its deployments made")
+    for col in ("deployment", "flow run", "state", "expected start (UTC)"):
+        table.add_column(col, overflow="fold")
+    for r in served:
+        table.add_row(r.deployment, r.flow_run, r.state, r.expected_start)
+    console.print(table)
+
+
+async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url):
+    from labtwin.cli.wiring import LocalLab
+    from labtwin.store import DEFAULT_SQLITE
+    from protocols.campaign import channels_of
+    from protocols.campaign_flow import serve_campaign
+    from protocols.prefect_server import LocalPrefectServer
+
+    store_url = store_url or str(DEFAULT_SQLITE.resolve())
+    async with contextlib.AsyncExitStack() as stack:
+        if not api_url:
+            server = await stack.enter_async_context(LocalPrefectServer(DEFAULT_SQLITE.parent / "prefect", prefect_port))
+            err.print(f"Prefect server (UI and API) at {server.api_url.removesuffix('/api')}; "
+                      f"its log in {server.home / 'server.log'}")
+        else:
+            err.print(f"deployments go to the Prefect server at {api_url}")
+        if broker_url is None:
+            local = await stack.enter_async_context(LocalLab(config, channels_of(campaign), None, store_url, speed))
+            broker_url = local.url
+        schedule = ", ".join(f"{e.protocol} on {', '.join(e.cells)} every {e.every or e.cron}" for e in campaign.schedule)
+        err.print(f"serving campaign {campaign.campaign} ({schedule or 'no schedule'}); Ctrl-C stops")
+        return await serve_campaign(str(file), broker_url, config.lab, store_url, run_now, duration_s)
+
+
+@campaign_app.command("status")
+def status(
+    file: Path = typer.Argument(..., help="campaign file"),
+    lab: Optional[Path] = LabOpt,
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Each job: queued, in progress (or interrupted: `campaign run` resumes it), or finished, from the store."""
+    from labtwin.store import DEFAULT_SQLITE, Store
+    from protocols.campaign import plan
+    from protocols.resume import read_run
+
+    campaign, config = _load(file, lab)
+    s = Store.open(store or config.store or DEFAULT_SQLITE)
+    table = Table(title=f"campaign {campaign.campaign}")
+    for col in ("run", "cell", "protocol", "channel", "state", "steps done", "samples"):
+        table.add_column(col, overflow="fold")
+    counts: dict[str, int] = {}
+    try:
+        for job in plan(campaign):
+            record = read_run(s, job.run_id)
+            if record.state == "new":
+                state, done, samples = "queued", "", ""
+            elif record.state == "finished":
+                state = f"finished: {record.exit_status}"
+                done, samples = str(len(s.step_events(job.run_id))), str(s.sample_count(job.run_id))
+            else:
+                state = "in progress, or interrupted (campaign run resumes it)"
+                done, samples = str(len(record.resume.completed)), str(record.resume.point.n_samples)
+            counts[state.split(":")[0].split(",")[0]] = counts.get(state.split(":")[0].split(",")[0], 0) + 1
+            table.add_row(job.run_id, job.cell.id, job.protocol, job.channel, state, done, samples)
+        # Occurrences of the schedule (`campaign serve`) have run ids made from their scheduled time.
+        import re
+
+        cells = "|".join(re.escape(c.id) for c in campaign.cells)
+        scheduled = re.compile(rf"^{re.escape(campaign.campaign)}-({cells})-s(\d+)-")
+        for row in s.runs():
+            m = scheduled.match(row.run_id)
+            if not m:
+                continue
+            state = f"scheduled, finished: {row.exit_status}" if row.stopped_at else "scheduled, in progress or interrupted"
+            counts["scheduled"] = counts.get("scheduled", 0) + 1
+            table.add_row(row.run_id, m.group(1), row.protocol or "", row.channel or "", state, "", str(row.stored_samples))
+    finally:
+        s.close()
+    console.print(table)
+    console.print(", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -1,0 +1,100 @@
+"""A local Prefect server for `labtwin campaign serve` when no PREFECT_API_URL is configured.
+
+Schedules need Prefect's scheduler service, which only a real API server runs
+(the ephemeral in-process API that `labtwin run` uses has none: Prefect's
+Runner warns "Cannot schedule flows on an ephemeral server"). So serving a
+campaign on the embedded defaults starts `prefect server start` in a
+subprocess, with its database under the lab's data directory so the
+campaign's history (and the UI at its address) outlives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 90.0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+class LocalPrefectServer:
+    """`prefect server start` on 127.0.0.1; sets PREFECT_API_URL for this process and its children."""
+
+    def __init__(self, home: Path, port: int = 4200, ui: bool = True) -> None:
+        self.home = Path(home)
+        self.port = port if _port_free(port) else _free_port()
+        self.ui = ui
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self._process: subprocess.Popen | None = None
+        self._settings = contextlib.ExitStack()
+        self._log = None
+
+    async def __aenter__(self) -> "LocalPrefectServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+        if prefect is None:
+            raise RuntimeError("the `prefect` command is not installed next to this Python: run `make install`")
+        env = {**os.environ, "PREFECT_HOME": str(self.home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "true" if self.ui else "false"}
+        env.pop("PREFECT_API_URL", None)
+        self._log = open(self.home / "server.log", "ab")
+        self._process = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not await asyncio.to_thread(_healthy, self.api_url):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited ({self._process.returncode}); see {self.home / 'server.log'}")
+            if time.monotonic() > deadline:
+                await self.__aexit__(None, None, None)
+                raise TimeoutError(f"the Prefect server did not answer within {STARTUP_TIMEOUT_S:.0f} s; see {self.home / 'server.log'}")
+            await asyncio.sleep(0.5)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"] = self.api_url  # children (the Runner's flow-run processes) inherit it
+        self._settings.enter_context(temporary_settings(updates={PREFECT_API_URL: self.api_url}))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._settings.close()
+        if os.environ.get("PREFECT_API_URL") == self.api_url:
+            del os.environ["PREFECT_API_URL"]
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                await asyncio.to_thread(self._process.wait, 20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        if self._log is not None:
+            self._log.close()

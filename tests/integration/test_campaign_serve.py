@@ -1,0 +1,67 @@
+"""`labtwin campaign serve` as a lab runs it: Prefect deployments on a local Prefect server, the campaign's
+jobs once and its schedule every few seconds, on two simulated channels; then what the Prefect API and the
+store say happened."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from labtwin.store import Store
+
+LABTWIN = str(Path(sys.executable).parent / "labtwin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serving_a_campaign_runs_its_jobs_and_its_schedule_through_prefect_deployments(tmp_path):
+    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": "serve", "channels": {
+        "a1": {"driver": "simulated", "cell": "lto_bare_thinfilm", "limits": {"voltage_min_V": 0.1, "voltage_max_V": 3.5}},
+        "a2": {"driver": "simulated", "cell": "lco-lgps-glassy-ceramic", "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8}},
+    }}))
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text(yaml.safe_dump({
+        "campaign": "served", "lab": str(tmp_path / "lab.yaml"),
+        "cells": [{"id": "LTO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 5.18e-5},
+                  {"id": "LCO-1", "channels": ["a2"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3}],
+        "schedule": [{"protocol": "eis-checkup", "cells": ["LTO-1", "LCO-1"], "every": "4s"}],
+    }))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run(
+        [LABTWIN, "campaign", "serve", str(campaign), "--for", "15s", "--prefect-port", str(free_port()), "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout)
+    by_deployment: dict[str, list[dict]] = {}
+    for run in served:
+        by_deployment.setdefault(run["deployment"], []).append(run)
+    # The campaign's own deployment ran once, now; each cell's schedule ran several times, every 4 s.
+    assert [r["state"] for r in by_deployment["served"]] == ["Completed"]
+    for cell in ("LTO-1", "LCO-1"):
+        runs = by_deployment[f"served-{cell}-eis-checkup"]
+        completed = [r for r in runs if r["state"] == "Completed"]
+        assert len(completed) >= 2, runs
+        assert not [r for r in runs if r["state"] in ("Failed", "Crashed")], runs
+    # The store has each scheduled occurrence as its own run (its id fixed by the occurrence), all successful.
+    store = Store.open(str(tmp_path / "labtwin-data" / "labtwin.db"))
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    scheduled = [r for r in runs if "-s1-eis-checkup-" in r.run_id]
+    assert len(scheduled) >= 4 and len({r.run_id for r in scheduled}) == len(scheduled)
+    assert {r.exit_status for r in scheduled if r.stopped_at} == {"success"}  # one may still run when serve stops
+    assert {r.run_id for r in runs if "-s1-" not in r.run_id} == {"served-LTO-1-1-eis-checkup", "served-LCO-1-1-eis-checkup"}
+    status = subprocess.run([LABTWIN, "campaign", "status", str(campaign)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and f"2 finished, {len(scheduled)} scheduled" in status.stdout, status.stdout[-1500:]
