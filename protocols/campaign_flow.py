@@ -225,16 +225,27 @@ class ServedRun:
     expected_start: str
 
 
+DRAIN_TIMEOUT_S = 120.0
+
+
 async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str, run_now: bool = True,
-                         duration_s: float | None = None, ready: asyncio.Event | None = None) -> list[ServedRun]:
+                         duration_s: float | None = None, ready: asyncio.Event | None = None,
+                         drain_timeout_s: float = DRAIN_TIMEOUT_S) -> list[ServedRun]:
     """Serve the campaign through Prefect deployments: its jobs (run once now) and each schedule entry per cell.
 
     Prefect's Runner (what flow.serve uses) polls the API for the deployments' scheduled flow runs and
     runs each in a subprocess; the API server's scheduler makes the runs from the interval or cron.
-    Needs a Prefect server (PREFECT_API_URL): the ephemeral in-process API has no scheduler. Stops after
-    ``duration_s`` (or when cancelled) and returns every flow run its deployments made, from the API."""
+    Needs a Prefect server (PREFECT_API_URL): the ephemeral in-process API has no scheduler.
+
+    A schedule entry runs at most one occurrence per cell at a time: an occurrence due while the previous
+    one still runs (or waits for the channel) is cancelled, not queued behind it, so a slow channel never
+    piles up check-ups (nor flow-run processes on the lab PC). Stopping (after ``duration_s``, or when
+    cancelled) pauses the deployments, which deletes their future occurrences, lets the runs in progress
+    finish for up to ``drain_timeout_s`` and cancels the rest (their run ids are fixed, so a later run of
+    the same occurrence resumes them); returns every flow run the deployments made, from the API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments import run_deployment
     from prefect.flows import EntrypointType
     from prefect.runner import Runner
@@ -242,8 +253,13 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
     campaign = load_campaign(campaign_file)
     params = {"campaign_file": str(Path(campaign_file).resolve()), "broker_url": broker_url, "lab": lab,
               "store_url": store_url}
-    runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True)
+    # The Runner looks for due runs every 10 s by default; a schedule every few seconds would wait most of
+    # its interval, so it looks at least twice per shortest interval (cron schedules are minutes apart).
+    intervals = [interval_s(e.every) for e in campaign.schedule if e.every]
+    poll_s = max(1.0, min([10.0, *(i / 2 for i in intervals)]))
+    runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True, query_seconds=poll_s)
     module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     deployment_ids = [await runner.aadd_flow(run_campaign, name=campaign.campaign, parameters=params,
                                              entrypoint_type=module, tags=["labtwin", campaign.campaign])]
     for k, entry in enumerate(campaign.schedule):
@@ -253,7 +269,9 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
                 scheduled_job, name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}", **timing,
                 parameters={**params, "cell_id": cell_id, "protocol": entry.protocol, "entry": k},
                 entrypoint_type=module, tags=["labtwin", campaign.campaign, "scheduled"],
+                concurrency_limit=one_at_a_time,
             ))
+    only_ours = DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids))
     if run_now:
         await run_deployment(f"campaign/{campaign.campaign}", timeout=0, as_subflow=False)
     serving = asyncio.create_task(runner.start())
@@ -267,16 +285,40 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
             if serving in done:
                 serving.result()
     finally:
-        runner.stop()
-        try:
-            await asyncio.wait_for(serving, 30)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            serving.cancel()
+        if not serving.done():
+            async with get_client() as client:
+                for deployment_id in deployment_ids:  # no new occurrences from here on
+                    with contextlib.suppress(Exception):
+                        await client.pause_deployment(deployment_id)
+                await _drain(client, only_ours, drain_timeout_s)
+            with contextlib.suppress(Exception):
+                await runner.astop()  # cancels what is still running after the drain
+            try:
+                await asyncio.wait_for(serving, 30)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                serving.cancel()
     async with get_client() as client:
-        deployments = {d.id: d.name for d in await client.read_deployments(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids)))}
-        runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids)))
+        deployments = {d.id: d.name for d in await client.read_deployments(deployment_filter=only_ours)}
+        runs = await client.read_flow_runs(deployment_filter=only_ours)
     return sorted(
         (ServedRun(deployments.get(r.deployment_id, "?"), r.name, r.state.name if r.state else "?",
                    f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "")
          for r in runs), key=lambda r: r.expected_start)
+
+
+async def _drain(client, only_ours, timeout_s: float) -> None:
+    """Until no flow run of the deployments is pending or running (or the time is up)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    in_progress = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not await client.read_flow_runs(deployment_filter=only_ours, flow_run_filter=in_progress, limit=1):
+                return
+        except Exception:  # the API busy: look again
+            pass
+        await asyncio.sleep(1.0)
+    log.warning("campaign serve: runs still in progress after %.0f s; cancelling them", timeout_s)

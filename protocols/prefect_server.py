@@ -6,6 +6,12 @@ Runner warns "Cannot schedule flows on an ephemeral server"). So serving a
 campaign on the embedded defaults starts `prefect server start` in a
 subprocess, with its database under the lab's data directory so the
 campaign's history (and the UI at its address) outlives the process.
+
+Prefect's server on SQLite has one writer: its runner polls, state changes and
+scheduler contend for it, and on a loaded two-core PC requests wait on "database
+is locked" for tens of seconds (PrefectHQ/prefect#23051). SQLite is fine for a
+few cells on a schedule of hours; a lab serving many cells gives the server its
+PostgreSQL (`--prefect-db postgresql://...`).
 """
 
 from __future__ import annotations
@@ -47,11 +53,23 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def prefect_database_url(url: str) -> str:
+    """The URL as Prefect's server wants it: PostgreSQL through asyncpg, SQLite through aiosqlite."""
+    for plain, driver in (("postgresql://", "postgresql+asyncpg://"), ("postgres://", "postgresql+asyncpg://"),
+                          ("sqlite:///", "sqlite+aiosqlite:///")):
+        if url.startswith(plain):
+            return driver + url[len(plain):]
+    if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
+        return url
+    raise ValueError(f"--prefect-db {url!r}: give a postgresql://user@host:port/database (or sqlite:///path) URL")
+
+
 class LocalPrefectServer:
     """`prefect server start` on 127.0.0.1; sets PREFECT_API_URL for this process and its children."""
 
-    def __init__(self, home: Path, port: int = 4200, ui: bool = True) -> None:
+    def __init__(self, home: Path, port: int = 4200, ui: bool = True, database_url: str | None = None) -> None:
         self.home = Path(home)
+        self.database_url = prefect_database_url(database_url) if database_url else None
         self.port = port if _port_free(port) else _free_port()
         self.ui = ui
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -67,6 +85,8 @@ class LocalPrefectServer:
         env = {**os.environ, "PREFECT_HOME": str(self.home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "true" if self.ui else "false"}
         env.pop("PREFECT_API_URL", None)
+        if self.database_url:
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         self._log = open(self.home / "server.log", "ab")
         self._process = subprocess.Popen(
             [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],

@@ -95,6 +95,9 @@ def serve(
     run_now: bool = typer.Option(True, "--run-now/--schedule-only", help="also run the campaign's jobs once, now"),
     prefect_port: int = typer.Option(4200, "--prefect-port", help="port of the local Prefect server (UI and API) "
                                      "started when PREFECT_API_URL is not set"),
+    prefect_db: Optional[str] = typer.Option(None, "--prefect-db", help="database of the local Prefect server: "
+                                             "postgresql://user@host:port/db for many cells (default: SQLite "
+                                             "in labtwin-data/prefect)"),
     as_json: bool = typer.Option(False, "--json", help="print the served flow runs as JSON when it stops"),
 ) -> None:
     """Serve the campaign through Prefect deployments: its jobs once, and its schedule for as long as it runs.
@@ -115,7 +118,7 @@ def serve(
     try:
         served = asyncio.run(_serve(file, campaign, config, broker or config.broker, store_url,
                                     "config" if speed is None else parse_speed(speed), duration_s, run_now,
-                                    prefect_port, os.environ.get("PREFECT_API_URL")))
+                                    prefect_port, os.environ.get("PREFECT_API_URL"), prefect_db))
     except KeyboardInterrupt:
         return
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as exc:
@@ -134,7 +137,8 @@ def serve(
     console.print(table)
 
 
-async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url):
+async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url,
+                 prefect_db=None):
     from labtwin.cli.wiring import LocalLab
     from labtwin.store import DEFAULT_SQLITE
     from protocols.campaign import channels_of
@@ -144,7 +148,8 @@ async def _serve(file, campaign, config, broker_url, store_url, speed, duration_
     store_url = store_url or str(DEFAULT_SQLITE.resolve())
     async with contextlib.AsyncExitStack() as stack:
         if not api_url:
-            server = await stack.enter_async_context(LocalPrefectServer(DEFAULT_SQLITE.parent / "prefect", prefect_port))
+            server = await stack.enter_async_context(LocalPrefectServer(DEFAULT_SQLITE.parent / "prefect", prefect_port,
+                                                                          database_url=prefect_db))
             err.print(f"Prefect server (UI and API) at {server.api_url.removesuffix('/api')}; "
                       f"its log in {server.home / 'server.log'}")
         else:
