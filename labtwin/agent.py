@@ -349,7 +349,9 @@ class Agent:
             run.tripped = reason
         await self._publish_step_end(cmd, run, reason, stats)
         state = ChannelState.fault if run.tripped else (ChannelState.paused if self._pause.is_set() else ChannelState.running)
-        await self._publish_status(force=True, state=state, cmd=cmd)
+        # Between steps the status names no step: a resuming flow that missed the step's end event (events are
+        # not retained) learns from the retained status that the step is over.
+        await self._publish_status(force=True, state=state)
 
     async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
         ended = StepEvent(

@@ -265,12 +265,24 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     if agent_holds_run and running is not None and status.state is ChannelState.running \
             and status.step_index == running.step_index:
         # The agent is still running the step the dead flow had started: wait for it instead of repeating it.
+        # Its end may fall between the look at the store and this link's subscription (events are not
+        # retained): once the status says the step is over, ask for the step again; the agent never runs a
+        # step index twice and answers with how it ended.
         speed = status.speed or 1.0
-        ended = await link.wait_for(
-            lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.run_id == running.run_id
-            and d.step_index == running.step_index, step_timeout_s(running, speed), STALL_MIN_S,
-            f"end of step {running.step_index} (running since before the resume)",
-        )
+
+        def ended_or_over(d) -> bool:
+            if isinstance(d, StepEvent):
+                return d.event == "ended" and d.run_id == running.run_id and d.step_index == running.step_index
+            return isinstance(d, ChannelStatus) and not (d.state is ChannelState.running
+                                                         and d.step_index == running.step_index)
+
+        what = f"end of step {running.step_index} (running since before the resume)"
+        ended = await link.wait_for(ended_or_over, step_timeout_s(running, speed), STALL_MIN_S, what)
+        if not isinstance(ended, StepEvent):
+            await link.bus.publish(link.topic("cmd"), running)
+            ended = await link.wait_for(lambda d: isinstance(d, StepEvent) and d.event == "ended"
+                                        and d.run_id == running.run_id and d.step_index == running.step_index,
+                                        TIMEOUT_GRACE_S, STALL_MIN_S, what)
         link.events.append(ended)
         if ended.reason is None or ended.reason.kind != "end_condition":
             return f"step {running.step_index}: {ended.reason.kind}:{ended.reason.name}" if ended.reason else "step failed"
