@@ -66,7 +66,7 @@ def test_a_campaign_file_is_checked_and_planned(tmp_path):
 async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repeating_a_step(embedded_broker, unique_lab, tmp_path):
     campaign = write_campaign(tmp_path, unique_lab, {"LTO-1": ["c1"]})
     store_path = tmp_path / "s.db"
-    lab = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"}, speed=150.0)
+    lab = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"}, speed=500.0)
     command = [LABTWIN, "campaign", "run", str(campaign), "--broker", embedded_broker.url, "--lab", str(tmp_path / "lab.yaml"),
                "--store", str(store_path)]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own Prefect server and database
