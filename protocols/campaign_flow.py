@@ -230,19 +230,23 @@ DRAIN_TIMEOUT_S = 120.0
 
 async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str, run_now: bool = True,
                          duration_s: float | None = None, ready: asyncio.Event | None = None,
-                         drain_timeout_s: float = DRAIN_TIMEOUT_S) -> list[ServedRun]:
+                         drain_timeout_s: float = DRAIN_TIMEOUT_S, work_pool: str | None = None) -> list[ServedRun]:
     """Serve the campaign through Prefect deployments: its jobs (run once now) and each schedule entry per cell.
 
-    Prefect's Runner (what flow.serve uses) polls the API for the deployments' scheduled flow runs and
-    runs each in a subprocess; the API server's scheduler makes the runs from the interval or cron.
-    Needs a Prefect server (PREFECT_API_URL): the ephemeral in-process API has no scheduler.
+    Without a work pool, Prefect's Runner (what flow.serve uses) in this process polls the API for the
+    deployments' due flow runs and runs each in a subprocess. With ``work_pool``, the deployments go to that
+    Prefect work pool (a process pool, made if missing) and the pool's workers run them, on whichever PCs
+    run `prefect worker start --pool NAME`; this process only keeps the schedule. Either way the API
+    server's scheduler makes the runs from the interval or cron, so a Prefect server is needed
+    (PREFECT_API_URL): the ephemeral in-process API has no scheduler.
 
     A schedule entry runs at most one occurrence per cell at a time: an occurrence due while the previous
     one still runs (or waits for the channel) is cancelled, not queued behind it, so a slow channel never
     piles up check-ups (nor flow-run processes on the lab PC). Stopping (after ``duration_s``, or when
-    cancelled) pauses the deployments, which deletes their future occurrences, lets the runs in progress
-    finish for up to ``drain_timeout_s`` and cancels the rest (their run ids are fixed, so a later run of
-    the same occurrence resumes them); returns every flow run the deployments made, from the API."""
+    cancelled) pauses the deployments, which deletes their future occurrences, and lets the runs in progress
+    finish for up to ``drain_timeout_s``; the Runner then cancels the rest (their run ids are fixed, so a
+    later run of the same occurrence resumes them), a pool's workers carry on with theirs. Returns every
+    flow run the deployments made, from the API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -253,28 +257,36 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
     campaign = load_campaign(campaign_file)
     params = {"campaign_file": str(Path(campaign_file).resolve()), "broker_url": broker_url, "lab": lab,
               "store_url": store_url}
-    # The Runner looks for due runs every 10 s by default; a schedule every few seconds would wait most of
-    # its interval, so it looks at least twice per shortest interval (cron schedules are minutes apart).
-    intervals = [interval_s(e.every) for e in campaign.schedule if e.every]
-    poll_s = max(1.0, min([10.0, *(i / 2 for i in intervals)]))
-    runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True, query_seconds=poll_s)
     module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    deployment_ids = [await runner.aadd_flow(run_campaign, name=campaign.campaign, parameters=params,
-                                             entrypoint_type=module, tags=["labtwin", campaign.campaign])]
+    wanted = [(run_campaign, dict(name=campaign.campaign, parameters=params, tags=["labtwin", campaign.campaign]))]
     for k, entry in enumerate(campaign.schedule):
         timing = {"interval": interval_s(entry.every)} if entry.every else {"cron": entry.cron}
         for cell_id in entry.cells:
-            deployment_ids.append(await runner.aadd_flow(
-                scheduled_job, name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}", **timing,
+            wanted.append((scheduled_job, dict(
+                name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}", **timing,
                 parameters={**params, "cell_id": cell_id, "protocol": entry.protocol, "entry": k},
-                entrypoint_type=module, tags=["labtwin", campaign.campaign, "scheduled"],
-                concurrency_limit=one_at_a_time,
-            ))
+                tags=["labtwin", campaign.campaign, "scheduled"], concurrency_limit=one_at_a_time,
+            )))
+    runner = None
+    if work_pool is None:
+        # The Runner looks for due runs every 10 s by default; a schedule every few seconds would wait most of
+        # its interval, so it looks at least twice per shortest interval (cron schedules are minutes apart).
+        intervals = [interval_s(e.every) for e in campaign.schedule if e.every]
+        poll_s = max(1.0, min([10.0, *(i / 2 for i in intervals)]))
+        runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True, query_seconds=poll_s)
+        deployment_ids = [await runner.aadd_flow(f, **kw, entrypoint_type=module) for f, kw in wanted]
+    else:
+        await ensure_process_pool(work_pool)
+        deployment_ids = []
+        for f, kw in wanted:
+            deployment = await f.ato_deployment(**kw, entrypoint_type=module, work_pool_name=work_pool)
+            deployment_ids.append(await deployment.aapply(work_pool_name=work_pool))
     only_ours = DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids))
     if run_now:
         await run_deployment(f"campaign/{campaign.campaign}", timeout=0, as_subflow=False)
-    serving = asyncio.create_task(runner.start())
+    # Without a Runner, this process only waits: the pool's workers run the flow runs.
+    serving = asyncio.create_task(runner.start() if runner is not None else asyncio.Event().wait())
     if ready is not None:
         ready.set()
     try:
@@ -291,12 +303,15 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
                     with contextlib.suppress(Exception):
                         await client.pause_deployment(deployment_id)
                 await _drain(client, only_ours, drain_timeout_s)
-            with contextlib.suppress(Exception):
-                await runner.astop()  # cancels what is still running after the drain
-            try:
-                await asyncio.wait_for(serving, 30)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            if runner is None:
                 serving.cancel()
+            else:
+                with contextlib.suppress(Exception):
+                    await runner.astop()  # cancels what is still running after the drain
+                try:
+                    await asyncio.wait_for(serving, 30)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    serving.cancel()
     async with get_client() as client:
         deployments = {d.id: d.name for d in await client.read_deployments(deployment_filter=only_ours)}
         runs = await client.read_flow_runs(deployment_filter=only_ours)
@@ -304,6 +319,24 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
         (ServedRun(deployments.get(r.deployment_id, "?"), r.name, r.state.name if r.state else "?",
                    f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "")
          for r in runs), key=lambda r: r.expected_start)
+
+
+async def ensure_process_pool(name: str) -> None:
+    """The work pool the campaign's deployments go to: made as a process pool (what `prefect work-pool create
+    NAME --type process` makes) when the server has none of that name; an existing pool is used as it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="labtwin campaigns: run `prefect worker start --pool NAME` where labtwin is installed",
+            ))
 
 
 async def _drain(client, only_ours, timeout_s: float) -> None:

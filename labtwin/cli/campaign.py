@@ -98,6 +98,9 @@ def serve(
     prefect_db: Optional[str] = typer.Option(None, "--prefect-db", help="database of the local Prefect server: "
                                              "postgresql://user@host:port/db for many cells (default: SQLite "
                                              "in labtwin-data/prefect)"),
+    work_pool: Optional[str] = typer.Option(None, "--work-pool", help="send the deployments to this Prefect work "
+                                            "pool (made as a process pool if missing); its workers run them: "
+                                            "`prefect worker start --pool NAME`. Needs PREFECT_API_URL"),
     as_json: bool = typer.Option(False, "--json", help="print the served flow runs as JSON when it stops"),
 ) -> None:
     """Serve the campaign through Prefect deployments: its jobs once, and its schedule for as long as it runs.
@@ -110,6 +113,9 @@ def serve(
     from protocols.campaign import interval_s
 
     campaign, config = _load(file, lab)
+    if work_pool and not os.environ.get("PREFECT_API_URL"):
+        _fail("--work-pool: workers on other PCs need a Prefect server they can reach; set PREFECT_API_URL "
+              "(e.g. http://<lab-server>:4200/api, a `prefect server start` there), or serve without --work-pool")
     try:
         duration_s = interval_s(duration) if duration else None
     except ValueError as exc:
@@ -118,7 +124,8 @@ def serve(
     try:
         served = asyncio.run(_serve(file, campaign, config, broker or config.broker, store_url,
                                     "config" if speed is None else parse_speed(speed), duration_s, run_now,
-                                    prefect_port, os.environ.get("PREFECT_API_URL"), prefect_db))
+                                    prefect_port, os.environ.get("PREFECT_API_URL"), prefect_db,
+                                    work_pool))
     except KeyboardInterrupt:
         return
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as exc:
@@ -138,7 +145,7 @@ def serve(
 
 
 async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url,
-                 prefect_db=None):
+                 prefect_db=None, work_pool=None):
     from labtwin.cli.wiring import LocalLab
     from labtwin.store import DEFAULT_SQLITE
     from protocols.campaign import channels_of
@@ -158,8 +165,10 @@ async def _serve(file, campaign, config, broker_url, store_url, speed, duration_
             local = await stack.enter_async_context(LocalLab(config, channels_of(campaign), None, store_url, speed))
             broker_url = local.url
         schedule = ", ".join(f"{e.protocol} on {', '.join(e.cells)} every {e.every or e.cron}" for e in campaign.schedule)
-        err.print(f"serving campaign {campaign.campaign} ({schedule or 'no schedule'}); Ctrl-C stops")
-        return await serve_campaign(str(file), broker_url, config.lab, store_url, run_now, duration_s)
+        where = f"; work pool {work_pool} runs them (`prefect worker start --pool {work_pool}`)" if work_pool else ""
+        err.print(f"serving campaign {campaign.campaign} ({schedule or 'no schedule'}){where}; Ctrl-C stops")
+        return await serve_campaign(str(file), broker_url, config.lab, store_url, run_now, duration_s,
+                                    work_pool=work_pool)
 
 
 @campaign_app.command("status")

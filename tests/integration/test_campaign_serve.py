@@ -4,6 +4,7 @@ store say happened."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -89,3 +90,65 @@ def test_serving_a_campaign_runs_its_jobs_and_its_schedule_through_prefect_deplo
     status = subprocess.run([LABTWIN, "campaign", "status", str(campaign)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 0 and f"2 finished, {len(scheduled)} scheduled" in status.stdout, status.stdout[-1500:]
+
+
+async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path, prefect_db):
+    """With a Prefect server configured, `serve --work-pool` only keeps the schedule; a worker (here a
+    `prefect worker start` process, as it runs on a lab PC) runs the campaign's jobs and occurrences."""
+    from protocols.prefect_server import LocalPrefectServer
+
+    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": "pool", "channels": {
+        "a1": {"driver": "simulated", "cell": "lco-lgps-glassy-ceramic", "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8}},
+    }}))
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text(yaml.safe_dump({
+        "campaign": "pooled", "lab": str(tmp_path / "lab.yaml"),
+        "cells": [{"id": "LCO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3}],
+        "schedule": [{"protocol": "eis-checkup", "cells": ["LCO-1"], "every": "4s"}],
+    }))
+    prefect = str(Path(sys.executable).parent / "prefect")
+    async with LocalPrefectServer(tmp_path / "prefect-server", free_port(), ui=False, database_url=prefect_db) as server:
+        env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        refused = subprocess.run([LABTWIN, "campaign", "serve", str(campaign), "--work-pool", "lab-pc-1", "--for", "1s"],
+                                 cwd=tmp_path, env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "set PREFECT_API_URL" in refused.stderr, refused.stderr
+        serve = subprocess.Popen([LABTWIN, "campaign", "serve", str(campaign), "--work-pool", "lab-pc-1", "--for", "20s",
+                                  "--json"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        worker = None
+        try:
+            # The pool is made by serve; the worker starts once it exists (`prefect worker start` would make a
+            # pool of its own type otherwise, as a lab's worker would join a pool that is already there).
+            from prefect.client.orchestration import get_client
+
+            async with get_client() as client:
+                for _ in range(120):
+                    try:
+                        pool = await client.read_work_pool("lab-pc-1")
+                        break
+                    except Exception:
+                        assert serve.poll() is None, serve.stderr.read()[-3000:]
+                        await asyncio.sleep(0.5)
+            assert pool.type == "process"
+            worker = subprocess.Popen([prefect, "worker", "start", "--pool", "lab-pc-1"], cwd=tmp_path, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out, err = await asyncio.to_thread(serve.communicate, timeout=300)
+        finally:
+            serve.kill()
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
+    assert serve.returncode == 0, err[-3000:]
+    served = json.loads(out)
+    states = {(r["deployment"], r["state"]) for r in served}
+    assert ("pooled", "Completed") in states
+    occurrences = [r for r in served if r["deployment"] == "pooled-LCO-1-eis-checkup"]
+    assert len(occurrences) >= 3 and {r["state"] for r in occurrences} <= {"Completed", "Cancelled"}, occurrences
+    assert [r for r in occurrences if r["state"] == "Completed"], occurrences
+    store = Store.open(str(tmp_path / "labtwin-data" / "labtwin.db"))
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    assert {r.run_id for r in runs if "-s1-" not in r.run_id} == {"pooled-LCO-1-1-eis-checkup"}
+    assert [r for r in runs if "-s1-eis-checkup-" in r.run_id] and {r.exit_status for r in runs} == {"success"}
