@@ -354,4 +354,4 @@ async def _drain(client, only_ours, timeout_s: float) -> None:
         except Exception:  # the API busy: look again
             pass
         await asyncio.sleep(1.0)
-    log.warning("campaign serve: runs still in progress after %.0f s; cancelling them", timeout_s)
+    log.warning("campaign serve: runs still in progress after %.0f s of draining", timeout_s)
