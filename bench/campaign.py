@@ -11,6 +11,7 @@ Prefect task run per step, the ephemeral Prefect API). The difference is Prefect
 
     python bench/campaign.py                 # 64 cells
     python bench/campaign.py --cells 16 --cycles 5
+    python bench/campaign.py --prefect-db memory     # the ephemeral API's database in memory
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ async def main(cells: int, cycles: int) -> None:
     print(f"  outcomes: {outcomes}")
     from prefect.settings import get_current_settings
 
-    print(f"  Prefect database: {get_current_settings().server.database.connection_url or 'SQLite (default)'}")
+    url = get_current_settings().server.database.connection_url
+    shown = url.get_secret_value() if url is not None and hasattr(url, "get_secret_value") else url
+    print(f"  Prefect database: {str(shown).split('@')[-1] if shown else 'SQLite (default)'}")
     added = wall_prefect - wall_direct
     print(f"  Prefect adds {added:.1f} s ({wall_prefect / wall_direct:.2f}x): {added / steps_per_cell * 1e3:.0f} ms per step "
           f"on each channel's critical path, {added / steps * 1e3:.1f} ms per step of the campaign")
@@ -110,5 +113,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=64)
     parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--prefect-db", default=None,
+                        help="the ephemeral API's database: memory, postgresql://..., sqlite:///path (default: SQLite)")
     args = parser.parse_args()
-    asyncio.run(main(args.cells, args.cycles))
+    from protocols.prefect_server import ephemeral_database
+
+    with ephemeral_database(args.prefect_db):
+        asyncio.run(main(args.cells, args.cycles))

@@ -53,15 +53,35 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+IN_MEMORY = "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true"
+
+
 def prefect_database_url(url: str) -> str:
-    """The URL as Prefect's server wants it: PostgreSQL through asyncpg, SQLite through aiosqlite."""
+    """The URL as Prefect's server wants it: PostgreSQL through asyncpg, SQLite through aiosqlite; ``memory``
+    for a database that lives as long as the server (Prefect keeps one connection to it, so its writers
+    queue in the server instead of sleeping on SQLite's file lock)."""
+    if url == "memory":
+        return IN_MEMORY
     for plain, driver in (("postgresql://", "postgresql+asyncpg://"), ("postgres://", "postgresql+asyncpg://"),
                           ("sqlite:///", "sqlite+aiosqlite:///")):
         if url.startswith(plain):
             return driver + url[len(plain):]
     if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
         return url
-    raise ValueError(f"--prefect-db {url!r}: give a postgresql://user@host:port/database (or sqlite:///path) URL")
+    raise ValueError(f"--prefect-db {url!r}: give memory, a postgresql://user@host:port/database URL or sqlite:///path")
+
+
+@contextlib.contextmanager
+def ephemeral_database(url: str | None):
+    """Prefect's ephemeral API (the one `labtwin run` and `campaign run` start in a subprocess on first use)
+    on this database; it must not have started yet in this process."""
+    if not url:
+        yield
+        return
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: prefect_database_url(url)}):
+        yield
 
 
 class LocalPrefectServer:

@@ -47,15 +47,25 @@ def run(
     lab: Optional[Path] = LabOpt,
     store: Optional[str] = StoreOpt,
     speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    prefect_db: Optional[str] = typer.Option(None, "--prefect-db", help="database of Prefect's local ephemeral API: "
+                                             "memory (fastest for big campaigns: Prefect's history of this run "
+                                             "is not kept; labtwin's store keeps everything), postgresql://..., "
+                                             "or sqlite:///path (default: SQLite in PREFECT_HOME)"),
 ) -> None:
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
+    import os
+
     from labtwin.clock import parse_speed
+    from protocols.prefect_server import ephemeral_database
 
     campaign, config = _load(file, lab)
     store_url = store or config.store
+    if prefect_db and os.environ.get("PREFECT_API_URL"):
+        _fail("--prefect-db: PREFECT_API_URL names a Prefect server, which has its own database; drop one of them")
     try:
-        results = asyncio.run(_run(file, campaign, config, broker or config.broker, store_url,
-                                   "config" if speed is None else parse_speed(speed)))
+        with ephemeral_database(prefect_db):
+            results = asyncio.run(_run(file, campaign, config, broker or config.broker, store_url,
+                                       "config" if speed is None else parse_speed(speed)))
     except (ConnectionError, ValueError, TimeoutError) as exc:
         _fail(str(exc))
     table = Table(title=f"campaign {campaign.campaign}")

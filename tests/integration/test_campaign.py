@@ -168,3 +168,27 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
     # step and everything after it ended after the restart.
     assert all((e.wall_time < killed_at) == (e.step_index < interrupted) for e in ended)
     assert seqs == sorted(set(seqs)) and seqs[0] == 0  # no duplicate batch; the dead agent's unsent tail is the only gap
+
+
+async def test_a_campaign_run_on_prefect_in_memory_keeps_nothing_of_prefect_and_everything_in_the_store(
+        embedded_broker, unique_lab, tmp_path):
+    """`--prefect-db memory`: the ephemeral API's database in memory (the fast choice for big campaigns); no
+    Prefect database file is written, the store has the run. A database it cannot use is refused by name."""
+    campaign = write_campaign(tmp_path, unique_lab, {"LTO-1": ["c1"]})
+    (tmp_path / "cycle.yaml").write_text(PROTOCOL.replace("  - repeat: 3", "  - repeat: 1"))
+    store_path = tmp_path / "s.db"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    command = [LABTWIN, "campaign", "run", str(campaign), "--broker", embedded_broker.url, "--lab", str(tmp_path / "lab.yaml"),
+               "--store", str(store_path)]
+    bad = subprocess.run([*command, "--prefect-db", "mysql://db"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--prefect-db 'mysql://db': give memory, a postgresql://" in bad.stderr, bad.stderr
+    lab = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"}, speed=2000.0)
+    async with LocalLab(lab, ["c1"], embedded_broker.url, str(store_path)) as local:
+        done = await asyncio.create_subprocess_exec(*command, "--prefect-db", "memory", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(done.communicate(), 180)
+        assert done.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
+        await local.wait_stored("c-LTO-1-1-cycle")
+        _, stop = local.store.run_documents("c-LTO-1-1-cycle")
+    assert stop is not None and stop.exit_status == "success"
+    assert not list((tmp_path / "prefect").glob("*.db"))  # Prefect wrote no database file
