@@ -240,6 +240,12 @@ class ManyParticleElectrode:
             v += dv
             if abs(dv) < 2e-6 and float(np.abs(dx).max()) < 1e-5:
                 break
+        else:
+            # Not converged in six iterations: typically a full (or empty) host whose exchange current is
+            # nearly zero, where the first linearisation sends the potential volts past the answer and the
+            # clipped grains stall there. Accepting it left the potential at ~5 V and nothing converged
+            # from there; a shorter step follows the overpotential as it builds on the double layer.
+            return None
         if float(np.abs(x - x0).max()) > self.p.max_dx_per_step or not math.isfinite(v):
             return None
         return x, v, applied_A - c_dt * (v - v0)
