@@ -67,8 +67,10 @@ async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_packa
     async with LocalLab(simulated, ["sim"], embedded_broker.url, str(tmp_path / "sim.db")) as local:
         in_process = await run_protocol(str(proto), "sim", local.url, lab=unique_lab)
     assert [e.reason for e in in_process.step_ends] == ends
-    peaks = [samples["current_A"][steps == index].max() for index in (2, 4)]
-    assert peaks[1] > peaks[0]  # a faster sweep draws a larger peak current
+    # No claim about peak heights here: on this 1 mAh LFP cell the current still rises at the 3.6 V vertex at
+    # both rates and the two differ by ~1 %, less than the wall-clock jitter of a loaded machine (a "faster
+    # sweep, larger peak" assertion failed once in CI: 5.873 vs 5.887 mA). That the scan rates reach the
+    # device is the driver transcript test's; the rate physics is the seed-001 dry-run's (Randles-Sevcik).
     assert np.all(np.diff(samples["time_s"]) >= 0)
 
 
