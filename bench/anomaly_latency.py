@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from labtwin import bus as busmod  # noqa: E402
 from labtwin.bus import Bus  # noqa: E402
 from labtwin.cli.wiring import LocalLab  # noqa: E402
-from labtwin.lab import ChannelConfig, LabConfig  # noqa: E402
-from labtwin.models import Limits, RunStart  # noqa: E402
-from labtwin.sim.cell import Fault  # noqa: E402
+from labtwin.config.lab import ChannelConfig, LabConfig  # noqa: E402
+from labtwin.documents import Limits, RunStart  # noqa: E402
+from labtwin.physics.cell import Fault  # noqa: E402
 
 PROTOCOL = """
 metadata: {{name: latency bench, chemistry: LCO|LGPS|Li-In}}
@@ -48,7 +48,7 @@ method:
 
 
 async def main(channels: int, seconds: float, broker: str | None) -> None:
-    from protocols.flows import run_protocol, start_prefect_api
+    from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
     await start_prefect_api()
     lab = f"latency{int(time.time()) % 100000}"

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labtwin.cli.wiring import LocalLab  # noqa: E402
-from labtwin.models import EndConditions, Limits, StepCommand, StepKind  # noqa: E402
+from labtwin.documents import EndConditions, Limits, StepCommand, StepKind  # noqa: E402
 from tests.helpers import run_steps_by_hand, sim_lab  # noqa: E402
 
 

@@ -30,11 +30,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import yaml  # noqa: E402
 
 from labtwin.cli.wiring import LocalLab  # noqa: E402
-from labtwin.models import Limits  # noqa: E402
-from protocols.campaign_flow import run_campaign  # noqa: E402
-from protocols.compile import CompileContext, compile_protocol  # noqa: E402
-from protocols.flows import start_prefect_api  # noqa: E402
-from protocols.model import load_protocol  # noqa: E402
+from labtwin.documents import Limits  # noqa: E402
+from labtwin.orchestration.campaign_flow import run_campaign  # noqa: E402
+from labtwin.protocols.compile import CompileContext, compile_protocol  # noqa: E402
+from labtwin.orchestration.flows import start_prefect_api  # noqa: E402
+from labtwin.protocols.model import load_protocol  # noqa: E402
 from tests.helpers import run_steps_by_hand, sim_lab  # noqa: E402
 
 CELL = "lco_lgps_glassy"  # LCO | glassy LGPS | Li-In, 1.2 mAh, 1.9-3.7 V
@@ -116,7 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("--prefect-db", default=None,
                         help="the ephemeral API's database: memory, postgresql://..., sqlite:///path (default: SQLite)")
     args = parser.parse_args()
-    from protocols.prefect_server import ephemeral_database
+    from labtwin.orchestration.prefect_server import ephemeral_database
 
     with ephemeral_database(args.prefect_db):
         asyncio.run(main(args.cells, args.cycles))

@@ -18,16 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instruments.b2900 import KeysightB2900  # noqa: E402
-from instruments.emstat import EmStat  # noqa: E402
-from instruments.keithley2450 import Keithley2450  # noqa: E402
-from instruments.transport import SerialLineTransport, VisaTransport  # noqa: E402
-from labtwin.models import EndConditions, StepCommand, StepKind  # noqa: E402
-from simulators.b2900 import KeysightB2900Emulator  # noqa: E402
-from simulators.cells import load_cell  # noqa: E402
-from simulators.emstat import EmStatEmulator, EmStatThread  # noqa: E402
-from simulators.keithley2450 import Keithley2450Emulator  # noqa: E402
-from simulators.scpi_server import ScpiEmulatorThread  # noqa: E402
+from labtwin.instruments.b2900 import KeysightB2900  # noqa: E402
+from labtwin.instruments.emstat import EmStat  # noqa: E402
+from labtwin.instruments.keithley2450 import Keithley2450  # noqa: E402
+from labtwin.instruments.transport import SerialLineTransport, VisaTransport  # noqa: E402
+from labtwin.documents import EndConditions, StepCommand, StepKind  # noqa: E402
+from labtwin.simulators.b2900 import KeysightB2900Emulator  # noqa: E402
+from labtwin.physics.library import load_cell  # noqa: E402
+from labtwin.simulators.emstat import EmStatEmulator, EmStatThread  # noqa: E402
+from labtwin.simulators.keithley2450 import Keithley2450Emulator  # noqa: E402
+from labtwin.simulators.scpi_server import ScpiEmulatorThread  # noqa: E402
 
 N = 2000
 

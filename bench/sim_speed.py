@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from simulators.cells import load_cell
+from labtwin.physics.library import load_cell
 
 
 def ecm_speed() -> float:
@@ -44,7 +44,7 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
     """
     import pybamm
 
-    from labtwin.sim.cell import CellParameters, PhysicsCell
+    from labtwin.physics.cell import CellParameters, PhysicsCell
 
     pv = pybamm.ParameterValues("Marquis2019")
     T_K = pv["Ambient temperature [K]"]

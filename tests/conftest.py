@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from labtwin.broker import EmbeddedBroker
+from labtwin.bus.broker import EmbeddedBroker
 
 MOSQUITTO = ("127.0.0.1", 1883)
 POSTGRES = ("127.0.0.1", 5432)

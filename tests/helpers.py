@@ -6,8 +6,8 @@ import asyncio
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import Limits, RunStart, RunStop, StartRun, StepCommand, StepEvent, StopRun
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import Limits, RunStart, RunStop, StartRun, StepCommand, StepEvent, StopRun
 
 
 def sim_lab(lab: str, cells: dict[str, str], limits: Limits | None = None, speed="max") -> LabConfig:

@@ -2,7 +2,7 @@
 import asyncio
 
 from labtwin.cli.wiring import LocalLab
-from labtwin.models import EndConditions, Limits, StepCommand, StepKind
+from labtwin.documents import EndConditions, Limits, StepCommand, StepKind
 from tests.helpers import run_steps_by_hand, sim_lab
 
 
@@ -73,7 +73,7 @@ async def test_a_run_holds_its_channel_and_an_abandoned_one_gives_way(broker_url
 
     from labtwin import bus as busmod
     from labtwin.bus import Bus
-    from labtwin.models import ChannelStatus, RunStart, RunStop, StartRun, StepEvent
+    from labtwin.documents import ChannelStatus, RunStart, RunStop, StartRun, StepEvent
     from tests.helpers import wait_doc
 
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"})
@@ -123,7 +123,7 @@ async def test_a_trip_delay_rides_through_a_short_excursion_but_not_the_channels
 async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_exceeded_there_stops(broker_url, unique_lab, tmp_path):
     from labtwin import bus as busmod
     from labtwin.bus import Bus
-    from labtwin.models import ChannelStatus, RunStart, RunStop, StartRun, StepEvent, StopRun
+    from labtwin.documents import ChannelStatus, RunStart, RunStop, StartRun, StepEvent, StopRun
     from tests.helpers import wait_doc
 
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))

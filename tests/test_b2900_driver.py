@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from instruments.b2900 import KeysightB2900
-from instruments.transcript import ScriptedTransport, TranscriptMismatch
-from instruments.transport import InstrumentError, VisaTransport
-from labtwin.potentiostat import Potentiostat
-from simulators.b2900 import KeysightB2900Emulator
-from simulators.cells import load_cell
-from simulators.scpi_server import ScpiEmulatorThread
+from labtwin.instruments.b2900 import KeysightB2900
+from labtwin.instruments.transcript import ScriptedTransport, TranscriptMismatch
+from labtwin.instruments.transport import InstrumentError, VisaTransport
+from labtwin.devices.potentiostat import Potentiostat
+from labtwin.simulators.b2900 import KeysightB2900Emulator
+from labtwin.physics.library import load_cell
+from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 CONFIGURE_CH2 = [
     ("*RST", None), (":OUTP2:OFF:MODE HIZ", None), (":SENS2:REM ON", None), (':SENS2:FUNC "VOLT","CURR"', None),

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from instruments.b2900 import KeysightB2900
-from instruments.transport import VisaTransport
+from labtwin.instruments.b2900 import KeysightB2900
+from labtwin.instruments.transport import VisaTransport
 
 ADDRESS = os.environ.get("LABTWIN_B2900")
 pytestmark = pytest.mark.skipif(not ADDRESS, reason="no Keysight B2900: set LABTWIN_B2900 to its VISA address")

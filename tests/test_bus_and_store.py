@@ -7,8 +7,8 @@ import pytest
 from labtwin import bus as busmod
 from labtwin.bus import Bus, MalformedPayload, decode
 from labtwin.cli.wiring import LocalLab
-from labtwin.models import EndConditions, SampleBatch, StepCommand, StepKind
-from labtwin.store import Store
+from labtwin.documents import EndConditions, SampleBatch, StepCommand, StepKind
+from labtwin.data.store import Store
 from tests.helpers import run_steps_by_hand, sim_lab
 
 

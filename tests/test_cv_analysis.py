@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from labtwin.analysis.cv import randles_sevcik, voltammogram
-from labtwin.models import SweepSettings
-from simulators.cells import load_cell
+from labtwin.documents import SweepSettings
+from labtwin.physics.library import load_cell
 
 
 def _cv(rate: float):

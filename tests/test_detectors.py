@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from labtwin.analysis.plateau import plateau_oscillation
-from labtwin.detectors.cycling import CyclingDetector
-from labtwin.detectors.impedance import ImpedanceGrowthDetector
-from labtwin.detectors.oscillation import OscillationDetector
-from labtwin.detectors.residual import ResidualDetector
-from labtwin.detectors.soft_short import SoftShortDetector
-from labtwin.sim.cell import Fault
-from labtwin.summary import CycleSummary
+from labtwin.twin.detectors.cycling import CyclingDetector
+from labtwin.twin.detectors.impedance import ImpedanceGrowthDetector
+from labtwin.twin.detectors.oscillation import OscillationDetector
+from labtwin.twin.detectors.residual import ResidualDetector
+from labtwin.twin.detectors.soft_short import SoftShortDetector
+from labtwin.physics.cell import Fault
+from labtwin.analysis.summary import CycleSummary
 from labtwin.twin.estimator import RecursiveRcEstimator
-from simulators.cells import load_cell
+from labtwin.physics.library import load_cell
 from tests.test_physics import galvanostatic
 
 NOISE_V = 3e-4  # 0.3 mV RMS: a good cycler channel

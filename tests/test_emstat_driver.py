@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from instruments.emstat import EmStat
-from labtwin.methodscript import MethodScriptFormatError, decode_packet, encode_variable, literal, parse_literal
-from instruments.transcript import ScriptedLineTransport, TranscriptMismatch
-from instruments.transport import InstrumentError, SerialLineTransport
-from labtwin.models import EisSettings, EndConditions, StepCommand, StepKind, SweepSettings
-from labtwin.potentiostat import RunsTechniques
-from simulators.cells import load_cell
-from simulators.emstat import EmStatEmulator, EmStatThread
+from labtwin.instruments.emstat import EmStat
+from labtwin.devices.methodscript import MethodScriptFormatError, decode_packet, encode_variable, literal, parse_literal
+from labtwin.instruments.transcript import ScriptedLineTransport, TranscriptMismatch
+from labtwin.instruments.transport import InstrumentError, SerialLineTransport
+from labtwin.documents import EisSettings, EndConditions, StepCommand, StepKind, SweepSettings
+from labtwin.devices.potentiostat import RunsTechniques
+from labtwin.physics.library import load_cell
+from labtwin.simulators.emstat import EmStatEmulator, EmStatThread
 
 
 def test_literals_are_exact_integers_with_si_prefixes_and_never_rounded():

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from instruments.emstat import EmStat
-from instruments.transport import SerialLineTransport
-from labtwin.models import EisSettings, EndConditions, StepCommand, StepKind
+from labtwin.instruments.emstat import EmStat
+from labtwin.instruments.transport import SerialLineTransport
+from labtwin.documents import EisSettings, EndConditions, StepCommand, StepKind
 
 PORT = os.environ.get("LABTWIN_EMSTAT")
 pytestmark = pytest.mark.skipif(not PORT, reason="no EmStat: set LABTWIN_EMSTAT to its serial port")

@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from instruments.keithley2450 import Keithley2450
-from instruments.transcript import ScriptedTransport, TranscriptMismatch
-from instruments.transport import InstrumentError, VisaTransport
-from labtwin.potentiostat import Potentiostat
-from simulators.cells import load_cell
-from simulators.keithley2450 import Keithley2450Emulator
-from simulators.scpi_server import ScpiEmulatorThread
+from labtwin.instruments.keithley2450 import Keithley2450
+from labtwin.instruments.transcript import ScriptedTransport, TranscriptMismatch
+from labtwin.instruments.transport import InstrumentError, VisaTransport
+from labtwin.devices.potentiostat import Potentiostat
+from labtwin.physics.library import load_cell
+from labtwin.simulators.keithley2450 import Keithley2450Emulator
+from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 CONFIGURE = [
     ("*RST", None),
@@ -105,7 +105,7 @@ def emulator():
 
 @pytest.mark.parametrize("address", ["TCPIP::127.0.0.1::{port}::SOCKET", "ASRLsocket://127.0.0.1:{port}::INSTR"])
 def test_the_driver_runs_the_emulated_cell_through_pyvisa(emulator, address, tmp_path):
-    from instruments.transport import AuditTrail
+    from labtwin.instruments.transport import AuditTrail
 
     emu, port = emulator
     audit = tmp_path / "audit.jsonl"

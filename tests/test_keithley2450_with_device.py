@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from instruments.keithley2450 import Keithley2450
-from instruments.transport import VisaTransport
+from labtwin.instruments.keithley2450 import Keithley2450
+from labtwin.instruments.transport import VisaTransport
 
 ADDRESS = os.environ.get("LABTWIN_KEITHLEY2450")
 pytestmark = pytest.mark.skipif(not ADDRESS, reason="no Keithley 2450: set LABTWIN_KEITHLEY2450 to its VISA address")

@@ -2,9 +2,9 @@
 
 from rich.console import Console
 
-from labtwin.models import ChannelState, ChannelStatus
-from labtwin.monitor import MonitorView
-from labtwin.twin.documents import Anomaly, CellState
+from labtwin.documents import ChannelState, ChannelStatus
+from labtwin.cli.monitor import MonitorView
+from labtwin.documents import Anomaly, CellState
 
 
 def test_monitor_view_shows_channels_twin_states_and_anomalies():

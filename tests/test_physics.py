@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from labtwin.analysis.plateau import plateau_oscillation
-from labtwin.models import SweepSettings
-from labtwin.sim.cell import Fault
-from labtwin.sim.constants import FARADAY_C_per_mol, thermal_voltage_V
-from simulators.cells import available_cells, load_cell
+from labtwin.documents import SweepSettings
+from labtwin.physics.cell import Fault
+from labtwin.physics.constants import FARADAY_C_per_mol, thermal_voltage_V
+from labtwin.physics.library import available_cells, load_cell
 
 LTO_AREA_cm2 = 1.89
 LCO_MASS_g = 7.29e-3

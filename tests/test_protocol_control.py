@@ -8,12 +8,12 @@ import math
 import pytest
 import yaml
 
-from labtwin.models import EndReason, StepEvent, StepStats
-from labtwin.safety import VoltageSlope, check_end
-from labtwin.models import EndConditions, StepKind
-from protocols.compile import CompileContext, compile_program, compile_protocol
-from protocols.model import ProtocolError, parse_protocol
-from protocols.program import Interpreter, ResumeMismatch
+from labtwin.documents import EndReason, StepEvent, StepStats
+from labtwin.agent.safety import VoltageSlope, check_end
+from labtwin.documents import EndConditions, StepKind
+from labtwin.protocols.compile import CompileContext, compile_program, compile_protocol
+from labtwin.protocols.model import ProtocolError, parse_protocol
+from labtwin.protocols.program import Interpreter, ResumeMismatch
 
 HEAD = """
 metadata: {name: control, nominal_capacity_Ah: 1.0e-3}

@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from labtwin.cli import app
-from protocols.compile import CompileContext, compile_protocol
-from protocols.model import LIBRARY, Protocol, ProtocolError, load_protocol, parse_protocol
-from protocols.strings import StepStringError, parse_step_string, to_pybamm
+from labtwin.protocols.compile import CompileContext, compile_protocol
+from labtwin.protocols.model import LIBRARY, Protocol, ProtocolError, load_protocol, parse_protocol
+from labtwin.protocols.strings import StepStringError, parse_step_string, to_pybamm
 
 runner = CliRunner()
 HEAD = "metadata: {name: t, nominal_capacity_Ah: 0.001}\nsafety: {voltage_min_V: 2.5, voltage_max_V: 4.3}\n"
@@ -118,7 +118,7 @@ def test_library_protocols_in_sentences_exist():
 
 
 def test_the_pybamm_export_names_end_conditions_it_cannot_say_instead_of_dropping_them():
-    from protocols.strings import to_pybamm
+    from labtwin.protocols.strings import to_pybamm
 
     protocol = parse_protocol(yaml.safe_load(HEAD + "method:\n  - cc: {c_rate: -1, until: {voltage_V: 3.0, dvdt_V_per_h: 0.01}}\n"))
     with pytest.raises(StepStringError, match="dvdt_V_per_h has no PyBaMM step string"):

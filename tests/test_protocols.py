@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from labtwin.models import Limits, StepKind
-from protocols.compile import CompileContext, compile_protocol
-from protocols.model import LIBRARY, ProtocolError, load_protocol, parse_protocol
+from labtwin.documents import Limits, StepKind
+from labtwin.protocols.compile import CompileContext, compile_protocol
+from labtwin.protocols.model import LIBRARY, ProtocolError, load_protocol, parse_protocol
 
 GOOD = {
     "metadata": {"name": "t"},
@@ -102,8 +102,8 @@ def test_a_limit_the_protocol_leaves_unset_is_inherited_from_the_channel_not_ref
 
 def test_cycles_are_counted_from_charge_direction_not_from_nested_loop_counters():
     """seed003-cycling-eis nests 9 cycles inside a loop whose 10th cycle adds a rest and an EIS step."""
-    from labtwin.models import StepEvent, StepStats
-    from labtwin.summary import summarize_run
+    from labtwin.documents import StepEvent, StepStats
+    from labtwin.analysis.summary import summarize_run
 
     def ended(i: int, step: str, loop: int, charge: float = 0.0, discharge: float = 0.0) -> StepEvent:
         return StepEvent(run_id="r", channel="c", step_index=i, cycle=loop, step=step, event="ended", time_s=float(i),

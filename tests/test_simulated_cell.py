@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from labtwin.clock import VirtualClock
-from labtwin.potentiostat import Potentiostat
-from simulators.cells import CELL_DIR, CellFileError, available_cells, load_cell
-from simulators.potentiostat import SimulatedPotentiostat
+from labtwin.devices.clock import VirtualClock
+from labtwin.devices.potentiostat import Potentiostat
+from labtwin.physics.library import CELL_DIR, CellFileError, available_cells, load_cell
+from labtwin.simulators.potentiostat import SimulatedPotentiostat
 
 
 @pytest.mark.parametrize("name", available_cells())
 def test_every_cell_file_loads_with_sources(name):
-    from simulators.cells import _has_source, _leaves
+    from labtwin.physics.library import _has_source, _leaves
 
     cell = load_cell(name)
     leaves = _leaves(cell.parameters)

@@ -25,8 +25,8 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from labtwin.clock import parse_speed  # noqa: E402
-from labtwin.store import DEFAULT_SQLITE, Store, describe_url  # noqa: E402
+from labtwin.devices.clock import parse_speed  # noqa: E402
+from labtwin.data.store import DEFAULT_SQLITE, Store, describe_url  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -75,7 +75,7 @@ def _print_json(obj) -> None:
 
 
 def _summary_table(summary) -> Table:
-    from labtwin.summary import RunSummary
+    from labtwin.analysis.summary import RunSummary
 
     s: RunSummary = summary
     wall = f"{s.wall_time_s:.1f} s wall" if s.wall_time_s is not None else ""
@@ -174,7 +174,7 @@ def run(
 
 async def _run(config, protocol, channel, url, store_url, speed):
     from labtwin.cli.wiring import LocalLab
-    from protocols.flows import run_protocol, start_prefect_api
+    from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
     await start_prefect_api()
     if url is not None:
@@ -244,7 +244,7 @@ def agent(
 ) -> None:
     """Serve one channel: run its steps and enforce its limits next to the instrument."""
     _setup_logging(verbose)
-    from labtwin.agent import Agent
+    from labtwin.agent.service import Agent
     from labtwin.cli.wiring import build_channel, default_lab
 
     try:
@@ -276,7 +276,7 @@ def record(
 ) -> None:
     """Write every data and event document of the lab into the store."""
     _setup_logging(verbose)
-    from labtwin.recorder import Recorder
+    from labtwin.data.recorder import Recorder
 
     try:
         config, url = _lab_and_broker(lab, broker, "the recorder")
@@ -336,7 +336,7 @@ def replay(
     """Replay recorded data through the bus; the twin and its detectors run on it exactly as live."""
     _setup_logging(verbose)
     from labtwin.cli.replay import run_replay
-    from labtwin.replay import RecordingError
+    from labtwin.data.replay import RecordingError
 
     try:
         summary, anomalies = asyncio.run(run_replay(file, _broker(broker), parse_speed(speed or "max"), model, circuit, cell))
@@ -359,7 +359,7 @@ def broker(
     host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes it to the network (no TLS!)"),
 ) -> None:
     """Run the embedded MQTT broker on its own (for agents in other processes)."""
-    from labtwin.broker import EmbeddedBroker
+    from labtwin.bus.broker import EmbeddedBroker
 
     async def _serve():
         async with EmbeddedBroker(host, port) as b:
@@ -376,7 +376,7 @@ async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: fl
     """Send a command for the run now on a channel (its run id from the channel's retained status)."""
     from labtwin import bus as busmod
     from labtwin.bus import Bus
-    from labtwin.models import ChannelStatus
+    from labtwin.documents import ChannelStatus
 
     async with Bus(url, f"cli-{channel}-{os.getpid()}") as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
@@ -399,7 +399,7 @@ def pause(
     lab: Optional[Path] = LabOpt,
 ) -> None:
     """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
-    from labtwin.models import PauseRun
+    from labtwin.documents import PauseRun
 
     config, url = _lab_and_broker(lab, broker, "pause")
     try:
@@ -416,7 +416,7 @@ def resume(
     lab: Optional[Path] = LabOpt,
 ) -> None:
     """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
-    from labtwin.models import ResumeRun
+    from labtwin.documents import ResumeRun
 
     config, url = _lab_and_broker(lab, broker, "resume")
     try:
@@ -433,7 +433,7 @@ def monitor(
     seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
 ) -> None:
     """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
-    from labtwin.monitor import monitor as run_monitor
+    from labtwin.cli.monitor import monitor as run_monitor
 
     url = _broker(broker)
     if url is None:
@@ -478,7 +478,7 @@ def export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a run's samples with unit-bearing column names."""
-    from labtwin.export import FORMATS, export_samples
+    from labtwin.data.export import FORMATS, export_samples
 
     if fmt not in FORMATS:
         _fail(f"--format {fmt!r} is not known: use one of {', '.join(FORMATS)}")

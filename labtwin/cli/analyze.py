@@ -74,7 +74,7 @@ def eis(
             ])
         console.print(table)
     if plot is not None:
-        from labtwin.plots import plot_nyquist
+        from labtwin.analysis.plots import plot_nyquist
 
         lines = []
         for spectrum, fit, _ in results:
@@ -108,10 +108,10 @@ def cv(
 ) -> None:
     """Peaks and peak separation per voltammogram; Randles-Sevcik D over the linear range when 3+ rates and A*C are given."""
     from labtwin.analysis.cv import randles_sevcik, voltammogram
-    from labtwin.replay import RecordingError, read_recording
+    from labtwin.data.replay import RecordingError, read_recording
 
     if cell is not None:
-        from simulators.cells import load_cell  # the CLI is where labtwin meets the simulators
+        from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
 
         definition = load_cell(cell)
         film = definition.parameters.positive
@@ -148,7 +148,7 @@ def cv(
                                     "linear_range_V_s": list(rs.linear_range_V_s), "rates_used": rs.rates_used,
                                     "slope_A_per_sqrt_V_s": rs.slope_A_per_sqrt_V_s}
     if plot is not None:
-        from labtwin.plots import plot_voltammograms
+        from labtwin.analysis.plots import plot_voltammograms
 
         plot_voltammograms([(f"{vg.scan_rate_V_s * 1e3:.3g} mV/s", e, i) for (_, vg), (e, i) in zip(sweeps, curves)],
                            "voltammograms" + (" (iR-corrected)" if series_resistance_ohm else ""), plot)
@@ -181,10 +181,10 @@ def gitt(
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
     from labtwin.analysis.gitt import gitt_pulses
-    from labtwin.replay import RecordingError, read_recording
+    from labtwin.data.replay import RecordingError, read_recording
 
     if cell is not None and length_m is None:
-        from simulators.cells import load_cell  # the CLI is where labtwin meets the simulators
+        from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
 
         diffusion = getattr(load_cell(cell).parameters.positive, "diffusion", None)
         if diffusion is None:
@@ -238,9 +238,9 @@ def cycling(
 ) -> None:
     """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
     from labtwin.analysis.cycling import differential_capacity
-    from labtwin.models import StepEvent
-    from labtwin.replay import RecordingError, documents, read_recording
-    from labtwin.summary import number_cycles, summarize_cycles
+    from labtwin.documents import StepEvent
+    from labtwin.data.replay import RecordingError, documents, read_recording
+    from labtwin.analysis.summary import number_cycles, summarize_cycles
 
     path = Path(source)
     if path.exists():
@@ -252,7 +252,7 @@ def cycling(
                   if isinstance(d, StepEvent) and d.event == "ended"]
         samples = {"voltage_V": rec.voltage_V, "capacity_Ah": rec.capacity_Ah, "step": _step_indices(rec.step)}
     else:
-        from labtwin.store import DEFAULT_SQLITE, Store
+        from labtwin.data.store import DEFAULT_SQLITE, Store
 
         s = Store.open(store or DEFAULT_SQLITE)
         try:

@@ -27,8 +27,8 @@ def _fail(message: str) -> None:
 
 def _load(file: Path, lab: Optional[Path]):
     from labtwin.cli.wiring import default_lab
-    from protocols.campaign import channels_of, load_campaign
-    from protocols.model import ProtocolError
+    from labtwin.orchestration.campaign import channels_of, load_campaign
+    from labtwin.protocols.model import ProtocolError
 
     try:
         campaign = load_campaign(file)
@@ -55,8 +55,8 @@ def run(
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
     import os
 
-    from labtwin.clock import parse_speed
-    from protocols.prefect_server import ephemeral_database
+    from labtwin.devices.clock import parse_speed
+    from labtwin.orchestration.prefect_server import ephemeral_database
 
     campaign, config = _load(file, lab)
     store_url = store or config.store
@@ -81,10 +81,10 @@ def run(
 
 async def _run(file, campaign, config, broker_url, store_url, speed):
     from labtwin.cli.wiring import LocalLab
-    from labtwin.store import DEFAULT_SQLITE
-    from protocols.campaign import channels_of
-    from protocols.campaign_flow import run_campaign
-    from protocols.flows import start_prefect_api
+    from labtwin.data.store import DEFAULT_SQLITE
+    from labtwin.orchestration.campaign import channels_of
+    from labtwin.orchestration.campaign_flow import run_campaign
+    from labtwin.orchestration.flows import start_prefect_api
 
     await start_prefect_api()
     store_url = store_url or str(DEFAULT_SQLITE)
@@ -119,8 +119,8 @@ def serve(
     (UI and API on 127.0.0.1:--prefect-port, database in labtwin-data/prefect)."""
     import os
 
-    from labtwin.clock import parse_speed
-    from protocols.campaign import interval_s
+    from labtwin.devices.clock import parse_speed
+    from labtwin.orchestration.campaign import interval_s
 
     campaign, config = _load(file, lab)
     if work_pool and not os.environ.get("PREFECT_API_URL"):
@@ -157,10 +157,10 @@ def serve(
 async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url,
                  prefect_db=None, work_pool=None):
     from labtwin.cli.wiring import LocalLab
-    from labtwin.store import DEFAULT_SQLITE
-    from protocols.campaign import channels_of
-    from protocols.campaign_flow import serve_campaign
-    from protocols.prefect_server import LocalPrefectServer
+    from labtwin.data.store import DEFAULT_SQLITE
+    from labtwin.orchestration.campaign import channels_of
+    from labtwin.orchestration.campaign_flow import serve_campaign
+    from labtwin.orchestration.prefect_server import LocalPrefectServer
 
     store_url = store_url or str(DEFAULT_SQLITE.resolve())
     async with contextlib.AsyncExitStack() as stack:
@@ -188,9 +188,9 @@ def status(
     store: Optional[str] = StoreOpt,
 ) -> None:
     """Each job: queued, in progress (or interrupted: `campaign run` resumes it), or finished, from the store."""
-    from labtwin.store import DEFAULT_SQLITE, Store
-    from protocols.campaign import plan
-    from protocols.resume import read_run
+    from labtwin.data.store import DEFAULT_SQLITE, Store
+    from labtwin.orchestration.campaign import plan
+    from labtwin.orchestration.resume import read_run
 
     campaign, config = _load(file, lab)
     s = Store.open(store or config.store or DEFAULT_SQLITE)

@@ -18,9 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.cli.wiring import LocalLab, default_lab
-from labtwin.models import RunStart, StepEvent
-from labtwin.plots import plot_run
-from labtwin.store import describe_url
+from labtwin.documents import RunStart, StepEvent
+from labtwin.analysis.plots import plot_run
+from labtwin.data.store import describe_url
 
 # ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
 # ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
@@ -45,7 +45,7 @@ async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], 
 
 
 async def run_demo(broker_url: str | None, store_url: str, out: Path, console: Console, quiet: bool = False) -> dict:
-    from protocols.flows import run_protocol, start_prefect_api  # imports Prefect (~1 s)
+    from labtwin.orchestration.flows import run_protocol, start_prefect_api  # imports Prefect (~1 s)
 
     wall_start = time.monotonic()
     config = default_lab()

@@ -13,13 +13,13 @@ from pathlib import Path
 from labtwin.cli.wiring import LocalLab, default_lab
 import numpy as np
 
-from labtwin.export import export_samples
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import StepKind
-from labtwin.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
-from labtwin.summary import RunSummary, number_cycles
-from labtwin.twin.documents import Anomaly
-from simulators.cells import load_cell
+from labtwin.data.export import export_samples
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import StepKind
+from labtwin.analysis.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
+from labtwin.analysis.summary import RunSummary, number_cycles
+from labtwin.documents import Anomaly
+from labtwin.physics.library import load_cell
 
 
 async def run_dryrun(
@@ -33,7 +33,7 @@ async def run_dryrun(
     (it acts within a sample in real time). A finite ``speed`` shows where it
     would land on a real channel, at the cost of wall time.
     """
-    from protocols.flows import run_protocol, start_prefect_api
+    from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
     cell = load_cell(sim)
     if channel is not None:
@@ -43,7 +43,7 @@ async def run_dryrun(
         # so a protocol's own safety limits (just outside the window) are the ones that act.
         lo, hi = cell.voltage_window_V
         margin = 0.05 * (hi - lo)
-        from labtwin.models import Limits
+        from labtwin.documents import Limits
 
         limits = Limits(voltage_min_V=lo - margin, voltage_max_V=hi + margin)
     config = LabConfig(

@@ -49,9 +49,9 @@ def _positive(speed: float) -> None:
 def keithley2450(cell: str = CellOpt, port: int = PortOpt, host: str = HostOpt, speed: float = SpeedOpt,
                  seed: int = SeedOpt) -> None:
     """A Keithley 2450 SourceMeter (native SCPI over a raw TCP socket)."""
-    from simulators.cells import load_cell
-    from simulators.keithley2450 import Keithley2450Emulator
-    from simulators.scpi_server import ScpiServer
+    from labtwin.physics.library import load_cell
+    from labtwin.simulators.keithley2450 import Keithley2450Emulator
+    from labtwin.simulators.scpi_server import ScpiServer
 
     _positive(speed)
     definition = load_cell(cell)
@@ -64,9 +64,9 @@ def keithley2450(cell: str = CellOpt, port: int = PortOpt, host: str = HostOpt, 
 @emulate_app.command("b2900")
 def b2900(cell: str = CellOpt, port: int = PortOpt, host: str = HostOpt, speed: float = SpeedOpt, seed: int = SeedOpt) -> None:
     """A Keysight B2901A SMU (SCPI over a raw TCP socket), the cell on channel 1."""
-    from simulators.b2900 import KeysightB2900Emulator
-    from simulators.cells import load_cell
-    from simulators.scpi_server import ScpiServer
+    from labtwin.simulators.b2900 import KeysightB2900Emulator
+    from labtwin.physics.library import load_cell
+    from labtwin.simulators.scpi_server import ScpiServer
 
     _positive(speed)
     definition = load_cell(cell)
@@ -79,8 +79,8 @@ def b2900(cell: str = CellOpt, port: int = PortOpt, host: str = HostOpt, speed: 
 def emstat(cell: str = CellOpt, port: int = typer.Option(4001, "--port", help="TCP port; reach it as socket://host:port"),
            host: str = HostOpt, speed: float = SpeedOpt, seed: int = SeedOpt) -> None:
     """A PalmSens EmStat running MethodSCRIPT (reach it with pyserial's socket:// URL)."""
-    from simulators.cells import load_cell
-    from simulators.emstat import EmStatEmulator, EmStatServer
+    from labtwin.physics.library import load_cell
+    from labtwin.simulators.emstat import EmStatEmulator, EmStatServer
 
     _positive(speed)
     definition = load_cell(cell)

@@ -25,7 +25,7 @@ def _fail(message: str) -> None:
 
 def _context(channel: str | None, lab: Path | None, capacity: float | None):
     """Compile context for a channel of the lab file: its limits and its cell's nominal capacity."""
-    from protocols.compile import CompileContext
+    from labtwin.protocols.compile import CompileContext
 
     if channel is None:
         return CompileContext("check", capacity, None), None
@@ -34,15 +34,15 @@ def _context(channel: str | None, lab: Path | None, capacity: float | None):
     cfg = default_lab(lab).channel(channel)
     nominal = capacity or cfg.nominal_capacity_Ah
     if nominal is None and cfg.cell:
-        from simulators.cells import load_cell
+        from labtwin.physics.library import load_cell
 
         nominal = load_cell(cfg.cell).nominal_capacity_Ah
     return CompileContext("check", nominal, cfg.limits), cfg
 
 
 def _compile(file: str, channel: str | None, lab: Path | None, capacity: float | None):
-    from protocols.compile import compile_protocol
-    from protocols.model import ProtocolError, load_protocol
+    from labtwin.protocols.compile import compile_protocol
+    from labtwin.protocols.model import ProtocolError, load_protocol
 
     try:
         protocol = load_protocol(file)
@@ -53,7 +53,7 @@ def _compile(file: str, channel: str | None, lab: Path | None, capacity: float |
 
 
 def _describe(cmd) -> tuple[str, str]:
-    from labtwin.models import StepKind
+    from labtwin.documents import StepKind
 
     setpoint = ""
     if cmd.step in (StepKind.cc, StepKind.gitt):
@@ -82,7 +82,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="the compiled StepCommands as JSON"),
 ) -> None:
     """The compiled step list: what the agent will be asked to run, in order."""
-    from protocols.compile import LoopEnd, LoopStart, compile_program
+    from labtwin.protocols.compile import LoopEnd, LoopStart, compile_program
 
     protocol, commands, _ = _compile(file, channel, lab, capacity)
     if as_json:
@@ -131,12 +131,12 @@ def check(
     protocol, commands, cfg = _compile(file, channel, lab, capacity)
     chemistry = protocol.metadata.chemistry
     if chemistry and cfg is not None and cfg.cell:
-        from simulators.cells import load_cell
+        from labtwin.physics.library import load_cell
 
         cell_chemistry = load_cell(cfg.cell).chemistry
         if cell_chemistry and cell_chemistry != chemistry:
             _fail(f"{file} is written for {chemistry}; channel {channel}'s cell is {cell_chemistry}")
-    from protocols.compile import LoopEnd, compile_program
+    from labtwin.protocols.compile import LoopEnd, compile_program
 
     program = compile_program(protocol, _context(channel, lab, capacity)[0])
     budget_h = sum(c.time_budget_s() for c in commands) / 3600
@@ -153,8 +153,8 @@ def export(
     to: str = typer.Option("pybamm", "--to", help="target format: pybamm (an Experiment's operating conditions)"),
 ) -> None:
     """Export to another tool's form, to cross-check a protocol there (PyBaMM's Experiment today)."""
-    from protocols.model import ProtocolError, load_protocol
-    from protocols.strings import StepStringError, to_pybamm
+    from labtwin.protocols.model import ProtocolError, load_protocol
+    from labtwin.protocols.strings import StepStringError, to_pybamm
 
     if to != "pybamm":
         _fail(f"--to {to!r}: only pybamm is supported (BioLogic .mps and Arbin schedules are the next candidates)")
@@ -168,7 +168,7 @@ def export(
 @schema_app.command("protocol")
 def schema_protocol() -> None:
     """JSON Schema of a protocol file: `labtwin schema protocol > protocol.schema.json`."""
-    from protocols.model import Protocol
+    from labtwin.protocols.model import Protocol
 
     schema = Protocol.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

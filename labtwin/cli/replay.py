@@ -8,16 +8,16 @@ from pathlib import Path
 
 from labtwin.bus import Bus, topic
 from labtwin.cli.wiring import twin_factory
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import SampleBatch, StepEvent
-from labtwin.replay import documents, read_recording
-from labtwin.summary import summarize_cycles
-from labtwin.twin.documents import Anomaly
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import SampleBatch, StepEvent
+from labtwin.data.replay import documents, read_recording
+from labtwin.analysis.summary import summarize_cycles
+from labtwin.documents import Anomaly
 
 
 async def run_replay(path: Path, broker_url: str | None, speed: float | None, model: str | None,
                      circuit: str | None, cell: str | None) -> tuple[dict, list[Anomaly]]:
-    from labtwin.broker import EmbeddedBroker
+    from labtwin.bus.broker import EmbeddedBroker
     from labtwin.twin.service import TwinService
 
     recording = read_recording(path)

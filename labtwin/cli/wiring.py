@@ -15,19 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from instruments import DEFAULT_LAB_FILE
-from labtwin.agent import Agent
-from labtwin.broker import EmbeddedBroker
-from instruments.transport import AuditTrail
-from labtwin.clock import Clock, ScaledWallClock, VirtualClock
-from labtwin.lab import ChannelConfig, LabConfig, lab_file_from_env, load_lab
-from labtwin.potentiostat import Potentiostat
-from labtwin.recorder import Recorder
-from labtwin.models import RunStart
-from labtwin.store import Store
+from labtwin.agent.service import Agent
+from labtwin.bus.broker import EmbeddedBroker
+from labtwin.instruments.transport import AuditTrail
+from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
+from labtwin.config.lab import DEFAULT_LAB_FILE, ChannelConfig, LabConfig, lab_file_from_env, load_lab
+from labtwin.devices.potentiostat import Potentiostat
+from labtwin.data.recorder import Recorder
+from labtwin.documents import RunStart
+from labtwin.data.store import Store
 from labtwin.twin.service import TwinService
-from simulators.cells import load_cell
-from simulators.potentiostat import SimulatedPotentiostat
+from labtwin.physics.library import load_cell
+from labtwin.simulators.potentiostat import SimulatedPotentiostat
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,8 @@ def _audit(name: str, cfg: ChannelConfig, lab_name: str) -> AuditTrail:
 
 
 def _keithley2450(name: str, cfg: ChannelConfig, lab_name: str):
-    from instruments.keithley2450 import Keithley2450
-    from instruments.transport import VisaTransport
+    from labtwin.instruments.keithley2450 import Keithley2450
+    from labtwin.instruments.transport import VisaTransport
 
     transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
     ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
@@ -80,15 +79,15 @@ def _keithley2450(name: str, cfg: ChannelConfig, lab_name: str):
 
 
 def _emstat(name: str, cfg: ChannelConfig, lab_name: str):
-    from instruments.emstat import EmStat
-    from instruments.transport import SerialLineTransport
+    from labtwin.instruments.emstat import EmStat
+    from labtwin.instruments.transport import SerialLineTransport
 
     return EmStat(SerialLineTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name)))
 
 
 def _b2900(name: str, cfg: ChannelConfig, lab_name: str):
-    from instruments.b2900 import KeysightB2900
-    from instruments.transport import VisaTransport
+    from labtwin.instruments.b2900 import KeysightB2900
+    from labtwin.instruments.transport import VisaTransport
 
     transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
     ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0

@@ -24,14 +24,14 @@ from typing import Protocol
 
 import numpy as np
 
-from labtwin.detectors.cycling import CyclingDetector
-from labtwin.detectors.impedance import ImpedanceGrowthDetector
-from labtwin.detectors.oscillation import OscillationDetector
-from labtwin.detectors.residual import ResidualDetector
-from labtwin.detectors.soft_short import SoftShortDetector
-from labtwin.models import RunStart, RunStop, SampleBatch, StepEvent, StepKind
-from labtwin.summary import CycleSummary, charge_direction, coulombic_efficiency
-from labtwin.twin.documents import Action, Anomaly, CellState
+from labtwin.twin.detectors.cycling import CyclingDetector
+from labtwin.twin.detectors.impedance import ImpedanceGrowthDetector
+from labtwin.twin.detectors.oscillation import OscillationDetector
+from labtwin.twin.detectors.residual import ResidualDetector
+from labtwin.twin.detectors.soft_short import SoftShortDetector
+from labtwin.documents import RunStart, RunStop, SampleBatch, StepEvent, StepKind
+from labtwin.analysis.summary import CycleSummary, charge_direction, coulombic_efficiency
+from labtwin.documents import Action, Anomaly, CellState
 from labtwin.twin.estimator import RecursiveRcEstimator
 
 log = logging.getLogger(__name__)

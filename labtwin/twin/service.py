@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
-from labtwin.models import PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
+from labtwin.documents import PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
 from labtwin.twin.cell_twin import CellTwin
-from labtwin.twin.documents import Anomaly
+from labtwin.documents import Anomaly
 
 log = logging.getLogger(__name__)
 

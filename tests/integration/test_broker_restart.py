@@ -3,10 +3,10 @@
 import asyncio
 
 from labtwin import bus as busmod
-from labtwin.broker import EmbeddedBroker
+from labtwin.bus.broker import EmbeddedBroker
 from labtwin.bus import Bus
 from labtwin.cli.wiring import LocalLab
-from labtwin.models import EndConditions, Limits, RunStop, StepCommand, StepKind
+from labtwin.documents import EndConditions, Limits, RunStop, StepCommand, StepKind
 from tests.helpers import run_steps_by_hand, sim_lab, wait_doc
 
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from labtwin.cli.wiring import LocalLab
-from labtwin.store import Store
-from protocols.campaign import load_campaign, plan
-from protocols.model import ProtocolError
+from labtwin.data.store import Store
+from labtwin.orchestration.campaign import load_campaign, plan
+from labtwin.protocols.model import ProtocolError
 from tests.helpers import sim_lab
 
 LABTWIN = str(Path(sys.executable).parent / "labtwin")

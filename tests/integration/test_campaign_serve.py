@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labtwin.store import Store
+from labtwin.data.store import Store
 from tests.conftest import POSTGRES, reachable
 
 LABTWIN = str(Path(sys.executable).parent / "labtwin")
@@ -95,7 +95,7 @@ def test_serving_a_campaign_runs_its_jobs_and_its_schedule_through_prefect_deplo
 async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path, prefect_db):
     """With a Prefect server configured, `serve --work-pool` only keeps the schedule; a worker (here a
     `prefect worker start` process, as it runs on a lab PC) runs the campaign's jobs and occurrences."""
-    from protocols.prefect_server import LocalPrefectServer
+    from labtwin.orchestration.prefect_server import LocalPrefectServer
 
     (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": "pool", "channels": {
         "a1": {"driver": "simulated", "cell": "lco-lgps-glassy-ceramic", "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8}},
@@ -115,7 +115,7 @@ async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path
         assert refused.returncode != 0 and "set PREFECT_API_URL" in refused.stderr, refused.stderr
         from prefect.client.orchestration import get_client
 
-        from protocols.campaign_flow import ensure_process_pool
+        from labtwin.orchestration.campaign_flow import ensure_process_pool
 
         # The lab PC's worker is up and polling before the schedule starts (a worker takes seconds to start,
         # more on a loaded machine: occurrences due before it polls would be deleted when serve pauses them).

@@ -77,7 +77,7 @@ def test_dryrun_of_the_seed000_protocol_shows_plateau_oscillations_and_writes_ei
     kinds = [(a["kind"], a["step"]) for a in report["anomalies"]]
     assert kinds == [("oscillation_onset", step) for step in (1, 2, 3, 4)], kinds
     assert json.loads((out / "anomalies.json").read_text()) == report["anomalies"]
-    from labtwin.store import Store
+    from labtwin.data.store import Store
 
     stored = Store.open(str(out / "dryrun.db"))
     assert [a.kind for a in stored.anomalies(report["run_id"])] == ["oscillation_onset"] * 4  # the recorder kept them

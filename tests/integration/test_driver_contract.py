@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from instruments.b2900 import KeysightB2900
-from instruments.emstat import EmStat
-from instruments.keithley2450 import Keithley2450
+from labtwin.instruments.b2900 import KeysightB2900
+from labtwin.instruments.emstat import EmStat
+from labtwin.instruments.keithley2450 import Keithley2450
 from labtwin.cli.wiring import LocalLab
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import Limits
-from labtwin.potentiostat import Potentiostat, RunsTechniques
-from protocols.flows import run_protocol
-from simulators.cells import load_cell
-from simulators.b2900 import KeysightB2900Emulator
-from simulators.keithley2450 import Keithley2450Emulator
-from simulators.scpi_server import ScpiEmulatorThread
-from simulators.potentiostat import SimulatedPotentiostat
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import Limits
+from labtwin.devices.potentiostat import Potentiostat, RunsTechniques
+from labtwin.orchestration.flows import run_protocol
+from labtwin.physics.library import load_cell
+from labtwin.simulators.b2900 import KeysightB2900Emulator
+from labtwin.simulators.keithley2450 import Keithley2450Emulator
+from labtwin.simulators.scpi_server import ScpiEmulatorThread
+from labtwin.simulators.potentiostat import SimulatedPotentiostat
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

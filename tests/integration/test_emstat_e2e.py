@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from labtwin.cli.wiring import LocalLab
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import Limits
-from protocols.flows import run_protocol
-from simulators.cells import load_cell
-from simulators.emstat import EmStatEmulator, EmStatThread
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import Limits
+from labtwin.orchestration.flows import run_protocol
+from labtwin.physics.library import load_cell
+from labtwin.simulators.emstat import EmStatEmulator, EmStatThread
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -51,7 +51,7 @@ async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_packa
     assert len(samples["time_s"]) == summary.n_samples
     steps = samples["step"].astype(int)
     # the sweeps: every package the device streamed is a stored sample, to the digit it was sent with
-    from labtwin.methodscript import decode_packet
+    from labtwin.devices.methodscript import decode_packet
 
     sweep_packets = [p for loop, packets in emulator.loops if loop == "meas_loop_cv" for p in packets]
     sent_i = np.array([decode_packet(p)[2].value for p in sweep_packets])

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from labtwin.cli.wiring import LocalLab
-from labtwin.lab import ChannelConfig, LabConfig
-from labtwin.models import Limits
-from protocols.flows import run_protocol
-from simulators.cells import load_cell
-from simulators.keithley2450 import Keithley2450Emulator
-from simulators.scpi_server import ScpiEmulatorThread
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.documents import Limits
+from labtwin.orchestration.flows import run_protocol
+from labtwin.physics.library import load_cell
+from labtwin.simulators.keithley2450 import Keithley2450Emulator
+from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -7,8 +7,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from labtwin.cli.wiring import LocalLab
-from labtwin.models import Limits
-from protocols.flows import ChannelUnavailable, run_protocol
+from labtwin.documents import Limits
+from labtwin.orchestration.flows import ChannelUnavailable, run_protocol
 from tests.helpers import sim_lab
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

@@ -120,8 +120,8 @@ async def test_a_pause_policy_holds_the_cell_at_open_circuit_until_resumed(embed
     from labtwin import bus as busmod
     from labtwin.bus import Bus
     from labtwin.cli.wiring import LocalLab
-    from labtwin.models import ChannelState, ChannelStatus, Limits, ResumeRun
-    from protocols.flows import run_protocol
+    from labtwin.documents import ChannelState, ChannelStatus, Limits, ResumeRun
+    from labtwin.orchestration.flows import run_protocol
     from tests.helpers import sim_lab, wait_doc
 
     proto = tmp_path / "pause.yaml"

@@ -1,0 +1,353 @@
+"""labtwin's MQTT bus: the topic scheme, payload decoding, and a client that survives the broker.
+
+Topics: ``labtwin/v1/<lab>/<channel>/{cmd,event,data,status}``. Commands,
+events and data go at QoS 1; status is retained and an agent's last will
+marks its channel offline.
+
+aiomqtt does not reconnect by itself (aiomqtt issue #334), so ``Bus`` owns the
+loop: it reconnects with back-off, re-subscribes, and re-sends every message
+whose PUBACK had not arrived. Messages wait in an outbox while the broker is
+away, so a broker restart mid-run loses nothing the publisher produced;
+subscribers see duplicates at worst (QoS 1 is at-least-once), and the store
+is idempotent on (run_id, seq) for exactly that reason.
+
+A payload that does not decode, or decodes to the wrong schema, is logged,
+counted in ``stats.malformed`` and skipped: one bad publisher never stops a
+subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable
+from urllib.parse import urlparse
+
+import aiomqtt
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from labtwin.bus.topics import DEFAULT_USERNAME, ROOT, cell_topic, check_name, topic
+from labtwin.documents import ChannelState, ChannelStatus, SampleBatch, Anomaly, CellState
+from labtwin.documents.codec import MalformedPayload, decode, encode, offline_status
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in {"mqtt", "tcp"}:
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// (e.g. mqtt://127.0.0.1:1883)")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} has no host (e.g. mqtt://127.0.0.1:1883)")
+        return cls(
+            host=parsed.hostname,
+            port=parsed.port or 1883,
+            username=parsed.username or DEFAULT_USERNAME,
+            password=parsed.password,
+        )
+
+    def __str__(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@dataclass
+class BusStats:
+    published: int = 0
+    received: int = 0
+    malformed: int = 0
+    reconnects: int = 0
+    resent: int = 0
+
+
+@dataclass(order=True)
+class _Outgoing:
+    ident: int
+    topic: str = field(compare=False)
+    payload: bytes = field(compare=False)
+    qos: int = field(compare=False)
+    retain: bool = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    document: BaseModel
+
+
+class Subscription:
+    """An async iterator of decoded documents on some topic filters, fed by the bus."""
+
+    def __init__(self, bus: "Bus", filters: tuple[str, ...]) -> None:
+        self._bus = bus
+        self.filters = filters
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def _offer(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self._queue.get()
+
+    async def get(self, timeout_s: float | None = None) -> Message:
+        return await asyncio.wait_for(self._queue.get(), timeout_s)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._bus._unsubscribe(self)
+
+
+class BrokerUnreachable(ConnectionError):
+    pass
+
+
+def _matches(filter_: str, topic_name: str) -> bool:
+    fparts, tparts = filter_.split("/"), topic_name.split("/")
+    for i, part in enumerate(fparts):
+        if part == "#":
+            return True
+        if i >= len(tparts):
+            return False
+        if part != "+" and part != tparts[i]:
+            return False
+    return len(fparts) == len(tparts)
+
+
+class Bus:
+    """One MQTT connection with an outbox, a reconnect loop and decoded subscriptions.
+
+    ``persistent=True`` asks the broker to keep this client's session (and its
+    QoS 1 messages) while it is briefly away; it needs a stable client_id.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str | None = None,
+        *,
+        will: tuple[str, bytes] | None = None,
+        persistent: bool = False,
+        outbox_size: int = 10_000,
+        inflight_window: int = 64,
+        connect_timeout_s: float = 10.0,
+        attempt_timeout_s: float = 2.0,
+        io_timeout_s: float = 30.0,
+        keepalive_s: int = 15,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id or f"labtwin-{uuid.uuid4().hex[:12]}"
+        self.will = will
+        self.persistent = persistent
+        self.stats = BusStats()
+        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue(maxsize=outbox_size)
+        self._inflight: OrderedDict[int, _Outgoing] = OrderedDict()
+        self._window = inflight_window
+        self._ids = itertools.count()
+        self._subs: list[Subscription] = []
+        self._connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._closing = False
+        self._manager: asyncio.Task | None = None
+        self._connect_timeout_s = connect_timeout_s
+        # aiomqtt has one timeout for everything; it is the connect timeout here, kept short so a
+        # CONNECT the broker never answers (seen with amqtt under concurrent connects) is retried
+        # several times within connect_timeout_s. Subscribe and publish pass their own, longer one.
+        self._attempt_timeout_s = attempt_timeout_s
+        self._io_timeout_s = io_timeout_s
+        self._keepalive_s = keepalive_s
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> "Bus":
+        self._manager = asyncio.create_task(self._run(), name=f"bus-{self.client_id}")
+        try:
+            await asyncio.wait_for(self._connected.wait(), self._connect_timeout_s)
+        except asyncio.TimeoutError:
+            await self.close(flush_timeout_s=0)
+            raise BrokerUnreachable(
+                f"cannot reach the MQTT broker at {self.address} within {self._connect_timeout_s:.0f} s: "
+                "start it, or omit --broker to use the embedded one"
+            ) from None
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every message handed to publish() has its PUBACK. True if it did in time."""
+        try:
+            await asyncio.wait_for(self._wait_idle(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _wait_idle(self) -> None:
+        while self._outbox.qsize() or self._inflight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def close(self, flush_timeout_s: float = 30.0) -> None:
+        if self._manager is None:
+            return
+        if flush_timeout_s > 0 and self._connected.is_set():
+            if not await self.flush(flush_timeout_s):
+                log.warning(
+                    "bus %s closed with %d unsent messages", self.client_id, self._outbox.qsize() + len(self._inflight)
+                )
+        self._closing = True
+        self._manager.cancel()
+        try:
+            await self._manager
+        except (asyncio.CancelledError, Exception):
+            pass
+        self._manager = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ------------------------------------------------------------------ publish / subscribe
+
+    async def publish(self, topic_name: str, payload: BaseModel | bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message; it is sent (and re-sent after a reconnect) until the broker acknowledges it.
+        Blocks only when the outbox is full: that is the back-pressure on a fast producer."""
+        data = payload if isinstance(payload, (bytes, bytearray)) else encode(payload)
+        self._idle.clear()
+        await self._outbox.put(_Outgoing(next(self._ids), topic_name, bytes(data), qos, retain))
+
+    async def subscribe(self, filters: str | Iterable[str]) -> Subscription:
+        """Documents on these topic filters (and retained ones), decoded by topic kind.
+
+        Returns once the broker has acknowledged the subscription, so nothing
+        published afterwards is missed; while disconnected, the filters are
+        subscribed on the next connect."""
+        fs = (filters,) if isinstance(filters, str) else tuple(filters)
+        sub = Subscription(self, fs)
+        self._subs.append(sub)
+        if self._client is not None and self._connected.is_set():
+            for f in fs:
+                await self._subscribe_now(f)
+        return sub
+
+    async def _subscribe_now(self, filter_: str) -> None:
+        try:
+            if self._client is not None:
+                await self._client.subscribe(filter_, qos=1, timeout=self._io_timeout_s)
+        except aiomqtt.MqttError as exc:  # re-subscribed on the next connect anyway
+            log.debug("subscribe %s deferred: %s", filter_, exc)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def _run(self) -> None:
+        backoff_s = 0.2
+        first = True
+        while not self._closing:
+            try:
+                will = None
+                if self.will is not None:
+                    will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
+                async with aiomqtt.Client(
+                    self.address.host,
+                    self.address.port,
+                    identifier=self.client_id,
+                    username=self.address.username,
+                    password=self.address.password,
+                    clean_session=not self.persistent,
+                    will=will,
+                    keepalive=self._keepalive_s,
+                    timeout=self._attempt_timeout_s,
+                    max_queued_outgoing_messages=None,
+                ) as client:
+                    client.pending_calls_threshold = 10 * self._window  # silence per-publish warnings
+                    self._client = client
+                    filters = sorted({f for s in self._subs for f in s.filters})
+                    for f in filters:
+                        await client.subscribe(f, qos=1, timeout=self._io_timeout_s)
+                    if not first:
+                        self.stats.reconnects += 1
+                        log.info("bus %s reconnected to %s", self.client_id, self.address)
+                    first = False
+                    backoff_s = 0.2
+                    self._connected.set()
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._send_loop(client, tg))
+                        tg.create_task(self._receive_loop(client))
+            except* aiomqtt.MqttError as group:
+                self._connected.clear()
+                self._client = None
+                lost = group.exceptions[0]
+            else:
+                lost = None
+            finally:
+                self._connected.clear()
+                self._client = None
+            if self._closing:
+                return
+            log.warning(
+                "bus %s lost the broker at %s (%s); retrying in %.1f s", self.client_id, self.address, lost, backoff_s
+            )
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _send_loop(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        window = asyncio.Semaphore(self._window)
+        # First whatever was in flight when the last connection died, in order.
+        for item in list(self._inflight.values()):
+            await window.acquire()
+            self.stats.resent += 1
+            tg.create_task(self._publish_one(client, item, window))
+        while True:
+            item = await self._outbox.get()
+            self._inflight[item.ident] = item  # before any await: never lost between queue and wire
+            await window.acquire()
+            tg.create_task(self._publish_one(client, item, window))
+
+    async def _publish_one(self, client: aiomqtt.Client, item: _Outgoing, window: asyncio.Semaphore) -> None:
+        try:
+            await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=self._io_timeout_s)
+            self._inflight.pop(item.ident, None)
+            self.stats.published += 1
+        finally:
+            window.release()
+            if not self._inflight and self._outbox.empty():
+                self._idle.set()
+
+    async def _receive_loop(self, client: aiomqtt.Client) -> None:
+        async for raw in client.messages:
+            self.stats.received += 1
+            name = raw.topic.value
+            targets = [s for s in self._subs if any(_matches(f, name) for f in s.filters)]
+            if not targets:
+                continue
+            try:
+                payload = raw.payload if isinstance(raw.payload, (bytes, bytearray)) else str(raw.payload).encode()
+                doc = decode(name, payload)
+            except MalformedPayload as exc:
+                self.stats.malformed += 1
+                log.warning("skipped a malformed payload: %s", exc)
+                continue
+            message = Message(name, doc)
+            for sub in targets:
+                sub._offer(message)

@@ -1,0 +1,104 @@
+"""Lab configuration: which channel is which driver or simulated cell, and each channel's limits.
+
+Real versus simulated is a line of configuration, never a code branch
+(QCoDeS' lesson): ``driver: simulated`` with ``cell: <library name>`` or, once
+the real drivers land, ``driver: keithley2450`` with ``resource: TCPIP::...``.
+Channel limits are the ceiling: a protocol may tighten them, never widen them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from labtwin.bus import check_name
+from labtwin.devices.clock import parse_speed
+from labtwin.documents import Limits
+
+DEFAULT_LAB_FILE = Path(__file__).parent / "lab.yaml"
+"""The demo lab: what the CLI uses when neither --lab nor LABTWIN_LAB names one."""
+
+
+class ChannelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    driver: str = Field("simulated", description="'simulated' or a real driver name")
+    cell: str | None = Field(None, description="simulated cell: a name in labtwin/physics/cells or a YAML path")
+    twin_model: str | None = Field(
+        None, description="cell definition the twin runs in the loop for this channel's cell (default: `cell`)"
+    )
+    cell_id: str | None = Field(None, description="the physical cell's identity (defaults to channel + cell)")
+    resource: str | None = Field(None, description="instrument address for real drivers (VISA or serial URL)")
+    nominal_capacity_Ah: float | None = Field(
+        None, gt=0, description="real channels: the cell's nominal capacity, for C-rates (simulated cells carry their own)"
+    )
+    smu_channel: int | None = Field(None, ge=1, le=2, description="b2900: which SMU channel of a two-channel B2902A/B2912A")
+    timeout_s: float = Field(5.0, gt=0, description="real drivers: longest wait for an answer before the instrument counts as lost")
+    audit: str | None = Field(
+        None, description="real drivers: JSON-lines file of every exchange (default ./labtwin-data/audit/<lab>-<channel>.jsonl)"
+    )
+    speed: float | str | None = Field(
+        "max", description="simulated channels: cell s per wall s, or 'max'; real drivers: 1 (or an emulator's --speed)"
+    )
+    seed: int | None = Field(None, description="random seed of a simulated channel's noise")
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("speed")
+    @classmethod
+    def _speed(cls, value):
+        parse_speed(value)
+        return value
+
+    @property
+    def speed_value(self) -> float | None:
+        return parse_speed(self.speed)
+
+
+class LabConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lab: str = "default"
+    broker: str | None = Field(None, description="mqtt://host:port; None = embedded broker")
+    store: str | None = Field(None, description="SQLite path or postgresql:// URL; None = ./labtwin-data/labtwin.db")
+    channels: dict[str, ChannelConfig] = Field(min_length=1)
+
+    @field_validator("lab")
+    @classmethod
+    def _lab(cls, value: str) -> str:
+        return check_name("lab", value)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: dict) -> dict:
+        for name in value:
+            check_name("channel", name)
+        return value
+
+    def channel(self, name: str) -> ChannelConfig:
+        if name not in self.channels:
+            raise ValueError(f"no channel {name!r} in lab {self.lab!r}: channels are {', '.join(self.channels)}")
+        return self.channels[name]
+
+
+class LabConfigError(ValueError):
+    pass
+
+
+def load_lab(path: str | Path) -> LabConfig:
+    path = Path(path)
+    if not path.exists():
+        raise LabConfigError(f"lab file {path} does not exist")
+    try:
+        return LabConfig.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise LabConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        lines = [f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise LabConfigError("\n".join(lines)) from None
+
+
+def lab_file_from_env(default: Path) -> Path:
+    return Path(os.environ.get("LABTWIN_LAB", default))

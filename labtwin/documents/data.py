@@ -1,0 +1,138 @@
+"""Agent -> all documents on .../data and .../event: run start, samples, step events, run stop."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from labtwin.documents.base import SCHEMA_VERSION, Document, utc_now
+from labtwin.documents.limits import Limits
+from labtwin.documents.steps import EndReason, StepKind
+
+
+class Column(BaseModel):
+    name: str
+    unit: str
+    description: str = ""
+
+
+SAMPLE_COLUMNS: tuple[Column, ...] = (
+    Column(name="time_s", unit="s", description="cell time since the run started"),
+    Column(name="voltage_V", unit="V", description="terminal voltage"),
+    Column(name="current_A", unit="A", description="positive charges the cell"),
+    Column(name="capacity_Ah", unit="Ah", description="net charge since run start, positive = charged in"),
+    Column(name="temperature_C", unit="degC", description="cell temperature"),
+    Column(name="step", unit="1", description="index in the compiled step list"),
+    Column(name="cycle", unit="1", description="cycle number from the protocol"),
+)
+
+
+class RunStart(Document):
+    """Agent -> all: a run began. Carries the descriptor: what the sample columns are."""
+
+    kind: Literal["run_start"] = "run_start"
+    run_id: str
+    lab: str
+    channel: str
+    cell_id: str
+    protocol: str
+    n_steps: int
+    time: datetime = Field(default_factory=utc_now)
+    columns: list[Column] = Field(default_factory=lambda: list(SAMPLE_COLUMNS))
+    sign_convention: str = "positive current charges the cell"
+    flow_run_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class StepStats(BaseModel):
+    """What a step did, measured by the agent: enough to summarise a run without its samples."""
+
+    duration_s: float = 0.0
+    charge_Ah: float = Field(0.0, ge=0, description="charge put into the cell")
+    discharge_Ah: float = Field(0.0, ge=0, description="charge taken out of the cell")
+    energy_in_Wh: float = 0.0
+    energy_out_Wh: float = 0.0
+    start_voltage_V: float | None = None
+    end_voltage_V: float | None = None
+    end_current_A: float | None = None
+    n_samples: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
+class StepEvent(Document):
+    """Agent -> all: a step started or ended."""
+
+    kind: Literal["step_event"] = "step_event"
+    run_id: str
+    channel: str
+    step_index: int
+    label: str = ""
+    cycle: int = 0
+    step: StepKind
+    event: Literal["started", "ended"]
+    time_s: float = Field(description="cell time since run start")
+    wall_time: datetime = Field(default_factory=utc_now)
+    reason: EndReason | None = None
+    stats: StepStats | None = None
+
+
+class RunStop(Document):
+    """Agent -> all: a run ended; the counts let a subscriber check it has everything."""
+
+    kind: Literal["run_stop"] = "run_stop"
+    run_id: str
+    channel: str
+    exit_status: Literal["success", "aborted", "failed"]
+    reason: str = ""
+    time: datetime = Field(default_factory=utc_now)
+    n_samples: int = 0
+    n_batches: int = 0
+    last_seq: int = -1
+    cell_time_s: float = 0.0
+
+
+Event = Annotated[Union[RunStart, StepEvent, RunStop], Field(discriminator="kind")]
+
+
+class SampleBatch(Document):
+    """Agent -> all: consecutive samples of one run, numbered without gaps by ``seq``.
+
+    Arrays rather than one message per sample: one MQTT message per ~100
+    samples keeps the bus far from its message-rate ceiling (DESIGN.md).
+    """
+
+    kind: Literal["samples"] = "samples"
+    run_id: str
+    channel: str
+    seq: int = Field(ge=0)
+    time_s: list[float]
+    voltage_V: list[float]
+    current_A: list[float]
+    capacity_Ah: list[float]
+    temperature_C: list[float | None] = Field(description="None where the channel has no temperature sensor (JSON has no NaN)")
+    step: list[int]
+    cycle: list[int]
+    frequency_Hz: list[float] | None = Field(None, description="impedance steps only")
+    z_real_ohm: list[float] | None = None
+    z_imag_ohm: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "SampleBatch":
+        n = len(self.time_s)
+        for name in ("voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} values, time_s has {n}")
+        for name in ("frequency_Hz", "z_real_ohm", "z_imag_ohm"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} values, time_s has {n}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.time_s)
+
+

@@ -1,0 +1,357 @@
+"""The campaign as a Prefect flow: every job a `run_protocol` flow run, one at a time per channel.
+
+Exclusivity has two layers. In this process jobs wait on a per-channel lock in
+priority order (the queue `labtwin campaign status` shows). Across processes
+the channel's agent is the lease: it runs one run at a time and says which in
+its retained status, so a job waits until the channel is idle (or holds the
+job's own interrupted run, which it then resumes). Prefect global concurrency
+limits were the first choice and were dropped: on the ephemeral server a slot
+held by a killed process was never given back (its 60 s lease was not reaped),
+so the campaign that was to resume waited forever. The agent's lease ends
+with the run, and a killed flow cannot hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+from prefect.context import get_run_context
+from prefect.exceptions import PrefectHTTPStatusError
+
+from labtwin import bus as busmod
+from labtwin.bus import Bus
+from labtwin.documents import ChannelState, ChannelStatus
+from labtwin.data.store import Store
+from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
+from labtwin.orchestration.flows import RUN_STARTED, ChannelBusy, run_protocol
+from labtwin.orchestration.resume import read_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    cell: str
+    protocol: str
+    channel: str
+    outcome: str  # "success" | "failed" | "aborted" | "skipped: finished before" | "error: ..."
+    resumed: bool = False
+    steps_run: int = 0
+    reason: str = ""
+
+
+async def wait_channel_free(broker_url: str, lab: str, channel: str, own_run: str, timeout_s: float = 7 * 86400) -> None:
+    """Until the channel's agent is idle, or holds this job's own run: the agent is the channel's lease."""
+    async with Bus(broker_url, f"campaign-wait-{channel}-{own_run[-12:]}-{time.monotonic_ns() % 10**6}") as bus:
+        sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                doc = (await sub.get(min(30.0, deadline - time.monotonic()))).document
+            except asyncio.TimeoutError:
+                continue
+            if not isinstance(doc, ChannelStatus):
+                continue
+            if doc.state is ChannelState.offline:
+                raise ConnectionError(f"channel {channel} is offline: start its agent (`labtwin agent --channel {channel}`)")
+            if doc.run_id is None or doc.run_id == own_run:
+                return
+            log.info("campaign: channel %s busy with run %s; %s waits", channel, doc.run_id, own_run)
+        raise TimeoutError(f"channel {channel} stayed busy for {timeout_s:.0f} s")
+
+
+API_ATTEMPTS = 4
+START_CONCURRENCY = 8  # flow runs being created at once: 64 at a time locked the ephemeral API's SQLite
+
+
+async def _start_gated(gate: asyncio.Semaphore | None, run_id: str, flow_call):
+    """Await a run_protocol flow call, holding ``gate`` only until the flow run has started (run_protocol
+    says so through flows.RUN_STARTED): the runs go on in parallel, their creation is spread out."""
+    task = asyncio.ensure_future(flow_call)
+    if gate is None:
+        return await task
+    started = RUN_STARTED.setdefault(run_id, asyncio.Event())
+    async with gate:
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+    try:
+        return await task
+    finally:
+        RUN_STARTED.pop(run_id, None)
+
+
+EPHEMERAL_PARALLEL_RUNS = 16
+
+
+def default_parallel_runs() -> int:
+    """Runs in progress at once: unbounded (one per channel) with a Prefect server; 16 on the ephemeral API,
+    whose SQLite answered 503 to 64 runs' task-run calls (bench/campaign.py)."""
+    import os
+
+    database = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or ""
+    if os.environ.get("PREFECT_API_URL") or database.startswith("postgresql"):
+        return 1_000_000
+    return EPHEMERAL_PARALLEL_RUNS
+
+
+async def _run_job(job: Job, campaign: Campaign, broker_url: str, lab: str, store: Store,
+                   locks: dict[str, asyncio.Lock], gate: asyncio.Semaphore | None = None,
+                   running: asyncio.Semaphore | None = None) -> JobResult:
+    record = read_run(store, job.run_id)
+    result = JobResult(job.run_id, job.cell.id, job.protocol, job.channel, "")
+    if record.state == "finished":
+        result.outcome = f"skipped: finished before ({record.exit_status})"
+        return result
+    channel = record.resume.channel if record.resume and record.resume.channel else job.channel
+    result.channel = channel
+    api_failures = 0
+    async with locks.setdefault(channel, asyncio.Lock()), (running or contextlib.nullcontext()):
+        try:
+            while True:
+                await wait_channel_free(broker_url, lab, channel, job.run_id)
+                record = read_run(store, job.run_id)  # what the store says now, after waiting our turn
+                try:
+                    summary = await _start_gated(gate, job.run_id, run_protocol(
+                        job.protocol, channel, broker_url, lab=lab, run_id=job.run_id, cell_id=job.cell.id,
+                        nominal_capacity_Ah=job.cell.nominal_capacity_Ah, resume=record.resume,
+                    ))
+                    break
+                except ChannelBusy as exc:  # a run from another process took the channel between our look and our start
+                    log.info("campaign %s: %s; job %s waits again", campaign.campaign, exc, job.run_id)
+                except PrefectHTTPStatusError as exc:
+                    # The Prefect API failed (the ephemeral server's SQLite, locked by many flows at once). The
+                    # run's record is in labtwin's store and the agent never repeats a step: try again, resuming.
+                    api_failures += 1
+                    if api_failures >= API_ATTEMPTS or exc.response.status_code < 500:
+                        raise
+                    log.warning("campaign %s: job %s: Prefect API %s; trying again", campaign.campaign, job.run_id,
+                                exc.response.status_code)
+                    await asyncio.sleep(5.0 * api_failures)
+        except Exception as exc:  # one job's failure does not stop the campaign
+            log.exception("campaign %s: job %s failed", campaign.campaign, job.run_id)
+            result.outcome = f"error: {type(exc).__name__}: {exc}"
+            return result
+    result.outcome, result.reason = summary.exit_status, summary.reason
+    result.resumed, result.steps_run = record.resume is not None, summary.steps_run
+    return result
+
+
+@flow(name="campaign", flow_run_name="campaign {campaign_file}", log_prints=False)
+async def run_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str) -> list[JobResult]:
+    """Run every job of a campaign that has not finished, resuming interrupted ones; returns one result per job."""
+    campaign = load_campaign(campaign_file)
+    jobs = plan(campaign)
+    locks = {ch: asyncio.Lock() for ch in channels_of(campaign)}
+    store = Store.open(store_url)
+    try:
+        gate = asyncio.Semaphore(START_CONCURRENCY)
+        running = asyncio.Semaphore(campaign.max_parallel_runs or default_parallel_runs())
+        return list(await asyncio.gather(*(_run_job(job, campaign, broker_url, lab, store, locks, gate, running)
+                                           for job in jobs)))
+    finally:
+        store.close()
+
+
+def scheduled_run_id(campaign: Campaign, cell_id: str, entry: int, protocol: str, when) -> str:
+    """Fixed by the occurrence: a retry of the same scheduled flow run resumes the same run."""
+    return f"{campaign.campaign}-{cell_id}-s{entry + 1}-{protocol_stem(protocol)}-{when:%Y%m%dT%H%M%S}"
+
+
+@flow(name="campaign-scheduled", flow_run_name="{cell_id}: {protocol} (schedule {entry})", log_prints=False)
+async def scheduled_job(campaign_file: str, cell_id: str, protocol: str, entry: int, broker_url: str, lab: str,
+                        store_url: str) -> JobResult:
+    """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job."""
+    campaign = load_campaign(campaign_file)
+    cell = next(c for c in campaign.cells if c.id == cell_id)
+    try:
+        when = get_run_context().flow_run.expected_start_time
+    except Exception:  # pragma: no cover - called outside a flow run
+        when = None
+    when = when or datetime.now(timezone.utc)
+    run_id = scheduled_run_id(campaign, cell_id, entry, protocol, when)
+    store = Store.open(store_url)
+    try:
+        channel = await first_free_channel(broker_url, lab, cell.channels, run_id)
+        job = Job(run_id, cell, protocol, channel, order=0)
+        result = await _run_job(job, campaign, broker_url, lab, store, {})
+    finally:
+        store.close()
+    if result.outcome not in ("success",) and not result.outcome.startswith("skipped"):
+        raise RuntimeError(f"scheduled run {run_id}: {result.outcome} {result.reason}".strip())
+    return result
+
+
+async def first_free_channel(broker_url: str, lab: str, channels: list[str], own_run: str) -> str:
+    """The first channel of a pool whose agent is idle (or holds this run) now; else the first of the pool,
+    where the job will wait its turn."""
+    if len(channels) == 1:
+        return channels[0]
+    async with Bus(broker_url, f"campaign-pool-{own_run[-12:]}-{time.monotonic_ns() % 10**6}") as bus:
+        sub = await bus.subscribe([busmod.topic(lab, ch, "status") for ch in channels])
+        seen: dict[str, ChannelStatus] = {}
+        deadline = time.monotonic() + 5.0
+        while len(seen) < len(channels) and time.monotonic() < deadline:
+            try:
+                doc = (await sub.get(deadline - time.monotonic())).document
+            except asyncio.TimeoutError:
+                break
+            if isinstance(doc, ChannelStatus):
+                seen[doc.channel] = doc
+    for ch in channels:
+        status = seen.get(ch)
+        if status is not None and status.state is not ChannelState.offline and status.run_id in (None, own_run):
+            return ch
+    return channels[0]
+
+
+@dataclass
+class ServedRun:
+    """A flow run the campaign's deployments made, as the Prefect API reports it."""
+
+    deployment: str
+    flow_run: str
+    state: str
+    expected_start: str
+
+
+DRAIN_TIMEOUT_S = 120.0
+
+
+async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str, run_now: bool = True,
+                         duration_s: float | None = None, ready: asyncio.Event | None = None,
+                         drain_timeout_s: float = DRAIN_TIMEOUT_S, work_pool: str | None = None) -> list[ServedRun]:
+    """Serve the campaign through Prefect deployments: its jobs (run once now) and each schedule entry per cell.
+
+    Without a work pool, Prefect's Runner (what flow.serve uses) in this process polls the API for the
+    deployments' due flow runs and runs each in a subprocess. With ``work_pool``, the deployments go to that
+    Prefect work pool (a process pool, made if missing) and the pool's workers run them, on whichever PCs
+    run `prefect worker start --pool NAME`; this process only keeps the schedule. Either way the API
+    server's scheduler makes the runs from the interval or cron, so a Prefect server is needed
+    (PREFECT_API_URL): the ephemeral in-process API has no scheduler.
+
+    A schedule entry runs at most one occurrence per cell at a time: an occurrence due while the previous
+    one still runs (or waits for the channel) is cancelled, not queued behind it, so a slow channel never
+    piles up check-ups (nor flow-run processes on the lab PC). Stopping (after ``duration_s``, or when
+    cancelled) pauses the deployments, which deletes their future occurrences, and lets the runs in progress
+    finish for up to ``drain_timeout_s``; the Runner then cancels the rest (their run ids are fixed, so a
+    later run of the same occurrence resumes them), a pool's workers carry on with theirs. Returns every
+    flow run the deployments made, from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments import run_deployment
+    from prefect.flows import EntrypointType
+    from prefect.runner import Runner
+
+    campaign = load_campaign(campaign_file)
+    params = {"campaign_file": str(Path(campaign_file).resolve()), "broker_url": broker_url, "lab": lab,
+              "store_url": store_url}
+    module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    wanted = [(run_campaign, dict(name=campaign.campaign, parameters=params, tags=["labtwin", campaign.campaign]))]
+    for k, entry in enumerate(campaign.schedule):
+        timing = {"interval": interval_s(entry.every)} if entry.every else {"cron": entry.cron}
+        for cell_id in entry.cells:
+            wanted.append((scheduled_job, dict(
+                name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}", **timing,
+                parameters={**params, "cell_id": cell_id, "protocol": entry.protocol, "entry": k},
+                tags=["labtwin", campaign.campaign, "scheduled"], concurrency_limit=one_at_a_time,
+            )))
+    runner = None
+    if work_pool is None:
+        # The Runner looks for due runs every 10 s by default; a schedule every few seconds would wait most of
+        # its interval, so it looks at least twice per shortest interval (cron schedules are minutes apart).
+        intervals = [interval_s(e.every) for e in campaign.schedule if e.every]
+        poll_s = max(1.0, min([10.0, *(i / 2 for i in intervals)]))
+        runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True, query_seconds=poll_s)
+        deployment_ids = [await runner.aadd_flow(f, **kw, entrypoint_type=module) for f, kw in wanted]
+    else:
+        await ensure_process_pool(work_pool)
+        deployment_ids = []
+        for f, kw in wanted:
+            deployment = await f.ato_deployment(**kw, entrypoint_type=module, work_pool_name=work_pool)
+            deployment_ids.append(await deployment.aapply(work_pool_name=work_pool))
+    only_ours = DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids))
+    if run_now:
+        await run_deployment(f"campaign/{campaign.campaign}", timeout=0, as_subflow=False)
+    # Without a Runner, this process only waits: the pool's workers run the flow runs.
+    serving = asyncio.create_task(runner.start() if runner is not None else asyncio.Event().wait())
+    if ready is not None:
+        ready.set()
+    try:
+        if duration_s is None:
+            await serving
+        else:
+            done, _ = await asyncio.wait([serving], timeout=duration_s)
+            if serving in done:
+                serving.result()
+    finally:
+        if not serving.done():
+            async with get_client() as client:
+                for deployment_id in deployment_ids:  # no new occurrences from here on
+                    with contextlib.suppress(Exception):
+                        await client.pause_deployment(deployment_id)
+                await _drain(client, only_ours, drain_timeout_s)
+            if runner is None:
+                serving.cancel()
+            else:
+                with contextlib.suppress(Exception):
+                    await runner.astop()  # cancels what is still running after the drain
+                try:
+                    await asyncio.wait_for(serving, 30)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    serving.cancel()
+    async with get_client() as client:
+        deployments = {d.id: d.name for d in await client.read_deployments(deployment_filter=only_ours)}
+        runs = await client.read_flow_runs(deployment_filter=only_ours)
+    return sorted(
+        (ServedRun(deployments.get(r.deployment_id, "?"), r.name, r.state.name if r.state else "?",
+                   f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "")
+         for r in runs), key=lambda r: r.expected_start)
+
+
+async def ensure_process_pool(name: str) -> None:
+    """The work pool the campaign's deployments go to: made as a process pool (what `prefect work-pool create
+    NAME --type process` makes) when the server has none of that name; an existing pool is used as it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="labtwin campaigns: run `prefect worker start --pool NAME` where labtwin is installed",
+            ))
+
+
+async def _drain(client, only_ours, timeout_s: float) -> None:
+    """Until no flow run of the deployments is pending or running (or the time is up)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    in_progress = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not await client.read_flow_runs(deployment_filter=only_ours, flow_run_filter=in_progress, limit=1):
+                return
+        except Exception:  # the API busy: look again
+            pass
+        await asyncio.sleep(1.0)
+    log.warning("campaign serve: runs still in progress after %.0f s of draining", timeout_s)

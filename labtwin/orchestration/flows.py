@@ -1,0 +1,396 @@
+"""Prefect flows that run protocols: one task run per step, every command over MQTT.
+
+The flow never touches an instrument. It publishes a StepCommand to the
+channel's cmd topic and waits for the agent's StepEvent "ended"; the agent
+enforces safety on every sample whatever the flow does (Prefect's
+cancellation hooks are not reliable enough to carry safety: Prefect issues
+#15912, #17259). A step's timeout derives from its own time bound at the
+channel's speed, and a channel that goes silent or offline fails the step
+at once instead of waiting that long.
+
+Flows are ``async def``: further async flow runs in one process cost ~0.15 s,
+sync ones ~1.1 s (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Many flows at once lock the ephemeral server's SQLite and it answers 503; the client backs off 2, 4, 8, ... s.
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "8")
+if not os.environ.get("PREFECT_API_URL"):
+    # The ephemeral API's SQLite has one writer. labtwin needs flow and task runs recorded, not the event
+    # history or automations, which double the writes per task-run state (bench/campaign.py).
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import get_run_context  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
+
+from labtwin import bus as busmod  # noqa: E402
+from labtwin.bus import Bus, Subscription  # noqa: E402
+from labtwin.documents import (  # noqa: E402
+    ChannelState,
+    EndConditions,
+    EndReason,
+    EndStep,
+    PauseRun,
+    StepKind,
+    ChannelStatus,
+    RunStart,
+    RunStop,
+    StartRun,
+    StepCommand,
+    StepEvent,
+    StopRun,
+)
+from labtwin.analysis.summary import RunSummary, summarize_run  # noqa: E402
+from labtwin.protocols.compile import CompileContext, compile_program  # noqa: E402
+from labtwin.protocols.model import load_protocol, resolve_protocol_path  # noqa: E402
+from labtwin.protocols.program import Interpreter  # noqa: E402
+from labtwin.orchestration.resume import ResumeState  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+STATUS_WAIT_S = 10.0
+STALL_MIN_S = 60.0
+TIMEOUT_GRACE_S = 30.0
+
+
+class ChannelUnavailable(RuntimeError):
+    pass
+
+
+class ChannelBusy(ChannelUnavailable):
+    """The channel's agent holds another run (its lease): wait until it is idle and try again."""
+
+
+class StepTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class ChannelLink:
+    """The flow's view of one channel: its bus, its event and status stream, its last status."""
+
+    bus: Bus
+    lab: str
+    channel: str
+    stream: Subscription
+    status: ChannelStatus | None = None
+    last_heard: float = field(default_factory=time.monotonic)
+    events: list[StepEvent] = field(default_factory=list)
+    cell_id: str = ""
+
+    def topic(self, kind: str) -> str:
+        return busmod.topic(self.lab, self.channel, kind)
+
+    async def next_document(self, timeout_s: float):
+        """The next event or status document; status updates are absorbed here."""
+        msg = await self.stream.get(timeout_s)
+        self.last_heard = time.monotonic()
+        doc = msg.document
+        if isinstance(doc, ChannelStatus):
+            self.status = doc
+            if doc.state is ChannelState.offline:
+                raise ChannelUnavailable(f"channel {self.channel} went offline: {doc.message or 'agent gone'}")
+        return doc
+
+    async def wait_for(self, predicate, timeout_s: float, stall_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.status is not None and self.status.state is ChannelState.paused:
+                deadline += now - last  # a paused run is waiting for a person, not late
+            last = now
+            if now >= deadline:
+                raise StepTimeout(f"channel {self.channel}: no {what} within {timeout_s:.0f} s")
+            if now - self.last_heard > stall_s:
+                raise StepTimeout(f"channel {self.channel}: silent for {stall_s:.0f} s while waiting for {what}")
+            try:
+                doc = await self.next_document(min(deadline - now, stall_s, 1.0))
+            except asyncio.TimeoutError:
+                continue
+            if predicate(doc):
+                return doc
+
+
+async def start_prefect_api() -> None:
+    """Make sure Prefect's API answers before any MQTT client exists in this process.
+
+    With no PREFECT_API_URL, Prefect starts its ephemeral local server on the
+    first client, and that start blocks the calling event loop (8.5 s measured
+    here): long enough to time out a Bus that is connecting and to miss MQTT
+    keepalives. Starting it first makes the stall harmless.
+    """
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        await client.hello()
+
+
+def step_timeout_s(cmd: StepCommand, speed: float | None) -> float:
+    """Wall seconds a step may take: its own time bound at the channel's speed (as-fast-as-possible
+    channels are assumed no slower than real time), plus a grace for start-up and transport."""
+    return cmd.time_budget_s() / (speed or 1.0) + TIMEOUT_GRACE_S
+
+
+@task(name="step", task_run_name="{label}", cache_policy=NO_CACHE)
+async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepEvent:
+    """Publish one step and wait until the agent says it ended (with the reason and the step's stats).
+
+    Callers pass the link as ``quote(link)``: Prefect otherwise walks every parameter for futures before
+    each task run, and the link carries the run's growing list of step events (quadratic in steps)."""
+    speed = link.status.speed if link.status else 1.0
+    stall_s = max(STALL_MIN_S, 5 * command.sample_interval_s / (speed or 1e9))
+    watcher = None
+    if command.end.twin_soc is not None:
+        watcher = asyncio.create_task(_watch_twin_soc(link, command))
+        await asyncio.sleep(0)  # subscribed before the step starts
+    try:
+        await link.bus.publish(link.topic("cmd"), command)
+        ended = await link.wait_for(
+            lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.run_id == command.run_id
+            and d.step_index == command.step_index,
+            step_timeout_s(command, speed), stall_s, f"end of step {command.step_index} ({command.label})",
+        )
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    link.events.append(ended)
+    return ended
+
+
+PREFECT_API_ATTEMPTS = 4
+
+
+async def _run_step_tracked(link: ChannelLink, cmd: StepCommand) -> StepEvent:
+    """run_step as a Prefect task run, surviving the Prefect API's own failures.
+
+    With dozens of flows on the ephemeral server its SQLite locks and the API answers 503 even after the
+    client's retries (bench/campaign.py: 31 of 64 jobs lost that way). The step is the lab's work and the
+    task run only its record, so a failed task-run call is tried again; the agent never runs a step twice
+    (a step index it has run is answered with how it ended), so trying again is safe."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for attempt in range(PREFECT_API_ATTEMPTS):
+        try:
+            return await run_step(quote(link), cmd, label=f"{cmd.step_index:03d} c{cmd.cycle} {cmd.label}")
+        except PrefectHTTPStatusError as exc:
+            if attempt == PREFECT_API_ATTEMPTS - 1 or exc.response.status_code < 500:
+                raise
+            log.warning("step %d: the Prefect API failed (%s); asking the agent again", cmd.step_index, exc.response.status_code)
+            await asyncio.sleep(5.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _watch_twin_soc(link: ChannelLink, command: StepCommand) -> None:
+    """End the step through the agent when the twin's state of charge reaches the target.
+
+    The twin publishes its state of the cell (retained, every ~0.5 s of wall time and at each step event);
+    the target is reached from whichever side the step's first state was on. In real time that is within a
+    sample or two; at max speed the simulator runs ahead of the twin and the step ends later (in cell time)."""
+    target = command.end.twin_soc
+    sub = await link.bus.subscribe(busmod.cell_topic(link.lab, link.cell_id or "+", "state"))
+    side = None
+    try:
+        async for message in sub:
+            state = message.document
+            if getattr(state, "run_id", None) != command.run_id or state.step != command.step_index or state.soc is None:
+                continue
+            if side is None:
+                side = state.soc < target
+                continue
+            if (state.soc < target) != side:
+                reason = EndReason(kind="end_condition", name="twin_soc", value=state.soc, threshold=target,
+                                   message=f"the twin's state of charge reached {state.soc:.3f}")
+                await link.bus.publish(link.topic("cmd"), EndStep(run_id=command.run_id, step_index=command.step_index,
+                                                                   reason=reason))
+                return
+    finally:
+        sub.close()
+
+
+async def _connect_channel(bus: Bus, lab: str, channel: str, own_run: str | None = None) -> ChannelLink:
+    stream = await bus.subscribe([busmod.topic(lab, channel, "event"), busmod.topic(lab, channel, "status")])
+    link = ChannelLink(bus, lab, channel, stream)
+    deadline = time.monotonic() + STATUS_WAIT_S
+    while link.status is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ChannelUnavailable(
+                f"no agent answers on channel {channel!r} of lab {lab!r} at {bus.address}: "
+                f"start one with `labtwin agent --channel {channel}`"
+            )
+        try:
+            await link.next_document(remaining)
+        except asyncio.TimeoutError:
+            pass
+    if link.status.state is ChannelState.running and link.status.run_id and link.status.run_id != own_run:
+        raise ChannelBusy(f"channel {channel} is busy with run {link.status.run_id}")
+    return link
+
+
+# run id -> set when that run_protocol flow run has started (the campaign spreads out flow-run creation).
+RUN_STARTED: dict[str, asyncio.Event] = {}
+
+RESUME_CHECK_INDEX = 100_000  # the resume check's step index: run-unique, far past any compiled step
+
+
+async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, agent_holds_run: bool) -> str:
+    """Bring the interpreter to where the interrupted run stands; a refusal reason if the cell is not fit to go on.
+
+    Completed steps are replayed (not run); a step the agent is still running is waited for, not repeated;
+    then the cell's open-circuit voltage is measured and must lie in the step's window; the interrupted step
+    gets what is left of its time."""
+    completed = [e for e in resume.completed if e.step_index < RESUME_CHECK_INDEX]
+    link.events.extend(completed)
+    interp.replay(completed)
+    status = link.status
+    running = interp.next_command()
+    if agent_holds_run and running is not None and status.state is ChannelState.running \
+            and status.step_index == running.step_index:
+        # The agent is still running the step the dead flow had started: wait for it instead of repeating it.
+        # Its end may fall between the look at the store and this link's subscription (events are not
+        # retained): once the status says the step is over, ask for the step again; the agent never runs a
+        # step index twice and answers with how it ended.
+        speed = status.speed or 1.0
+
+        def ended_or_over(d) -> bool:
+            if isinstance(d, StepEvent):
+                return d.event == "ended" and d.run_id == running.run_id and d.step_index == running.step_index
+            return isinstance(d, ChannelStatus) and not (d.state is ChannelState.running
+                                                         and d.step_index == running.step_index)
+
+        what = f"end of step {running.step_index} (running since before the resume)"
+        ended = await link.wait_for(ended_or_over, step_timeout_s(running, speed), STALL_MIN_S, what)
+        if not isinstance(ended, StepEvent):
+            await link.bus.publish(link.topic("cmd"), running)
+            ended = await link.wait_for(lambda d: isinstance(d, StepEvent) and d.event == "ended"
+                                        and d.run_id == running.run_id and d.step_index == running.step_index,
+                                        TIMEOUT_GRACE_S, STALL_MIN_S, what)
+        link.events.append(ended)
+        if ended.reason is None or ended.reason.kind != "end_condition":
+            return f"step {running.step_index}: {ended.reason.kind}:{ended.reason.name}" if ended.reason else "step failed"
+        decision = interp.record(ended)
+        if decision.action == "stop":
+            return ""
+    first = interp.next_command()
+    if first is None:
+        return ""
+    interval = first.sample_interval_s
+    check = StepCommand(
+        run_id=first.run_id, step_index=RESUME_CHECK_INDEX + first.step_index, cycle=first.cycle, step=StepKind.rest,
+        label=f"resume check: open-circuit voltage before step {first.step_index}", end=EndConditions(time_s=2 * interval),
+        limits=first.limits.model_copy(update={"step_time_max_s": None}), sample_interval_s=interval,
+    )
+    measured = await run_step(quote(link), check, label=f"{check.step_index} resume check")
+    v = measured.stats.end_voltage_V if measured.stats else None
+    low, high = first.limits.voltage_min_V, first.limits.voltage_max_V  # the protocol's window within the channel's
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
+        return (f"resume refused: the cell's open-circuit voltage {v if v is None else f'{v:.4g} V'} is outside the "
+                f"protocol's window [{low:g}, {high:g}] V (or the check failed: {measured.reason})")
+    if resume.elapsed_in_step_s > 0 and first.end.time_s is not None and first.step_index == resume.interrupted_step:
+        # The interrupted step keeps what is left of its time: a 1 h rest cut at 40 min rests 20 min more.
+        left = max(first.end.time_s - resume.elapsed_in_step_s, first.sample_interval_s)
+        interp.replace_next(first.model_copy(update={"end": first.end.model_copy(update={"time_s": left}),
+                                                     "label": f"{first.label} (resumed, {left:g} s left)"}))
+    return ""
+
+
+@flow(name="run_protocol", flow_run_name="{channel}: {protocol}", log_prints=False)
+async def run_protocol(
+    protocol: str,
+    channel: str,
+    broker_url: str,
+    lab: str = "default",
+    run_id: str | None = None,
+    cell_id: str | None = None,
+    nominal_capacity_Ah: float | None = None,
+    resume: ResumeState | None = None,
+) -> RunSummary:
+    """Run a protocol file on one channel's agent and return the run's summary.
+
+    With ``resume`` (from labtwin.orchestration.resume.read_run on the store) the run goes on where it was interrupted:
+    completed steps are not run again, the cell's open-circuit voltage is measured and checked against
+    the protocol's window first, and the interrupted step gets what is left of its time budget."""
+    wall_start = time.monotonic()
+    path = resolve_protocol_path(protocol)
+    proto = load_protocol(path)
+    run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{channel}-{uuid.uuid4().hex[:6]}"
+    if run_id in RUN_STARTED:
+        RUN_STARTED[run_id].set()
+    try:
+        flow_run_id = str(get_run_context().flow_run.id)
+    except Exception:  # pragma: no cover - outside a flow run
+        flow_run_id = None
+    async with Bus(broker_url, f"flow-{run_id}-{uuid.uuid4().hex[:6]}") as bus:  # a resumed run is a new client
+        link = await _connect_channel(bus, lab, channel, own_run=run_id if resume else None)
+        program = compile_program(
+            proto,
+            CompileContext(run_id, nominal_capacity_Ah or link.status.nominal_capacity_Ah, link.status.limits),
+        )
+        interp = Interpreter(program)
+        cell = cell_id or link.status.cell_id or ""
+        link.cell_id = cell
+        agent_holds_run = link.status.run_id == run_id
+        if not agent_holds_run:
+            await bus.publish(
+                link.topic("cmd"),
+                StartRun(run_id=run_id, channel=channel, cell_id=cell, protocol=proto.metadata.name,
+                         n_steps=len(program.steps), flow_run_id=flow_run_id, resume=resume.point if resume else None,
+                         metadata={"anomaly_policy": json.dumps(proto.anomalies)} if proto.anomalies else {}),
+            )
+            refusal = f"refused run {run_id}:"
+            started = await link.wait_for(
+                lambda d: (isinstance(d, RunStart) and d.run_id == run_id)
+                or (isinstance(d, ChannelStatus) and d.message.startswith(refusal)), 30, 30, "run start")
+            if isinstance(started, ChannelStatus):  # another flow's run got the channel first
+                raise ChannelBusy(f"channel {channel}: {started.message}")
+        exit_status, reason = "success", ""
+        try:
+            if resume is not None:
+                refused = await _resume(link, interp, resume, agent_holds_run)
+                if refused:
+                    exit_status, reason = "failed", refused
+                    interp.stop_reason = refused
+            while (cmd := interp.next_command()) is not None:
+                ended = await _run_step_tracked(link, cmd)
+                if ended.reason is None or ended.reason.kind != "end_condition":
+                    exit_status = "failed" if ended.reason and ended.reason.kind in {"safety_limit", "error"} else "aborted"
+                    r = ended.reason
+                    reason = f"step {cmd.step_index}: {r.kind}:{r.name}" + (f" ({r.message})" if r.message else "") if r else ""
+                    break
+                decision = interp.record(ended)
+                if decision.action == "pause":
+                    # The agent holds the next step at open circuit until `labtwin resume`; the flow's step
+                    # timeouts do not run while the channel says paused.
+                    await bus.publish(link.topic("cmd"), PauseRun(run_id=run_id, reason=decision.reason))
+            if exit_status == "success" and interp.stop_reason:
+                reason = interp.stop_reason
+        except BaseException as exc:
+            exit_status, reason = "aborted", f"{type(exc).__name__}: {exc}"
+            await bus.publish(link.topic("cmd"), StopRun(run_id=run_id, exit_status="aborted", reason=reason))
+            await bus.flush(5)
+            raise
+        await bus.publish(link.topic("cmd"), StopRun(run_id=run_id, exit_status=exit_status, reason=reason))
+        stop = await link.wait_for(lambda d: isinstance(d, RunStop) and d.run_id == run_id, 30, 30, "run stop")
+    return summarize_run(
+        run_id, channel, link.events, cell_id=cell, protocol=proto.metadata.name,
+        exit_status=stop.exit_status, reason=stop.reason or reason, wall_time_s=time.monotonic() - wall_start,
+    )
