@@ -53,11 +53,19 @@ async def main(channels: int, seconds: float, broker: str | None) -> None:
     await start_prefect_api()
     lab = f"latency{int(time.time()) % 100000}"
     names = [f"ch{k}" for k in range(channels)]
-    config = LabConfig(lab=lab, channels={
-        n: ChannelConfig(driver="simulated", cell="lco-lgps-glassy-ceramic", speed=1.0, seed=k,
-                         limits=Limits(voltage_min_V=1.7, voltage_max_V=3.8))
-        for k, n in enumerate(names)
-    })
+    config = LabConfig(
+        lab=lab,
+        channels={
+            n: ChannelConfig(
+                driver="simulated",
+                cell="lco-lgps-glassy-ceramic",
+                speed=1.0,
+                seed=k,
+                limits=Limits(voltage_min_V=1.7, voltage_max_V=3.8),
+            )
+            for k, n in enumerate(names)
+        },
+    )
     workdir = Path(tempfile.mkdtemp())
     protocol = workdir / "latency.yaml"
     protocol.write_text(PROTOCOL.format(seconds=seconds))
@@ -78,8 +86,14 @@ async def main(channels: int, seconds: float, broker: str | None) -> None:
             model = agent.driver.model
             for pulse in range(int(seconds // 5)):
                 # the charge starts after the 20 s rest; cell age counts from the model's creation (~now)
-                model.inject(Fault(kind="soft_short", at_time_s=model.age_s + 30.0 + 5.0 * pulse + 0.37 * k, duration_s=2.0,
-                                   resistance_ohm=20_000.0))
+                model.inject(
+                    Fault(
+                        kind="soft_short",
+                        at_time_s=model.age_s + 30.0 + 5.0 * pulse + 0.37 * k,
+                        duration_s=2.0,
+                        resistance_ohm=20_000.0,
+                    )
+                )
         async with Bus(local.url, f"latency-listener-{lab}") as bus:
             sub = await bus.subscribe([f"{busmod.ROOT}/{lab}/cells/+/anomaly", f"{busmod.ROOT}/{lab}/+/event"])
 
@@ -102,16 +116,22 @@ async def main(channels: int, seconds: float, broker: str | None) -> None:
             await asyncio.sleep(1.0)
             listener.cancel()
     lat = np.array(latencies) * 1e3
-    print(f"{channels} channels at real time, 0.2 s sampling, {seconds:.0f} s of charge each; wall {time.perf_counter() - wall:.0f} s")
+    print(
+        f"{channels} channels at real time, 0.2 s sampling, {seconds:.0f} s of charge each; wall {time.perf_counter() - wall:.0f} s"
+    )
     if len(lat) == 0:
         print("no anomalies received: the bench did not work")
         return
-    print(f"anomalies: {len(lat)}; latency sample -> anomaly message: median {np.median(lat):.0f} ms, "
-          f"p90 {np.percentile(lat, 90):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, max {lat.max():.0f} ms (target p99 < 200 ms)")
+    print(
+        f"anomalies: {len(lat)}; latency sample -> anomaly message: median {np.median(lat):.0f} ms, "
+        f"p90 {np.percentile(lat, 90):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, max {lat.max():.0f} ms (target p99 < 200 ms)"
+    )
     service = local.twin_service
     if service is not None and service.stats.latencies_s:
         inner = np.array(service.stats.latencies_s) * 1e3
-        print(f"inside the twin service (batch received -> anomaly published): median {np.median(inner):.1f} ms, p99 {np.percentile(inner, 99):.1f} ms")
+        print(
+            f"inside the twin service (batch received -> anomaly published): median {np.median(inner):.1f} ms, p99 {np.percentile(inner, 99):.1f} ms"
+        )
 
 
 if __name__ == "__main__":

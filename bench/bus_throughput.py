@@ -29,16 +29,29 @@ async def main(broker: str | None, channels: int, hours: float) -> None:
     lab = sim_lab("bench", {n: "lco_lgps_glassy" for n in names})
     db = Path(tempfile.mkdtemp()) / "bench.db"
     steps = [
-        StepCommand(run_id="", step_index=0, step=StepKind.cc, current_A=2.4e-4, end=EndConditions(voltage_V=3.6),
-                    limits=Limits(step_time_max_s=hours * 3600), sample_interval_s=1),
-        StepCommand(run_id="", step_index=1, step=StepKind.rest, end=EndConditions(time_s=hours * 3600), sample_interval_s=1),
+        StepCommand(
+            run_id="",
+            step_index=0,
+            step=StepKind.cc,
+            current_A=2.4e-4,
+            end=EndConditions(voltage_V=3.6),
+            limits=Limits(step_time_max_s=hours * 3600),
+            sample_interval_s=1,
+        ),
+        StepCommand(
+            run_id="", step_index=1, step=StepKind.rest, end=EndConditions(time_s=hours * 3600), sample_interval_s=1
+        ),
     ]
     async with LocalLab(lab, names, broker, str(db)) as local:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(
-            run_steps_by_hand(local.url, "bench", n, f"bench-{n}", [s.model_copy(update={"run_id": f"bench-{n}"}) for s in steps])
-            for n in names
-        ))
+        results = await asyncio.gather(
+            *(
+                run_steps_by_hand(
+                    local.url, "bench", n, f"bench-{n}", [s.model_copy(update={"run_id": f"bench-{n}"}) for s in steps]
+                )
+                for n in names
+            )
+        )
         for n in names:
             await local.wait_stored(f"bench-{n}", 120)
         wall = time.perf_counter() - t0

@@ -32,8 +32,8 @@ import yaml  # noqa: E402
 from labtwin.cli.wiring import LocalLab  # noqa: E402
 from labtwin.documents import Limits  # noqa: E402
 from labtwin.orchestration.campaign_flow import run_campaign  # noqa: E402
-from labtwin.protocols.compile import CompileContext, compile_protocol  # noqa: E402
 from labtwin.orchestration.flows import start_prefect_api  # noqa: E402
+from labtwin.protocols.compile import CompileContext, compile_protocol  # noqa: E402
 from labtwin.protocols.model import load_protocol  # noqa: E402
 from tests.helpers import run_steps_by_hand, sim_lab  # noqa: E402
 
@@ -41,18 +41,26 @@ CELL = "lco_lgps_glassy"  # LCO | glassy LGPS | Li-In, 1.2 mAh, 1.9-3.7 V
 
 
 def formation(cycles: int) -> str:
-    return yaml.safe_dump({
-        "metadata": {"name": f"bench formation {cycles} cycles", "nominal_capacity_Ah": 1.2e-3},
-        "record": {"interval_s": 30},
-        "safety": {"voltage_min_V": 1.9, "voltage_max_V": 3.7},
-        "method": [
-            {"rest": {"duration_s": 600}},
-            {"repeat": cycles, "steps": [
-                "Charge at C/2 until 3.6 V", "Rest for 10 minutes",
-                "Discharge at C/2 until 2.0 V", "Rest for 10 minutes",
-            ]},
-        ],
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "metadata": {"name": f"bench formation {cycles} cycles", "nominal_capacity_Ah": 1.2e-3},
+            "record": {"interval_s": 30},
+            "safety": {"voltage_min_V": 1.9, "voltage_max_V": 3.7},
+            "method": [
+                {"rest": {"duration_s": 600}},
+                {
+                    "repeat": cycles,
+                    "steps": [
+                        "Charge at C/2 until 3.6 V",
+                        "Rest for 10 minutes",
+                        "Discharge at C/2 until 2.0 V",
+                        "Rest for 10 minutes",
+                    ],
+                },
+            ],
+        },
+        sort_keys=False,
+    )
 
 
 async def main(cells: int, cycles: int) -> None:
@@ -62,19 +70,35 @@ async def main(cells: int, cycles: int) -> None:
     names = [f"ch{i:02d}" for i in range(cells)]
     lab = sim_lab("benchcampaign", {n: CELL for n in names}, Limits(voltage_min_V=1.8, voltage_max_V=3.8))
     campaign = work / "campaign.yaml"
-    campaign.write_text(yaml.safe_dump({"campaign": "bench", "cells": [
-        {"id": f"cell{i:02d}", "channels": [n], "protocols": [str(protocol)], "nominal_capacity_Ah": 1.2e-3}
-        for i, n in enumerate(names)]}))
+    campaign.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": "bench",
+                "cells": [
+                    {"id": f"cell{i:02d}", "channels": [n], "protocols": [str(protocol)], "nominal_capacity_Ah": 1.2e-3}
+                    for i, n in enumerate(names)
+                ],
+            }
+        )
+    )
     store = str(work / "bench.db")
     await start_prefect_api()
     proto = load_protocol(protocol)
     async with LocalLab(lab, names, None, store) as local:
         # Direct: the same steps over MQTT without Prefect.
         t0 = time.perf_counter()
-        direct = await asyncio.gather(*(
-            run_steps_by_hand(local.url, lab.lab, n, f"direct-{n}",
-                              compile_protocol(proto, CompileContext(f"direct-{n}", 1.2e-3, lab.channel(n).limits)))
-            for n in names))
+        direct = await asyncio.gather(
+            *(
+                run_steps_by_hand(
+                    local.url,
+                    lab.lab,
+                    n,
+                    f"direct-{n}",
+                    compile_protocol(proto, CompileContext(f"direct-{n}", 1.2e-3, lab.channel(n).limits)),
+                )
+                for n in names
+            )
+        )
         for n in names:
             await local.wait_stored(f"direct-{n}", 300)
         wall_direct = time.perf_counter() - t0
@@ -92,12 +116,18 @@ async def main(cells: int, cycles: int) -> None:
     for r in results:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
     steps = steps_per_cell * cells
-    print(f"{cells} cells x {cycles}-cycle formation ({steps_per_cell} steps each, {steps} steps, "
-          f"cell {CELL}, 30 s sampling), max speed, {os.cpu_count()} cores")
-    print(f"  direct over MQTT : wall {wall_direct:7.1f} s, {steps / wall_direct:6.1f} steps/s, "
-          f"{samples_direct / wall_direct:8,.0f} samples/s stored")
-    print(f"  Prefect campaign : wall {wall_prefect:7.1f} s, {steps / wall_prefect:6.1f} steps/s, "
-          f"{samples_prefect / wall_prefect:8,.0f} samples/s stored")
+    print(
+        f"{cells} cells x {cycles}-cycle formation ({steps_per_cell} steps each, {steps} steps, "
+        f"cell {CELL}, 30 s sampling), max speed, {os.cpu_count()} cores"
+    )
+    print(
+        f"  direct over MQTT : wall {wall_direct:7.1f} s, {steps / wall_direct:6.1f} steps/s, "
+        f"{samples_direct / wall_direct:8,.0f} samples/s stored"
+    )
+    print(
+        f"  Prefect campaign : wall {wall_prefect:7.1f} s, {steps / wall_prefect:6.1f} steps/s, "
+        f"{samples_prefect / wall_prefect:8,.0f} samples/s stored"
+    )
     print(f"  outcomes: {outcomes}")
     from prefect.settings import get_current_settings
 
@@ -105,16 +135,21 @@ async def main(cells: int, cycles: int) -> None:
     shown = url.get_secret_value() if url is not None and hasattr(url, "get_secret_value") else url
     print(f"  Prefect database: {str(shown).split('@')[-1] if shown else 'SQLite (default)'}")
     added = wall_prefect - wall_direct
-    print(f"  Prefect adds {added:.1f} s ({wall_prefect / wall_direct:.2f}x): {added / steps_per_cell * 1e3:.0f} ms per step "
-          f"on each channel's critical path, {added / steps * 1e3:.1f} ms per step of the campaign")
+    print(
+        f"  Prefect adds {added:.1f} s ({wall_prefect / wall_direct:.2f}x): {added / steps_per_cell * 1e3:.0f} ms per step "
+        f"on each channel's critical path, {added / steps * 1e3:.1f} ms per step of the campaign"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=64)
     parser.add_argument("--cycles", type=int, default=10)
-    parser.add_argument("--prefect-db", default=None,
-                        help="the ephemeral API's database: memory, postgresql://..., sqlite:///path (default: SQLite)")
+    parser.add_argument(
+        "--prefect-db",
+        default=None,
+        help="the ephemeral API's database: memory, postgresql://..., sqlite:///path (default: SQLite)",
+    )
     args = parser.parse_args()
     from labtwin.orchestration.prefect_server import ephemeral_database
 

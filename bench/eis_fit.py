@@ -60,7 +60,11 @@ def main() -> None:
             if "CPE1_1" in parsed.parameter_names:
                 start[parsed.parameter_names.index("CPE1_1")] = 0.9
             t_lab, lab = best_of(lambda c=parsed, f=f, z=z, s=start: fit_circuit(c, f, z, initial=s))
-            t_imp, imp = best_of(lambda c=circuit, f=f, z=z, s=start: CustomCircuit(c, initial_guess=list(s)).fit(f, z, weight_by_modulus=True))
+            t_imp, imp = best_of(
+                lambda c=circuit, f=f, z=z, s=start: CustomCircuit(c, initial_guess=list(s)).fit(
+                    f, z, weight_by_modulus=True
+                )
+            )
             t_auto, _ = best_of(lambda c=parsed, f=f, z=z: fit_circuit(c, f, z))
             same = np.allclose(imp.parameters_, [lab.parameters[n] for n in parsed.parameter_names], rtol=0.01)
             if not same:  # where they differ, say which reached the better optimum (same weighted cost)
@@ -69,13 +73,19 @@ def main() -> None:
                 same = "labtwin lower cost" if lab.cost < imp_cost * (1 - 1e-6) else "NO"
             ratios.append(t_imp / t_lab)
             rows.append((path.stem, circuit, t_imp * 1e3, t_lab * 1e3, t_imp / t_lab, t_auto * 1e3, same))
-    print(f"{'spectrum':16s} {'circuit':16s} {'impedance.py':>12s} {'labtwin':>9s} {'ratio':>6s} {'labtwin auto':>12s}  same result")
+    print(
+        f"{'spectrum':16s} {'circuit':16s} {'impedance.py':>12s} {'labtwin':>9s} {'ratio':>6s} {'labtwin auto':>12s}  same result"
+    )
     for name, circuit, ti, tl, r, ta, same in rows:
-        print(f"{name:16s} {circuit:16s} {ti:10.1f} ms {tl:7.2f} ms {r:5.1f}x {ta:10.2f} ms  {'yes' if same is True else same}")
-    print(f"speed-up from the same start: median {np.median(ratios):.1f}x, min {min(ratios):.1f}x (target >= 10x); "
-          f"{sum(r[-1] is True for r in rows)} of {len(rows)} fits agree within 1 %, "
-          f"{sum(r[-1] == 'labtwin lower cost' for r in rows)} differ where labtwin reached the lower cost, "
-          f"{sum(r[-1] == 'NO' for r in rows)} where impedance.py did")
+        print(
+            f"{name:16s} {circuit:16s} {ti:10.1f} ms {tl:7.2f} ms {r:5.1f}x {ta:10.2f} ms  {'yes' if same is True else same}"
+        )
+    print(
+        f"speed-up from the same start: median {np.median(ratios):.1f}x, min {min(ratios):.1f}x (target >= 10x); "
+        f"{sum(r[-1] is True for r in rows)} of {len(rows)} fits agree within 1 %, "
+        f"{sum(r[-1] == 'labtwin lower cost' for r in rows)} differ where labtwin reached the lower cost, "
+        f"{sum(r[-1] == 'NO' for r in rows)} where impedance.py did"
+    )
 
 
 if __name__ == "__main__":

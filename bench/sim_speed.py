@@ -15,7 +15,12 @@ def ecm_speed() -> float:
     n = 200_000
     t = time.perf_counter()
     for k in range(n):
-        model.step(1.0, "current", -0.5 * cell.nominal_capacity_Ah if (k // 3600) % 2 == 0 else 0.5 * cell.nominal_capacity_Ah, 0.0 if (k // 3600) % 2 == 0 else 3.0)
+        model.step(
+            1.0,
+            "current",
+            -0.5 * cell.nominal_capacity_Ah if (k // 3600) % 2 == 0 else 0.5 * cell.nominal_capacity_Ah,
+            0.0 if (k // 3600) % 2 == 0 else 3.0,
+        )
     return n / (time.perf_counter() - t)
 
 
@@ -73,8 +78,13 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
             "capacity_Ah": c_max * eps * thickness * area_m2 * faraday / 3600.0,
             "initial_x": pv[f"Initial concentration in {side.lower()} electrode [mol.m-3]"] / c_max,
             "exchange_current_A": j0_half * surface_m2,
-            "diffusion": {"geometry": "spherical", "length_m": radius, "diffusivity_m2_s": d, "n_volumes": 12,
-                          "surface_refinement": 0.85},
+            "diffusion": {
+                "geometry": "spherical",
+                "length_m": radius,
+                "diffusivity_m2_s": d,
+                "n_volumes": 12,
+                "surface_refinement": 0.85,
+            },
         }
 
     capacity_Ah = pv["Nominal cell capacity [A.h]"]
@@ -93,8 +103,12 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
     t_py = solution["Time [s]"].entries
     v_py = solution["Voltage [V]"].entries
 
-    params = CellParameters(series_resistance_ohm=0.0, temperature_C=T_K - 273.15,
-                            positive=electrode("Positive"), negative=electrode("Negative"))
+    params = CellParameters(
+        series_resistance_ohm=0.0,
+        temperature_C=T_K - 273.15,
+        positive=electrode("Positive"),
+        negative=electrode("Negative"),
+    )
     t2 = time.perf_counter()
     cell = PhysicsCell(params, capacity_Ah)
     v_ours = []
@@ -108,8 +122,15 @@ def spm_side_by_side(dt_s: float = 10.0) -> dict[str, float]:
     common = t_ours[t_ours <= t_py[-1]]
     v_py_common = np.interp(common, t_py, v_py)
     rms = float(np.sqrt(np.mean((np.asarray(v_ours[: len(common)]) - v_py_common) ** 2)))
-    return {"pybamm_total_s": pybamm_s, "pybamm_solve_s": pybamm_solve_s, "labtwin_s": ours_s, "rms_V": rms,
-            "pybamm_end_s": float(t_py[-1]), "labtwin_end_s": float(t_ours[-1]), "points": len(common)}
+    return {
+        "pybamm_total_s": pybamm_s,
+        "pybamm_solve_s": pybamm_solve_s,
+        "labtwin_s": ours_s,
+        "rms_V": rms,
+        "pybamm_end_s": float(t_py[-1]),
+        "labtwin_end_s": float(t_ours[-1]),
+        "points": len(common),
+    }
 
 
 def eis_s() -> float:
@@ -124,7 +145,9 @@ def eis_s() -> float:
 if __name__ == "__main__":
     rate = ecm_speed()
     print(f"equivalent-circuit cell, 1 s steps: {rate:,.0f} steps/s = {rate:,.0f} x real time (target >= 100 000 x)")
-    print(f"many-particle LTO, 200 groups, one 0.1C cycle (10 s samples): {many_particle_cycle_s():.2f} s (target < 1 s)")
+    print(
+        f"many-particle LTO, 200 groups, one 0.1C cycle (10 s samples): {many_particle_cycle_s():.2f} s (target < 1 s)"
+    )
     print(f"EIS, 60 frequencies, LCO cell with 12-shell diffusion: {eis_s() * 1e3:.2f} ms (target < 200 ms)")
     try:
         spm = spm_side_by_side()

@@ -14,8 +14,14 @@ def sim_lab(lab: str, cells: dict[str, str], limits: Limits | None = None, speed
     return LabConfig(
         lab=lab,
         channels={
-            ch: ChannelConfig(driver="simulated", cell=cell, cell_id=f"{ch}-cell", speed=speed, seed=7,
-                              limits=limits or Limits(voltage_min_V=0.1, voltage_max_V=4.0))
+            ch: ChannelConfig(
+                driver="simulated",
+                cell=cell,
+                cell_id=f"{ch}-cell",
+                speed=speed,
+                seed=7,
+                limits=limits or Limits(voltage_min_V=0.1, voltage_max_V=4.0),
+            )
             for ch, cell in cells.items()
         },
     )
@@ -31,13 +37,16 @@ async def wait_doc(sub, predicate, timeout_s: float = 30.0):
     return await asyncio.wait_for(_wait(), timeout_s)
 
 
-async def run_steps_by_hand(url: str, lab: str, channel: str, run_id: str, commands: list[StepCommand],
-                            stop_status: str = "success") -> tuple[list[StepEvent], RunStop]:
+async def run_steps_by_hand(
+    url: str, lab: str, channel: str, run_id: str, commands: list[StepCommand], stop_status: str = "success"
+) -> tuple[list[StepEvent], RunStop]:
     """Drive an agent without Prefect: StartRun, the steps one by one, StopRun."""
     async with Bus(url) as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "event"))
         cmd_topic = busmod.topic(lab, channel, "cmd")
-        await bus.publish(cmd_topic, StartRun(run_id=run_id, channel=channel, cell_id="c", protocol="p", n_steps=len(commands)))
+        await bus.publish(
+            cmd_topic, StartRun(run_id=run_id, channel=channel, cell_id="c", protocol="p", n_steps=len(commands))
+        )
         await wait_doc(sub, lambda d: isinstance(d, RunStart) and d.run_id == run_id)
         ended = []
         for cmd in commands:

@@ -1,4 +1,5 @@
 """The agent, over a real broker: safety every sample, safe state, gapless sequence numbers."""
+
 import asyncio
 
 from labtwin.cli.wiring import LocalLab
@@ -12,8 +13,14 @@ async def test_voltage_limit_ends_the_step_within_one_sample(broker_url, unique_
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         sim = local.agents["ch"].driver
         sim.model.soc = 0.5
-        cmd = StepCommand(run_id="r1", step_index=0, step=StepKind.cc, current_A=5.18e-5,
-                          end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=5)
+        cmd = StepCommand(
+            run_id="r1",
+            step_index=0,
+            step=StepKind.cc,
+            current_A=5.18e-5,
+            end=EndConditions(voltage_V=2.9, time_s=36000),
+            sample_interval_s=5,
+        )
         ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "r1", [cmd])
         await local.wait_stored("r1")
         samples = local.store.samples("r1")
@@ -29,10 +36,22 @@ async def test_after_a_trip_the_agent_refuses_further_steps_of_that_run(broker_u
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=2.2))
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         local.agents["ch"].driver.model.soc = 0.9
-        trip = StepCommand(run_id="r2", step_index=0, step=StepKind.cc, current_A=5e-5,
-                           end=EndConditions(time_s=36000), sample_interval_s=10)
-        again = StepCommand(run_id="r2", step_index=1, step=StepKind.cc, current_A=5e-5,
-                            end=EndConditions(time_s=36000), sample_interval_s=10)
+        trip = StepCommand(
+            run_id="r2",
+            step_index=0,
+            step=StepKind.cc,
+            current_A=5e-5,
+            end=EndConditions(time_s=36000),
+            sample_interval_s=10,
+        )
+        again = StepCommand(
+            run_id="r2",
+            step_index=1,
+            step=StepKind.cc,
+            current_A=5e-5,
+            end=EndConditions(time_s=36000),
+            sample_interval_s=10,
+        )
         ended, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "r2", [trip, again])
     assert ended[0].reason.kind == "safety_limit"
     assert ended[1].reason.kind == "error" and ended[1].reason.name == "run_tripped"
@@ -40,9 +59,13 @@ async def test_after_a_trip_the_agent_refuses_further_steps_of_that_run(broker_u
 
 
 async def test_step_time_limit_is_enforced_by_the_agent(broker_url, unique_lab, tmp_path):
-    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0, step_time_max_s=60))
+    lab = sim_lab(
+        unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0, step_time_max_s=60)
+    )
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
-        cmd = StepCommand(run_id="r3", step_index=0, step=StepKind.rest, end=EndConditions(time_s=3600), sample_interval_s=10)
+        cmd = StepCommand(
+            run_id="r3", step_index=0, step=StepKind.rest, end=EndConditions(time_s=3600), sample_interval_s=10
+        )
         ended, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "r3", [cmd])
     assert ended[0].reason.name == "step_time_max_s"
     assert ended[0].stats.duration_s == 60
@@ -52,9 +75,26 @@ async def test_sequence_numbers_have_no_gaps_and_the_store_holds_every_sample(br
     lab = sim_lab(unique_lab, {"ch": "lco_lgps_glassy"})
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         cmds = [
-            StepCommand(run_id="r4", step_index=0, step=StepKind.cc, current_A=1.2e-3, end=EndConditions(voltage_V=3.6), limits=Limits(step_time_max_s=7200), sample_interval_s=1),
-            StepCommand(run_id="r4", step_index=1, step=StepKind.cv, voltage_V=3.6, end=EndConditions(current_A=2.4e-4, time_s=3600), sample_interval_s=1),
-            StepCommand(run_id="r4", step_index=2, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=1),
+            StepCommand(
+                run_id="r4",
+                step_index=0,
+                step=StepKind.cc,
+                current_A=1.2e-3,
+                end=EndConditions(voltage_V=3.6),
+                limits=Limits(step_time_max_s=7200),
+                sample_interval_s=1,
+            ),
+            StepCommand(
+                run_id="r4",
+                step_index=1,
+                step=StepKind.cv,
+                voltage_V=3.6,
+                end=EndConditions(current_A=2.4e-4, time_s=3600),
+                sample_interval_s=1,
+            ),
+            StepCommand(
+                run_id="r4", step_index=2, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=1
+            ),
         ]
         ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "r4", cmds)
         await local.wait_stored("r4")
@@ -80,16 +120,24 @@ async def test_a_run_holds_its_channel_and_an_abandoned_one_gives_way(broker_url
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         local.agents["ch"].lease_grace_s = 1.0
         async with Bus(local.url) as bus:
-            events = await bus.subscribe([busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")])
+            events = await bus.subscribe(
+                [busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")]
+            )
             cmd = busmod.topic(unique_lab, "ch", "cmd")
             await bus.publish(cmd, StartRun(run_id="first", channel="ch", cell_id="c", protocol="p", n_steps=1))
             await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == "first")
-            await bus.publish(cmd, StepCommand(run_id="first", step_index=0, step=StepKind.rest,
-                                               end=EndConditions(time_s=60), sample_interval_s=10))
+            await bus.publish(
+                cmd,
+                StepCommand(
+                    run_id="first", step_index=0, step=StepKind.rest, end=EndConditions(time_s=60), sample_interval_s=10
+                ),
+            )
             await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.run_id == "first")
             # The first run's flow goes quiet (as if killed) right after its step: within the grace it keeps the channel.
             await bus.publish(cmd, StartRun(run_id="second", channel="ch", cell_id="c", protocol="p", n_steps=1))
-            refused = await wait_doc(events, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("refused run second"))
+            refused = await wait_doc(
+                events, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("refused run second")
+            )
             assert refused.run_id == "first"
             await asyncio.sleep(1.2)
             await bus.publish(cmd, StartRun(run_id="second", channel="ch", cell_id="c", protocol="p", n_steps=1))
@@ -98,11 +146,15 @@ async def test_a_run_holds_its_channel_and_an_abandoned_one_gives_way(broker_url
             await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == "second")
 
 
-async def test_a_trip_delay_rides_through_a_short_excursion_but_not_the_channels_hard_limit(broker_url, unique_lab, tmp_path):
+async def test_a_trip_delay_rides_through_a_short_excursion_but_not_the_channels_hard_limit(
+    broker_url, unique_lab, tmp_path
+):
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=2.6))
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         local.agents["ch"].driver.model.soc = 0.5
-        charge = dict(step=StepKind.cc, current_A=5.18e-5, end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=10)
+        charge = dict(
+            step=StepKind.cc, current_A=5.18e-5, end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=10
+        )
         # Protocol limit 1.8 V with a 60 s delay: the step goes on 60 s of samples past 1.8 V, then trips.
         delayed = StepCommand(run_id="d1", step_index=0, limits=Limits(voltage_max_V=1.8, trip_delay_s=60), **charge)
         ended, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "d1", [delayed])
@@ -120,7 +172,9 @@ async def test_a_trip_delay_rides_through_a_short_excursion_but_not_the_channels
     assert ended[0].reason.name == "voltage_max_V" and (v > 2.6).sum() == 1
 
 
-async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_exceeded_there_stops(broker_url, unique_lab, tmp_path):
+async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_exceeded_there_stops(
+    broker_url, unique_lab, tmp_path
+):
     from labtwin import bus as busmod
     from labtwin.bus import Bus
     from labtwin.documents import ChannelStatus, RunStart, RunStop, StartRun, StepEvent, StopRun
@@ -130,14 +184,27 @@ async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_e
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         local.agents["ch"].driver.model.soc = 0.5
         async with Bus(local.url) as bus:
-            sub = await bus.subscribe([busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")])
+            sub = await bus.subscribe(
+                [busmod.topic(unique_lab, "ch", "event"), busmod.topic(unique_lab, "ch", "status")]
+            )
             cmd = busmod.topic(unique_lab, "ch", "cmd")
             await bus.publish(cmd, StartRun(run_id="p1", channel="ch", cell_id="c", protocol="p", n_steps=1))
             await wait_doc(sub, lambda d: isinstance(d, RunStart))
-            await bus.publish(cmd, StepCommand(run_id="p1", step_index=0, step=StepKind.cc, current_A=5.18e-5,
-                                               end=EndConditions(voltage_V=2.9, time_s=36000), sample_interval_s=10,
-                                               limits=Limits(voltage_max_V=1.8, action="pause")))
-            paused = await wait_doc(sub, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("paused by safety"))
+            await bus.publish(
+                cmd,
+                StepCommand(
+                    run_id="p1",
+                    step_index=0,
+                    step=StepKind.cc,
+                    current_A=5.18e-5,
+                    end=EndConditions(voltage_V=2.9, time_s=36000),
+                    sample_interval_s=10,
+                    limits=Limits(voltage_max_V=1.8, action="pause"),
+                ),
+            )
+            paused = await wait_doc(
+                sub, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("paused by safety")
+            )
             assert paused.state.value == "paused" and "voltage_max_V" in paused.message
             await asyncio.sleep(0.5)  # the paused step keeps sampling at open circuit (and does not end)
             await bus.publish(cmd, StopRun(run_id="p1", exit_status="aborted", reason="test over"))
@@ -150,11 +217,37 @@ async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_e
             assert after.sum() >= 3 and (s["current_A"][after] == 0).all()
             # The next run's steps count their time from zero again (a step aborted while paused once left the
             # agent counting every later sample as paused: a 600 s rest never ended).
-            rest, _ = await run_steps_by_hand(local.url, unique_lab, "ch", "p3", [StepCommand(
-                run_id="p3", step_index=0, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=10)])
+            rest, _ = await run_steps_by_hand(
+                local.url,
+                unique_lab,
+                "ch",
+                "p3",
+                [
+                    StepCommand(
+                        run_id="p3",
+                        step_index=0,
+                        step=StepKind.rest,
+                        end=EndConditions(time_s=600),
+                        sample_interval_s=10,
+                    )
+                ],
+            )
             assert rest[0].reason.name == "time_s" and rest[0].stats.duration_s == 600
             # A rest whose open-circuit voltage is already beyond the limit: pausing cannot help, so it stops.
-            ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "p2", [StepCommand(
-                run_id="p2", step_index=0, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=10,
-                limits=Limits(voltage_max_V=1.5, action="pause"))])
+            ended, stop = await run_steps_by_hand(
+                local.url,
+                unique_lab,
+                "ch",
+                "p2",
+                [
+                    StepCommand(
+                        run_id="p2",
+                        step_index=0,
+                        step=StepKind.rest,
+                        end=EndConditions(time_s=600),
+                        sample_interval_s=10,
+                        limits=Limits(voltage_max_V=1.5, action="pause"),
+                    )
+                ],
+            )
     assert ended[0].reason.kind == "safety_limit" and stop.exit_status == "failed"

@@ -7,29 +7,44 @@ import time
 
 import pytest
 
+from labtwin.devices.potentiostat import Potentiostat
 from labtwin.instruments.b2900 import KeysightB2900
 from labtwin.instruments.transcript import ScriptedTransport, TranscriptMismatch
 from labtwin.instruments.transport import InstrumentError, VisaTransport
-from labtwin.devices.potentiostat import Potentiostat
-from labtwin.simulators.b2900 import KeysightB2900Emulator
 from labtwin.physics.library import load_cell
+from labtwin.simulators.b2900 import KeysightB2900Emulator
 from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 CONFIGURE_CH2 = [
-    ("*RST", None), (":OUTP2:OFF:MODE HIZ", None), (":SENS2:REM ON", None), (':SENS2:FUNC "VOLT","CURR"', None),
-    (":FORM:ELEM:SENS VOLT,CURR", None), (":SOUR2:FUNC:MODE CURR", None), (":SOUR2:CURR 0", None),
+    ("*RST", None),
+    (":OUTP2:OFF:MODE HIZ", None),
+    (":SENS2:REM ON", None),
+    (':SENS2:FUNC "VOLT","CURR"', None),
+    (":FORM:ELEM:SENS VOLT,CURR", None),
+    (":SOUR2:FUNC:MODE CURR", None),
+    (":SOUR2:CURR 0", None),
     (":SYST:ERR?", '+0,"No error"'),
 ]
 
 
 def test_channel_2_configure_charge_hold_read_and_off():
-    t = ScriptedTransport(CONFIGURE_CH2 + [
-        (":SENS2:VOLT:PROT 4.2", None), (":SOUR2:CURR 0.002", None), (":OUTP2 ON", None), (":SYST:ERR?", '+0,"No error"'),
-        (":MEAS? (@2)", "+3.901234567E+00,+2.000001000E-03"),
-        (":SENS2:CURR:PROT 0.01", None), (":SOUR2:VOLT 4.2", None), (":SOUR2:FUNC:MODE VOLT", None), (":OUTP2 ON", None),
-        (":SYST:ERR?", '+0,"No error"'),
-        (":OUTP2 OFF", None), (":OUTP2?", "0"),
-    ])
+    t = ScriptedTransport(
+        CONFIGURE_CH2
+        + [
+            (":SENS2:VOLT:PROT 4.2", None),
+            (":SOUR2:CURR 0.002", None),
+            (":OUTP2 ON", None),
+            (":SYST:ERR?", '+0,"No error"'),
+            (":MEAS? (@2)", "+3.901234567E+00,+2.000001000E-03"),
+            (":SENS2:CURR:PROT 0.01", None),
+            (":SOUR2:VOLT 4.2", None),
+            (":SOUR2:FUNC:MODE VOLT", None),
+            (":OUTP2 ON", None),
+            (":SYST:ERR?", '+0,"No error"'),
+            (":OUTP2 OFF", None),
+            (":OUTP2?", "0"),
+        ]
+    )
     smu = KeysightB2900(t, smu_channel=2, voltage_ceiling_V=4.3)
     assert isinstance(smu, Potentiostat)
     smu.set_current(2e-3, 4.2)
@@ -55,7 +70,9 @@ def test_a_missing_error_check_and_a_bad_value_are_caught():
 def test_the_driver_runs_the_emulated_b2901a_through_pyvisa():
     emulator = KeysightB2900Emulator(load_cell("lto_bare_thinfilm"), speed=100.0, seed=1)
     with ScpiEmulatorThread(emulator) as running:
-        smu = KeysightB2900(VisaTransport(f"TCPIP::127.0.0.1::{running.port}::SOCKET", timeout_s=2.0), voltage_ceiling_V=3.0)
+        smu = KeysightB2900(
+            VisaTransport(f"TCPIP::127.0.0.1::{running.port}::SOCKET", timeout_s=2.0), voltage_ceiling_V=3.0
+        )
         assert smu.identify().startswith("Keysight Technologies,B2901A")
         smu.open_circuit()
         ocv = smu.read()

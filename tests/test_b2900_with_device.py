@@ -16,8 +16,11 @@ pytestmark = pytest.mark.skipif(not ADDRESS, reason="no Keysight B2900: set LABT
 
 
 def test_the_driver_measures_a_1_kohm_dummy_cell():
-    smu = KeysightB2900(VisaTransport(ADDRESS, timeout_s=5.0), smu_channel=int(os.environ.get("LABTWIN_B2900_CHANNEL", "1")),
-                        voltage_ceiling_V=2.0)
+    smu = KeysightB2900(
+        VisaTransport(ADDRESS, timeout_s=5.0),
+        smu_channel=int(os.environ.get("LABTWIN_B2900_CHANNEL", "1")),
+        voltage_ceiling_V=2.0,
+    )
     try:
         assert "B29" in smu.identify()
         smu.set_current(1e-4, 1.0)

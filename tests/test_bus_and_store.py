@@ -7,15 +7,23 @@ import pytest
 from labtwin import bus as busmod
 from labtwin.bus import Bus, MalformedPayload, decode
 from labtwin.cli.wiring import LocalLab
-from labtwin.documents import EndConditions, SampleBatch, StepCommand, StepKind
 from labtwin.data.store import Store
+from labtwin.documents import EndConditions, SampleBatch, StepCommand, StepKind
 from tests.helpers import run_steps_by_hand, sim_lab
 
 
 def _batch(run_id="r", seq=0, n=5) -> SampleBatch:
     return SampleBatch(
-        run_id=run_id, channel="ch", seq=seq, time_s=[float(i) for i in range(n)], voltage_V=[1.5] * n,
-        current_A=[1e-3] * n, capacity_Ah=[0.0] * n, temperature_C=[25.0] * n, step=[0] * n, cycle=[1] * n,
+        run_id=run_id,
+        channel="ch",
+        seq=seq,
+        time_s=[float(i) for i in range(n)],
+        voltage_V=[1.5] * n,
+        current_A=[1e-3] * n,
+        capacity_Ah=[0.0] * n,
+        temperature_C=[25.0] * n,
+        step=[0] * n,
+        cycle=[1] * n,
     )
 
 
@@ -29,7 +37,9 @@ def test_decode_names_the_bad_field():
 GARBAGE = [b"", b"{", b"\xff\xfe", b'{"kind": "samples"}', b'{"kind": "nope", "v": 1}', b"[1,2,3]", b'{"v": 2}']
 
 
-async def test_garbled_payloads_on_every_topic_are_counted_and_the_channel_keeps_working(broker_url, unique_lab, tmp_path):
+async def test_garbled_payloads_on_every_topic_are_counted_and_the_channel_keeps_working(
+    broker_url, unique_lab, tmp_path
+):
     lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"})
     async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
         async with Bus(local.url) as bad:
@@ -41,7 +51,9 @@ async def test_garbled_payloads_on_every_topic_are_counted_and_the_channel_keeps
         agent_bus = local.agents["ch"]._bus
         assert agent_bus.stats.malformed >= len(GARBAGE)  # the cmd ones reached the agent and were skipped
         assert local.recorder.bus.stats.malformed >= 2 * len(GARBAGE)  # data + event
-        cmd = StepCommand(run_id="after", step_index=0, step=StepKind.rest, end=EndConditions(time_s=100), sample_interval_s=10)
+        cmd = StepCommand(
+            run_id="after", step_index=0, step=StepKind.rest, end=EndConditions(time_s=100), sample_interval_s=10
+        )
         ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "after", [cmd])
         await local.wait_stored("after")
         assert local.store.sample_count("after") == 10 == stop.n_samples

@@ -15,7 +15,11 @@ from labtwin.cli import app
 def test_dq_dv_peaks_at_the_plateau_voltage():
     q = np.linspace(0, 1e-3, 2000)
     # LFP-like: a plateau at 3.42 V between sloped ends, with 0.5 mV noise
-    v = 3.42 + 0.3 * np.arctanh(np.clip(2 * q / 1e-3 - 1, -0.999, 0.999)) / 10 + 5e-4 * np.random.default_rng(0).standard_normal(len(q))
+    v = (
+        3.42
+        + 0.3 * np.arctanh(np.clip(2 * q / 1e-3 - 1, -0.999, 0.999)) / 10
+        + 5e-4 * np.random.default_rng(0).standard_normal(len(q))
+    )
     dqdv = differential_capacity(v, q)
     assert dqdv.voltage_V[np.argmax(dqdv.dq_dv_Ah_per_V)] == pytest.approx(3.42, abs=0.01)
 
@@ -33,6 +37,8 @@ def test_analyze_cycling_of_a_recording(tmp_path):
     result = CliRunner().invoke(app, ["analyze", "cycling", str(path), "--json", "--plot", str(tmp_path / "dqdv.png")])
     assert result.exit_code == 0, result.output
     (cycle,) = json.loads(result.output)["cycles"]
-    assert cycle["charge_Ah"] == pytest.approx(1e-3, rel=0.01) and cycle["coulombic_efficiency"] == pytest.approx(1.0, rel=0.01)
+    assert cycle["charge_Ah"] == pytest.approx(1e-3, rel=0.01) and cycle["coulombic_efficiency"] == pytest.approx(
+        1.0, rel=0.01
+    )
     assert cycle["mean_polarization_V"] == pytest.approx(0.1, abs=0.01)
     assert (tmp_path / "dqdv.png").exists()

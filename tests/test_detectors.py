@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from labtwin.analysis.plateau import plateau_oscillation
+from labtwin.analysis.summary import CycleSummary
+from labtwin.physics.cell import Fault
+from labtwin.physics.library import load_cell
 from labtwin.twin.detectors.cycling import CyclingDetector
 from labtwin.twin.detectors.impedance import ImpedanceGrowthDetector
 from labtwin.twin.detectors.oscillation import OscillationDetector
 from labtwin.twin.detectors.residual import ResidualDetector
 from labtwin.twin.detectors.soft_short import SoftShortDetector
-from labtwin.physics.cell import Fault
-from labtwin.analysis.summary import CycleSummary
 from labtwin.twin.estimator import RecursiveRcEstimator
-from labtwin.physics.library import load_cell
 from tests.test_physics import galvanostatic
 
 NOISE_V = 3e-4  # 0.3 mV RMS: a good cycler channel
@@ -101,16 +101,30 @@ def test_impedance_growth_flags_ceramic_not_glassy_and_never_a_falling_resistanc
     assert [f.element for f in flagged] == ["R_ct"]
     assert flagged[0].growth > 0.3 and flagged[0].rate_ohm_per_cycle > 0
     glassy = ImpedanceGrowthDetector()
-    assert not [f for c, r in ((10, 106.2), (20, 106.9), (30, 107.3), (40, 108.2), (50, 108.9)) for f in glassy.add_fit(c, {"R_ct": r})]
+    assert not [
+        f
+        for c, r in ((10, 106.2), (20, 106.9), (30, 107.3), (40, 108.2), (50, 108.9))
+        for f in glassy.add_fit(c, {"R_ct": r})
+    ]
     coating = ImpedanceGrowthDetector()  # seed 000 AZO(60): R_ct falls as the coating converts
-    assert not [f for c, r in ((1, 400.0), (5, 300.0), (10, 200.0), (20, 160.0)) for f in coating.add_fit(c, {"R_ct": r})]
+    assert not [
+        f for c, r in ((1, 400.0), (5, 300.0), (10, 200.0), (20, 160.0)) for f in coating.add_fit(c, {"R_ct": r})
+    ]
 
 
 def _cycle(n, capacity_Ah, ce=0.999, polarization_V=0.1, v_mid=3.7):
     charge = capacity_Ah / ce
-    return CycleSummary(cycle=n, charge_Ah=charge, discharge_Ah=capacity_Ah, coulombic_efficiency=ce,
-                        energy_in_Wh=charge * (v_mid + polarization_V / 2), energy_out_Wh=capacity_Ah * (v_mid - polarization_V / 2),
-                        end_of_charge_V=None, end_of_discharge_V=None, first_direction="charge")
+    return CycleSummary(
+        cycle=n,
+        charge_Ah=charge,
+        discharge_Ah=capacity_Ah,
+        coulombic_efficiency=ce,
+        energy_in_Wh=charge * (v_mid + polarization_V / 2),
+        energy_out_Wh=capacity_Ah * (v_mid - polarization_V / 2),
+        end_of_charge_V=None,
+        end_of_discharge_V=None,
+        first_direction="charge",
+    )
 
 
 def test_capacity_fade_and_knee_flagged_only_when_they_happen():
@@ -139,14 +153,22 @@ def test_first_cycle_ce_of_pristine_lco_flagged_and_dual_shell_not():
 def test_sudden_ce_change_flagged_but_sampling_jitter_is_not():
     detector = CyclingDetector()
     rng = np.random.default_rng(0)
-    kinds = [f.kind for n in range(1, 21) for f in detector.add_cycle(_cycle(n, 1.0, ce=0.998 + 0.004 * (rng.random() - 0.5)))]
+    kinds = [
+        f.kind
+        for n in range(1, 21)
+        for f in detector.add_cycle(_cycle(n, 1.0, ce=0.998 + 0.004 * (rng.random() - 0.5)))
+    ]
     assert kinds == []
     assert [f.kind for f in detector.add_cycle(_cycle(21, 1.0, ce=0.95))] == ["ce_change"]
 
 
 def test_polarization_growth_flagged_on_bare_lco_not_on_glassy_ceramic():
     bare = CyclingDetector()
-    kinds = [f.kind for n, p in enumerate(np.linspace(0.75, 1.33, 10), start=1) for f in bare.add_cycle(_cycle(n, 1.0, polarization_V=p))]
+    kinds = [
+        f.kind
+        for n, p in enumerate(np.linspace(0.75, 1.33, 10), start=1)
+        for f in bare.add_cycle(_cycle(n, 1.0, polarization_V=p))
+    ]
     assert kinds == ["polarization_growth"]
     glassy = CyclingDetector()
     assert not [f for n in range(1, 11) for f in glassy.add_cycle(_cycle(n, 1.0, polarization_V=0.21 + 0.002 * n))]

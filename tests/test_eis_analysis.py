@@ -102,7 +102,9 @@ def test_measured_dummy_circuits_fit_agree_between_repeats_and_pass_lin_kk(name)
 def test_lin_kk_rejects_a_spectrum_from_a_drifting_cell():
     spectrum = read_spectra(DATA / "Circuit1_EIS_1.z")[0]
     elapsed_s = np.cumsum(1.0 / spectrum.frequency_Hz)  # a sweep spends about one period per point
-    drifting = spectrum.impedance_ohm * (1.0 + 0.05 * elapsed_s / elapsed_s[-1])  # the cell changes 5 % during the sweep
+    drifting = spectrum.impedance_ohm * (
+        1.0 + 0.05 * elapsed_s / elapsed_s[-1]
+    )  # the cell changes 5 % during the sweep
     assert lin_kk(spectrum.frequency_Hz, spectrum.impedance_ohm).valid(0.01)
     assert not lin_kk(spectrum.frequency_Hz, drifting).valid(0.01)
 
@@ -118,8 +120,10 @@ def test_csv_readers_handle_bare_columns_headers_and_labtwin_eis_csv(tmp_path):
     minus_im.write_text("freq/Hz,Re(Z)/Ohm,-Im(Z)/Ohm\n" + "".join(f"{a},{b.real},{-b.imag}\n" for a, b in zip(f, z)))
     np.testing.assert_allclose(read_spectra(minus_im)[0].impedance_ohm, z)
     runs = tmp_path / "eis.csv"
-    runs.write_text("frequency_Hz,z_real_ohm,z_imag_ohm,step,cycle\n"
-                    + "".join(f"{a},{b.real},{b.imag},{3 if k < 2 else 7},0\n" for k, (a, b) in enumerate(zip(f, z))))
+    runs.write_text(
+        "frequency_Hz,z_real_ohm,z_imag_ohm,step,cycle\n"
+        + "".join(f"{a},{b.real},{b.imag},{3 if k < 2 else 7},0\n" for k, (a, b) in enumerate(zip(f, z)))
+    )
     spectra = read_spectra(runs)
     assert [len(s.frequency_Hz) for s in spectra] == [2, 2]
     assert spectra[1].label == "cycle 0 (step 7)"

@@ -8,18 +8,26 @@ import math
 import numpy as np
 import pytest
 
-from labtwin.instruments.emstat import EmStat
 from labtwin.devices.methodscript import MethodScriptFormatError, decode_packet, encode_variable, literal, parse_literal
+from labtwin.devices.potentiostat import RunsTechniques
+from labtwin.documents import EisSettings, EndConditions, StepCommand, StepKind, SweepSettings
+from labtwin.instruments.emstat import EmStat
 from labtwin.instruments.transcript import ScriptedLineTransport, TranscriptMismatch
 from labtwin.instruments.transport import InstrumentError, SerialLineTransport
-from labtwin.documents import EisSettings, EndConditions, StepCommand, StepKind, SweepSettings
-from labtwin.devices.potentiostat import RunsTechniques
 from labtwin.physics.library import load_cell
 from labtwin.simulators.emstat import EmStatEmulator, EmStatThread
 
 
 def test_literals_are_exact_integers_with_si_prefixes_and_never_rounded():
-    assert [literal(v) for v in (0.5, -0.5, 0.0251, 100e3, 1.5, 0.002, 0)] == ["500m", "-500m", "25100u", "100k", "1500m", "2m", "0"]
+    assert [literal(v) for v in (0.5, -0.5, 0.0251, 100e3, 1.5, 0.002, 0)] == [
+        "500m",
+        "-500m",
+        "25100u",
+        "100k",
+        "1500m",
+        "2m",
+        "0",
+    ]
     assert literal(41, integer=True) == "41i"
     assert parse_literal("-1200u") == pytest.approx(-1.2e-3) and parse_literal("11i") == 11
     with pytest.raises(MethodScriptFormatError):
@@ -40,23 +48,62 @@ def test_data_packages_decode_as_the_manual_describes():
         decode_packet("Pzz12")
 
 
-CV = StepCommand(run_id="r", step_index=0, step=StepKind.cyclic_voltammetry, end=EndConditions(time_s=60), sample_interval_s=0.01,
-                 sweep=SweepSettings(start_V=1.3, vertex_1_V=1.8, vertex_2_V=1.3, scan_rate_V_s=0.1, step_V=0.005))
+CV = StepCommand(
+    run_id="r",
+    step_index=0,
+    step=StepKind.cyclic_voltammetry,
+    end=EndConditions(time_s=60),
+    sample_interval_s=0.01,
+    sweep=SweepSettings(start_V=1.3, vertex_1_V=1.8, vertex_2_V=1.3, scan_rate_V_s=0.1, step_V=0.005),
+)
 
 
 def test_a_cv_is_the_exact_script_and_its_packages_become_readings():
-    script = ["var t", "var p", "var c", "set_pgstat_chan 0", "set_pgstat_mode 2", "set_range ba 100u",
-              "set_autoranging ba 100n 5m", "set_range_minmax da 1300m 1800m", "set_e 1300m", "cell_on", "timer_start",
-              "meas_loop_cv p c 1300m 1800m 1300m 5m 100m", "  timer_get t", "  pck_start", "  pck_add t", "  pck_add p",
-              "  pck_add c", "  pck_end", "endloop", "on_finished:", "  cell_off"]
+    script = [
+        "var t",
+        "var p",
+        "var c",
+        "set_pgstat_chan 0",
+        "set_pgstat_mode 2",
+        "set_range ba 100u",
+        "set_autoranging ba 100n 5m",
+        "set_range_minmax da 1300m 1800m",
+        "set_e 1300m",
+        "cell_on",
+        "timer_start",
+        "meas_loop_cv p c 1300m 1800m 1300m 5m 100m",
+        "  timer_get t",
+        "  pck_start",
+        "  pck_add t",
+        "  pck_add p",
+        "  pck_add c",
+        "  pck_end",
+        "endloop",
+        "on_finished:",
+        "  cell_off",
+    ]
     packet = "P" + ";".join([encode_variable("eb", 0.05), encode_variable("da", 1.305), encode_variable("ba", 2e-6)])
-    t = ScriptedLineTransport([(">", "t"), ("<", "tes4_lr1.3"), ("<", "#build*"),
-                               (">", "e"), *((">", line) for line in script), (">", ""), ("<", "e"),
-                               ("<", "M0000"), ("<", packet), ("<", "*"), ("<", "")])
+    t = ScriptedLineTransport(
+        [
+            (">", "t"),
+            ("<", "tes4_lr1.3"),
+            ("<", "#build*"),
+            (">", "e"),
+            *((">", line) for line in script),
+            (">", ""),
+            ("<", "e"),
+            ("<", "M0000"),
+            ("<", packet),
+            ("<", "*"),
+            ("<", ""),
+        ]
+    )
     d = EmStat(t)
     assert isinstance(d, RunsTechniques) and d.supports(StepKind.cyclic_voltammetry) and not d.supports(StepKind.gitt)
     readings = list(d.run_technique(CV))
-    assert [(r.time_s, r.voltage_V, r.current_A) for r in readings] == [(pytest.approx(0.05), pytest.approx(1.305), pytest.approx(2e-6))]
+    assert [(r.time_s, r.voltage_V, r.current_A) for r in readings] == [
+        (pytest.approx(0.05), pytest.approx(1.305), pytest.approx(2e-6))
+    ]
     t.assert_done()
 
 
@@ -93,14 +140,21 @@ def test_cv_eis_and_rest_run_on_the_emulated_device(emstat):
     assert len(ocv) == 10 and all(r.current_A == 0 for r in ocv) and 2.5 < ocv[-1].voltage_V < 4.0
     e0 = ocv[-1].voltage_V
     sweep = SweepSettings(start_V=e0, vertex_1_V=e0 + 0.15, vertex_2_V=e0 - 0.15, scan_rate_V_s=0.05, step_V=0.002)
-    cv = StepCommand(run_id="r", step_index=1, step=StepKind.cyclic_voltammetry, sweep=sweep, end=EndConditions(time_s=100))
+    cv = StepCommand(
+        run_id="r", step_index=1, step=StepKind.cyclic_voltammetry, sweep=sweep, end=EndConditions(time_s=100)
+    )
     points = list(d.run_technique(cv))
     assert len(points) == len(sweep.potentials_V()) == len(emulator.packets_sent) - 10
     current = np.array([p.current_A for p in points])
     assert current.max() > 0 > current.min()  # oxidation and reduction both flow
     assert np.all(np.diff([p.time_s for p in points]) > 0)  # the device's timer
-    eis = StepCommand(run_id="r", step_index=2, step=StepKind.eis, end=EndConditions(time_s=1000),
-                      eis=EisSettings(f_start_Hz=1e4, f_end_Hz=0.1, points_per_decade=4))
+    eis = StepCommand(
+        run_id="r",
+        step_index=2,
+        step=StepKind.eis,
+        end=EndConditions(time_s=1000),
+        eis=EisSettings(f_start_Hz=1e4, f_end_Hz=0.1, points_per_decade=4),
+    )
     spectrum = list(d.run_technique(eis))
     assert [p.frequency_Hz for p in spectrum] == pytest.approx(eis.eis.frequencies_Hz(), rel=1e-6)
     assert all(p.z_real_ohm > 0 and p.z_imag_ohm < 0 for p in spectrum)
@@ -109,7 +163,9 @@ def test_cv_eis_and_rest_run_on_the_emulated_device(emstat):
 
 def test_abort_stops_the_script_and_output_off_is_confirmed(emstat):
     emulator, d = emstat
-    ca = StepCommand(run_id="r", step_index=0, step=StepKind.cv, voltage_V=3.4, end=EndConditions(time_s=3600), sample_interval_s=1)
+    ca = StepCommand(
+        run_id="r", step_index=0, step=StepKind.cv, voltage_V=3.4, end=EndConditions(time_s=3600), sample_interval_s=1
+    )
     readings = d.run_technique(ca)
     first = [next(readings) for _ in range(5)]
     assert all(abs(r.voltage_V - 3.4) < 1e-9 for r in first)
@@ -121,8 +177,14 @@ def test_abort_stops_the_script_and_output_off_is_confirmed(emstat):
 
 def test_a_script_the_device_rejects_raises_with_the_devices_error(emstat):
     emulator, d = emstat
-    gitt = StepCommand(run_id="r", step_index=0, step=StepKind.gitt, current_A=1e-4, end=EndConditions(time_s=100),
-                       gitt={"pulse_s": 10, "relax_s": 10})
+    gitt = StepCommand(
+        run_id="r",
+        step_index=0,
+        step=StepKind.gitt,
+        current_A=1e-4,
+        end=EndConditions(time_s=100),
+        gitt={"pulse_s": 10, "relax_s": 10},
+    )
     assert not d.supports(StepKind.gitt)
     with pytest.raises(InstrumentError, match="needs a source-measure instrument"):
         d.set_current(1e-4, 4.0)
@@ -130,6 +192,16 @@ def test_a_script_the_device_rejects_raises_with_the_devices_error(emstat):
     with pytest.raises(InstrumentError, match=r"MethodSCRIPT error 0x4004 \(Line 2, Col 1\)"):
         list(d.run_technique(CV))
     del d.script
-    assert len(list(d.run_technique(StepCommand(run_id="r", step_index=1, step=StepKind.rest, end=EndConditions(time_s=4),
-                                                sample_interval_s=1)))) == 4  # and the next script runs in sync
+    assert (
+        len(
+            list(
+                d.run_technique(
+                    StepCommand(
+                        run_id="r", step_index=1, step=StepKind.rest, end=EndConditions(time_s=4), sample_interval_s=1
+                    )
+                )
+            )
+        )
+        == 4
+    )  # and the next script runs in sync
     assert gitt.step is StepKind.gitt

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from labtwin.devices.potentiostat import Potentiostat
 from labtwin.instruments.keithley2450 import Keithley2450
 from labtwin.instruments.transcript import ScriptedTransport, TranscriptMismatch
 from labtwin.instruments.transport import InstrumentError, VisaTransport
-from labtwin.devices.potentiostat import Potentiostat
 from labtwin.physics.library import load_cell
 from labtwin.simulators.keithley2450 import Keithley2450Emulator
 from labtwin.simulators.scpi_server import ScpiEmulatorThread
@@ -31,22 +31,25 @@ CONFIGURE = [
 
 
 def test_configure_charge_read_and_off_send_exactly_the_manuals_commands():
-    t = ScriptedTransport(CONFIGURE + [
-        (":SOUR:CURR:VLIM 4.2", None),
-        (":SOUR:CURR 0.001", None),
-        (":OUTP ON", None),
-        (":SYST:ERR?", '0,"No error"'),
-        (':READ? "defbuffer1", READ, SOUR', "3.712345e+00,1.000002e-03"),
-        (":SOUR:VOLT:ILIM 0.0005", None),
-        (":SOUR:VOLT 4.2", None),
-        (":SOUR:FUNC VOLT", None),
-        (':SENS:FUNC "CURR"', None),
-        (":OUTP ON", None),
-        (":SYST:ERR?", '0,"No error"'),
-        (':READ? "defbuffer1", READ, SOUR', "2.5e-04,4.2e+00"),
-        (":OUTP OFF", None),
-        (":OUTP?", "0"),
-    ])
+    t = ScriptedTransport(
+        CONFIGURE
+        + [
+            (":SOUR:CURR:VLIM 4.2", None),
+            (":SOUR:CURR 0.001", None),
+            (":OUTP ON", None),
+            (":SYST:ERR?", '0,"No error"'),
+            (':READ? "defbuffer1", READ, SOUR', "3.712345e+00,1.000002e-03"),
+            (":SOUR:VOLT:ILIM 0.0005", None),
+            (":SOUR:VOLT 4.2", None),
+            (":SOUR:FUNC VOLT", None),
+            (':SENS:FUNC "CURR"', None),
+            (":OUTP ON", None),
+            (":SYST:ERR?", '0,"No error"'),
+            (':READ? "defbuffer1", READ, SOUR', "2.5e-04,4.2e+00"),
+            (":OUTP OFF", None),
+            (":OUTP?", "0"),
+        ]
+    )
     k = Keithley2450(t, voltage_ceiling_V=4.3)
     assert isinstance(k, Potentiostat)
     k.set_current(1e-3, 4.2)
@@ -60,9 +63,15 @@ def test_configure_charge_read_and_off_send_exactly_the_manuals_commands():
 
 
 def test_a_discharge_sets_the_ceiling_as_compliance_because_the_2450_limit_is_a_magnitude():
-    t = ScriptedTransport(CONFIGURE + [
-        (":SOUR:CURR:VLIM 4.3", None), (":SOUR:CURR -0.002", None), (":OUTP ON", None), (":SYST:ERR?", '0,"No error"'),
-    ])
+    t = ScriptedTransport(
+        CONFIGURE
+        + [
+            (":SOUR:CURR:VLIM 4.3", None),
+            (":SOUR:CURR -0.002", None),
+            (":OUTP ON", None),
+            (":SYST:ERR?", '0,"No error"'),
+        ]
+    )
     Keithley2450(t, voltage_ceiling_V=4.3).set_current(-2e-3, 2.5)
     t.assert_done()
 
@@ -90,8 +99,14 @@ def test_out_of_range_settings_raise_naming_the_field_and_send_nothing():
 
 
 def test_an_error_in_the_queue_raises_with_every_error_listed():
-    t = ScriptedTransport(CONFIGURE[:-1] + [(":SYST:ERR?", '-113,"Undefined header"'), (":SYST:ERR?", '-222,"Data out of range"'),
-                                            (":SYST:ERR?", '0,"No error"')])
+    t = ScriptedTransport(
+        CONFIGURE[:-1]
+        + [
+            (":SYST:ERR?", '-113,"Undefined header"'),
+            (":SYST:ERR?", '-222,"Data out of range"'),
+            (":SYST:ERR?", '0,"No error"'),
+        ]
+    )
     with pytest.raises(InstrumentError, match='-113 "Undefined header"; -222 "Data out of range"'):
         Keithley2450(t)
 
@@ -109,7 +124,9 @@ def test_the_driver_runs_the_emulated_cell_through_pyvisa(emulator, address, tmp
 
     emu, port = emulator
     audit = tmp_path / "audit.jsonl"
-    k = Keithley2450(VisaTransport(address.format(port=port), timeout_s=2.0, audit=AuditTrail(audit)), voltage_ceiling_V=3.0)
+    k = Keithley2450(
+        VisaTransport(address.format(port=port), timeout_s=2.0, audit=AuditTrail(audit)), voltage_ceiling_V=3.0
+    )
     assert k.identify().startswith("KEITHLEY INSTRUMENTS,MODEL 2450")
     k.open_circuit()
     ocv = k.read()

@@ -2,18 +2,35 @@
 
 from rich.console import Console
 
-from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.cli.monitor import MonitorView
-from labtwin.documents import Anomaly, CellState
+from labtwin.documents import Anomaly, CellState, ChannelState, ChannelStatus
 
 
 def test_monitor_view_shows_channels_twin_states_and_anomalies():
     view = MonitorView()
     view.absorb("t", ChannelStatus(channel="ch1", state=ChannelState.paused, run_id="r1", voltage_V=1.52))
-    view.absorb("t", CellState(cell="LTO-bare-01", model="lto-thin-film", cycle=1, soc=0.42, voltage_V=1.5212,
-                               predicted_voltage_V=1.5209, anomalies=1))
-    view.absorb("t", Anomaly(kind="oscillation_onset", cell="LTO-bare-01", time_s=7300.0, action="pause",
-                             message="voltage oscillation on the plateau: amplitude 0.82 mV"))
+    view.absorb(
+        "t",
+        CellState(
+            cell="LTO-bare-01",
+            model="lto-thin-film",
+            cycle=1,
+            soc=0.42,
+            voltage_V=1.5212,
+            predicted_voltage_V=1.5209,
+            anomalies=1,
+        ),
+    )
+    view.absorb(
+        "t",
+        Anomaly(
+            kind="oscillation_onset",
+            cell="LTO-bare-01",
+            time_s=7300.0,
+            action="pause",
+            message="voltage oscillation on the plateau: amplitude 0.82 mV",
+        ),
+    )
     console = Console(record=True, width=200)
     console.print(view.render())
     text = console.export_text()

@@ -38,8 +38,18 @@ def galvanostatic(model, current_A: float, stop_V: float, dt_s: float, complianc
 
 def test_every_library_cell_loads_with_a_source_for_every_parameter():
     names = available_cells()
-    for required in ("lto-thin-film", "lto-thin-film-azo60", "lfp", "li-metal-cu", "lco-lgps-bare", "lco-lgps-ceramic",
-                     "lco-lgps-glassy-ceramic", "lco-lgps-pristine", "lco-lgps-one-shell", "lco-lgps-dual-shell"):
+    for required in (
+        "lto-thin-film",
+        "lto-thin-film-azo60",
+        "lfp",
+        "li-metal-cu",
+        "lco-lgps-bare",
+        "lco-lgps-ceramic",
+        "lco-lgps-glassy-ceramic",
+        "lco-lgps-pristine",
+        "lco-lgps-one-shell",
+        "lco-lgps-dual-shell",
+    ):
         assert required in names
     for name in names:
         cell = load_cell(name)
@@ -50,7 +60,11 @@ def test_every_library_cell_loads_with_a_source_for_every_parameter():
 @pytest.fixture(scope="module")
 def lto_oscillations():
     out = {}
-    for name, c_rate, dt in (("lto-thin-film", 0.1, 10.0), ("lto-thin-film", 0.025, 40.0), ("lto-thin-film-azo60", 0.1, 10.0)):
+    for name, c_rate, dt in (
+        ("lto-thin-film", 0.1, 10.0),
+        ("lto-thin-film", 0.025, 40.0),
+        ("lto-thin-film-azo60", 0.1, 10.0),
+    ):
         cell = load_cell(name)
         model = cell.build_model()
         v, q = galvanostatic(model, -c_rate * cell.nominal_capacity_Ah, 0.1, dt)
@@ -76,7 +90,10 @@ def test_lower_rate_gives_a_shorter_period_in_capacity(lto_oscillations):
 
 def test_azo60_redistribution_suppresses_oscillations(lto_oscillations):
     assert lto_oscillations[("lto-thin-film-azo60", 0.1)].amplitude_V < 0.5e-3
-    assert lto_oscillations[("lto-thin-film-azo60", 0.1)].amplitude_V < 0.3 * lto_oscillations[("lto-thin-film", 0.1)].amplitude_V
+    assert (
+        lto_oscillations[("lto-thin-film-azo60", 0.1)].amplitude_V
+        < 0.3 * lto_oscillations[("lto-thin-film", 0.1)].amplitude_V
+    )
 
 
 def test_multirate_cv_peak_separation_rises_and_randles_sevcik_returns_the_model_D():
@@ -220,8 +237,15 @@ def test_seed003_ceramic_charge_transfer_grows_and_glassy_ceramic_stays_flat_by_
     fitted = {}
     for name in ("lco-lgps-ceramic", "lco-lgps-glassy-ceramic"):
         cell = load_cell(name)
-        spectra = _cycle_to_eis(cell.build_model(), cell.nominal_capacity_Ah, cell.voltage_window_V, 50, frequency_Hz,
-                                np.random.default_rng(3), cell.impedance_noise_relative)
+        spectra = _cycle_to_eis(
+            cell.build_model(),
+            cell.nominal_capacity_Ah,
+            cell.voltage_window_V,
+            50,
+            frequency_Hz,
+            np.random.default_rng(3),
+            cell.impedance_noise_relative,
+        )
         fitted[name] = {n: fit_circuit(circuit, frequency_Hz, spectra[n]) for n in (10, 50)}
     ceramic, glassy = fitted["lco-lgps-ceramic"], fitted["lco-lgps-glassy-ceramic"]
     for fit in (*ceramic.values(), *glassy.values()):

@@ -8,9 +8,8 @@ import math
 import pytest
 import yaml
 
-from labtwin.documents import EndReason, StepEvent, StepStats
 from labtwin.agent.safety import VoltageSlope, check_end
-from labtwin.documents import EndConditions, StepKind
+from labtwin.documents import EndConditions, EndReason, StepEvent, StepKind, StepStats
 from labtwin.protocols.compile import CompileContext, compile_program, compile_protocol
 from labtwin.protocols.model import ProtocolError, parse_protocol
 from labtwin.protocols.program import Interpreter, ResumeMismatch
@@ -27,9 +26,18 @@ def program(text: str):
 
 
 def ended(cmd, condition: str = "voltage_V", charge_Ah: float = 0.0, discharge_Ah: float = 0.0) -> StepEvent:
-    return StepEvent(run_id="r", channel="ch", step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle, step=cmd.step,
-                     event="ended", time_s=0.0, reason=EndReason(kind="end_condition", name=condition),
-                     stats=StepStats(charge_Ah=charge_Ah, discharge_Ah=discharge_Ah))
+    return StepEvent(
+        run_id="r",
+        channel="ch",
+        step_index=cmd.step_index,
+        label=cmd.label,
+        cycle=cmd.cycle,
+        step=cmd.step,
+        event="ended",
+        time_s=0.0,
+        reason=EndReason(kind="end_condition", name=condition),
+        stats=StepStats(charge_Ah=charge_Ah, discharge_Ah=discharge_Ah),
+    )
 
 
 def run(interp: Interpreter, outcome) -> list[tuple[int, str, int]]:
@@ -53,7 +61,11 @@ method:
     prog = program(text)
     assert prog.is_static
     order = run(Interpreter(prog), lambda cmd: ("voltage_V" if cmd.step.value == "cc" else "time_s", 0, 0))
-    assert [(i, c) for i, _, c in order] == [(s.step_index, s.cycle) for s in prog.steps] == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2)]
+    assert (
+        [(i, c) for i, _, c in order]
+        == [(s.step_index, s.cycle) for s in prog.steps]
+        == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2)]
+    )
 
 
 def test_then_goto_skips_ahead_stop_ends_the_run_and_pause_is_reported():
@@ -141,16 +153,28 @@ method:
         other.replay(events)
 
 
-@pytest.mark.parametrize("method, message", [
-    ("[{cc: {c_rate: 1, until: {voltage_V: 4.2, time_s: 60}, then: {time_s: goto nowhere}}}]", "no step, loop or group has that tag"),
-    ("[{repeat: 2, steps: [{rest: {duration_s: 60, tag: a}}]}]", "inside a repeat"),
-    ("[{rest: {duration_s: 60, tag: a}}, {rest: {duration_s: 60, tag: a}}]", "used twice"),
-    ("[{cc: {c_rate: 1, until: {time_s: 60}, then: {voltage_V: stop}}}]", "then names voltage_V, which is not among"),
-    ("[{cc: {c_rate: 1, until: {time_s: 60}, then: {time_s: jump}}}]", "then.time_s"),
-    ("[{rest: {duration_s: 60, then: {time_s: goto inner}}}, {loop: {until: {cycles: 2}, max_cycles: 2}, "
-     "steps: [{rest: {duration_s: 60, tag: inner}}]}]", "jumps into a loop"),
-    ("[{loop: {until: {}, max_cycles: 2}, steps: [{rest: {duration_s: 60}}]}]", "give at least one of"),
-])
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        (
+            "[{cc: {c_rate: 1, until: {voltage_V: 4.2, time_s: 60}, then: {time_s: goto nowhere}}}]",
+            "no step, loop or group has that tag",
+        ),
+        ("[{repeat: 2, steps: [{rest: {duration_s: 60, tag: a}}]}]", "inside a repeat"),
+        ("[{rest: {duration_s: 60, tag: a}}, {rest: {duration_s: 60, tag: a}}]", "used twice"),
+        (
+            "[{cc: {c_rate: 1, until: {time_s: 60}, then: {voltage_V: stop}}}]",
+            "then names voltage_V, which is not among",
+        ),
+        ("[{cc: {c_rate: 1, until: {time_s: 60}, then: {time_s: jump}}}]", "then.time_s"),
+        (
+            "[{rest: {duration_s: 60, then: {time_s: goto inner}}}, {loop: {until: {cycles: 2}, max_cycles: 2}, "
+            "steps: [{rest: {duration_s: 60, tag: inner}}]}]",
+            "jumps into a loop",
+        ),
+        ("[{loop: {until: {}, max_cycles: 2}, steps: [{rest: {duration_s: 60}}]}]", "give at least one of"),
+    ],
+)
 def test_control_mistakes_are_refused_before_anything_runs(method, message):
     with pytest.raises(ProtocolError, match=message):
         program(f"method: {method}\n")
@@ -164,8 +188,10 @@ method:
   - cc: {c_rate: -1, until: {voltage_V: 3.0, time_s: 600}, then: {time_s: goto checkup}}
 """
     prog = program(text)
-    assert prog.tags == {"checkup": 0} and len(compile_protocol(parse_protocol(yaml.safe_load(HEAD + text)),
-                                                                 CompileContext("r", 1e-3))) == 3
+    assert (
+        prog.tags == {"checkup": 0}
+        and len(compile_protocol(parse_protocol(yaml.safe_load(HEAD + text)), CompileContext("r", 1e-3))) == 3
+    )
     interp = Interpreter(prog)
     labels = []
     for condition in ("time_s", "time_s", "time_s", "time_s", "time_s", "voltage_V"):

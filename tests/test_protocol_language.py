@@ -20,14 +20,20 @@ runner = CliRunner()
 HEAD = "metadata: {name: t, nominal_capacity_Ah: 0.001}\nsafety: {voltage_min_V: 2.5, voltage_max_V: 4.3}\n"
 
 
-@pytest.mark.parametrize(("sentence", "typed"), [
-    ("Rest for 1 hour", {"rest": {"duration_s": 3600.0}}),
-    ("Discharge at C/10 until 3.0 V", {"cc": {"c_rate": -0.1, "until": {"voltage_V": 3.0}}}),
-    ("Charge at 0.5C for 2 hours or until 4.2 V", {"cc": {"c_rate": 0.5, "until": {"time_s": 7200.0, "voltage_V": 4.2}}}),
-    ("Charge at 20 mA until 4100 mV", {"cc": {"current_A": 0.02, "until": {"voltage_V": 4.1}}}),
-    ("Hold at 4.2 V until C/50", {"cv": {"voltage_V": 4.2, "until": {"c_rate": 0.02}}}),
-    ("Hold at 4.2 V for 30 minutes", {"cv": {"voltage_V": 4.2, "until": {"time_s": 1800.0}}}),
-])
+@pytest.mark.parametrize(
+    ("sentence", "typed"),
+    [
+        ("Rest for 1 hour", {"rest": {"duration_s": 3600.0}}),
+        ("Discharge at C/10 until 3.0 V", {"cc": {"c_rate": -0.1, "until": {"voltage_V": 3.0}}}),
+        (
+            "Charge at 0.5C for 2 hours or until 4.2 V",
+            {"cc": {"c_rate": 0.5, "until": {"time_s": 7200.0, "voltage_V": 4.2}}},
+        ),
+        ("Charge at 20 mA until 4100 mV", {"cc": {"current_A": 0.02, "until": {"voltage_V": 4.1}}}),
+        ("Hold at 4.2 V until C/50", {"cv": {"voltage_V": 4.2, "until": {"c_rate": 0.02}}}),
+        ("Hold at 4.2 V for 30 minutes", {"cv": {"voltage_V": 4.2, "until": {"time_s": 1800.0}}}),
+    ],
+)
 def test_a_sentence_compiles_to_the_same_step_as_its_mapping(sentence, typed):
     parsed = parse_step_string(sentence)
     assert parsed[next(iter(typed))].pop("label") == sentence
@@ -42,7 +48,10 @@ def test_sentences_labtwin_cannot_run_are_refused_with_the_reason():
     with pytest.raises(StepStringError, match="constant resistance"):
         parse_step_string("Discharge at 10 Ohm for 10 minutes")
     assert parse_step_string("Discharge at 2 mW until 2.5 V")["cp"] == {
-        "power_W": -0.002, "until": {"voltage_V": 2.5}, "label": "Discharge at 2 mW until 2.5 V"}
+        "power_W": -0.002,
+        "until": {"voltage_V": 2.5},
+        "label": "Discharge at 2 mW until 2.5 V",
+    }
     with pytest.raises(StepStringError, match="not a time"):
         parse_step_string("Rest for a while")
     with pytest.raises(StepStringError, match="write e.g."):
@@ -51,9 +60,11 @@ def test_sentences_labtwin_cannot_run_are_refused_with_the_reason():
 
 def test_errors_name_the_file_the_line_and_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(HEAD + "method:\n  - Rest for 10 minutes\n  - Discharge at 2 Ohm for 1 hour\n"
-                   "  - cc: {c_rate: 1, until: {voltage_V: 4.1}, wibble: 3}\n  - wobble: {x: 1}\n"
-                   "  - repeat: 2\n    steps:\n      - rest: {duration_s: -5}\n")
+    bad.write_text(
+        HEAD + "method:\n  - Rest for 10 minutes\n  - Discharge at 2 Ohm for 1 hour\n"
+        "  - cc: {c_rate: 1, until: {voltage_V: 4.1}, wibble: 3}\n  - wobble: {x: 1}\n"
+        "  - repeat: 2\n    steps:\n      - rest: {duration_s: -5}\n"
+    )
     with pytest.raises(ProtocolError) as caught:
         load_protocol(bad)
     message = str(caught.value)
@@ -68,7 +79,9 @@ def test_the_json_schema_accepts_every_library_protocol_and_a_sentence_and_rejec
     schema = Protocol.model_json_schema()
     for path in sorted(LIBRARY.glob("*.yaml")):
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
-    jsonschema.validate(yaml.safe_load(HEAD + "method: ['Rest for 1 hour', {cc: {c_rate: 1, until: {voltage_V: 4}}}]"), schema)
+    jsonschema.validate(
+        yaml.safe_load(HEAD + "method: ['Rest for 1 hour', {cc: {c_rate: 1, until: {voltage_V: 4}}}]"), schema
+    )
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(yaml.safe_load(HEAD + "method: [{cc: {c_rate: 1, untill: {voltage_V: 4}}}]"), schema)
 
@@ -79,12 +92,16 @@ def test_schema_show_and_check_on_the_command_line(tmp_path):
     shown = runner.invoke(app, ["protocol", "show", "lco_formation", "--channel", "ch2", "--json"])
     assert shown.exit_code == 0
     steps = json.loads(shown.output)
-    assert [s["step"] for s in steps[:3]] == ["rest", "cc", "cv"] and steps[1]["current_A"] == pytest.approx(0.2 * 1.02e-3, rel=0.05)
+    assert [s["step"] for s in steps[:3]] == ["rest", "cc", "cv"] and steps[1]["current_A"] == pytest.approx(
+        0.2 * 1.02e-3, rel=0.05
+    )
     ok = runner.invoke(app, ["protocol", "check", "lco_formation", "--channel", "ch2"])
     assert ok.exit_code == 0 and "ok: 16 steps fit channel ch2" in " ".join(ok.output.split())
     refused = runner.invoke(app, ["protocol", "check", "lco_formation", "--channel", "ch1"])
     assert refused.exit_code == 1
-    assert "asks for more than the channel allows: voltage_max_V 3.75 is above the channel's 3.1" in " ".join(refused.output.split())
+    assert "asks for more than the channel allows: voltage_max_V 3.75 is above the channel's 3.1" in " ".join(
+        refused.output.split()
+    )
 
 
 def test_the_pybamm_export_reads_back_as_the_same_steps():
@@ -100,14 +117,17 @@ def test_the_pybamm_export_reads_back_as_the_same_steps():
     original = [c for c in compile_protocol(protocol, ctx)]
     flat = compile_protocol(again, ctx)
     # a cccv becomes a cc then a hold; everything else one to one
-    assert [(c.step.value, c.current_A, c.voltage_V) for c in flat if c.step.value != "cv"] == \
-        [(c.step.value, c.current_A, c.voltage_V) for c in original if c.step.value != "cv"]
+    assert [(c.step.value, c.current_A, c.voltage_V) for c in flat if c.step.value != "cv"] == [
+        (c.step.value, c.current_A, c.voltage_V) for c in original if c.step.value != "cv"
+    ]
     pybamm = pytest.importorskip("pybamm")  # a bench dependency: checked where it is installed
     pybamm.Experiment(conditions)
 
 
 def test_steps_pybamm_cannot_express_are_named():
-    with pytest.raises(StepStringError, match=r"method\[1\]\.steps\[3\]: EIS steps have no PyBaMM Experiment equivalent"):
+    with pytest.raises(
+        StepStringError, match=r"method\[1\]\.steps\[3\]: EIS steps have no PyBaMM Experiment equivalent"
+    ):
         to_pybamm(load_protocol("seed003-cycling-eis"))
 
 
@@ -120,8 +140,12 @@ def test_library_protocols_in_sentences_exist():
 def test_the_pybamm_export_names_end_conditions_it_cannot_say_instead_of_dropping_them():
     from labtwin.protocols.strings import to_pybamm
 
-    protocol = parse_protocol(yaml.safe_load(HEAD + "method:\n  - cc: {c_rate: -1, until: {voltage_V: 3.0, dvdt_V_per_h: 0.01}}\n"))
+    protocol = parse_protocol(
+        yaml.safe_load(HEAD + "method:\n  - cc: {c_rate: -1, until: {voltage_V: 3.0, dvdt_V_per_h: 0.01}}\n")
+    )
     with pytest.raises(StepStringError, match="dvdt_V_per_h has no PyBaMM step string"):
         to_pybamm(protocol)
-    cp = parse_protocol(yaml.safe_load(HEAD + "method:\n  - cp: {power_W: -0.002, until: {voltage_V: 3.0, time_s: 60}}\n"))
+    cp = parse_protocol(
+        yaml.safe_load(HEAD + "method:\n  - cp: {power_W: -0.002, until: {voltage_V: 3.0, time_s: 60}}\n")
+    )
     assert to_pybamm(cp) == ["Discharge at 0.002 W for 60 seconds or until 3 V"]

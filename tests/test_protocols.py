@@ -14,11 +14,14 @@ GOOD = {
     "safety": {"voltage_min_V": 1.0, "voltage_max_V": 3.0},
     "method": [
         {"rest": {"duration_s": 10}},
-        {"repeat": 2, "steps": [
-            {"cc": {"c_rate": -1.0, "until": {"voltage_V": 1.2}}},
-            {"cc": {"current_A": 0.001, "until": {"voltage_V": 2.5, "time_s": 100}}},
-            {"cv": {"voltage_V": 2.5, "until": {"c_rate": 0.05, "time_s": 60}}},
-        ]},
+        {
+            "repeat": 2,
+            "steps": [
+                {"cc": {"c_rate": -1.0, "until": {"voltage_V": 1.2}}},
+                {"cc": {"current_A": 0.001, "until": {"voltage_V": 2.5, "time_s": 100}}},
+                {"cv": {"voltage_V": 2.5, "until": {"c_rate": 0.05, "time_s": 60}}},
+            ],
+        },
     ],
 }
 
@@ -95,27 +98,41 @@ def test_cv_setpoint_outside_safety_window_is_refused():
 
 def test_a_limit_the_protocol_leaves_unset_is_inherited_from_the_channel_not_refused():
     channel = Limits(voltage_min_V=0.5, voltage_max_V=3.5, current_max_A=0.01, temperature_max_C=45)
-    commands = compile_protocol(parse_protocol(GOOD), CompileContext("r", nominal_capacity_Ah=0.002, channel_limits=channel))
+    commands = compile_protocol(
+        parse_protocol(GOOD), CompileContext("r", nominal_capacity_Ah=0.002, channel_limits=channel)
+    )
     assert all(c.limits.current_max_A == 0.01 and c.limits.temperature_max_C == 45 for c in commands)
     assert all(c.limits.voltage_min_V == 1.0 for c in commands)  # the protocol's tighter window wins
 
 
 def test_cycles_are_counted_from_charge_direction_not_from_nested_loop_counters():
     """seed003-cycling-eis nests 9 cycles inside a loop whose 10th cycle adds a rest and an EIS step."""
-    from labtwin.documents import StepEvent, StepStats
     from labtwin.analysis.summary import summarize_run
+    from labtwin.documents import StepEvent, StepStats
 
     def ended(i: int, step: str, loop: int, charge: float = 0.0, discharge: float = 0.0) -> StepEvent:
-        return StepEvent(run_id="r", channel="c", step_index=i, cycle=loop, step=step, event="ended", time_s=float(i),
-                         stats=StepStats(charge_Ah=charge, discharge_Ah=discharge, end_voltage_V=1.0))
+        return StepEvent(
+            run_id="r",
+            channel="c",
+            step_index=i,
+            cycle=loop,
+            step=step,
+            event="ended",
+            time_s=float(i),
+            stats=StepStats(charge_Ah=charge, discharge_Ah=discharge, end_voltage_V=1.0),
+        )
 
     events, i = [ended(0, "rest", 0)], 1
     for loop in (1, 2):
         for _ in range(9):
             events += [ended(i, "cc", loop, charge=1.0), ended(i + 1, "cc", loop, discharge=0.9)]
             i += 2
-        events += [ended(i, "cc", loop, charge=1.0), ended(i + 1, "rest", loop), ended(i + 2, "eis", loop),
-                   ended(i + 3, "cc", loop, discharge=0.9)]
+        events += [
+            ended(i, "cc", loop, charge=1.0),
+            ended(i + 1, "rest", loop),
+            ended(i + 2, "eis", loop),
+            ended(i + 3, "cc", loop, discharge=0.9),
+        ]
         i += 4
     summary = summarize_run("r", "c", events)
     assert [c.cycle for c in summary.cycles] == list(range(1, 21))

@@ -2,8 +2,8 @@
 
 import math
 
-from labtwin.documents import EndConditions, Limits, StepKind
 from labtwin.agent.safety import check_end, check_limits
+from labtwin.documents import EndConditions, Limits, StepKind
 
 LIM = Limits(voltage_min_V=1.0, voltage_max_V=3.0, current_max_A=0.01, temperature_max_C=45, step_time_max_s=100)
 
@@ -41,8 +41,8 @@ def test_cv_ends_when_current_decays():
 
 
 def test_a_trip_delay_needs_the_limit_exceeded_for_the_whole_delay():
-    from labtwin.documents import EndReason
     from labtwin.agent.safety import TripDelay
+    from labtwin.documents import EndReason
 
     delay = TripDelay(30)
     over = EndReason(kind="safety_limit", name="voltage_max_V", value=3.1, threshold=3.0)

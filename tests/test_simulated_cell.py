@@ -21,7 +21,7 @@ def test_every_cell_file_loads_with_sources(name):
 def test_cell_file_without_a_source_is_refused(tmp_path):
     text = (CELL_DIR / "lto_bare_thinfilm.yaml").read_text()
     bad = tmp_path / "x.yaml"
-    bad.write_text(text.replace("  series_resistance_ohm: \"seed 000", "  zz: \""))
+    bad.write_text(text.replace('  series_resistance_ohm: "seed 000', '  zz: "'))
     with pytest.raises(CellFileError, match="series_resistance_ohm"):
         load_cell(bad)
 

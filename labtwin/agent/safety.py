@@ -13,7 +13,11 @@ from labtwin.documents import EndConditions, EndReason, Limits, StepKind
 
 
 def check_limits(
-    limits: Limits, voltage_V: float, current_A: float, temperature_C: float, step_time_s: float,
+    limits: Limits,
+    voltage_V: float,
+    current_A: float,
+    temperature_C: float,
+    step_time_s: float,
     step_capacity_Ah: float = 0.0,
 ) -> EndReason | None:
     """The first safety limit a sample violates, or None. NaN readings trip too:
@@ -36,8 +40,9 @@ def check_limits(
                 kind="safety_limit", name="temperature_min_C", value=temperature_C, threshold=limits.temperature_min_C
             )
     if limits.capacity_max_Ah is not None and abs(step_capacity_Ah) > limits.capacity_max_Ah:
-        return EndReason(kind="safety_limit", name="capacity_max_Ah", value=abs(step_capacity_Ah),
-                         threshold=limits.capacity_max_Ah)
+        return EndReason(
+            kind="safety_limit", name="capacity_max_Ah", value=abs(step_capacity_Ah), threshold=limits.capacity_max_Ah
+        )
     if limits.step_time_max_s is not None and step_time_s >= limits.step_time_max_s:
         return EndReason(
             kind="safety_limit", name="step_time_max_s", value=step_time_s, threshold=limits.step_time_max_s
@@ -65,8 +70,14 @@ def check_end(
         return EndReason(kind="end_condition", name="current_A", value=current_A, threshold=end.current_A)
     if end.capacity_Ah is not None and step_capacity_Ah >= end.capacity_Ah:
         return EndReason(kind="end_condition", name="capacity_Ah", value=step_capacity_Ah, threshold=end.capacity_Ah)
-    if end.dvdt_V_per_h is not None and voltage_slope_V_per_h is not None and abs(voltage_slope_V_per_h) < end.dvdt_V_per_h:
-        return EndReason(kind="end_condition", name="dvdt_V_per_h", value=voltage_slope_V_per_h, threshold=end.dvdt_V_per_h)
+    if (
+        end.dvdt_V_per_h is not None
+        and voltage_slope_V_per_h is not None
+        and abs(voltage_slope_V_per_h) < end.dvdt_V_per_h
+    ):
+        return EndReason(
+            kind="end_condition", name="dvdt_V_per_h", value=voltage_slope_V_per_h, threshold=end.dvdt_V_per_h
+        )
     if end.time_s is not None and step_time_s >= end.time_s - 1e-9:
         return EndReason(kind="end_condition", name="time_s", value=step_time_s, threshold=end.time_s)
     return None
@@ -123,7 +134,9 @@ class TripDelay:
         for name in [n for n in self._since if n != violation.name]:
             del self._since[name]
         if time_s - since >= self.delay_s - 1e-9:
-            return violation.model_copy(update={"message": f"exceeded for {time_s - since:g} s (trip delay {self.delay_s:g} s)"})
+            return violation.model_copy(
+                update={"message": f"exceeded for {time_s - since:g} s (trip delay {self.delay_s:g} s)"}
+            )
         return None
 
     def reset(self) -> None:

@@ -24,19 +24,21 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from labtwin import bus as busmod
+from labtwin.agent.safety import IMMEDIATE, TripDelay, VoltageSlope, check_end, check_limits
 from labtwin.bus import Bus
 from labtwin.devices.clock import Clock
+from labtwin.devices.potentiostat import Potentiostat, Reading, RunsTechniques
 from labtwin.documents import (
     DVDT_WINDOW_SAMPLES,
     ChannelState,
-    EndStep,
     ChannelStatus,
     EndReason,
+    EndStep,
     Limits,
     PauseRun,
     ResumeRun,
@@ -50,8 +52,6 @@ from labtwin.documents import (
     StepStats,
     StopRun,
 )
-from labtwin.devices.potentiostat import Potentiostat, Reading, RunsTechniques
-from labtwin.agent.safety import IMMEDIATE, TripDelay, VoltageSlope, check_end, check_limits
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class _BatchBuilder:
     columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in _COLUMNS + _IMPEDANCE_COLUMNS})
     impedance: bool = False
 
-    def add(self, t: float, v: float, i: float, q: float, temp: float, step: int, cycle: int, reading: Reading | None = None) -> None:
+    def add(
+        self, t: float, v: float, i: float, q: float, temp: float, step: int, cycle: int, reading: Reading | None = None
+    ) -> None:
         c = self.columns
         c["time_s"].append(t)
         c["voltage_V"].append(v)
@@ -111,7 +113,9 @@ class _BatchBuilder:
             if len(self.columns["frequency_Hz"]) != len(self.columns["time_s"]):
                 raise ValueError("an impedance batch mixes points with and without a frequency")
             data.update({k: self.columns[k] for k in _IMPEDANCE_COLUMNS})
-        batch = SampleBatch.model_construct(run_id=self.run_id, channel=self.channel, seq=seq, v=1, kind="samples", **data)
+        batch = SampleBatch.model_construct(
+            run_id=self.run_id, channel=self.channel, seq=seq, v=1, kind="samples", **data
+        )
         self.columns = {k: [] for k in self.columns}
         self.impedance = False
         return batch
@@ -210,7 +214,12 @@ class Agent:
                 self._abort.set()  # takes effect within one sample of the running step
             if isinstance(doc, EndStep):
                 cmd = self._current_cmd
-                if self.run is not None and doc.run_id == self.run.run_id and cmd is not None and cmd.step_index == doc.step_index:
+                if (
+                    self.run is not None
+                    and doc.run_id == self.run.run_id
+                    and cmd is not None
+                    and cmd.step_index == doc.step_index
+                ):
                     self._end_request = (doc.step_index, doc.reason)  # read by the step thread at its next sample
                 continue
             if isinstance(doc, (PauseRun, ResumeRun)):
@@ -219,7 +228,9 @@ class Agent:
                     if isinstance(doc, PauseRun):
                         self._pause.set()
                         log.warning("channel %s: run %s paused: %s", self.channel, doc.run_id, doc.reason)
-                        await self._publish_status(force=True, state=ChannelState.paused, message=f"paused: {doc.reason}")
+                        await self._publish_status(
+                            force=True, state=ChannelState.paused, message=f"paused: {doc.reason}"
+                        )
                     else:
                         self._pause.clear()
                         await self._publish_status(force=True, state=ChannelState.running, message="resumed")
@@ -253,11 +264,15 @@ class Agent:
             quiet_s = time.monotonic() - self.run.last_command_wall
             if self.run.step_running or quiet_s < self.lease_grace_s:
                 log.warning("channel %s: refused run %s: busy with run %s", self.channel, cmd.run_id, self.run.run_id)
-                await self._publish_status(force=True, state=self._state,
-                                           message=f"refused run {cmd.run_id}: busy with run {self.run.run_id}")
+                await self._publish_status(
+                    force=True, state=self._state, message=f"refused run {cmd.run_id}: busy with run {self.run.run_id}"
+                )
                 return
-            await self._finish_run(self.run, "aborted", f"abandoned: no command from its flow for {quiet_s:.0f} s; "
-                                                       f"superseded by run {cmd.run_id}")
+            await self._finish_run(
+                self.run,
+                "aborted",
+                f"abandoned: no command from its flow for {quiet_s:.0f} s; superseded by run {cmd.run_id}",
+            )
         self._abort.clear()
         self._pause.clear()
         self.run = RunContext(cmd.run_id, cmd.cell_id, cmd.protocol, cmd.n_steps, start_cell_s=self.clock.now())
@@ -267,8 +282,14 @@ class Agent:
             self.run.last_time_s, self.run.capacity_Ah = r.time_s, r.capacity_Ah
             self.run.next_seq, self.run.n_samples = r.next_seq, r.n_samples
         doc = RunStart(
-            run_id=cmd.run_id, lab=self.lab, channel=self.channel, cell_id=cmd.cell_id or self.cell_id,
-            protocol=cmd.protocol, n_steps=cmd.n_steps, flow_run_id=cmd.flow_run_id, metadata=cmd.metadata,
+            run_id=cmd.run_id,
+            lab=self.lab,
+            channel=self.channel,
+            cell_id=cmd.cell_id or self.cell_id,
+            protocol=cmd.protocol,
+            n_steps=cmd.n_steps,
+            flow_run_id=cmd.flow_run_id,
+            metadata=cmd.metadata,
         )
         await self._bus.publish(self._t("event"), doc)
         await self._publish_status(force=True, state=ChannelState.running)
@@ -288,8 +309,14 @@ class Agent:
         await self._bus.publish(
             self._t("event"),
             RunStop(
-                run_id=run.run_id, channel=self.channel, exit_status=status, reason=reason, n_samples=run.n_samples,
-                n_batches=run.n_batches, last_seq=run.next_seq - 1, cell_time_s=run.last_time_s,
+                run_id=run.run_id,
+                channel=self.channel,
+                exit_status=status,
+                reason=reason,
+                n_samples=run.n_samples,
+                n_batches=run.n_batches,
+                last_seq=run.next_seq - 1,
+                cell_time_s=run.last_time_s,
             ),
         )
         self.run = None
@@ -301,30 +328,55 @@ class Agent:
         run = self.run
         if run is None or run.run_id != cmd.run_id:
             # A step of a run this agent did not start (e.g. after an agent restart): start it implicitly.
-            await self._start_run(StartRun(run_id=cmd.run_id, channel=self.channel, cell_id=self.cell_id, protocol="", n_steps=0))
+            await self._start_run(
+                StartRun(run_id=cmd.run_id, channel=self.channel, cell_id=self.cell_id, protocol="", n_steps=0)
+            )
             if self.run is None or self.run.run_id != cmd.run_id:  # refused: the channel is another run's
-                await self._bus.publish(self._t("event"), StepEvent(
-                    run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label,
-                    cycle=cmd.cycle, step=cmd.step, event="ended", time_s=0.0,
-                    reason=EndReason(kind="error", name="channel_busy",
-                                     message=f"channel busy with run {self.run.run_id if self.run else '?'}"),
-                    stats=StepStats()))
+                await self._bus.publish(
+                    self._t("event"),
+                    StepEvent(
+                        run_id=cmd.run_id,
+                        channel=self.channel,
+                        step_index=cmd.step_index,
+                        label=cmd.label,
+                        cycle=cmd.cycle,
+                        step=cmd.step,
+                        event="ended",
+                        time_s=0.0,
+                        reason=EndReason(
+                            kind="error",
+                            name="channel_busy",
+                            message=f"channel busy with run {self.run.run_id if self.run else '?'}",
+                        ),
+                        stats=StepStats(),
+                    ),
+                )
                 return
             run = self.run
         run.last_command_wall = time.monotonic()
         if cmd.step_index in run.ended:
             # A step this run already ran: a QoS 1 redelivery, or a flow that sent it again after losing track
             # (a Prefect API error around the task run). Say again how it ended; never run a step twice.
-            log.info("channel %s: step %d of run %s already ran; repeating its end", self.channel, cmd.step_index, run.run_id)
+            log.info(
+                "channel %s: step %d of run %s already ran; repeating its end", self.channel, cmd.step_index, run.run_id
+            )
             await self._bus.publish(self._t("event"), run.ended[cmd.step_index])
             return
         limits = self.channel_limits.tighten(cmd.limits)
         started = StepEvent(
-            run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
-            step=cmd.step, event="started", time_s=run.last_time_s,
+            run_id=cmd.run_id,
+            channel=self.channel,
+            step_index=cmd.step_index,
+            label=cmd.label,
+            cycle=cmd.cycle,
+            step=cmd.step,
+            event="started",
+            time_s=run.last_time_s,
         )
         if run.tripped is not None:
-            reason = EndReason(kind="error", name="run_tripped", message=f"run stopped by safety limit {run.tripped.name}")
+            reason = EndReason(
+                kind="error", name="run_tripped", message=f"run stopped by safety limit {run.tripped.name}"
+            )
             await self._bus.publish(self._t("event"), started)
             await self._publish_step_end(cmd, run, reason, StepStats())
             return
@@ -348,15 +400,27 @@ class Agent:
         if reason.kind == "safety_limit":
             run.tripped = reason
         await self._publish_step_end(cmd, run, reason, stats)
-        state = ChannelState.fault if run.tripped else (ChannelState.paused if self._pause.is_set() else ChannelState.running)
+        state = (
+            ChannelState.fault
+            if run.tripped
+            else (ChannelState.paused if self._pause.is_set() else ChannelState.running)
+        )
         # Between steps the status names no step: a resuming flow that missed the step's end event (events are
         # not retained) learns from the retained status that the step is over.
         await self._publish_status(force=True, state=state)
 
     async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
         ended = StepEvent(
-            run_id=cmd.run_id, channel=self.channel, step_index=cmd.step_index, label=cmd.label, cycle=cmd.cycle,
-            step=cmd.step, event="ended", time_s=run.last_time_s, reason=reason, stats=stats,
+            run_id=cmd.run_id,
+            channel=self.channel,
+            step_index=cmd.step_index,
+            label=cmd.label,
+            cycle=cmd.cycle,
+            step=cmd.step,
+            event="ended",
+            time_s=run.last_time_s,
+            reason=reason,
+            stats=stats,
         )
         run.ended[cmd.step_index] = ended
         await self._bus.publish(self._t("event"), ended)
@@ -398,7 +462,9 @@ class Agent:
                 current = power_current_A(v)
                 compliance = compliance_for(current)
                 if cmd.end.voltage_V is not None:
-                    compliance = min(compliance, cmd.end.voltage_V) if current > 0 else max(compliance, cmd.end.voltage_V)
+                    compliance = (
+                        min(compliance, cmd.end.voltage_V) if current > 0 else max(compliance, cmd.end.voltage_V)
+                    )
                 driver.set_current(current, compliance)
             elif cmd.step is StepKind.cc:
                 # The source's own voltage limit sits at the step's end voltage when it has one (as a
@@ -406,7 +472,9 @@ class Agent:
                 # is clamped there and ends the step, instead of running on to the safety limit.
                 compliance = compliance_for(cmd.current_A)
                 if cmd.end.voltage_V is not None:
-                    compliance = min(compliance, cmd.end.voltage_V) if cmd.current_A > 0 else max(compliance, cmd.end.voltage_V)
+                    compliance = (
+                        min(compliance, cmd.end.voltage_V) if cmd.current_A > 0 else max(compliance, cmd.end.voltage_V)
+                    )
                 driver.set_current(cmd.current_A, compliance)
             elif cmd.step is StepKind.cv:
                 driver.set_voltage(cmd.voltage_V, current_limit)
@@ -423,7 +491,9 @@ class Agent:
                     while self._pause.is_set() and not self._abort.is_set():
                         clock.sleep(cmd.sample_interval_s)
                         if clock.speed is None:
-                            time.sleep(0.02)  # at max speed a pause must not spin out rest samples as fast as the CPU allows
+                            time.sleep(
+                                0.02
+                            )  # at max speed a pause must not spin out rest samples as fast as the CPU allows
                         self._pausing = True
                         yield driver.read()
                     self._pausing = False
@@ -465,7 +535,8 @@ class Agent:
 
         def beyond(reading: Reading) -> bool:
             return cutoff is not None and (
-                (cmd.current_A > 0 and reading.voltage_V >= cutoff - 1e-6) or (cmd.current_A < 0 and reading.voltage_V <= cutoff + 1e-6)
+                (cmd.current_A > 0 and reading.voltage_V >= cutoff - 1e-6)
+                or (cmd.current_A < 0 and reading.voltage_V <= cutoff + 1e-6)
             )
 
         for _ in range(g.max_pulses):
@@ -516,8 +587,11 @@ class Agent:
         trip = TripDelay(limits.trip_delay_s)
         hard_trip = TripDelay(self.channel_limits.trip_delay_s)
         # Host-timed steps can hold at open circuit and go on; a device-run technique, a GITT or a sweep cannot.
-        can_pause = limits.action == "pause" and cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv, StepKind.cp) \
+        can_pause = (
+            limits.action == "pause"
+            and cmd.step in (StepKind.rest, StepKind.cc, StepKind.cv, StepKind.cccv, StepKind.cp)
             and not (isinstance(self.driver, RunsTechniques) and self.driver.supports(cmd.step))
+        )
         dvdt: float | None = None
         try:
             # Inside the try: configuring the source talks to the instrument too, and a dead link there
@@ -525,7 +599,7 @@ class Agent:
             readings, stop_device = self._samples(cmd, limits)
             paused_s = 0.0  # time spent paused does not count toward the step's time conditions and limit
             for reading in readings:
-                step_t = (reading.time_s if reading.time_s is not None else self.clock.now() - step_start_s)
+                step_t = reading.time_s if reading.time_s is not None else self.clock.now() - step_start_s
                 paused_now = self._pausing
                 if paused_now:
                     paused_s += step_t - prev_t
@@ -537,16 +611,33 @@ class Agent:
                 step_q = run.capacity_Ah - step_start_q
                 hard = hard_trip.check(check_limits(self.channel_limits, v, i, temp, active_t, step_q), step_t)
                 reason = hard or trip.check(check_limits(limits, v, i, temp, active_t, step_q), step_t)
-                if reason is not None and hard is None and can_pause and not paused_now and reason.name not in IMMEDIATE:
+                if (
+                    reason is not None
+                    and hard is None
+                    and can_pause
+                    and not paused_now
+                    and reason.name not in IMMEDIATE
+                ):
                     # action: pause. Open circuit within this sample; the step waits for `labtwin resume`. A limit
                     # still exceeded at open circuit (paused_now) is not something a pause can fix: it stops.
                     self.driver.open_circuit()
                     self._pause.set()
                     trip.reset()
-                    log.warning("channel %s: %s tripped (%s): run %s paused", self.channel, reason.name, reason.value, run.run_id)
-                    self._emit(self._publish_status(
-                        force=True, state=ChannelState.paused, cmd=cmd,
-                        message=f"paused by safety limit {reason.name}: {reason.value:.6g} beyond {reason.threshold:g}"))
+                    log.warning(
+                        "channel %s: %s tripped (%s): run %s paused",
+                        self.channel,
+                        reason.name,
+                        reason.value,
+                        run.run_id,
+                    )
+                    self._emit(
+                        self._publish_status(
+                            force=True,
+                            state=ChannelState.paused,
+                            cmd=cmd,
+                            message=f"paused by safety limit {reason.name}: {reason.value:.6g} beyond {reason.threshold:g}",
+                        )
+                    )
                     reason = None
                 if reason is not None:
                     self._safe_state()  # within this sample, before anything is published
@@ -570,7 +661,9 @@ class Agent:
                     if slope is not None:
                         dvdt = slope.add(active_t, v)
                     setpoint = cmd.current_A if cmd.current_A is not None else cmd.power_W
-                    reason = check_end(cmd.step, cmd.end, setpoint, v, i, active_t, abs(run.capacity_Ah - step_start_q), dvdt)
+                    reason = check_end(
+                        cmd.step, cmd.end, setpoint, v, i, active_t, abs(run.capacity_Ah - step_start_q), dvdt
+                    )
                 request = self._end_request
                 if reason is None and request is not None and request[0] == cmd.step_index and not paused_now:
                     reason = request[1]
@@ -579,15 +672,20 @@ class Agent:
                     reason = EndReason(kind="aborted", name="abort", message="run aborted on request")
                     stop_device()
                 # Every reading was checked above; the record keeps those its rule asks for, and a step's first and last.
-                if rule is None or last_rec is None or reason is not None \
-                        or rule.due(step_t - last_rec[0], v - last_rec[1], i - last_rec[2]):
+                if (
+                    rule is None
+                    or last_rec is None
+                    or reason is not None
+                    or rule.due(step_t - last_rec[0], v - last_rec[1], i - last_rec[2])
+                ):
                     last_rec = (step_t, v, i)
                     stats.n_samples += 1
                     run.n_samples += 1
                     batch.add(t_run, v, i, run.capacity_Ah, temp, cmd.step_index, cmd.cycle, reading)
                 now = time.monotonic()
-                if len(batch) and (reason is not None or len(batch) >= self.batch_size
-                                   or now - last_flush > self.batch_max_wall_s):
+                if len(batch) and (
+                    reason is not None or len(batch) >= self.batch_size or now - last_flush > self.batch_max_wall_s
+                ):
                     self._flush(batch, run, stats)
                     last_flush = now
                     if now - self._last_status_wall > self.status_every_wall_s:
@@ -646,13 +744,21 @@ class Agent:
         r = self._last_reading
         cmd = cmd or self._current_cmd
         return ChannelStatus(
-            channel=self.channel, state=state, cell_id=self.cell_id, driver=self.driver_name,
-            speed=self.clock.speed, run_id=self.run.run_id if self.run else None,
-            step_index=cmd.step_index if cmd else None, label=cmd.label if cmd else None,
-            cycle=cmd.cycle if cmd else None, voltage_V=r.voltage_V if r else None,
+            channel=self.channel,
+            state=state,
+            cell_id=self.cell_id,
+            driver=self.driver_name,
+            speed=self.clock.speed,
+            run_id=self.run.run_id if self.run else None,
+            step_index=cmd.step_index if cmd else None,
+            label=cmd.label if cmd else None,
+            cycle=cmd.cycle if cmd else None,
+            voltage_V=r.voltage_V if r else None,
             current_A=r.current_A if r else None,
             temperature_C=r.temperature_C if r and not math.isnan(r.temperature_C) else None,
-            message=message, limits=self.channel_limits, nominal_capacity_Ah=self.nominal_capacity_Ah,
+            message=message,
+            limits=self.channel_limits,
+            nominal_capacity_Ah=self.nominal_capacity_Ah,
         )
 
     async def _publish_status(

@@ -57,7 +57,9 @@ def scan_rate_V_s(time_s: np.ndarray, voltage_V: np.ndarray) -> float:
     return float(np.median(moving)) if len(moving) else float("nan")
 
 
-def voltammogram(voltage_V, current_A, time_s=None, scan_rate=None, min_prominence_fraction: float = 0.05) -> Voltammogram:
+def voltammogram(
+    voltage_V, current_A, time_s=None, scan_rate=None, min_prominence_fraction: float = 0.05
+) -> Voltammogram:
     """Peaks of one CV: every local maximum of the anodic branch and minimum of the cathodic one.
 
     Several peaks per direction are kept (LFP's metastable double peak, LCO's
@@ -67,7 +69,11 @@ def voltammogram(voltage_V, current_A, time_s=None, scan_rate=None, min_prominen
     i = np.asarray(current_A, dtype=float)
     if len(v) < 5:
         raise ValueError("a voltammogram needs at least 5 points")
-    rate = scan_rate if scan_rate is not None else (scan_rate_V_s(np.asarray(time_s), v) if time_s is not None else float("nan"))
+    rate = (
+        scan_rate
+        if scan_rate is not None
+        else (scan_rate_V_s(np.asarray(time_s), v) if time_s is not None else float("nan"))
+    )
     prominence = min_prominence_fraction * float(np.max(np.abs(i)))
     peaks: list[Peak] = []
     up = np.gradient(v) > 0
@@ -93,8 +99,14 @@ class RandlesSevcik:
     rates_used: int
 
 
-def randles_sevcik(scan_rates_V_s, peak_currents_A, area_concentration_mol_per_m: float, electrons: int = 1,
-                   temperature_C: float = 25.0, min_r2: float = 0.99) -> RandlesSevcik:
+def randles_sevcik(
+    scan_rates_V_s,
+    peak_currents_A,
+    area_concentration_mol_per_m: float,
+    electrons: int = 1,
+    temperature_C: float = 25.0,
+    min_r2: float = 0.99,
+) -> RandlesSevcik:
     """D from peak current against sqrt(scan rate), over the longest linear run of the slowest rates."""
     rates = np.asarray(scan_rates_V_s, dtype=float)
     peaks = np.abs(np.asarray(peak_currents_A, dtype=float))

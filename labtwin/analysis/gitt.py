@@ -47,7 +47,9 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]))
 
 
-def gitt_pulses(time_s, voltage_V, current_A, length_m: float | None = None, rest_fraction: float = 0.02) -> list[GittPulse]:
+def gitt_pulses(
+    time_s, voltage_V, current_A, length_m: float | None = None, rest_fraction: float = 0.02
+) -> list[GittPulse]:
     """Every current pulse that has a rest before and after it; ``length_m`` enables D."""
     t = np.asarray(time_s, dtype=float)
     v = np.asarray(voltage_V, dtype=float)
@@ -74,10 +76,21 @@ def gitt_pulses(time_s, voltage_V, current_A, length_m: float | None = None, res
         if length_m is not None and d_et > 0 and tau > 0:
             d = 4.0 / (math.pi * tau) * length_m**2 * (d_es / d_et) ** 2
             ratio = tau * d / length_m**2
-        out.append(GittPulse(
-            index=k, start_time_s=float(t[start]), duration_s=tau, current_A=float(np.mean(i[start:end])),
-            relaxed_before_V=relaxed_before, pulse_end_V=last, relaxed_after_V=relaxed_after,
-            ohmic_drop_V=first - relaxed_before, steady_state_change_V=d_es, transient_change_V=d_et,
-            polarization_V=abs(relaxed_after - last), diffusivity_m2_s=d, short_time_ratio=ratio,
-        ))
+        out.append(
+            GittPulse(
+                index=k,
+                start_time_s=float(t[start]),
+                duration_s=tau,
+                current_A=float(np.mean(i[start:end])),
+                relaxed_before_V=relaxed_before,
+                pulse_end_V=last,
+                relaxed_after_V=relaxed_after,
+                ohmic_drop_V=first - relaxed_before,
+                steady_state_change_V=d_es,
+                transient_change_V=d_et,
+                polarization_V=abs(relaxed_after - last),
+                diffusivity_m2_s=d,
+                short_time_ratio=ratio,
+            )
+        )
     return out

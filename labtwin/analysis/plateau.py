@@ -58,6 +58,10 @@ def plateau_oscillation(
     k = int(np.argmax(np.where(usable, spectrum, 0)))
     period = 1.0 / freqs[k] if freqs[k] > 0 else float("nan")
     return PlateauOscillation(
-        amplitude_V=float(np.sqrt(2) * residual.std()), period_Ah=float(period), plateau_voltage_V=float(np.mean(v)),
-        plateau_start_Ah=float(q[0]), plateau_end_Ah=float(q[-1]), n_periods=float((q[-1] - q[0]) / period),
+        amplitude_V=float(np.sqrt(2) * residual.std()),
+        period_Ah=float(period),
+        plateau_voltage_V=float(np.mean(v)),
+        plateau_start_Ah=float(q[0]),
+        plateau_end_Ah=float(q[-1]),
+        n_periods=float((q[-1] - q[0]) / period),
     )

@@ -95,7 +95,9 @@ def plot_voltammograms(sweeps: list[tuple[str, np.ndarray, np.ndarray]], title: 
     return path
 
 
-def plot_plateau(capacity_Ah: np.ndarray, voltage_V: np.ndarray, title: str, path: Path, band_V: float = 0.03) -> Path | None:
+def plot_plateau(
+    capacity_Ah: np.ndarray, voltage_V: np.ndarray, title: str, path: Path, band_V: float = 0.03
+) -> Path | None:
     """The flat part of one galvanostatic step at millivolt scale, where plateau oscillations show.
 
     Whole-run plots squeeze a 2 mV oscillation into a line; this zooms to

@@ -131,9 +131,14 @@ def summarize_cycles(events: list[StepEvent]) -> list[CycleSummary]:
         eod = [e.stats.end_voltage_V for e in evs if charge_direction(e) == "discharge"]
         out.append(
             CycleSummary(
-                cycle=cycle, charge_Ah=charge, discharge_Ah=discharge, coulombic_efficiency=ce,
-                energy_in_Wh=sum(e.stats.energy_in_Wh for e in evs), energy_out_Wh=sum(e.stats.energy_out_Wh for e in evs),
-                end_of_charge_V=eoc[-1] if eoc else None, end_of_discharge_V=eod[-1] if eod else None,
+                cycle=cycle,
+                charge_Ah=charge,
+                discharge_Ah=discharge,
+                coulombic_efficiency=ce,
+                energy_in_Wh=sum(e.stats.energy_in_Wh for e in evs),
+                energy_out_Wh=sum(e.stats.energy_out_Wh for e in evs),
+                end_of_charge_V=eoc[-1] if eoc else None,
+                end_of_discharge_V=eod[-1] if eod else None,
                 first_direction=first,
             )
         )
@@ -154,14 +159,24 @@ def summarize_run(
     ended = sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index)
     cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(ended)}
     return RunSummary(
-        run_id=run_id, channel=channel, cell_id=cell_id, protocol=protocol, exit_status=exit_status, reason=reason,
-        steps_run=len(ended), cell_time_s=max((e.time_s for e in ended), default=0.0), wall_time_s=wall_time_s,
+        run_id=run_id,
+        channel=channel,
+        cell_id=cell_id,
+        protocol=protocol,
+        exit_status=exit_status,
+        reason=reason,
+        steps_run=len(ended),
+        cell_time_s=max((e.time_s for e in ended), default=0.0),
+        wall_time_s=wall_time_s,
         n_samples=sum(e.stats.n_samples for e in ended if e.stats),
         cycles=summarize_cycles(ended),
         step_ends=[
             StepEnd(
-                step_index=e.step_index, label=e.label, cycle=cycle_of.get(e.step_index, e.cycle),
-                reason=f"{e.reason.kind}:{e.reason.name}" if e.reason else "", value=e.reason.value if e.reason else None,
+                step_index=e.step_index,
+                label=e.label,
+                cycle=cycle_of.get(e.step_index, e.cycle),
+                reason=f"{e.reason.kind}:{e.reason.name}" if e.reason else "",
+                value=e.reason.value if e.reason else None,
                 duration_s=e.stats.duration_s if e.stats else 0.0,
             )
             for e in ended

@@ -21,21 +21,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable
 from urllib.parse import urlparse
 
 import aiomqtt
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
-from labtwin.bus.topics import DEFAULT_USERNAME, ROOT, cell_topic, check_name, topic
-from labtwin.documents import ChannelState, ChannelStatus, SampleBatch, Anomaly, CellState
-from labtwin.documents.codec import MalformedPayload, decode, encode, offline_status
+from labtwin.bus.topics import DEFAULT_USERNAME
+from labtwin.documents.codec import MalformedPayload, decode, encode
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -45,7 +44,7 @@ class BrokerAddress:
     password: str | None
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerAddress":
+    def parse(cls, url: str) -> BrokerAddress:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in {"mqtt", "tcp"}:
             raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// (e.g. mqtt://127.0.0.1:1883)")
@@ -89,7 +88,7 @@ class Message:
 class Subscription:
     """An async iterator of decoded documents on some topic filters, fed by the bus."""
 
-    def __init__(self, bus: "Bus", filters: tuple[str, ...]) -> None:
+    def __init__(self, bus: Bus, filters: tuple[str, ...]) -> None:
         self._bus = bus
         self.filters = filters
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -176,11 +175,11 @@ class Bus:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> "Bus":
+    async def __aenter__(self) -> Bus:
         self._manager = asyncio.create_task(self._run(), name=f"bus-{self.client_id}")
         try:
             await asyncio.wait_for(self._connected.wait(), self._connect_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close(flush_timeout_s=0)
             raise BrokerUnreachable(
                 f"cannot reach the MQTT broker at {self.address} within {self._connect_timeout_s:.0f} s: "
@@ -196,7 +195,7 @@ class Bus:
         try:
             await asyncio.wait_for(self._wait_idle(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _wait_idle(self) -> None:

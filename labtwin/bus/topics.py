@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-
 ROOT = "labtwin/v1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_USERNAME = "labtwin"
@@ -32,4 +31,3 @@ def cell_topic(lab: str, cell: str, kind: str) -> str:
     if kind not in {"state", "anomaly"}:
         raise ValueError(f"unknown cell topic kind {kind!r}")
     return f"{ROOT}/{lab}/cells/{cell}/{kind}"
-

@@ -19,14 +19,13 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from labtwin.devices.clock import parse_speed  # noqa: E402
 from labtwin.data.store import DEFAULT_SQLITE, Store, describe_url  # noqa: E402
+from labtwin.devices.clock import parse_speed  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -43,7 +42,9 @@ JsonOpt = typer.Option(False, "--json", help="print results as JSON")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _broker(option: str | None, lab_broker: str | None = None) -> str | None:
@@ -54,7 +55,7 @@ def _store(option: str | None, lab_store: str | None = None) -> str:
     return option or os.environ.get("LABTWIN_STORE") or lab_store or str(DEFAULT_SQLITE)
 
 
-def _lab_and_broker(lab: Optional[Path], broker: Optional[str], who: str):
+def _lab_and_broker(lab: Path | None, broker: str | None, who: str):
     """The lab file and the broker a service needs; a clear error when there is no broker to reach."""
     from labtwin.cli.wiring import default_lab
 
@@ -92,7 +93,9 @@ def _summary_table(summary) -> Table:
             table.add_row("...", "", "", "", "", "")
             continue
         table.add_row(
-            str(c.cycle), f"{c.charge_Ah * 1e3:.4g}", f"{c.discharge_Ah * 1e3:.4g}",
+            str(c.cycle),
+            f"{c.charge_Ah * 1e3:.4g}",
+            f"{c.discharge_Ah * 1e3:.4g}",
             "" if c.coulombic_efficiency is None else f"{100 * c.coulombic_efficiency:.2f}",
             "" if c.end_of_charge_V is None else f"{c.end_of_charge_V:.3f}",
             "" if c.end_of_discharge_V is None else f"{c.end_of_discharge_V:.3f}",
@@ -106,7 +109,9 @@ def _anomaly_table(anomalies) -> Table:
         table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=18)
     table.add_column("what", ratio=1)
     for a in anomalies:
-        table.add_row(a.kind, a.cell, f"{a.time_s / 3600:.2f}", "" if a.cycle is None else str(a.cycle), a.action, a.message)
+        table.add_row(
+            a.kind, a.cell, f"{a.time_s / 3600:.2f}", "" if a.cycle is None else str(a.cycle), a.action, a.message
+        )
     return table
 
 
@@ -115,8 +120,8 @@ def _anomaly_table(anomalies) -> Table:
 
 @app.command()
 def demo(
-    broker: Optional[str] = BrokerOpt,
-    store: Optional[str] = StoreOpt,
+    broker: str | None = BrokerOpt,
+    store: str | None = StoreOpt,
     out: Path = typer.Option(Path("labtwin-data"), "--out", help="where plots go"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -140,10 +145,10 @@ def demo(
 def run(
     protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
     channel: str = typer.Option(..., "--channel", "-c", help="channel name from the lab file"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
-    store: Optional[str] = StoreOpt,
-    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+    store: str | None = StoreOpt,
+    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -189,11 +194,15 @@ async def _run(config, protocol, channel, url, store_url, speed):
 def dryrun(
     protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
     sim: str = typer.Option(..., "--sim", help="simulated cell: a name in simulators/cells or a YAML path"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write samples.csv and summary.json here"),
-    channel_limits: Optional[str] = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
-    lab: Optional[Path] = LabOpt,
+    out: Path | None = typer.Option(None, "--out", help="write samples.csv and summary.json here"),
+    channel_limits: str | None = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
+    lab: Path | None = LabOpt,
     with_twin: bool = typer.Option(True, "--twin/--no-twin", help="let the twin follow the run and report anomalies"),
-    speed: str = typer.Option("max", "--speed", help="cell s per wall s, or max; finite speeds land the twin's pause/stop where a real run would"),
+    speed: str = typer.Option(
+        "max",
+        "--speed",
+        help="cell s per wall s, or max; finite speeds land the twin's pause/stop where a real run would",
+    ),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -202,7 +211,9 @@ def dryrun(
     from labtwin.cli.dryrun import run_dryrun
 
     try:
-        summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, parse_speed(speed) or "max"))
+        summary, anomalies = asyncio.run(
+            run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, parse_speed(speed) or "max")
+        )
     except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
         _fail(str(exc))
     if as_json:
@@ -219,14 +230,29 @@ def dryrun(
         if e is None:
             steps.add_row("...", "", f"{len(summary.step_ends) - 24} more steps (summary.json has all)", "", "", "")
             continue
-        steps.add_row(str(e.step_index), str(e.cycle), e.label, e.reason, "" if e.value is None else f"{e.value:.4g}",
-                      f"{e.duration_s:.0f}")
+        steps.add_row(
+            str(e.step_index),
+            str(e.cycle),
+            e.label,
+            e.reason,
+            "" if e.value is None else f"{e.value:.4g}",
+            f"{e.duration_s:.0f}",
+        )
     console.print(steps)
     console.print(f"estimated duration on a real channel: [bold]{summary.cell_time_s / 3600:.2f} h[/]")
     if with_twin:
         console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
     if out:
-        names = ("samples.csv", "eis.csv", "summary.json", "anomalies.json", "run.png", "nyquist.png", "cv.png", "plateau.png")
+        names = (
+            "samples.csv",
+            "eis.csv",
+            "summary.json",
+            "anomalies.json",
+            "run.png",
+            "nyquist.png",
+            "cv.png",
+            "plateau.png",
+        )
         written = [name for name in names if (out / name).exists()]
         console.print(f"wrote {', '.join(written)} in {out}")
 
@@ -237,9 +263,9 @@ def dryrun(
 @app.command()
 def agent(
     channel: str = typer.Option(..., "--channel", "-c"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
-    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve one channel: run its steps and enforce its limits next to the instrument."""
@@ -255,8 +281,14 @@ def agent(
             _fail("an agent needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
         built = build_channel(channel, cfg, "config" if speed is None else parse_speed(speed), config.lab)
         a = Agent(
-            lab=config.lab, channel=channel, driver=built.driver, clock=built.clock, broker_url=url,
-            channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
+            lab=config.lab,
+            channel=channel,
+            driver=built.driver,
+            clock=built.clock,
+            broker_url=url,
+            channel_limits=cfg.limits,
+            cell_id=built.cell_id,
+            nominal_capacity_Ah=built.nominal_capacity_Ah,
             driver_name=built.driver_name,
         )
         err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
@@ -269,9 +301,9 @@ def agent(
 
 @app.command()
 def record(
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
-    store: Optional[str] = StoreOpt,
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+    store: str | None = StoreOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Write every data and event document of the lab into the store."""
@@ -291,8 +323,8 @@ def record(
 
 @app.command()
 def twin(
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Follow every cell of the lab: model in the loop, live estimates, anomalies on .../cells/<cell>/anomaly."""
@@ -302,7 +334,9 @@ def twin(
 
     try:
         config, url = _lab_and_broker(lab, broker, "the twin")
-        err.print(f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops")
+        err.print(
+            f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops"
+        )
 
         async def _serve() -> None:
             service = TwinService(url, twin_factory(config), config.lab)
@@ -311,7 +345,9 @@ def twin(
             while not task.done():
                 await asyncio.sleep(0.2)
                 for anomaly in service.anomalies[seen:]:
-                    console.print(f"[bold red]{anomaly.kind}[/] {anomaly.cell} t={anomaly.time_s:.0f} s: {anomaly.message}")
+                    console.print(
+                        f"[bold red]{anomaly.kind}[/] {anomaly.cell} t={anomaly.time_s:.0f} s: {anomaly.message}"
+                    )
                 seen = len(service.anomalies)
             await task
 
@@ -324,12 +360,14 @@ def twin(
 
 @app.command()
 def replay(
-    file: Path = typer.Argument(..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"),
-    speed: Optional[str] = typer.Option(None, "--speed", help="1 = as recorded, 1000, or max (default)"),
-    model: Optional[str] = typer.Option(None, "--model", help="cell definition to run in the loop (simulators/cells)"),
-    circuit: Optional[str] = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
-    cell: Optional[str] = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
-    broker: Optional[str] = BrokerOpt,
+    file: Path = typer.Argument(
+        ..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"
+    ),
+    speed: str | None = typer.Option(None, "--speed", help="1 = as recorded, 1000, or max (default)"),
+    model: str | None = typer.Option(None, "--model", help="cell definition to run in the loop (simulators/cells)"),
+    circuit: str | None = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
+    cell: str | None = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
+    broker: str | None = BrokerOpt,
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -339,7 +377,9 @@ def replay(
     from labtwin.data.replay import RecordingError
 
     try:
-        summary, anomalies = asyncio.run(run_replay(file, _broker(broker), parse_speed(speed or "max"), model, circuit, cell))
+        summary, anomalies = asyncio.run(
+            run_replay(file, _broker(broker), parse_speed(speed or "max"), model, circuit, cell)
+        )
     except (RecordingError, ConnectionError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     if as_json:
@@ -382,7 +422,7 @@ async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: fl
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
         try:
             status = (await sub.get(timeout_s)).document
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ValueError(f"no status from channel {channel} of lab {lab} on {url}: is its agent running?") from None
         if not isinstance(status, ChannelStatus) or not status.run_id:
             raise ValueError(f"channel {channel} has no run to command (state {getattr(status, 'state', '?')})")
@@ -395,15 +435,17 @@ async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: fl
 def pause(
     channel: str = typer.Option(..., "--channel", "-c"),
     reason: str = typer.Option("operator", "--reason"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
 ) -> None:
     """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
     from labtwin.documents import PauseRun
 
     config, url = _lab_and_broker(lab, broker, "pause")
     try:
-        run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: PauseRun(run_id=rid, reason=reason)))
+        run_id = asyncio.run(
+            _command_channel(url, config.lab, channel, lambda rid: PauseRun(run_id=rid, reason=reason))
+        )
     except (ConnectionError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"paused run {run_id} on {channel}")
@@ -412,8 +454,8 @@ def pause(
 @app.command()
 def resume(
     channel: str = typer.Option(..., "--channel", "-c"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
 ) -> None:
     """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
     from labtwin.documents import ResumeRun
@@ -428,9 +470,9 @@ def resume(
 
 @app.command()
 def monitor(
-    broker: Optional[str] = BrokerOpt,
+    broker: str | None = BrokerOpt,
     lab: str = typer.Option("+", "--lab-name", help="only this lab (default: all)"),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
+    seconds: float | None = typer.Option(None, "--seconds", help="stop after this long"),
 ) -> None:
     """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
     from labtwin.cli.monitor import monitor as run_monitor
@@ -450,7 +492,7 @@ def monitor(
 
 
 @app.command()
-def runs(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+def runs(store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
     """The runs in the store."""
     s = Store.open(_store(store))
     rows = s.runs()
@@ -462,8 +504,14 @@ def runs(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r.run_id, r.channel or "", r.cell_id or "", r.protocol or "", (r.started_at or "")[:19],
-            r.exit_status or "running?", f"{r.stored_samples}" + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
+            r.run_id,
+            r.channel or "",
+            r.cell_id or "",
+            r.protocol or "",
+            (r.started_at or "")[:19],
+            r.exit_status or "running?",
+            f"{r.stored_samples}"
+            + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
             "" if r.cell_time_s is None else f"{r.cell_time_s / 3600:.2f}",
         )
     console.print(table)
@@ -473,8 +521,8 @@ def runs(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
 def export(
     run_id: str = typer.Argument(..., help="run id or a unique prefix"),
     fmt: str = typer.Option("csv", "--format", help="csv, parquet or bdf (Battery Data Format)"),
-    out: Optional[Path] = typer.Option(None, "--out"),
-    store: Optional[str] = StoreOpt,
+    out: Path | None = typer.Option(None, "--out"),
+    store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a run's samples with unit-bearing column names."""
@@ -499,8 +547,8 @@ def export(
 
 
 from labtwin.cli.analyze import analyze_app  # noqa: E402
-from labtwin.cli.emulate import emulate_app  # noqa: E402
 from labtwin.cli.campaign import campaign_app  # noqa: E402
+from labtwin.cli.emulate import emulate_app  # noqa: E402
 from labtwin.cli.protocol import protocol_app, schema_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -24,10 +23,14 @@ def _fail(message: str) -> None:
 @analyze_app.command("eis")
 def eis(
     file: Path = typer.Argument(..., help="a spectrum file: .z (ZPlot) or .csv (f, Z', Z''; labtwin's eis.csv)"),
-    circuit: str = typer.Option("R0-p(R1,CPE1)-W1", "--circuit", "-c", help="equivalent circuit, impedance.py convention"),
+    circuit: str = typer.Option(
+        "R0-p(R1,CPE1)-W1", "--circuit", "-c", help="equivalent circuit, impedance.py convention"
+    ),
     kk: bool = typer.Option(True, "--kk/--no-kk", help="run the Lin-KK validity test first"),
-    kk_tolerance: float = typer.Option(0.01, "--kk-tolerance", help="largest Lin-KK residual, relative to |Z|, to call it valid"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a Nyquist plot with the fits to this PNG"),
+    kk_tolerance: float = typer.Option(
+        0.01, "--kk-tolerance", help="largest Lin-KK residual, relative to |Z|, to call it valid"
+    ),
+    plot: Path | None = typer.Option(None, "--plot", help="write a Nyquist plot with the fits to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Fit an equivalent circuit to every spectrum in FILE (CNLS, modulus weighting, guesses from the data)."""
@@ -42,14 +45,23 @@ def eis(
     for spectrum in spectra:
         fit = fit_circuit(parsed, spectrum.frequency_Hz, spectrum.impedance_ohm)
         entry: dict = {
-            "spectrum": spectrum.label, "points": int(len(spectrum.frequency_Hz)), "circuit": parsed.text,
-            "parameters": fit.parameters, "units": fit.units, "uncertainties": fit.standard_errors,
+            "spectrum": spectrum.label,
+            "points": int(len(spectrum.frequency_Hz)),
+            "circuit": parsed.text,
+            "parameters": fit.parameters,
+            "units": fit.units,
+            "uncertainties": fit.standard_errors,
             "relative_rms": fit.relative_rms,
         }
         if kk:
             test = lin_kk(spectrum.frequency_Hz, spectrum.impedance_ohm)
-            entry["lin_kk"] = {"valid": test.valid(kk_tolerance), "max_residual": test.max_residual,
-                               "rms_residual": test.rms_residual, "n_elements": test.n_elements, "mu": test.mu}
+            entry["lin_kk"] = {
+                "valid": test.valid(kk_tolerance),
+                "max_residual": test.max_residual,
+                "rms_residual": test.rms_residual,
+                "n_elements": test.n_elements,
+                "mu": test.mu,
+            }
         results.append((spectrum, fit, entry))
     if as_json:
         # One spectrum: its object. Several (a run's eis.csv): {"circuit", "spectra": [objects]}.
@@ -69,9 +81,13 @@ def eis(
             table.add_row(*row)
         table.add_row("fit RMS / |Z|", *[f"{fit.relative_rms:.2%}" for _, fit, _ in results])
         if kk:
-            table.add_row("Lin-KK max residual", *[
-                f"{'valid' if e['lin_kk']['valid'] else 'INVALID'} {e['lin_kk']['max_residual']:.2%}" for _, _, e in results
-            ])
+            table.add_row(
+                "Lin-KK max residual",
+                *[
+                    f"{'valid' if e['lin_kk']['valid'] else 'INVALID'} {e['lin_kk']['max_residual']:.2%}"
+                    for _, _, e in results
+                ],
+            )
         console.print(table)
     if plot is not None:
         from labtwin.analysis.plots import plot_nyquist
@@ -98,12 +114,19 @@ def _is_sweep(voltage_V: np.ndarray, current_A: np.ndarray) -> bool:
 
 @analyze_app.command("cv")
 def cv(
-    files: list[Path] = typer.Argument(..., help="CSV files with time_s, voltage_V, current_A (labtwin samples.csv: one voltammogram per step that sweeps)"),
+    files: list[Path] = typer.Argument(
+        ...,
+        help="CSV files with time_s, voltage_V, current_A (labtwin samples.csv: one voltammogram per step that sweeps)",
+    ),
     series_resistance_ohm: float = typer.Option(0.0, "--series-resistance-ohm", help="iR correction: E = V - I R"),
-    area_concentration: Optional[float] = typer.Option(None, "--area-concentration", help="A*C in mol/m for Randles-Sevcik (film: Q/(F L))"),
-    cell: Optional[str] = typer.Option(None, "--cell", help="take A*C and R from a simulated cell's film (simulators/cells)"),
+    area_concentration: float | None = typer.Option(
+        None, "--area-concentration", help="A*C in mol/m for Randles-Sevcik (film: Q/(F L))"
+    ),
+    cell: str | None = typer.Option(
+        None, "--cell", help="take A*C and R from a simulated cell's film (simulators/cells)"
+    ),
     electrons: int = typer.Option(1, "--electrons", "-n"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write the voltammograms with their peaks to this PNG"),
+    plot: Path | None = typer.Option(None, "--plot", help="write the voltammograms with their peaks to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Peaks and peak separation per voltammogram; Randles-Sevcik D over the linear range when 3+ rates and A*C are given."""
@@ -135,23 +158,37 @@ def cv(
             curves.append((v - i * series_resistance_ohm, i))
     if not sweeps:
         _fail("no voltammogram found: a CV step sweeps the potential and the current changes sign")
-    result: dict = {"voltammograms": [
-        {"name": name, "scan_rate_V_s": vg.scan_rate_V_s, "peak_separation_V": vg.peak_separation_V,
-         "anodic_peak": vars(vg.anodic) if vg.anodic else None, "cathodic_peak": vars(vg.cathodic) if vg.cathodic else None,
-         "peaks": [vars(p) for p in vg.peaks]}
-        for name, vg in sweeps
-    ]}
+    result: dict = {
+        "voltammograms": [
+            {
+                "name": name,
+                "scan_rate_V_s": vg.scan_rate_V_s,
+                "peak_separation_V": vg.peak_separation_V,
+                "anodic_peak": vars(vg.anodic) if vg.anodic else None,
+                "cathodic_peak": vars(vg.cathodic) if vg.cathodic else None,
+                "peaks": [vars(p) for p in vg.peaks],
+            }
+            for name, vg in sweeps
+        ]
+    }
     usable = [(vg.scan_rate_V_s, vg.anodic.current_A) for _, vg in sweeps if vg.anodic is not None]
     if area_concentration is not None and len({r for r, _ in usable}) >= 3:
         rs = randles_sevcik([r for r, _ in usable], [p for _, p in usable], area_concentration, electrons)
-        result["randles_sevcik"] = {"diffusivity_m2_s": rs.diffusivity_m2_s, "r_squared": rs.r_squared,
-                                    "linear_range_V_s": list(rs.linear_range_V_s), "rates_used": rs.rates_used,
-                                    "slope_A_per_sqrt_V_s": rs.slope_A_per_sqrt_V_s}
+        result["randles_sevcik"] = {
+            "diffusivity_m2_s": rs.diffusivity_m2_s,
+            "r_squared": rs.r_squared,
+            "linear_range_V_s": list(rs.linear_range_V_s),
+            "rates_used": rs.rates_used,
+            "slope_A_per_sqrt_V_s": rs.slope_A_per_sqrt_V_s,
+        }
     if plot is not None:
         from labtwin.analysis.plots import plot_voltammograms
 
-        plot_voltammograms([(f"{vg.scan_rate_V_s * 1e3:.3g} mV/s", e, i) for (_, vg), (e, i) in zip(sweeps, curves)],
-                           "voltammograms" + (" (iR-corrected)" if series_resistance_ohm else ""), plot)
+        plot_voltammograms(
+            [(f"{vg.scan_rate_V_s * 1e3:.3g} mV/s", e, i) for (_, vg), (e, i) in zip(sweeps, curves)],
+            "voltammograms" + (" (iR-corrected)" if series_resistance_ohm else ""),
+            plot,
+        )
     if as_json:
         print(json.dumps(result, indent=2, default=float))
         return
@@ -159,24 +196,39 @@ def cv(
     for col in ("sweep", "rate / mV/s", "E_pa / V", "E_pc / V", "dE_p / mV", "i_pa", "i_pc", "peaks"):
         table.add_column(col, justify="right")
     for name, vg in sweeps:
-        table.add_row(name, f"{vg.scan_rate_V_s * 1e3:.3g}", f"{vg.anodic.potential_V:.4f}" if vg.anodic else "",
-                      f"{vg.cathodic.potential_V:.4f}" if vg.cathodic else "",
-                      f"{vg.peak_separation_V * 1e3:.1f}" if vg.peak_separation_V is not None else "",
-                      f"{vg.anodic.current_A:.4g}" if vg.anodic else "", f"{vg.cathodic.current_A:.4g}" if vg.cathodic else "",
-                      str(len(vg.peaks)))
+        table.add_row(
+            name,
+            f"{vg.scan_rate_V_s * 1e3:.3g}",
+            f"{vg.anodic.potential_V:.4f}" if vg.anodic else "",
+            f"{vg.cathodic.potential_V:.4f}" if vg.cathodic else "",
+            f"{vg.peak_separation_V * 1e3:.1f}" if vg.peak_separation_V is not None else "",
+            f"{vg.anodic.current_A:.4g}" if vg.anodic else "",
+            f"{vg.cathodic.current_A:.4g}" if vg.cathodic else "",
+            str(len(vg.peaks)),
+        )
     console.print(table)
     if "randles_sevcik" in result:
         r = result["randles_sevcik"]
-        console.print(f"Randles-Sevcik: D = {r['diffusivity_m2_s']:.3g} m2/s (R^2 {r['r_squared']:.4f}, linear from "
-                      f"{r['linear_range_V_s'][0] * 1e3:.3g} to {r['linear_range_V_s'][1] * 1e3:.3g} mV/s, {r['rates_used']} rates)")
+        console.print(
+            f"Randles-Sevcik: D = {r['diffusivity_m2_s']:.3g} m2/s (R^2 {r['r_squared']:.4f}, linear from "
+            f"{r['linear_range_V_s'][0] * 1e3:.3g} to {r['linear_range_V_s'][1] * 1e3:.3g} mV/s, {r['rates_used']} rates)"
+        )
 
 
 @analyze_app.command("gitt")
 def gitt(
-    file: Path = typer.Argument(..., help="a recording with the GITT pulses: labtwin samples.csv, BDF csv or EC-Lab .mpr"),
-    length_m: Optional[float] = typer.Option(None, "--length-m", help="diffusion length: film thickness, or particle radius / 3"),
-    cell: Optional[str] = typer.Option(None, "--cell", help="take the diffusion length from a simulated cell (simulators/cells)"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write polarization and D against the relaxed voltage to this PNG"),
+    file: Path = typer.Argument(
+        ..., help="a recording with the GITT pulses: labtwin samples.csv, BDF csv or EC-Lab .mpr"
+    ),
+    length_m: float | None = typer.Option(
+        None, "--length-m", help="diffusion length: film thickness, or particle radius / 3"
+    ),
+    cell: str | None = typer.Option(
+        None, "--cell", help="take the diffusion length from a simulated cell (simulators/cells)"
+    ),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="write polarization and D against the relaxed voltage to this PNG"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
@@ -217,30 +269,49 @@ def gitt(
         print(json.dumps({"length_m": length_m, "pulses": [vars(p) for p in pulses]}, indent=2, default=float))
         return
     table = Table(title=f"{file.name}: {len(pulses)} GITT pulses" + (f", L = {length_m:.3g} m" if length_m else ""))
-    for col in ("pulse", "start / h", "I / A", "relaxed / V", "dE_s / mV", "dE_t / mV", "polarization / V", "D / m2/s", "tau D / L2"):
+    for col in (
+        "pulse",
+        "start / h",
+        "I / A",
+        "relaxed / V",
+        "dE_s / mV",
+        "dE_t / mV",
+        "polarization / V",
+        "D / m2/s",
+        "tau D / L2",
+    ):
         table.add_column(col, justify="right")
     for p in pulses:
-        table.add_row(str(p.index), f"{p.start_time_s / 3600:.2f}", f"{p.current_A:.3g}", f"{p.relaxed_after_V:.4f}",
-                      f"{p.steady_state_change_V * 1e3:.2f}", f"{p.transient_change_V * 1e3:.2f}", f"{p.polarization_V:.3f}",
-                      "" if p.diffusivity_m2_s is None else f"{p.diffusivity_m2_s:.3g}",
-                      "" if p.short_time_ratio is None else f"{p.short_time_ratio:.2f}")
+        table.add_row(
+            str(p.index),
+            f"{p.start_time_s / 3600:.2f}",
+            f"{p.current_A:.3g}",
+            f"{p.relaxed_after_V:.4f}",
+            f"{p.steady_state_change_V * 1e3:.2f}",
+            f"{p.transient_change_V * 1e3:.2f}",
+            f"{p.polarization_V:.3f}",
+            "" if p.diffusivity_m2_s is None else f"{p.diffusivity_m2_s:.3g}",
+            "" if p.short_time_ratio is None else f"{p.short_time_ratio:.2f}",
+        )
     console.print(table)
-    console.print(f"mean polarization {np.mean([p.polarization_V for p in pulses]):.3f} V"
-                  + ("; Weppner-Huggins holds where tau D / L2 << 1" if length_m else ""))
+    console.print(
+        f"mean polarization {np.mean([p.polarization_V for p in pulses]):.3f} V"
+        + ("; Weppner-Huggins holds where tau D / L2 << 1" if length_m else "")
+    )
 
 
 @analyze_app.command("cycling")
 def cycling(
     source: str = typer.Argument(..., help="a run id (or unique prefix) in the store, or a recording file"),
-    store: Optional[str] = typer.Option(None, "--store", help="SQLite path or postgresql:// URL for a run id"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
+    store: str | None = typer.Option(None, "--store", help="SQLite path or postgresql:// URL for a run id"),
+    plot: Path | None = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
     from labtwin.analysis.cycling import differential_capacity
-    from labtwin.documents import StepEvent
-    from labtwin.data.replay import RecordingError, documents, read_recording
     from labtwin.analysis.summary import number_cycles, summarize_cycles
+    from labtwin.data.replay import RecordingError, documents, read_recording
+    from labtwin.documents import StepEvent
 
     path = Path(source)
     if path.exists():
@@ -248,8 +319,11 @@ def cycling(
             rec = read_recording(path)
         except RecordingError as exc:
             _fail(str(exc))
-        events = [d for d in documents(rec, lab="analysis", channel="file", cell_id=path.stem)
-                  if isinstance(d, StepEvent) and d.event == "ended"]
+        events = [
+            d
+            for d in documents(rec, lab="analysis", channel="file", cell_id=path.stem)
+            if isinstance(d, StepEvent) and d.event == "ended"
+        ]
         samples = {"voltage_V": rec.voltage_V, "capacity_Ah": rec.capacity_Ah, "step": _step_indices(rec.step)}
     else:
         from labtwin.data.store import DEFAULT_SQLITE, Store
@@ -262,8 +336,10 @@ def cycling(
         events = s.step_events(run_id)
         samples = s.samples(run_id)
     cycles = summarize_cycles(events)
-    rows = [{**c.model_dump(), "mean_polarization_V": c.mean_polarization_V if c.coulombic_efficiency is not None else None}
-            for c in cycles]
+    rows = [
+        {**c.model_dump(), "mean_polarization_V": c.mean_polarization_V if c.coulombic_efficiency is not None else None}
+        for c in cycles
+    ]
     if plot is not None:
         import matplotlib.pyplot as plt
 
@@ -271,14 +347,22 @@ def cycling(
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for ev in events:
             if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) < 0.05 * max(
-                    (max(e.stats.charge_Ah, e.stats.discharge_Ah) for e in events if e.stats), default=0):
+                (max(e.stats.charge_Ah, e.stats.discharge_Ah) for e in events if e.stats), default=0
+            ):
                 continue
             mask = np.asarray(samples["step"]) == ev.step_index
             if mask.sum() < 10:
                 continue
-            dqdv = differential_capacity(np.asarray(samples["voltage_V"])[mask], np.asarray(samples["capacity_Ah"])[mask])
+            dqdv = differential_capacity(
+                np.asarray(samples["voltage_V"])[mask], np.asarray(samples["capacity_Ah"])[mask]
+            )
             sign = 1.0 if ev.stats.charge_Ah > ev.stats.discharge_Ah else -1.0
-            ax.plot(dqdv.voltage_V, sign * dqdv.dq_dv_Ah_per_V * 1e3, lw=0.8, label=f"cycle {cycle_of.get(ev.step_index, 0)}")
+            ax.plot(
+                dqdv.voltage_V,
+                sign * dqdv.dq_dv_Ah_per_V * 1e3,
+                lw=0.8,
+                label=f"cycle {cycle_of.get(ev.step_index, 0)}",
+            )
         ax.set_xlabel("voltage / V")
         ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")
         handles, labels = ax.get_legend_handles_labels()
@@ -291,13 +375,26 @@ def cycling(
         print(json.dumps({"cycles": rows}, indent=2, default=float))
         return
     table = Table(title=f"{source}: {len(rows)} cycles")
-    for col in ("cycle", "charge / mAh", "discharge / mAh", "CE / %", "energy in / mWh", "energy out / mWh", "polarization / V"):
+    for col in (
+        "cycle",
+        "charge / mAh",
+        "discharge / mAh",
+        "CE / %",
+        "energy in / mWh",
+        "energy out / mWh",
+        "polarization / V",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["cycle"]), f"{r['charge_Ah'] * 1e3:.4g}", f"{r['discharge_Ah'] * 1e3:.4g}",
-                      "" if r["coulombic_efficiency"] is None else f"{100 * r['coulombic_efficiency']:.2f}",
-                      f"{r['energy_in_Wh'] * 1e3:.4g}", f"{r['energy_out_Wh'] * 1e3:.4g}",
-                      "" if r["mean_polarization_V"] is None else f"{r['mean_polarization_V']:.3f}")
+        table.add_row(
+            str(r["cycle"]),
+            f"{r['charge_Ah'] * 1e3:.4g}",
+            f"{r['discharge_Ah'] * 1e3:.4g}",
+            "" if r["coulombic_efficiency"] is None else f"{100 * r['coulombic_efficiency']:.2f}",
+            f"{r['energy_in_Wh'] * 1e3:.4g}",
+            f"{r['energy_out_Wh'] * 1e3:.4g}",
+            "" if r["mean_polarization_V"] is None else f"{r['mean_polarization_V']:.3f}",
+        )
     console.print(table)
     if plot is not None:
         console.print(f"wrote {plot}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +12,9 @@ from rich.table import Table
 
 console = Console()
 err = Console(stderr=True)
-campaign_app = typer.Typer(help="Run a campaign (cells x protocols on channels) and see where it stands.", no_args_is_help=True)
+campaign_app = typer.Typer(
+    help="Run a campaign (cells x protocols on channels) and see where it stands.", no_args_is_help=True
+)
 
 BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port of agents elsewhere (default: embedded, agents here)")
 LabOpt = typer.Option(None, "--lab", help="lab file (default: the campaign's, LABTWIN_LAB, or the packaged one)")
@@ -25,7 +26,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _load(file: Path, lab: Optional[Path]):
+def _load(file: Path, lab: Path | None):
     from labtwin.cli.wiring import default_lab
     from labtwin.orchestration.campaign import channels_of, load_campaign
     from labtwin.protocols.model import ProtocolError
@@ -43,14 +44,18 @@ def _load(file: Path, lab: Optional[Path]):
 @campaign_app.command("run")
 def run(
     file: Path = typer.Argument(..., help="campaign file"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
-    store: Optional[str] = StoreOpt,
-    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
-    prefect_db: Optional[str] = typer.Option(None, "--prefect-db", help="database of Prefect's local ephemeral API: "
-                                             "memory (fastest for big campaigns: Prefect's history of this run "
-                                             "is not kept; labtwin's store keeps everything), postgresql://..., "
-                                             "or sqlite:///path (default: SQLite in PREFECT_HOME)"),
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+    store: str | None = StoreOpt,
+    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    prefect_db: str | None = typer.Option(
+        None,
+        "--prefect-db",
+        help="database of Prefect's local ephemeral API: "
+        "memory (fastest for big campaigns: Prefect's history of this run "
+        "is not kept; labtwin's store keeps everything), postgresql://..., "
+        "or sqlite:///path (default: SQLite in PREFECT_HOME)",
+    ),
 ) -> None:
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
     import os
@@ -64,16 +69,31 @@ def run(
         _fail("--prefect-db: PREFECT_API_URL names a Prefect server, which has its own database; drop one of them")
     try:
         with ephemeral_database(prefect_db):
-            results = asyncio.run(_run(file, campaign, config, broker or config.broker, store_url,
-                                       "config" if speed is None else parse_speed(speed)))
+            results = asyncio.run(
+                _run(
+                    file,
+                    campaign,
+                    config,
+                    broker or config.broker,
+                    store_url,
+                    "config" if speed is None else parse_speed(speed),
+                )
+            )
     except (ConnectionError, ValueError, TimeoutError) as exc:
         _fail(str(exc))
     table = Table(title=f"campaign {campaign.campaign}")
     for col in ("run", "cell", "protocol", "channel", "outcome", "steps", "resumed"):
         table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(r.run_id, r.cell, r.protocol, r.channel, r.outcome + (f" ({r.reason})" if r.reason else ""),
-                      str(r.steps_run), "yes" if r.resumed else "")
+        table.add_row(
+            r.run_id,
+            r.cell,
+            r.protocol,
+            r.channel,
+            r.outcome + (f" ({r.reason})" if r.reason else ""),
+            str(r.steps_run),
+            "yes" if r.resumed else "",
+        )
     console.print(table)
     if any(r.outcome not in ("success",) and not r.outcome.startswith("skipped") for r in results):
         raise typer.Exit(1)
@@ -97,20 +117,33 @@ async def _run(file, campaign, config, broker_url, store_url, speed):
 @campaign_app.command("serve")
 def serve(
     file: Path = typer.Argument(..., help="campaign file"),
-    broker: Optional[str] = BrokerOpt,
-    lab: Optional[Path] = LabOpt,
-    store: Optional[str] = StoreOpt,
-    speed: Optional[str] = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
-    duration: Optional[str] = typer.Option(None, "--for", help="serve this long (30m, 6h, 7d), then stop; default until Ctrl-C"),
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+    store: str | None = StoreOpt,
+    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    duration: str | None = typer.Option(
+        None, "--for", help="serve this long (30m, 6h, 7d), then stop; default until Ctrl-C"
+    ),
     run_now: bool = typer.Option(True, "--run-now/--schedule-only", help="also run the campaign's jobs once, now"),
-    prefect_port: int = typer.Option(4200, "--prefect-port", help="port of the local Prefect server (UI and API) "
-                                     "started when PREFECT_API_URL is not set"),
-    prefect_db: Optional[str] = typer.Option(None, "--prefect-db", help="database of the local Prefect server: "
-                                             "postgresql://user@host:port/db for many cells (default: SQLite "
-                                             "in labtwin-data/prefect)"),
-    work_pool: Optional[str] = typer.Option(None, "--work-pool", help="send the deployments to this Prefect work "
-                                            "pool (made as a process pool if missing); its workers run them: "
-                                            "`prefect worker start --pool NAME`. Needs PREFECT_API_URL"),
+    prefect_port: int = typer.Option(
+        4200,
+        "--prefect-port",
+        help="port of the local Prefect server (UI and API) started when PREFECT_API_URL is not set",
+    ),
+    prefect_db: str | None = typer.Option(
+        None,
+        "--prefect-db",
+        help="database of the local Prefect server: "
+        "postgresql://user@host:port/db for many cells (default: SQLite "
+        "in labtwin-data/prefect)",
+    ),
+    work_pool: str | None = typer.Option(
+        None,
+        "--work-pool",
+        help="send the deployments to this Prefect work "
+        "pool (made as a process pool if missing); its workers run them: "
+        "`prefect worker start --pool NAME`. Needs PREFECT_API_URL",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the served flow runs as JSON when it stops"),
 ) -> None:
     """Serve the campaign through Prefect deployments: its jobs once, and its schedule for as long as it runs.
@@ -124,18 +157,32 @@ def serve(
 
     campaign, config = _load(file, lab)
     if work_pool and not os.environ.get("PREFECT_API_URL"):
-        _fail("--work-pool: workers on other PCs need a Prefect server they can reach; set PREFECT_API_URL "
-              "(e.g. http://<lab-server>:4200/api, a `prefect server start` there), or serve without --work-pool")
+        _fail(
+            "--work-pool: workers on other PCs need a Prefect server they can reach; set PREFECT_API_URL "
+            "(e.g. http://<lab-server>:4200/api, a `prefect server start` there), or serve without --work-pool"
+        )
     try:
         duration_s = interval_s(duration) if duration else None
     except ValueError as exc:
         _fail(f"--for: {exc}")
     store_url = store or config.store
     try:
-        served = asyncio.run(_serve(file, campaign, config, broker or config.broker, store_url,
-                                    "config" if speed is None else parse_speed(speed), duration_s, run_now,
-                                    prefect_port, os.environ.get("PREFECT_API_URL"), prefect_db,
-                                    work_pool))
+        served = asyncio.run(
+            _serve(
+                file,
+                campaign,
+                config,
+                broker or config.broker,
+                store_url,
+                "config" if speed is None else parse_speed(speed),
+                duration_s,
+                run_now,
+                prefect_port,
+                os.environ.get("PREFECT_API_URL"),
+                prefect_db,
+                work_pool,
+            )
+        )
     except KeyboardInterrupt:
         return
     except (ConnectionError, ValueError, TimeoutError, RuntimeError) as exc:
@@ -154,8 +201,20 @@ def serve(
     console.print(table)
 
 
-async def _serve(file, campaign, config, broker_url, store_url, speed, duration_s, run_now, prefect_port, api_url,
-                 prefect_db=None, work_pool=None):
+async def _serve(
+    file,
+    campaign,
+    config,
+    broker_url,
+    store_url,
+    speed,
+    duration_s,
+    run_now,
+    prefect_port,
+    api_url,
+    prefect_db=None,
+    work_pool=None,
+):
     from labtwin.cli.wiring import LocalLab
     from labtwin.data.store import DEFAULT_SQLITE
     from labtwin.orchestration.campaign import channels_of
@@ -165,27 +224,33 @@ async def _serve(file, campaign, config, broker_url, store_url, speed, duration_
     store_url = store_url or str(DEFAULT_SQLITE.resolve())
     async with contextlib.AsyncExitStack() as stack:
         if not api_url:
-            server = await stack.enter_async_context(LocalPrefectServer(DEFAULT_SQLITE.parent / "prefect", prefect_port,
-                                                                          database_url=prefect_db))
-            err.print(f"Prefect server (UI and API) at {server.api_url.removesuffix('/api')}; "
-                      f"its log in {server.home / 'server.log'}")
+            server = await stack.enter_async_context(
+                LocalPrefectServer(DEFAULT_SQLITE.parent / "prefect", prefect_port, database_url=prefect_db)
+            )
+            err.print(
+                f"Prefect server (UI and API) at {server.api_url.removesuffix('/api')}; "
+                f"its log in {server.home / 'server.log'}"
+            )
         else:
             err.print(f"deployments go to the Prefect server at {api_url}")
         if broker_url is None:
             local = await stack.enter_async_context(LocalLab(config, channels_of(campaign), None, store_url, speed))
             broker_url = local.url
-        schedule = ", ".join(f"{e.protocol} on {', '.join(e.cells)} every {e.every or e.cron}" for e in campaign.schedule)
+        schedule = ", ".join(
+            f"{e.protocol} on {', '.join(e.cells)} every {e.every or e.cron}" for e in campaign.schedule
+        )
         where = f"; work pool {work_pool} runs them (`prefect worker start --pool {work_pool}`)" if work_pool else ""
         err.print(f"serving campaign {campaign.campaign} ({schedule or 'no schedule'}){where}; Ctrl-C stops")
-        return await serve_campaign(str(file), broker_url, config.lab, store_url, run_now, duration_s,
-                                    work_pool=work_pool)
+        return await serve_campaign(
+            str(file), broker_url, config.lab, store_url, run_now, duration_s, work_pool=work_pool
+        )
 
 
 @campaign_app.command("status")
 def status(
     file: Path = typer.Argument(..., help="campaign file"),
-    lab: Optional[Path] = LabOpt,
-    store: Optional[str] = StoreOpt,
+    lab: Path | None = LabOpt,
+    store: str | None = StoreOpt,
 ) -> None:
     """Each job: queued, in progress (or interrupted: `campaign run` resumes it), or finished, from the store."""
     from labtwin.data.store import DEFAULT_SQLITE, Store
@@ -220,9 +285,13 @@ def status(
             m = scheduled.match(row.run_id)
             if not m:
                 continue
-            state = f"scheduled, finished: {row.exit_status}" if row.stopped_at else "scheduled, in progress or interrupted"
+            state = (
+                f"scheduled, finished: {row.exit_status}" if row.stopped_at else "scheduled, in progress or interrupted"
+            )
             counts["scheduled"] = counts.get("scheduled", 0) + 1
-            table.add_row(row.run_id, m.group(1), row.protocol or "", row.channel or "", state, "", str(row.stored_samples))
+            table.add_row(
+                row.run_id, m.group(1), row.protocol or "", row.channel or "", state, "", str(row.stored_samples)
+            )
     finally:
         s.close()
     console.print(table)

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from labtwin import bus as busmod
+from labtwin.analysis.plots import plot_run
 from labtwin.bus import Bus
 from labtwin.cli.wiring import LocalLab, default_lab
-from labtwin.documents import RunStart, StepEvent
-from labtwin.analysis.plots import plot_run
 from labtwin.data.store import describe_url
+from labtwin.documents import RunStart, StepEvent
 
 # ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
 # ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
@@ -33,7 +33,7 @@ async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], 
         while not stop.is_set():
             try:
                 doc = (await sub.get(0.2)).document
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             bar = bars.get(getattr(doc, "channel", ""))
             if bar is None:
@@ -53,14 +53,22 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
         console.print("starting Prefect's local API (first run on a machine: ~15 s) ...")
     await start_prefect_api()
     progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}", style="bold"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, disable=quiet, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}", style="bold"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
     )
     async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True) as local:
         if not quiet:
             where = "embedded broker" if local.broker else "broker"
-            console.print(f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', "
-                          f"store {describe_url(local.store.url)}")
+            console.print(
+                f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', "
+                f"store {describe_url(local.store.url)}"
+            )
         stop = asyncio.Event()
         with progress:
             bars = {ch: progress.add_task(f"{ch} {proto}", total=None) for ch, proto in DEMO_PLAN.items()}
@@ -102,7 +110,9 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
             console.print(" · ".join(parts))
         console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
         console.print(f"store: {describe_url(db)} · total wall time {time.monotonic() - wall_start:.1f} s")
-        console.print("next: `labtwin runs`, `labtwin export RUN --format bdf`, `labtwin replay DIR_OR_FILE`, `labtwin dryrun seed003-cycling-eis --sim lco-lgps-ceramic`")
+        console.print(
+            "next: `labtwin runs`, `labtwin export RUN --format bdf`, `labtwin replay DIR_OR_FILE`, `labtwin dryrun seed003-cycling-eis --sim lco-lgps-ceramic`"
+        )
     return {
         "summaries": [s.model_dump() for s in summaries],
         "stored_samples": stored,

@@ -10,21 +10,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from labtwin.cli.wiring import LocalLab, default_lab
 import numpy as np
 
-from labtwin.data.export import export_samples
-from labtwin.config.lab import ChannelConfig, LabConfig
-from labtwin.documents import StepKind
 from labtwin.analysis.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
 from labtwin.analysis.summary import RunSummary, number_cycles
-from labtwin.documents import Anomaly
+from labtwin.cli.wiring import LocalLab, default_lab
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.data.export import export_samples
+from labtwin.documents import Anomaly, StepKind
 from labtwin.physics.library import load_cell
 
 
 async def run_dryrun(
-    protocol: str, sim: str, out: Path | None, channel: str | None = None, lab_file: Path | None = None,
-    twin: bool = True, speed: float | str = "max",
+    protocol: str,
+    sim: str,
+    out: Path | None,
+    channel: str | None = None,
+    lab_file: Path | None = None,
+    twin: bool = True,
+    speed: float | str = "max",
 ) -> tuple[RunSummary, list[Anomaly]]:
     """Returns the run's summary and what the twin flagged while following it.
 
@@ -48,7 +52,11 @@ async def run_dryrun(
         limits = Limits(voltage_min_V=lo - margin, voltage_max_V=hi + margin)
     config = LabConfig(
         lab="dryrun",
-        channels={"sim": ChannelConfig(driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed=speed, seed=0, limits=limits)},
+        channels={
+            "sim": ChannelConfig(
+                driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed=speed, seed=0, limits=limits
+            )
+        },
     )
     store_url = ":memory:" if out is None else str(out / "dryrun.db")
     if out is not None:
@@ -73,7 +81,9 @@ async def run_dryrun(
         if out is not None:
             write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")
             if twin:
-                (out / "anomalies.json").write_text(json.dumps([a.model_dump(mode="json") for a in anomalies], indent=2))
+                (out / "anomalies.json").write_text(
+                    json.dumps([a.model_dump(mode="json") for a in anomalies], indent=2)
+                )
     return summary, anomalies
 
 
@@ -96,25 +106,40 @@ def write_outputs(store, summary: RunSummary, out: Path, title: str) -> list[Pat
         spectra = []
         for step in dict.fromkeys(impedance["step"].tolist()):
             mask = impedance["step"] == step
-            spectra.append((f"cycle {impedance['cycle'][mask][0]} (step {step})", impedance["z_real_ohm"][mask],
-                            impedance["z_imag_ohm"][mask]))
+            spectra.append(
+                (
+                    f"cycle {impedance['cycle'][mask][0]} (step {step})",
+                    impedance["z_real_ohm"][mask],
+                    impedance["z_imag_ohm"][mask],
+                )
+            )
         written.append(plot_nyquist(spectra, title, out / "nyquist.png"))
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary.model_dump(), indent=2, default=str))
     written.append(summary_path)
     if len(samples["time_s"]):
         written.append(plot_run(samples, title, out / "run.png"))
-        sweeps = [(ev.label or f"step {ev.step_index}", ev.step_index) for ev in events if ev.step == StepKind.cyclic_voltammetry]
+        sweeps = [
+            (ev.label or f"step {ev.step_index}", ev.step_index)
+            for ev in events
+            if ev.step == StepKind.cyclic_voltammetry
+        ]
         if sweeps:
-            curves = [(label, samples["voltage_V"][samples["step"] == k], samples["current_A"][samples["step"] == k])
-                      for label, k in sweeps]
+            curves = [
+                (label, samples["voltage_V"][samples["step"] == k], samples["current_A"][samples["step"] == k])
+                for label, k in sweeps
+            ]
             written.append(plot_voltammograms(curves, title, out / "cv.png"))
         galvanostatic = [ev for ev in events if ev.step == StepKind.cc and ev.stats and ev.stats.n_samples > 50]
         if galvanostatic:
             first = galvanostatic[0]
             mask = samples["step"] == first.step_index
-            plateau = plot_plateau(samples["capacity_Ah"][mask], samples["voltage_V"][mask],
-                                   f"{title}: plateau of step {first.step_index} ({first.label})", out / "plateau.png")
+            plateau = plot_plateau(
+                samples["capacity_Ah"][mask],
+                samples["voltage_V"][mask],
+                f"{title}: plateau of step {first.step_index} ({first.label})",
+                out / "plateau.png",
+            )
             if plateau is not None:
                 written.append(plateau)
     return written

@@ -7,7 +7,6 @@ and the twin's cell states (retained) and anomalies show what it sees.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 
@@ -17,8 +16,7 @@ from rich.table import Table
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.documents import ChannelStatus, RunStart, RunStop, StepEvent
-from labtwin.documents import Anomaly, CellState
+from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, StepEvent
 
 
 class MonitorView:
@@ -52,7 +50,10 @@ class MonitorView:
         for name in sorted(self.channels):
             s = self.channels[name]
             table.add_row(
-                name, s.state.value, s.cell_id or "", (s.run_id or "")[-22:],
+                name,
+                s.state.value,
+                s.cell_id or "",
+                (s.run_id or "")[-22:],
                 f"{s.step_index} {s.label or ''}" if s.step_index is not None else "",
                 "" if s.cycle is None else str(s.cycle),
                 "" if s.voltage_V is None else f"{s.voltage_V:.4f}",
@@ -60,17 +61,32 @@ class MonitorView:
                 s.time.strftime("%H:%M:%S"),
             )
         twins = Table(title="twins", expand=False)
-        for col in ("cell", "model", "cycle", "SOC", "V / V", "predicted / V", "R0 / ohm", "capacity / mAh", "CE", "anomalies"):
+        for col in (
+            "cell",
+            "model",
+            "cycle",
+            "SOC",
+            "V / V",
+            "predicted / V",
+            "R0 / ohm",
+            "capacity / mAh",
+            "CE",
+            "anomalies",
+        ):
             twins.add_column(col)
         for name in sorted(self.cells):
             c = self.cells[name]
             twins.add_row(
-                name, c.model, str(c.cycle), "" if c.soc is None else f"{c.soc:.0%}",
+                name,
+                c.model,
+                str(c.cycle),
+                "" if c.soc is None else f"{c.soc:.0%}",
                 "" if c.voltage_V is None else f"{c.voltage_V:.4f}",
                 "" if c.predicted_voltage_V is None else f"{c.predicted_voltage_V:.4f}",
                 "" if c.series_resistance_ohm is None else f"{c.series_resistance_ohm:.3g}",
                 "" if c.capacity_Ah is None else f"{c.capacity_Ah * 1e3:.4g}",
-                "" if c.coulombic_efficiency is None else f"{c.coulombic_efficiency:.2%}", str(c.anomalies),
+                "" if c.coulombic_efficiency is None else f"{c.coulombic_efficiency:.2%}",
+                str(c.anomalies),
             )
         events = Table(title="latest events", show_header=False, expand=False)
         events.add_column("event")
@@ -82,8 +98,12 @@ class MonitorView:
 async def monitor(broker_url: str, lab: str = "+", seconds: float | None = None, console=None) -> MonitorView:
     """Show the live view until interrupted (or for ``seconds``); returns what it saw."""
     view = MonitorView()
-    filters = [f"{busmod.ROOT}/{lab}/+/status", f"{busmod.ROOT}/{lab}/+/event",
-               f"{busmod.ROOT}/{lab}/cells/+/state", f"{busmod.ROOT}/{lab}/cells/+/anomaly"]
+    filters = [
+        f"{busmod.ROOT}/{lab}/+/status",
+        f"{busmod.ROOT}/{lab}/+/event",
+        f"{busmod.ROOT}/{lab}/cells/+/state",
+        f"{busmod.ROOT}/{lab}/cells/+/anomaly",
+    ]
     async with Bus(broker_url) as bus:
         sub = await bus.subscribe(filters)
         deadline = None if seconds is None else time.monotonic() + seconds
@@ -92,7 +112,7 @@ async def monitor(broker_url: str, lab: str = "+", seconds: float | None = None,
                 try:
                     msg = await sub.get(0.25)
                     view.absorb(msg.topic, msg.document)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 live.update(view.render())
     return view

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +12,9 @@ from rich.table import Table
 console = Console()
 err = Console(stderr=True)
 protocol_app = typer.Typer(help="Inspect, check and export protocol files without running them.", no_args_is_help=True)
-schema_app = typer.Typer(help="JSON Schemas of labtwin's files, for editors that validate and autocomplete.", no_args_is_help=True)
+schema_app = typer.Typer(
+    help="JSON Schemas of labtwin's files, for editors that validate and autocomplete.", no_args_is_help=True
+)
 
 LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB or the packaged instruments/lab.yaml)")
 
@@ -76,9 +77,9 @@ def _describe(cmd) -> tuple[str, str]:
 @protocol_app.command("show")
 def show(
     file: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
-    channel: Optional[str] = typer.Option(None, "--channel", "-c", help="compile against this channel's limits and cell"),
-    lab: Optional[Path] = LabOpt,
-    capacity: Optional[float] = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
+    channel: str | None = typer.Option(None, "--channel", "-c", help="compile against this channel's limits and cell"),
+    lab: Path | None = LabOpt,
+    capacity: float | None = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
     as_json: bool = typer.Option(False, "--json", help="the compiled StepCommands as JSON"),
 ) -> None:
     """The compiled step list: what the agent will be asked to run, in order."""
@@ -91,8 +92,10 @@ def show(
     ctx, _ = _context(channel, lab, capacity)
     program = compile_program(protocol, ctx)
     tag_at = {pc: tag for tag, pc in program.tags.items()}
-    table = Table(title=f"{protocol.metadata.name}: {len(commands)} steps"
-                  + (" (loops listed once; cycle numbers inside loops are given as they run)" if not program.is_static else ""))
+    table = Table(
+        title=f"{protocol.metadata.name}: {len(commands)} steps"
+        + (" (loops listed once; cycle numbers inside loops are given as they run)" if not program.is_static else "")
+    )
     for col in ("#", "cycle", "step", "setpoint", "ends on", "then", "time budget / h", "label"):
         table.add_column(col, overflow="fold")
     depth = 0
@@ -111,9 +114,19 @@ def show(
             continue
         c = instr.command
         setpoint, ends = _describe(c)
-        then = ", ".join(f"{k}: {v if isinstance(v, str) else 'goto ' + v.goto}" for k, v in instr.then.items() if v != "next")
-        table.add_row(str(c.step_index), "loop" if instr.loops else str(c.cycle), indent + c.step.value, setpoint, ends,
-                      then, f"{c.time_budget_s() / 3600:.3g}", tag + c.label)
+        then = ", ".join(
+            f"{k}: {v if isinstance(v, str) else 'goto ' + v.goto}" for k, v in instr.then.items() if v != "next"
+        )
+        table.add_row(
+            str(c.step_index),
+            "loop" if instr.loops else str(c.cycle),
+            indent + c.step.value,
+            setpoint,
+            ends,
+            then,
+            f"{c.time_budget_s() / 3600:.3g}",
+            tag + c.label,
+        )
     console.print(table)
     if program.stop_when is not None:
         until = ", ".join(f"{k} {v:g}" for k, v in program.stop_when.model_dump(exclude_none=True).items())
@@ -124,8 +137,8 @@ def show(
 def check(
     file: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
     channel: str = typer.Option(..., "--channel", "-c", help="the channel it would run on"),
-    lab: Optional[Path] = LabOpt,
-    capacity: Optional[float] = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
+    lab: Path | None = LabOpt,
+    capacity: float | None = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
 ) -> None:
     """Check a protocol against a channel's limits and cell without running anything (exit 1 if refused)."""
     protocol, commands, cfg = _compile(file, channel, lab, capacity)
@@ -141,10 +154,15 @@ def check(
     program = compile_program(protocol, _context(channel, lab, capacity)[0])
     budget_h = sum(c.time_budget_s() for c in commands) / 3600
     loops = [i for i in program.instructions if isinstance(i, LoopEnd)]
-    length = (f"longest possible run {budget_h:.3g} h of cell time" if not loops else
-              f"{budget_h:.3g} h of cell time at most per pass with each loop run once "
-              f"(loops run up to {', '.join(str(i.max_cycles) for i in loops)} cycles)")
-    console.print(f"ok: {len(commands)} steps fit channel {channel} (limits {cfg.limits.model_dump(exclude_none=True)}); {length}")
+    length = (
+        f"longest possible run {budget_h:.3g} h of cell time"
+        if not loops
+        else f"{budget_h:.3g} h of cell time at most per pass with each loop run once "
+        f"(loops run up to {', '.join(str(i.max_cycles) for i in loops)} cycles)"
+    )
+    console.print(
+        f"ok: {len(commands)} steps fit channel {channel} (limits {cfg.limits.model_dump(exclude_none=True)}); {length}"
+    )
 
 
 @protocol_app.command("export")

@@ -6,17 +6,17 @@ import asyncio
 import time
 from pathlib import Path
 
+from labtwin.analysis.summary import summarize_cycles
 from labtwin.bus import Bus, topic
 from labtwin.cli.wiring import twin_factory
 from labtwin.config.lab import ChannelConfig, LabConfig
-from labtwin.documents import SampleBatch, StepEvent
 from labtwin.data.replay import documents, read_recording
-from labtwin.analysis.summary import summarize_cycles
-from labtwin.documents import Anomaly
+from labtwin.documents import Anomaly, SampleBatch, StepEvent
 
 
-async def run_replay(path: Path, broker_url: str | None, speed: float | None, model: str | None,
-                     circuit: str | None, cell: str | None) -> tuple[dict, list[Anomaly]]:
+async def run_replay(
+    path: Path, broker_url: str | None, speed: float | None, model: str | None, circuit: str | None, cell: str | None
+) -> tuple[dict, list[Anomaly]]:
     from labtwin.bus.broker import EmbeddedBroker
     from labtwin.twin.service import TwinService
 
@@ -31,7 +31,9 @@ async def run_replay(path: Path, broker_url: str | None, speed: float | None, mo
     stop = asyncio.Event()
     # The replay's one channel, with the chosen model as its twin model: the same factory the live twin uses.
     config = LabConfig(lab=lab, channels={channel: ChannelConfig(driver="simulated", twin_model=model)})
-    service = TwinService(broker_url, twin_factory(config, circuit=circuit), lab, client_id=f"twin-replay-{docs[0].run_id}")
+    service = TwinService(
+        broker_url, twin_factory(config, circuit=circuit), lab, client_id=f"twin-replay-{docs[0].run_id}"
+    )
     task = asyncio.create_task(service.serve(stop))
     wall = time.perf_counter()
     try:
@@ -56,10 +58,16 @@ async def run_replay(path: Path, broker_url: str | None, speed: float | None, mo
     ended = [d for d in docs if isinstance(d, StepEvent) and d.event == "ended"]
     cycles = summarize_cycles(ended)
     summary = {
-        "file": str(path), "format": recording.source_format, "cell": cell_id, "model": model,
-        "samples": len(recording), "steps": len(ended), "cycles": len(cycles),
+        "file": str(path),
+        "format": recording.source_format,
+        "cell": cell_id,
+        "model": model,
+        "samples": len(recording),
+        "steps": len(ended),
+        "cycles": len(cycles),
         "impedance_spectra": sum(1 for d in ended if d.step.value == "eis"),
-        "cell_time_s": float(recording.time_s[-1] - recording.time_s[0]), "wall_time_s": time.perf_counter() - wall,
+        "cell_time_s": float(recording.time_s[-1] - recording.time_s[0]),
+        "wall_time_s": time.perf_counter() - wall,
         "cycle_table": [c.model_dump() for c in cycles],
     }
     return summary, list(service.anomalies)

@@ -17,16 +17,16 @@ import numpy as np
 
 from labtwin.agent.service import Agent
 from labtwin.bus.broker import EmbeddedBroker
-from labtwin.instruments.transport import AuditTrail
-from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
 from labtwin.config.lab import DEFAULT_LAB_FILE, ChannelConfig, LabConfig, lab_file_from_env, load_lab
-from labtwin.devices.potentiostat import Potentiostat
 from labtwin.data.recorder import Recorder
-from labtwin.documents import RunStart
 from labtwin.data.store import Store
-from labtwin.twin.service import TwinService
+from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
+from labtwin.devices.potentiostat import Potentiostat
+from labtwin.documents import RunStart
+from labtwin.instruments.transport import AuditTrail
 from labtwin.physics.library import load_cell
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
+from labtwin.twin.service import TwinService
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class BuiltChannel:
     driver_name: str
 
 
-def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "config", lab_name: str = "default") -> BuiltChannel:
+def build_channel(
+    name: str, cfg: ChannelConfig, speed: float | None | str = "config", lab_name: str = "default"
+) -> BuiltChannel:
     """A driver and its clock for one channel of the lab file."""
     if cfg.driver == "simulated":
         if not cfg.cell:
@@ -53,16 +55,28 @@ def build_channel(name: str, cfg: ChannelConfig, speed: float | None | str = "co
         cell = load_cell(cfg.cell)
         clock = VirtualClock(cfg.speed_value if speed == "config" else speed)
         driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
-        return BuiltChannel(name, driver, clock, cfg.cell_id or f"{name}-{cell.name}", cell.nominal_capacity_Ah,
-                            f"simulated:{cell.name}")
+        return BuiltChannel(
+            name,
+            driver,
+            clock,
+            cfg.cell_id or f"{name}-{cell.name}",
+            cell.nominal_capacity_Ah,
+            f"simulated:{cell.name}",
+        )
     if cfg.driver in REAL_DRIVERS:
         if not cfg.resource:
-            raise ValueError(f"channel {name}: driver {cfg.driver} needs `resource:` (e.g. TCPIP::192.168.1.20::5025::SOCKET)")
+            raise ValueError(
+                f"channel {name}: driver {cfg.driver} needs `resource:` (e.g. TCPIP::192.168.1.20::5025::SOCKET)"
+            )
         driver = REAL_DRIVERS[cfg.driver](name, cfg, lab_name)
         # A bench instrument lives on the wall clock; `speed: N` only for an emulator started with --speed N.
         clock = ScaledWallClock(cfg.speed_value or 1.0)
-        return BuiltChannel(name, driver, clock, cfg.cell_id or f"{name}-{cfg.driver}", cfg.nominal_capacity_Ah, cfg.driver)
-    raise ValueError(f"channel {name}: unknown driver {cfg.driver!r}; choose simulated or one of {', '.join(REAL_DRIVERS)}")
+        return BuiltChannel(
+            name, driver, clock, cfg.cell_id or f"{name}-{cfg.driver}", cfg.nominal_capacity_Ah, cfg.driver
+        )
+    raise ValueError(
+        f"channel {name}: unknown driver {cfg.driver!r}; choose simulated or one of {', '.join(REAL_DRIVERS)}"
+    )
 
 
 def _audit(name: str, cfg: ChannelConfig, lab_name: str) -> AuditTrail:
@@ -121,12 +135,23 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
             name = cells[run.channel]
         policy = json.loads(run.metadata.get("anomaly_policy", "{}"))
         if name is None:
-            return CellTwin(run.cell_id, lambda: None, "", TwinSettings(policy=policy, circuit=circuit or TwinSettings().circuit),
-                            lab=run.lab)
+            return CellTwin(
+                run.cell_id,
+                lambda: None,
+                "",
+                TwinSettings(policy=policy, circuit=circuit or TwinSettings().circuit),
+                lab=run.lab,
+            )
         definition = load_cell(name)
         settings = TwinSettings(policy=policy, circuit=circuit or definition.eis_circuit)
-        return CellTwin(run.cell_id, definition.build_model, definition.name, settings, lab=run.lab,
-                        nominal_capacity_Ah=definition.nominal_capacity_Ah)
+        return CellTwin(
+            run.cell_id,
+            definition.build_model,
+            definition.name,
+            settings,
+            lab=run.lab,
+            nominal_capacity_Ah=definition.nominal_capacity_Ah,
+        )
 
     return make
 
@@ -144,14 +169,16 @@ class LocalLab:
     record: bool = True
     twin: bool = False
 
-    async def __aenter__(self) -> "LocalLab":
+    async def __aenter__(self) -> LocalLab:
         try:
             return await self._start()
         except BaseException:
-            await self.__aexit__(None, None, None)  # an instrument that cannot be opened must not leave the broker running
+            await self.__aexit__(
+                None, None, None
+            )  # an instrument that cannot be opened must not leave the broker running
             raise
 
-    async def _start(self) -> "LocalLab":
+    async def _start(self) -> LocalLab:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.broker: EmbeddedBroker | None = None
@@ -169,8 +196,9 @@ class LocalLab:
             await self._ready(self.recorder.wait_ready())
         self.twin_service = None
         if self.twin:
-            self.twin_service = TwinService(url, twin_factory(self.config, self.cells), self.config.lab,
-                                            client_id=f"twin-{self.config.lab}-local")
+            self.twin_service = TwinService(
+                url, twin_factory(self.config, self.cells), self.config.lab, client_id=f"twin-{self.config.lab}-local"
+            )
             self._tasks.append(asyncio.create_task(self.twin_service.serve(self._stop)))
             await self._ready(self.twin_service.wait_ready())
         self.agents: dict[str, Agent] = {}
@@ -180,8 +208,14 @@ class LocalLab:
                 cfg = cfg.model_copy(update={"cell": self.cells[name], "driver": "simulated", "cell_id": None})
             built = build_channel(name, cfg, self.speed, self.config.lab)
             agent = Agent(
-                lab=self.config.lab, channel=name, driver=built.driver, clock=built.clock, broker_url=url,
-                channel_limits=cfg.limits, cell_id=built.cell_id, nominal_capacity_Ah=built.nominal_capacity_Ah,
+                lab=self.config.lab,
+                channel=name,
+                driver=built.driver,
+                clock=built.clock,
+                broker_url=url,
+                channel_limits=cfg.limits,
+                cell_id=built.cell_id,
+                nominal_capacity_Ah=built.nominal_capacity_Ah,
                 driver_name=built.driver_name,
             )
             self.agents[name] = agent

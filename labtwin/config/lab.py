@@ -33,12 +33,19 @@ class ChannelConfig(BaseModel):
     cell_id: str | None = Field(None, description="the physical cell's identity (defaults to channel + cell)")
     resource: str | None = Field(None, description="instrument address for real drivers (VISA or serial URL)")
     nominal_capacity_Ah: float | None = Field(
-        None, gt=0, description="real channels: the cell's nominal capacity, for C-rates (simulated cells carry their own)"
+        None,
+        gt=0,
+        description="real channels: the cell's nominal capacity, for C-rates (simulated cells carry their own)",
     )
-    smu_channel: int | None = Field(None, ge=1, le=2, description="b2900: which SMU channel of a two-channel B2902A/B2912A")
-    timeout_s: float = Field(5.0, gt=0, description="real drivers: longest wait for an answer before the instrument counts as lost")
+    smu_channel: int | None = Field(
+        None, ge=1, le=2, description="b2900: which SMU channel of a two-channel B2902A/B2912A"
+    )
+    timeout_s: float = Field(
+        5.0, gt=0, description="real drivers: longest wait for an answer before the instrument counts as lost"
+    )
     audit: str | None = Field(
-        None, description="real drivers: JSON-lines file of every exchange (default ./labtwin-data/audit/<lab>-<channel>.jsonl)"
+        None,
+        description="real drivers: JSON-lines file of every exchange (default ./labtwin-data/audit/<lab>-<channel>.jsonl)",
     )
     speed: float | str | None = Field(
         "max", description="simulated channels: cell s per wall s, or 'max'; real drivers: 1 (or an emulator's --speed)"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.documents import RunStop
 from labtwin.data.store import Store, WriteCounts
+from labtwin.documents import RunStop
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ class Recorder:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
-        filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event",
-                   f"{busmod.ROOT}/{self.lab}/cells/+/anomaly", f"{busmod.ROOT}/{self.lab}/cells/+/state"]
+        filters = [
+            f"{busmod.ROOT}/{self.lab}/+/data",
+            f"{busmod.ROOT}/{self.lab}/+/event",
+            f"{busmod.ROOT}/{self.lab}/cells/+/anomaly",
+            f"{busmod.ROOT}/{self.lab}/cells/+/state",
+        ]
         async with Bus(self.broker_url, self.client_id, persistent=True) as bus:
             self.bus = bus
             sub = await bus.subscribe(filters)
@@ -98,7 +102,7 @@ class Recorder:
                 break
             try:
                 docs.append((await sub.get(remaining)).document)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return docs
 
@@ -122,6 +126,7 @@ class Recorder:
 
         Data and event topics are not ordered with respect to each other, so the
         RunStop alone does not prove the last batches have landed."""
+
         async def _wait() -> None:
             async with self._run_stopped:
                 await self._run_stopped.wait_for(lambda: run_id in self._stopped_runs)

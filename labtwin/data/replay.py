@@ -70,12 +70,20 @@ def _finish(name, fmt, t, v, i, step, cycle=None, q=None, temp=None, f=None, zr=
         return np.full(n, np.nan)
 
     return Recording(
-        name=name, time_s=np.asarray(t, float), voltage_V=np.asarray(v, float), current_A=np.asarray(i, float),
-        capacity_Ah=np.asarray(q, float) if q is not None else _capacity_from_current(np.asarray(t, float), np.asarray(i, float)),
+        name=name,
+        time_s=np.asarray(t, float),
+        voltage_V=np.asarray(v, float),
+        current_A=np.asarray(i, float),
+        capacity_Ah=np.asarray(q, float)
+        if q is not None
+        else _capacity_from_current(np.asarray(t, float), np.asarray(i, float)),
         temperature_C=np.asarray(temp, float) if temp is not None else np.full(n, 25.0),
-        step=np.asarray(step, int), cycle=np.asarray(cycle, int) if cycle is not None else np.zeros(n, int),
-        frequency_Hz=nan() if f is None else np.asarray(f, float), z_real_ohm=nan() if zr is None else np.asarray(zr, float),
-        z_imag_ohm=nan() if zi is None else np.asarray(zi, float), source_format=fmt,
+        step=np.asarray(step, int),
+        cycle=np.asarray(cycle, int) if cycle is not None else np.zeros(n, int),
+        frequency_Hz=nan() if f is None else np.asarray(f, float),
+        z_real_ohm=nan() if zr is None else np.asarray(zr, float),
+        z_imag_ohm=nan() if zi is None else np.asarray(zi, float),
+        source_format=fmt,
     )
 
 
@@ -102,8 +110,20 @@ def read_mpr(path: Path) -> Recording:
         zr = np.where(is_z, modulus * np.cos(phase), np.nan)
         zi = np.where(is_z, modulus * np.sin(phase), np.nan)
     q = np.asarray(data["(Q-Qo)/mA.h"], float) / 1e3 if "(Q-Qo)/mA.h" in names else None
-    return _finish(path.stem, "biologic-mpr", data["time/s"], data["Ewe/V"], np.asarray(data["I/mA"], float) / 1e3,
-                   step, None, q, None, f, zr, zi)
+    return _finish(
+        path.stem,
+        "biologic-mpr",
+        data["time/s"],
+        data["Ewe/V"],
+        np.asarray(data["I/mA"], float) / 1e3,
+        step,
+        None,
+        q,
+        None,
+        f,
+        zr,
+        zi,
+    )
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -131,18 +151,36 @@ def read_csv(path: Path) -> Recording:
 
     if "Test Time / s" in col:  # Battery Data Format
         t = column("Test Time / s")
-        return _finish(path.stem, "bdf", t, column("Voltage / V"), column("Current / A"),
-                       column("Step Count / 1", "Step Index / 1", dtype=int), column("Cycle Count / 1", required=False, dtype=int),
-                       None, column("Temperature T1 / degC", required=False))
+        return _finish(
+            path.stem,
+            "bdf",
+            t,
+            column("Voltage / V"),
+            column("Current / A"),
+            column("Step Count / 1", "Step Index / 1", dtype=int),
+            column("Cycle Count / 1", required=False, dtype=int),
+            None,
+            column("Temperature T1 / degC", required=False),
+        )
     missing = [name for name in ("time_s", "voltage_V", "current_A", "step") if name not in col]
     if missing:
-        raise RecordingError(f"{path}: columns {missing} missing; a labtwin recording has time_s, voltage_V, current_A, "
-                             f"step (and capacity_Ah, cycle); a BDF file has 'Test Time / s'. The header is {header}")
+        raise RecordingError(
+            f"{path}: columns {missing} missing; a labtwin recording has time_s, voltage_V, current_A, "
+            f"step (and capacity_Ah, cycle); a BDF file has 'Test Time / s'. The header is {header}"
+        )
     t = column("time_s")
     step = column("step", dtype=int)
-    rec = _finish(path.stem, "labtwin-csv", t, column("voltage_V"), column("current_A"), step,
-                  column("cycle", required=False, dtype=int), column("capacity_Ah", required=False),
-                  column("temperature_C", required=False))
+    rec = _finish(
+        path.stem,
+        "labtwin-csv",
+        t,
+        column("voltage_V"),
+        column("current_A"),
+        step,
+        column("cycle", required=False, dtype=int),
+        column("capacity_Ah", required=False),
+        column("temperature_C", required=False),
+    )
     eis = path.with_name("eis.csv")
     if eis.exists():
         e_header, e_rows = _csv_rows(eis)
@@ -152,7 +190,9 @@ def read_csv(path: Path) -> Recording:
             rows_z = [r for r, st in zip(e_rows, e_step) if st == s]
             where = np.nonzero(rec.step == s)[0]
             if len(where) != len(rows_z):
-                raise RecordingError(f"{eis}: step {s} has {len(rows_z)} impedance points but {path.name} has {len(where)} rows")
+                raise RecordingError(
+                    f"{eis}: step {s} has {len(rows_z)} impedance points but {path.name} has {len(where)} rows"
+                )
             rec.frequency_Hz[where] = [float(r[ec["frequency_Hz"]]) for r in rows_z]
             rec.z_real_ohm[where] = [float(r[ec["z_real_ohm"]]) for r in rows_z]
             rec.z_imag_ohm[where] = [float(r[ec["z_imag_ohm"]]) for r in rows_z]
@@ -170,7 +210,9 @@ def read_recording(path: str | Path) -> Recording:
         return read_mpr(path)
     if suffix == ".csv":
         return read_csv(path)
-    raise RecordingError(f"{path}: unknown recording format {suffix!r}; replay reads .mpr (EC-Lab), labtwin samples.csv and BDF .csv")
+    raise RecordingError(
+        f"{path}: unknown recording format {suffix!r}; replay reads .mpr (EC-Lab), labtwin samples.csv and BDF .csv"
+    )
 
 
 def _step_kind(current_A: np.ndarray, voltage_V: np.ndarray, frequency_Hz: np.ndarray, scale_A: float) -> StepKind:
@@ -189,8 +231,9 @@ def _step_kind(current_A: np.ndarray, voltage_V: np.ndarray, frequency_Hz: np.nd
     return StepKind.cc
 
 
-def documents(rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: str | None = None,
-              batch_size: int = 200) -> Iterator[RunStart | StepEvent | SampleBatch | RunStop]:
+def documents(
+    rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: str | None = None, batch_size: int = 200
+) -> Iterator[RunStart | StepEvent | SampleBatch | RunStop]:
     """The documents an agent would have published for this recording, in publishing order."""
     run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     n = len(rec)
@@ -201,14 +244,29 @@ def documents(rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: s
     boundaries = np.nonzero(np.diff(rec.step) != 0)[0] + 1
     segments = np.split(np.arange(n), boundaries)
     scale_A = max(float(np.max(np.abs(rec.current_A))), 1e-12)
-    yield RunStart(run_id=run_id, lab=lab, channel=channel, cell_id=cell_id, protocol=f"replay of {rec.name}",
-                   n_steps=len(segments), metadata={"source_format": rec.source_format})
+    yield RunStart(
+        run_id=run_id,
+        lab=lab,
+        channel=channel,
+        cell_id=cell_id,
+        protocol=f"replay of {rec.name}",
+        n_steps=len(segments),
+        metadata={"source_format": rec.source_format},
+    )
     seq = 0
     for index, rows in enumerate(segments):
         i, v, f = rec.current_A[rows], rec.voltage_V[rows], rec.frequency_Hz[rows]
         kind = _step_kind(i, v, f, scale_A)
-        yield StepEvent(run_id=run_id, channel=channel, step_index=index, label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
-                        cycle=int(rec.cycle[rows[0]]), step=kind, event="started", time_s=float(time_s[rows[0]]))
+        yield StepEvent(
+            run_id=run_id,
+            channel=channel,
+            step_index=index,
+            label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
+            cycle=int(rec.cycle[rows[0]]),
+            step=kind,
+            event="started",
+            time_s=float(time_s[rows[0]]),
+        )
         first_seq = seq
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -219,9 +277,16 @@ def documents(rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: s
                 if not len(chunk):
                     continue
             yield SampleBatch(
-                run_id=run_id, channel=channel, seq=seq, time_s=time_s[chunk].tolist(), voltage_V=rec.voltage_V[chunk].tolist(),
-                current_A=rec.current_A[chunk].tolist(), capacity_Ah=rec.capacity_Ah[chunk].tolist(),
-                temperature_C=rec.temperature_C[chunk].tolist(), step=[index] * len(chunk), cycle=rec.cycle[chunk].tolist(),
+                run_id=run_id,
+                channel=channel,
+                seq=seq,
+                time_s=time_s[chunk].tolist(),
+                voltage_V=rec.voltage_V[chunk].tolist(),
+                current_A=rec.current_A[chunk].tolist(),
+                capacity_Ah=rec.capacity_Ah[chunk].tolist(),
+                temperature_C=rec.temperature_C[chunk].tolist(),
+                step=[index] * len(chunk),
+                cycle=rec.cycle[chunk].tolist(),
                 frequency_Hz=rec.frequency_Hz[chunk].tolist() if is_z else None,
                 z_real_ohm=rec.z_real_ohm[chunk].tolist() if is_z else None,
                 z_imag_ohm=rec.z_imag_ohm[chunk].tolist() if is_z else None,
@@ -237,13 +302,37 @@ def documents(rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: s
             if at_limit and abs(v[-1] - v[0]) > 0.05:
                 reason = EndReason(kind="end_condition", name="voltage_V", value=float(v[-1]))
         stats = StepStats(
-            duration_s=float(tt[-1] - tt[0]), charge_Ah=charge, discharge_Ah=discharge,
+            duration_s=float(tt[-1] - tt[0]),
+            charge_Ah=charge,
+            discharge_Ah=discharge,
             energy_in_Wh=float(np.sum(np.clip(i, 0, None) * v * dt)) / 3600.0,
             energy_out_Wh=float(np.sum(np.clip(-i, 0, None) * v * dt)) / 3600.0,
-            start_voltage_V=float(v[0]), end_voltage_V=float(v[-1]), end_current_A=float(i[-1]), n_samples=len(rows),
-            first_seq=first_seq if seq > first_seq else None, last_seq=seq - 1 if seq > first_seq else None,
+            start_voltage_V=float(v[0]),
+            end_voltage_V=float(v[-1]),
+            end_current_A=float(i[-1]),
+            n_samples=len(rows),
+            first_seq=first_seq if seq > first_seq else None,
+            last_seq=seq - 1 if seq > first_seq else None,
         )
-        yield StepEvent(run_id=run_id, channel=channel, step_index=index, label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
-                        cycle=int(rec.cycle[rows[0]]), step=kind, event="ended", time_s=float(tt[-1]), reason=reason, stats=stats)
-    yield RunStop(run_id=run_id, channel=channel, exit_status="success", reason="replayed", n_samples=n, n_batches=seq,
-                  last_seq=seq - 1, cell_time_s=float(time_s[-1]))
+        yield StepEvent(
+            run_id=run_id,
+            channel=channel,
+            step_index=index,
+            label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
+            cycle=int(rec.cycle[rows[0]]),
+            step=kind,
+            event="ended",
+            time_s=float(tt[-1]),
+            reason=reason,
+            stats=stats,
+        )
+    yield RunStop(
+        run_id=run_id,
+        channel=channel,
+        exit_status="success",
+        reason="replayed",
+        n_samples=n,
+        n_batches=seq,
+        last_seq=seq - 1,
+        cell_time_s=float(time_s[-1]),
+    )

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from pydantic import BaseModel
 
-from labtwin.documents import RunStart, RunStop, SampleBatch, StepEvent
-from labtwin.documents import Anomaly, CellState
+from labtwin.documents import Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent
 
 DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
@@ -114,13 +113,13 @@ class Store:
     # ------------------------------------------------------------------ opening
 
     @staticmethod
-    def open(url: str | Path | None = None) -> "Store":
+    def open(url: str | Path | None = None) -> Store:
         """``None`` or a path: SQLite; ``postgresql://...``: PostgreSQL (needs labtwin[postgres])."""
         text = str(url) if url is not None else str(DEFAULT_SQLITE)
         if text.startswith(("postgresql://", "postgres://")):
             return PostgresStore.connect(text)
         if text.startswith("sqlite:///"):
-            text = text[len("sqlite:///"):]
+            text = text[len("sqlite:///") :]
         return SQLiteStore.connect(Path(text))
 
     def _sql(self, statement: str) -> str:
@@ -156,16 +155,32 @@ class Store:
                         self._write_run_stop(cur, doc)
                         counts.events += 1
                     elif isinstance(doc, Anomaly):
-                        cur.execute(self._sql(
-                            "INSERT INTO anomalies (run_id, cell, kind, time_s, detected_time_s, step, cycle, action, message, doc) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                            (doc.run_id, doc.cell, doc.kind, doc.time_s, doc.detected_time_s, doc.step, doc.cycle,
-                             doc.action, doc.message, doc.model_dump_json()))
+                        cur.execute(
+                            self._sql(
+                                "INSERT INTO anomalies (run_id, cell, kind, time_s, detected_time_s, step, cycle, action, message, doc) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                            ),
+                            (
+                                doc.run_id,
+                                doc.cell,
+                                doc.kind,
+                                doc.time_s,
+                                doc.detected_time_s,
+                                doc.step,
+                                doc.cycle,
+                                doc.action,
+                                doc.message,
+                                doc.model_dump_json(),
+                            ),
+                        )
                         counts.events += 1
                     elif isinstance(doc, CellState):
-                        cur.execute(self._sql(
-                            "INSERT INTO cell_states (cell, run_id, time_s, doc) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                            (doc.cell, doc.run_id, doc.time_s, doc.model_dump_json()))
+                        cur.execute(
+                            self._sql(
+                                "INSERT INTO cell_states (cell, run_id, time_s, doc) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                            ),
+                            (doc.cell, doc.run_id, doc.time_s, doc.model_dump_json()),
+                        )
                 self.conn.commit()
             except BaseException:
                 self.conn.rollback()
@@ -183,16 +198,34 @@ class Store:
             return
         rows = list(
             zip(
-                [batch.run_id] * n, [batch.seq] * n, range(n),
-                batch.time_s, batch.voltage_V, batch.current_A, batch.capacity_Ah, batch.temperature_C,
-                batch.step, batch.cycle,
+                [batch.run_id] * n,
+                [batch.seq] * n,
+                range(n),
+                batch.time_s,
+                batch.voltage_V,
+                batch.current_A,
+                batch.capacity_Ah,
+                batch.temperature_C,
+                batch.step,
+                batch.cycle,
             )
         )
         cur.executemany(self._sql(_INSERT_SAMPLES), rows)
         if batch.frequency_Hz is not None:
             cur.executemany(
-                self._sql("INSERT INTO impedance (run_id, seq, i, frequency_hz, z_real_ohm, z_imag_ohm) VALUES (?, ?, ?, ?, ?, ?)"),
-                list(zip([batch.run_id] * n, [batch.seq] * n, range(n), batch.frequency_Hz, batch.z_real_ohm, batch.z_imag_ohm)),
+                self._sql(
+                    "INSERT INTO impedance (run_id, seq, i, frequency_hz, z_real_ohm, z_imag_ohm) VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                list(
+                    zip(
+                        [batch.run_id] * n,
+                        [batch.seq] * n,
+                        range(n),
+                        batch.frequency_Hz,
+                        batch.z_real_ohm,
+                        batch.z_imag_ohm,
+                    )
+                ),
             )
         counts.batches += 1
         counts.samples += n
@@ -204,8 +237,17 @@ class Store:
                 "reason_kind, reason_name, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
             ),
             (
-                ev.run_id, ev.step_index, ev.event, ev.channel, ev.label, ev.cycle, ev.step.value, ev.time_s,
-                ev.reason.kind if ev.reason else None, ev.reason.name if ev.reason else None, ev.model_dump_json(),
+                ev.run_id,
+                ev.step_index,
+                ev.event,
+                ev.channel,
+                ev.label,
+                ev.cycle,
+                ev.step.value,
+                ev.time_s,
+                ev.reason.kind if ev.reason else None,
+                ev.reason.name if ev.reason else None,
+                ev.model_dump_json(),
             ),
         )
         counts.events += cur.rowcount == 1
@@ -220,8 +262,15 @@ class Store:
                 "start_doc = excluded.start_doc"
             ),
             (
-                doc.run_id, doc.lab, doc.channel, doc.cell_id, doc.protocol, doc.n_steps, doc.time.isoformat(),
-                doc.flow_run_id, doc.model_dump_json(),
+                doc.run_id,
+                doc.lab,
+                doc.channel,
+                doc.cell_id,
+                doc.protocol,
+                doc.n_steps,
+                doc.time.isoformat(),
+                doc.flow_run_id,
+                doc.model_dump_json(),
             ),
         )
 
@@ -236,8 +285,15 @@ class Store:
                 "cell_time_s = excluded.cell_time_s, stop_doc = excluded.stop_doc"
             ),
             (
-                doc.run_id, doc.channel, doc.time.isoformat(), doc.exit_status, doc.reason, doc.n_samples,
-                doc.last_seq, doc.cell_time_s, doc.model_dump_json(),
+                doc.run_id,
+                doc.channel,
+                doc.time.isoformat(),
+                doc.exit_status,
+                doc.reason,
+                doc.n_samples,
+                doc.last_seq,
+                doc.cell_time_s,
+                doc.model_dump_json(),
             ),
         )
 
@@ -271,7 +327,8 @@ class Store:
             cur = self.conn.cursor()
             cur.execute(
                 self._sql(
-                    "SELECT " + ", ".join(col for _, col, _ in SAMPLE_FIELDS)
+                    "SELECT "
+                    + ", ".join(col for _, col, _ in SAMPLE_FIELDS)
                     + " FROM samples WHERE run_id = ? ORDER BY seq, i"
                 ),
                 (run_id,),
@@ -319,7 +376,11 @@ class Store:
             return [Anomaly.model_validate_json(row[0]) for row in cur.fetchall()]
 
     def cell_states(self, cell: str, run_id: str | None = None) -> list[CellState]:
-        sql = "SELECT doc FROM cell_states WHERE cell = ?" + (" AND run_id = ?" if run_id else "") + " ORDER BY run_id, time_s"
+        sql = (
+            "SELECT doc FROM cell_states WHERE cell = ?"
+            + (" AND run_id = ?" if run_id else "")
+            + " ORDER BY run_id, time_s"
+        )
         with self._lock:
             cur = self.conn.cursor()
             cur.execute(self._sql(sql), (cell, run_id) if run_id else (cell,))
@@ -341,7 +402,9 @@ class Store:
         with self._lock:
             cur = self.conn.cursor()
             if event is None:
-                cur.execute(self._sql("SELECT doc FROM step_events WHERE run_id = ? ORDER BY step_index, event DESC"), (run_id,))
+                cur.execute(
+                    self._sql("SELECT doc FROM step_events WHERE run_id = ? ORDER BY step_index, event DESC"), (run_id,)
+                )
             else:
                 cur.execute(
                     self._sql("SELECT doc FROM step_events WHERE run_id = ? AND event = ? ORDER BY step_index"),
@@ -363,7 +426,7 @@ class Store:
 
 class SQLiteStore(Store):
     @classmethod
-    def connect(cls, path: Path) -> "SQLiteStore":
+    def connect(cls, path: Path) -> SQLiteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -375,7 +438,7 @@ class PostgresStore(Store):
     placeholder = "%s"
 
     @classmethod
-    def connect(cls, url: str) -> "PostgresStore":
+    def connect(cls, url: str) -> PostgresStore:
         try:
             import psycopg
         except ImportError:  # pragma: no cover - depends on the install
@@ -390,4 +453,3 @@ def describe_url(url: str | Path | None) -> str:
         scheme, rest = text.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return text
-

@@ -26,15 +26,34 @@ import re
 from dataclasses import dataclass
 
 PREFIX_FACTOR = {
-    "a": 1e-18, "f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, " ": 1.0, "i": 1.0,
-    "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "a": 1e-18,
+    "f": 1e-15,
+    "p": 1e-12,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    " ": 1.0,
+    "i": 1.0,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
 }
 OFFSET = 2**27
 ERROR = re.compile(r"!([0-9A-Fa-f]{4})(?::\s*(.*))?$")
 
 VARIABLE_TYPES = {
-    "ab": "WE vs RE potential", "ba": "WE current", "cc": "Z real", "cd": "Z imaginary", "da": "applied potential",
-    "db": "applied current", "dc": "applied frequency", "eb": "time", "ja": "generic",
+    "ab": "WE vs RE potential",
+    "ba": "WE current",
+    "cc": "Z real",
+    "cd": "Z imaginary",
+    "da": "applied potential",
+    "db": "applied current",
+    "dc": "applied frequency",
+    "eb": "time",
+    "ja": "generic",
 }
 
 

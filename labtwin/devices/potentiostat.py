@@ -18,8 +18,9 @@ The agent chooses per step: a step a driver can run as a technique goes to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from labtwin.documents import StepCommand, StepKind
 

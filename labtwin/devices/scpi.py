@@ -16,12 +16,38 @@ from dataclasses import dataclass
 
 # long form -> short form, for every node the emulators know
 MNEMONICS = {
-    "SOURCE": "SOUR", "FUNCTION": "FUNC", "CURRENT": "CURR", "VOLTAGE": "VOLT", "LEVEL": "LEV",
-    "IMMEDIATE": "IMM", "AMPLITUDE": "AMPL", "VLIMIT": "VLIM", "ILIMIT": "ILIM", "READ": "READ", "BACK": "BACK",
-    "SENSE": "SENS", "RSENSE": "RSEN", "OUTPUT": "OUTP", "STATE": "STAT", "SMODE": "SMOD", "MEASURE": "MEAS",
-    "SYSTEM": "SYST", "ERROR": "ERR", "NEXT": "NEXT", "COUNT": "COUN", "RANGE": "RANG", "AUTO": "AUTO",
-    "NPLCYCLES": "NPLC", "MODE": "MODE", "OFF": "OFF", "PROTECTION": "PROT", "REMOTE": "REM", "FORMAT": "FORM",
-    "ELEMENTS": "ELEM", "ON": "ON", "ALL": "ALL",
+    "SOURCE": "SOUR",
+    "FUNCTION": "FUNC",
+    "CURRENT": "CURR",
+    "VOLTAGE": "VOLT",
+    "LEVEL": "LEV",
+    "IMMEDIATE": "IMM",
+    "AMPLITUDE": "AMPL",
+    "VLIMIT": "VLIM",
+    "ILIMIT": "ILIM",
+    "READ": "READ",
+    "BACK": "BACK",
+    "SENSE": "SENS",
+    "RSENSE": "RSEN",
+    "OUTPUT": "OUTP",
+    "STATE": "STAT",
+    "SMODE": "SMOD",
+    "MEASURE": "MEAS",
+    "SYSTEM": "SYST",
+    "ERROR": "ERR",
+    "NEXT": "NEXT",
+    "COUNT": "COUN",
+    "RANGE": "RANG",
+    "AUTO": "AUTO",
+    "NPLCYCLES": "NPLC",
+    "MODE": "MODE",
+    "OFF": "OFF",
+    "PROTECTION": "PROT",
+    "REMOTE": "REM",
+    "FORMAT": "FORM",
+    "ELEMENTS": "ELEM",
+    "ON": "ON",
+    "ALL": "ALL",
 }
 SHORT_FORMS = set(MNEMONICS.values())
 
@@ -30,7 +56,7 @@ class ScpiError(Exception):
     """An error the instrument would put in its queue: code and message as the manual lists them."""
 
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code},\"{message}\"")
+        super().__init__(f'{code},"{message}"')
         self.code = code
         self.message = message
 

@@ -16,18 +16,16 @@ difference of its first and last value.
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timezone
-from enum import Enum
-from typing import Annotated, Literal, Union
+from datetime import UTC, datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict
 
 SCHEMA_VERSION = 1
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Document(BaseModel):
@@ -35,4 +33,3 @@ class Document(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
     v: Literal[1] = SCHEMA_VERSION
-

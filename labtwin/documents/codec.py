@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from labtwin.documents.commands import Command, EndStep, PauseRun, ResumeRun, StartRun, StepCommand, StopRun
+from labtwin.documents.commands import Command, PauseRun, ResumeRun, StartRun, StepCommand, StopRun
 from labtwin.documents.data import Event, RunStart, RunStop, SampleBatch, StepEvent
 from labtwin.documents.status import ChannelState, ChannelStatus
 from labtwin.documents.twin import Anomaly, CellState
-
-
 
 COMMAND_ADAPTER: TypeAdapter[StartRun | StepCommand | StopRun | PauseRun | ResumeRun] = TypeAdapter(Command)
 EVENT_ADAPTER: TypeAdapter[RunStart | StepEvent | RunStop] = TypeAdapter(Event)
@@ -52,5 +50,3 @@ def encode(document: BaseModel) -> bytes:
 def offline_status(channel: str) -> bytes:
     """The last will of an agent: published by the broker if the agent vanishes."""
     return encode(ChannelStatus(channel=channel, state=ChannelState.offline, message="agent connection lost"))
-
-

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
-from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from labtwin.documents.base import SCHEMA_VERSION, Document, utc_now
+from labtwin.documents.base import Document
 from labtwin.documents.limits import Limits
-from labtwin.documents.steps import DVDT_WINDOW_SAMPLES, EisSettings, EndConditions, EndReason, GittSettings, RecordRule, StepKind, SweepSettings
+from labtwin.documents.steps import (
+    EisSettings,
+    EndConditions,
+    EndReason,
+    GittSettings,
+    RecordRule,
+    StepKind,
+    SweepSettings,
+)
 
 
 class ResumePoint(BaseModel):
@@ -62,7 +68,7 @@ class StepCommand(Document):
     eis: EisSettings | None = None
 
     @model_validator(mode="after")
-    def _setpoint_matches_kind(self) -> "StepCommand":
+    def _setpoint_matches_kind(self) -> StepCommand:
         if self.step in (StepKind.cc, StepKind.cccv, StepKind.gitt) and self.current_A is None:
             raise ValueError(f"a {self.step.value} step needs current_A")
         if self.step is StepKind.cp and not self.power_W:
@@ -126,5 +132,4 @@ class EndStep(Document):
     reason: EndReason
 
 
-Command = Annotated[Union[StartRun, StepCommand, StopRun, PauseRun, ResumeRun, EndStep], Field(discriminator="kind")]
-
+Command = Annotated[StartRun | StepCommand | StopRun | PauseRun | ResumeRun | EndStep, Field(discriminator="kind")]

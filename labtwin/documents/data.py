@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timezone
-from enum import Enum
-from typing import Annotated, Literal, Union
+from datetime import datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from labtwin.documents.base import SCHEMA_VERSION, Document, utc_now
-from labtwin.documents.limits import Limits
+from labtwin.documents.base import Document, utc_now
 from labtwin.documents.steps import EndReason, StepKind
 
 
@@ -96,7 +93,7 @@ class RunStop(Document):
     cell_time_s: float = 0.0
 
 
-Event = Annotated[Union[RunStart, StepEvent, RunStop], Field(discriminator="kind")]
+Event = Annotated[RunStart | StepEvent | RunStop, Field(discriminator="kind")]
 
 
 class SampleBatch(Document):
@@ -114,7 +111,9 @@ class SampleBatch(Document):
     voltage_V: list[float]
     current_A: list[float]
     capacity_Ah: list[float]
-    temperature_C: list[float | None] = Field(description="None where the channel has no temperature sensor (JSON has no NaN)")
+    temperature_C: list[float | None] = Field(
+        description="None where the channel has no temperature sensor (JSON has no NaN)"
+    )
     step: list[int]
     cycle: list[int]
     frequency_Hz: list[float] | None = Field(None, description="impedance steps only")
@@ -122,7 +121,7 @@ class SampleBatch(Document):
     z_imag_ohm: list[float] | None = None
 
     @model_validator(mode="after")
-    def _same_length(self) -> "SampleBatch":
+    def _same_length(self) -> SampleBatch:
         n = len(self.time_s)
         for name in ("voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle"):
             if len(getattr(self, name)) != n:
@@ -134,5 +133,3 @@ class SampleBatch(Document):
 
     def __len__(self) -> int:
         return len(self.time_s)
-
-

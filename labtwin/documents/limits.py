@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timezone
-from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Limits(BaseModel):
@@ -27,26 +24,32 @@ class Limits(BaseModel):
     temperature_max_C: float | None = None
     step_time_max_s: float | None = Field(None, gt=0)
     capacity_max_Ah: float | None = Field(
-        None, gt=0, description="charge passed in one step (either sign): the backstop when a voltage end condition "
-        "is never met (a soft short charging forever)")
+        None,
+        gt=0,
+        description="charge passed in one step (either sign): the backstop when a voltage end condition "
+        "is never met (a soft short charging forever)",
+    )
     trip_delay_s: float | None = Field(
-        None, ge=0, description="a voltage, current or temperature limit trips only once exceeded this long (cell "
+        None,
+        ge=0,
+        description="a voltage, current or temperature limit trips only once exceeded this long (cell "
         "time, every sample in between over it): rides through a one-sample spike; NaN readings and the step "
-        "time limit trip at once")
+        "time limit trip at once",
+    )
     action: Literal["stop", "safe_state", "pause"] | None = Field(
-        None, description="on a trip: stop (default) or safe_state, both output off and the run ends failed; pause: "
-        "open circuit and the run waits for `labtwin resume` (a limit still exceeded at open circuit stops it)")
+        None,
+        description="on a trip: stop (default) or safe_state, both output off and the run ends failed; pause: "
+        "open circuit and the run waits for `labtwin resume` (a limit still exceeded at open circuit stops it)",
+    )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Limits":
+    def _ordered(self) -> Limits:
         if (
             self.voltage_min_V is not None
             and self.voltage_max_V is not None
             and self.voltage_min_V >= self.voltage_max_V
         ):
-            raise ValueError(
-                f"voltage_min_V ({self.voltage_min_V}) must be below voltage_max_V ({self.voltage_max_V})"
-            )
+            raise ValueError(f"voltage_min_V ({self.voltage_min_V}) must be below voltage_max_V ({self.voltage_max_V})")
         if (
             self.temperature_min_C is not None
             and self.temperature_max_C is not None
@@ -55,7 +58,7 @@ class Limits(BaseModel):
             raise ValueError("temperature_min_C must be below temperature_max_C")
         return self
 
-    def tighten(self, other: "Limits | None") -> "Limits":
+    def tighten(self, other: Limits | None) -> Limits:
         """The tighter of two limit sets, field by field (channel vs protocol)."""
         if other is None:
             return self
@@ -80,7 +83,7 @@ class Limits(BaseModel):
             action=pick(self.action, other.action, lambda a, b: a if a != "pause" else b),
         )
 
-    def violations_of(self, other: "Limits") -> list[str]:
+    def violations_of(self, other: Limits) -> list[str]:
         """What ``other`` asks for beyond these limits (empty if nothing). A limit ``other``
         leaves unset is not a request for more: it inherits this one when the two are tightened."""
         out: list[str] = []
@@ -91,4 +94,3 @@ class Limits(BaseModel):
         if None not in (self.current_max_A, other.current_max_A) and other.current_max_A > self.current_max_A:
             out.append(f"current_max_A {other.current_max_A} is above the channel's {self.current_max_A}")
         return out
-

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import Field
 
-from labtwin.documents.base import SCHEMA_VERSION, Document, utc_now
+from labtwin.documents.base import Document, utc_now
 from labtwin.documents.limits import Limits
 
 
@@ -41,4 +40,3 @@ class ChannelStatus(Document):
     message: str = ""
     limits: Limits | None = Field(None, description="the channel's own safety limits, enforced by its agent")
     nominal_capacity_Ah: float | None = Field(None, description="of the cell on this channel, for C-rates")
-

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class StepKind(str, Enum):
@@ -105,11 +103,18 @@ class EndConditions(BaseModel):
     current_A: float | None = Field(None, gt=0)
     capacity_Ah: float | None = Field(None, gt=0)
     dvdt_V_per_h: float | None = Field(
-        None, gt=0, description="ends when |dV/dt| over the last DVDT_WINDOW_SAMPLES samples falls below this "
-        "(a relaxation criterion: rest until the cell is near equilibrium)")
+        None,
+        gt=0,
+        description="ends when |dV/dt| over the last DVDT_WINDOW_SAMPLES samples falls below this "
+        "(a relaxation criterion: rest until the cell is near equilibrium)",
+    )
     twin_soc: float | None = Field(
-        None, gt=0, lt=1, description="ends when the digital twin's state of charge reaches this, from whichever "
-        "side the step started: watched by the flow, which sends EndStep (the agent's own conditions stay the backstop)")
+        None,
+        gt=0,
+        lt=1,
+        description="ends when the digital twin's state of charge reaches this, from whichever "
+        "side the step started: watched by the flow, which sends EndStep (the agent's own conditions stay the backstop)",
+    )
 
 
 # dV/dt is a slope over this many samples: fewer reads sampling noise as a slope.
@@ -129,10 +134,11 @@ class RecordRule(BaseModel):
     current_change_A: float | None = Field(None, gt=0)
 
     def due(self, dt_s: float, dv_V: float, di_A: float) -> bool:
-        return (dt_s >= self.interval_s - 1e-9
-                or (self.voltage_change_V is not None and abs(dv_V) >= self.voltage_change_V)
-                or (self.current_change_A is not None and abs(di_A) >= self.current_change_A))
-
+        return (
+            dt_s >= self.interval_s - 1e-9
+            or (self.voltage_change_V is not None and abs(dv_V) >= self.voltage_change_V)
+            or (self.current_change_A is not None and abs(di_A) >= self.current_change_A)
+        )
 
 
 class EndReason(BaseModel):
@@ -143,5 +149,3 @@ class EndReason(BaseModel):
     value: float | None = None
     threshold: float | None = None
     message: str = ""
-
-

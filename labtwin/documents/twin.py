@@ -43,7 +43,9 @@ class Anomaly(BaseModel):
     cycle: int | None = None
     step: int | None = None
     message: str
-    figures: dict[str, float] = Field(default_factory=dict, description="the detector's numbers, with units in the keys")
+    figures: dict[str, float] = Field(
+        default_factory=dict, description="the detector's numbers, with units in the keys"
+    )
     action: Action = "notify"
     wall_time: datetime = Field(default_factory=utc_now)
 

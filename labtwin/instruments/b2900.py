@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from labtwin.instruments.transport import InstrumentGarbled, Transport, check_range, check_scpi_errors, scpi_output_off
 from labtwin.devices.potentiostat import Reading
+from labtwin.instruments.transport import InstrumentGarbled, Transport, check_range, check_scpi_errors, scpi_output_off
 
 CURRENT_RANGE_A = 3.03  # B2901A/B2902A DC: 3.03 A at up to 6 V (1.515 A to 21 V, 0.105 A to 210 V)
 VOLTAGE_RANGE_V = 210.0
@@ -41,8 +41,15 @@ class KeysightB2900:
 
     model = "b2900"
 
-    def __init__(self, transport: Transport, *, smu_channel: int = 1, voltage_ceiling_V: float = 5.0,
-                 four_wire: bool = True, reset: bool = True) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        smu_channel: int = 1,
+        voltage_ceiling_V: float = 5.0,
+        four_wire: bool = True,
+        reset: bool = True,
+    ) -> None:
         if smu_channel not in (1, 2):
             raise ValueError(f"smu_channel = {smu_channel}: a B2900 has channels 1 and 2")
         self.transport = transport
@@ -106,7 +113,9 @@ class KeysightB2900:
         try:
             voltage, current = (float(x) for x in answer.split(","))
         except ValueError:
-            raise InstrumentGarbled(f"{self.transport.resource}: {command} answered {answer!r}, expected voltage,current") from None
+            raise InstrumentGarbled(
+                f"{self.transport.resource}: {command} answered {answer!r}, expected voltage,current"
+            ) from None
         if max(abs(voltage), abs(current)) > 1e30 or not (math.isfinite(voltage) and math.isfinite(current)):
             raise InstrumentGarbled(f"{self.transport.resource}: {command} answered {answer!r} (overflow)")
         return Reading(voltage_V=voltage, current_A=current)

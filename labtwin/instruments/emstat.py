@@ -28,9 +28,15 @@ import math
 from collections.abc import Iterator
 
 from labtwin.devices.methodscript import ERROR, MethodScriptFormatError, decode_packet, is_loop_marker, literal
-from labtwin.instruments.transport import InstrumentError, InstrumentGarbled, InstrumentTimeout, SerialLineTransport, check_range
-from labtwin.documents import StepCommand, StepKind
 from labtwin.devices.potentiostat import Reading
+from labtwin.documents import StepCommand, StepKind
+from labtwin.instruments.transport import (
+    InstrumentError,
+    InstrumentGarbled,
+    InstrumentTimeout,
+    SerialLineTransport,
+    check_range,
+)
 
 CURRENT_MAX_A = 0.03  # EmStat4 HR's largest range is 30 mA; validators raise beyond
 POTENTIAL_MAX_V = 6.0
@@ -42,8 +48,14 @@ class EmStat:
     model = "emstat"
     TECHNIQUES = (StepKind.rest, StepKind.cv, StepKind.cc, StepKind.cyclic_voltammetry, StepKind.eis)
 
-    def __init__(self, transport: SerialLineTransport, *, pgstat_mode: int = 2, current_range: str = "100u",
-                 autorange: tuple[str, str] = ("100n", "5m")) -> None:
+    def __init__(
+        self,
+        transport: SerialLineTransport,
+        *,
+        pgstat_mode: int = 2,
+        current_range: str = "100u",
+        autorange: tuple[str, str] = ("100n", "5m"),
+    ) -> None:
         self.transport = transport
         self.pgstat_mode = pgstat_mode
         self.current_range = current_range
@@ -59,7 +71,9 @@ class EmStat:
         first = self.transport.read_line()
         second = self.transport.read_line()
         if not first.startswith("t") or not second.endswith("*"):
-            raise InstrumentGarbled(f"{self.transport.resource}: not a MethodSCRIPT device (answered {first!r}, {second!r})")
+            raise InstrumentGarbled(
+                f"{self.transport.resource}: not a MethodSCRIPT device (answered {first!r}, {second!r})"
+            )
         return f"{first[1:]} {second[:-1]}".strip()
 
     def _start(self, lines: list[str]) -> None:
@@ -94,8 +108,13 @@ class EmStat:
     # ------------------------------------------------------------------ scripts
 
     def _preamble(self, variables: str) -> list[str]:
-        return [*(f"var {v}" for v in variables), "set_pgstat_chan 0", f"set_pgstat_mode {self.pgstat_mode}",
-                f"set_range ba {self.current_range}", f"set_autoranging ba {self.autorange[0]} {self.autorange[1]}"]
+        return [
+            *(f"var {v}" for v in variables),
+            "set_pgstat_chan 0",
+            f"set_pgstat_mode {self.pgstat_mode}",
+            f"set_range ba {self.current_range}",
+            f"set_autoranging ba {self.autorange[0]} {self.autorange[1]}",
+        ]
 
     @staticmethod
     def _packet(*names: str) -> list[str]:
@@ -108,41 +127,86 @@ class EmStat:
         if cmd.step in (StepKind.rest, StepKind.cv, StepKind.cc):
             run_time = literal(round(cmd.time_budget_s(), 3))
         if cmd.step is StepKind.rest:
-            return [*self._preamble("tp"), "timer_start", f"meas_loop_ocp p {interval} {run_time}", *self._packet("p"), *finish]
+            return [
+                *self._preamble("tp"),
+                "timer_start",
+                f"meas_loop_ocp p {interval} {run_time}",
+                *self._packet("p"),
+                *finish,
+            ]
         if cmd.step is StepKind.cv:
             e = literal(_check("voltage_V", cmd.voltage_V, POTENTIAL_MAX_V, "V"))
-            return [*self._preamble("tpc"), f"set_e {e}", "cell_on", "timer_start",
-                    f"meas_loop_ca p c {e} {interval} {run_time}", *self._packet("p", "c"), *finish]
+            return [
+                *self._preamble("tpc"),
+                f"set_e {e}",
+                "cell_on",
+                "timer_start",
+                f"meas_loop_ca p c {e} {interval} {run_time}",
+                *self._packet("p", "c"),
+                *finish,
+            ]
         if cmd.step is StepKind.cc:
             # Galvanostatic, as PalmSens' CP example sets it up: pgstat mode 6, an applied-current range (db)
             # that holds the setpoint, and the potential range (ab) autoranging up to the cell's voltage.
             current = _check("current_A", cmd.current_A, CURRENT_MAX_A, "A")
             i = literal(current)
             applied_range = literal(10.0 ** math.ceil(math.log10(max(abs(current), 1e-9))))
-            return ["var t", "var p", "var c", "set_pgstat_chan 0", "set_pgstat_mode 6", "set_range ab 5",
-                    "set_autoranging ab 100m 5", f"set_range db {applied_range}", "set_i 0", "cell_on", "timer_start",
-                    f"meas_loop_cp p c {i} {interval} {run_time}", *self._packet("p", "c"), *finish]
+            return [
+                "var t",
+                "var p",
+                "var c",
+                "set_pgstat_chan 0",
+                "set_pgstat_mode 6",
+                "set_range ab 5",
+                "set_autoranging ab 100m 5",
+                f"set_range db {applied_range}",
+                "set_i 0",
+                "cell_on",
+                "timer_start",
+                f"meas_loop_cp p c {i} {interval} {run_time}",
+                *self._packet("p", "c"),
+                *finish,
+            ]
         if cmd.step is StepKind.cyclic_voltammetry:
             s = cmd.sweep
             for name in ("start_V", "vertex_1_V", "vertex_2_V"):
                 _check(f"sweep.{name}", getattr(s, name), POTENTIAL_MAX_V, "V")
             low, high = min(s.start_V, s.vertex_1_V, s.vertex_2_V), max(s.start_V, s.vertex_1_V, s.vertex_2_V)
             scans = f" nscans({s.cycles})" if s.cycles > 1 else ""
-            return [*self._preamble("tpc"), f"set_range_minmax da {literal(low)} {literal(high)}", f"set_e {literal(s.start_V)}",
-                    "cell_on", "timer_start",
-                    f"meas_loop_cv p c {literal(s.start_V)} {literal(s.vertex_1_V)} {literal(s.vertex_2_V)} "
-                    f"{literal(s.step_V)} {literal(s.scan_rate_V_s)}{scans}", *self._packet("p", "c"), *finish]
+            return [
+                *self._preamble("tpc"),
+                f"set_range_minmax da {literal(low)} {literal(high)}",
+                f"set_e {literal(s.start_V)}",
+                "cell_on",
+                "timer_start",
+                f"meas_loop_cv p c {literal(s.start_V)} {literal(s.vertex_1_V)} {literal(s.vertex_2_V)} "
+                f"{literal(s.step_V)} {literal(s.scan_rate_V_s)}{scans}",
+                *self._packet("p", "c"),
+                *finish,
+            ]
         if cmd.step is StepKind.eis:
             settings = cmd.eis
             if settings.mode != "potentiostatic":
                 raise InstrumentError("galvanostatic EIS (meas_loop_geis) is not implemented for the EmStat driver yet")
             points = len(settings.frequencies_Hz())
-            return [*self._preamble("tpfrzo"), "timer_start", "meas_loop_ocp o 100m 1", "  pck_start", "  pck_add o", "  pck_end", "endloop",
-                    "set_e o", "cell_on",
-                    f"meas_loop_eis f r z {literal(settings.amplitude)} {literal(settings.f_start_Hz)} "
-                    f"{literal(settings.f_end_Hz)} {literal(points, integer=True)} o",
-                    *self._packet("f", "r", "z"), *finish]
-        raise InstrumentError(f"the EmStat has no {cmd.step.value} technique here (GITT and CCCV need a host-timed source)")
+            return [
+                *self._preamble("tpfrzo"),
+                "timer_start",
+                "meas_loop_ocp o 100m 1",
+                "  pck_start",
+                "  pck_add o",
+                "  pck_end",
+                "endloop",
+                "set_e o",
+                "cell_on",
+                f"meas_loop_eis f r z {literal(settings.amplitude)} {literal(settings.f_start_Hz)} "
+                f"{literal(settings.f_end_Hz)} {literal(points, integer=True)} o",
+                *self._packet("f", "r", "z"),
+                *finish,
+            ]
+        raise InstrumentError(
+            f"the EmStat has no {cmd.step.value} technique here (GITT and CCCV need a host-timed source)"
+        )
 
     # ------------------------------------------------------------------ RunsTechniques protocol
 
@@ -178,14 +242,22 @@ class EmStat:
                     raise InstrumentGarbled(f"{self.transport.resource}: {exc}") from None
                 t = values.get("eb")
                 if "dc" in values:  # an impedance point, measured at the open-circuit potential
-                    yield Reading(voltage_V=ocv, current_A=0.0, time_s=t, frequency_Hz=values["dc"],
-                                  z_real_ohm=values.get("cc"), z_imag_ohm=values.get("cd"))
+                    yield Reading(
+                        voltage_V=ocv,
+                        current_A=0.0,
+                        time_s=t,
+                        frequency_Hz=values["dc"],
+                        z_real_ohm=values.get("cc"),
+                        z_imag_ohm=values.get("cd"),
+                    )
                 elif command.step is StepKind.eis:
                     ocv = values.get("ab", values.get("da", math.nan))
                 else:
                     voltage = values.get("da", values.get("ab"))
                     if voltage is None or t is None:
-                        raise InstrumentGarbled(f"{self.transport.resource}: package {line[:60]!r} lacks potential or time")
+                        raise InstrumentGarbled(
+                            f"{self.transport.resource}: package {line[:60]!r} lacks potential or time"
+                        )
                     yield Reading(voltage_V=voltage, current_A=values.get("ba", values.get("db", 0.0)), time_s=t)
         finally:
             if self._running:  # stopped early (end condition, abort, error): bring the device back in sync

@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from labtwin.instruments.transport import InstrumentGarbled, Transport, check_range, check_scpi_errors, scpi_output_off
 from labtwin.devices.potentiostat import Reading
+from labtwin.instruments.transport import InstrumentGarbled, Transport, check_range, check_scpi_errors, scpi_output_off
 
 CURRENT_RANGE_A = 1.05  # the 2450's largest current range (source and measure)
 VOLTAGE_RANGE_V = 210.0
@@ -55,9 +55,13 @@ class Keithley2450:
 
     model = "keithley2450"
 
-    def __init__(self, transport: Transport, *, voltage_ceiling_V: float = 5.0, four_wire: bool = True, reset: bool = True) -> None:
+    def __init__(
+        self, transport: Transport, *, voltage_ceiling_V: float = 5.0, four_wire: bool = True, reset: bool = True
+    ) -> None:
         self.transport = transport
-        self.voltage_ceiling_V = _check("voltage_ceiling_V", voltage_ceiling_V, VOLTAGE_LIMIT_MIN_V, VOLTAGE_RANGE_V, "V")
+        self.voltage_ceiling_V = _check(
+            "voltage_ceiling_V", voltage_ceiling_V, VOLTAGE_LIMIT_MIN_V, VOLTAGE_RANGE_V, "V"
+        )
         self.four_wire = four_wire
         self._mode: Literal["current", "voltage"] | None = None
         if reset:
@@ -134,7 +138,9 @@ class Keithley2450:
         try:
             measured, source = (float(x) for x in answer.split(","))
         except ValueError:
-            raise InstrumentGarbled(f"{self.transport.resource}: {command} answered {answer!r}, expected two numbers") from None
+            raise InstrumentGarbled(
+                f"{self.transport.resource}: {command} answered {answer!r}, expected two numbers"
+            ) from None
         if not (math.isfinite(measured) and math.isfinite(source)) or max(abs(measured), abs(source)) > 1e30:
             raise InstrumentGarbled(f"{self.transport.resource}: {command} answered {answer!r} (overflow)")
         if self._mode == "voltage":

@@ -48,9 +48,11 @@ class ScriptedTransport:
         pass
 
     def assert_done(self) -> None:
-        missing = self._expected[self._position:]
+        missing = self._expected[self._position :]
         if missing:
-            raise TranscriptMismatch(f"driver stopped early: {len(missing)} expected command(s) not sent, first {missing[0][0]!r}")
+            raise TranscriptMismatch(
+                f"driver stopped early: {len(missing)} expected command(s) not sent, first {missing[0][0]!r}"
+            )
 
 
 class ScriptedLineTransport:
@@ -66,12 +68,16 @@ class ScriptedLineTransport:
 
     def _next(self, direction: str, text: str | None) -> str:
         if self._position >= len(self._expected):
-            raise TranscriptMismatch(f"unexpected {'write' if direction == '>' else 'read'} {text!r} past the transcript's end")
+            raise TranscriptMismatch(
+                f"unexpected {'write' if direction == '>' else 'read'} {text!r} past the transcript's end"
+            )
         want_direction, want = self._expected[self._position]
         self._position += 1
         if direction != want_direction or (direction == ">" and text != want):
             shown = f"wrote {text!r}" if direction == ">" else "read a line"
-            raise TranscriptMismatch(f"exchange {self._position}: {shown}, transcript expects {want_direction} {want!r}")
+            raise TranscriptMismatch(
+                f"exchange {self._position}: {shown}, transcript expects {want_direction} {want!r}"
+            )
         return want
 
     def write_line(self, line: str) -> None:
@@ -84,6 +90,6 @@ class ScriptedLineTransport:
         pass
 
     def assert_done(self) -> None:
-        missing = self._expected[self._position:]
+        missing = self._expected[self._position :]
         if missing:
             raise TranscriptMismatch(f"driver stopped early: {len(missing)} exchange(s) left, first {missing[0]!r}")

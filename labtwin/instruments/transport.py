@@ -88,7 +88,9 @@ def scpi_output_off(transport: Transport, suffix: str = "") -> None:
     transport.write(f":OUTP{suffix} OFF")
     state = transport.query(f":OUTP{suffix}?")
     if state.strip() not in ("0", "OFF"):
-        raise InstrumentError(f"{transport.resource}: output still on after :OUTP{suffix} OFF (:OUTP{suffix}? answered {state!r})")
+        raise InstrumentError(
+            f"{transport.resource}: output still on after :OUTP{suffix} OFF (:OUTP{suffix}? answered {state!r})"
+        )
 
 
 class AuditTrail:
@@ -139,7 +141,9 @@ class VisaTransport:
             self._rm = pyvisa.ResourceManager(backend)
             self._inst = self._rm.open_resource(resource, open_timeout=int(timeout_s * 1000))
         except (pyvisa.errors.VisaIOError, OSError, ValueError) as exc:
-            raise InstrumentConnectionLost(f"{resource}: cannot open ({exc}); is the instrument on and the address right?") from None
+            raise InstrumentConnectionLost(
+                f"{resource}: cannot open ({exc}); is the instrument on and the address right?"
+            ) from None
         self._inst.timeout = int(timeout_s * 1000)
         self._inst.read_termination = termination
         self._inst.write_termination = termination
@@ -189,7 +193,9 @@ class SerialLineTransport:
     query/answer pairs: ``write_line`` and ``read_line(timeout_s)``, each exchange audited.
     """
 
-    def __init__(self, url: str, *, baudrate: int = 230400, timeout_s: float = 5.0, audit: AuditTrail | None = None) -> None:
+    def __init__(
+        self, url: str, *, baudrate: int = 230400, timeout_s: float = 5.0, audit: AuditTrail | None = None
+    ) -> None:
         import serial
 
         self.resource = url
@@ -199,7 +205,9 @@ class SerialLineTransport:
         try:
             self._port = serial.serial_for_url(url, baudrate=baudrate, timeout=0.05)
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise InstrumentConnectionLost(f"{url}: cannot open ({exc}); is the device plugged in and the port right?") from None
+            raise InstrumentConnectionLost(
+                f"{url}: cannot open ({exc}); is the device plugged in and the port right?"
+            ) from None
         self._buffer = bytearray()
 
     def write_line(self, line: str) -> None:
@@ -217,7 +225,7 @@ class SerialLineTransport:
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
-                raw, self._buffer = bytes(self._buffer[:end]), self._buffer[end + 1:]
+                raw, self._buffer = bytes(self._buffer[:end]), self._buffer[end + 1 :]
                 try:
                     line = raw.decode("ascii").rstrip("\r")
                 except UnicodeDecodeError:

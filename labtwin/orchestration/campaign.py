@@ -68,7 +68,7 @@ class ScheduleEntry(_Strict):
     cron: str | None = Field(None, description="cron expression, e.g. '0 6 * * *'")
 
     @model_validator(mode="after")
-    def _one_timing(self) -> "ScheduleEntry":
+    def _one_timing(self) -> ScheduleEntry:
         if (self.every is None) == (self.cron is None):
             raise ValueError("give exactly one of every (e.g. 24h) or cron")
         if self.every is not None:
@@ -82,11 +82,14 @@ class Campaign(_Strict):
     cells: list[CampaignCell] = Field(min_length=1)
     schedule: list[ScheduleEntry] = Field(default_factory=list)
     max_parallel_runs: int | None = Field(
-        None, ge=1, description="runs in progress at once (default: one per channel; 16 on Prefect's ephemeral "
-        "SQLite API, which locks under more)")
+        None,
+        ge=1,
+        description="runs in progress at once (default: one per channel; 16 on Prefect's ephemeral "
+        "SQLite API, which locks under more)",
+    )
 
     @model_validator(mode="after")
-    def _unique_cells_and_known_schedule(self) -> "Campaign":
+    def _unique_cells_and_known_schedule(self) -> Campaign:
         ids = [c.id for c in self.cells]
         if len(ids) != len(set(ids)):
             raise ValueError(f"cell ids must be unique: {sorted(i for i in ids if ids.count(i) > 1)}")
@@ -116,7 +119,11 @@ def load_campaign(path: str | Path) -> Campaign:
     try:
         return Campaign.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(format_validation_error(str(path), exc, yaml_lines(text)).replace("not a valid protocol", "not a valid campaign")) from None
+        raise ProtocolError(
+            format_validation_error(str(path), exc, yaml_lines(text)).replace(
+                "not a valid protocol", "not a valid campaign"
+            )
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,15 @@ def plan(campaign: Campaign) -> list[Job]:
         channel = min(cell.channels, key=lambda ch: (queued.get(ch, 0), cell.channels.index(ch)))
         for k, protocol in enumerate(cell.protocols):
             queued[channel] = queued.get(channel, 0) + 1
-            jobs.append(Job(f"{campaign.campaign}-{cell.id}-{k + 1}-{protocol_stem(protocol)}", cell, protocol, channel,
-                            order * 1000 + k))
+            jobs.append(
+                Job(
+                    f"{campaign.campaign}-{cell.id}-{k + 1}-{protocol_stem(protocol)}",
+                    cell,
+                    protocol,
+                    channel,
+                    order * 1000 + k,
+                )
+            )
     return jobs
 
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
@@ -27,8 +27,8 @@ from prefect.exceptions import PrefectHTTPStatusError
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.data.store import Store
+from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
 from labtwin.orchestration.flows import RUN_STARTED, ChannelBusy, run_protocol
 from labtwin.orchestration.resume import read_run
@@ -48,7 +48,9 @@ class JobResult:
     reason: str = ""
 
 
-async def wait_channel_free(broker_url: str, lab: str, channel: str, own_run: str, timeout_s: float = 7 * 86400) -> None:
+async def wait_channel_free(
+    broker_url: str, lab: str, channel: str, own_run: str, timeout_s: float = 7 * 86400
+) -> None:
     """Until the channel's agent is idle, or holds this job's own run: the agent is the channel's lease."""
     async with Bus(broker_url, f"campaign-wait-{channel}-{own_run[-12:]}-{time.monotonic_ns() % 10**6}") as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
@@ -56,12 +58,14 @@ async def wait_channel_free(broker_url: str, lab: str, channel: str, own_run: st
         while time.monotonic() < deadline:
             try:
                 doc = (await sub.get(min(30.0, deadline - time.monotonic()))).document
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if not isinstance(doc, ChannelStatus):
                 continue
             if doc.state is ChannelState.offline:
-                raise ConnectionError(f"channel {channel} is offline: start its agent (`labtwin agent --channel {channel}`)")
+                raise ConnectionError(
+                    f"channel {channel} is offline: start its agent (`labtwin agent --channel {channel}`)"
+                )
             if doc.run_id is None or doc.run_id == own_run:
                 return
             log.info("campaign: channel %s busy with run %s; %s waits", channel, doc.run_id, own_run)
@@ -99,15 +103,26 @@ def default_parallel_runs() -> int:
     whose SQLite answered 503 to 64 runs' task-run calls (bench/campaign.py)."""
     import os
 
-    database = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or ""
+    database = (
+        os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+        or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+        or ""
+    )
     if os.environ.get("PREFECT_API_URL") or database.startswith("postgresql"):
         return 1_000_000
     return EPHEMERAL_PARALLEL_RUNS
 
 
-async def _run_job(job: Job, campaign: Campaign, broker_url: str, lab: str, store: Store,
-                   locks: dict[str, asyncio.Lock], gate: asyncio.Semaphore | None = None,
-                   running: asyncio.Semaphore | None = None) -> JobResult:
+async def _run_job(
+    job: Job,
+    campaign: Campaign,
+    broker_url: str,
+    lab: str,
+    store: Store,
+    locks: dict[str, asyncio.Lock],
+    gate: asyncio.Semaphore | None = None,
+    running: asyncio.Semaphore | None = None,
+) -> JobResult:
     record = read_run(store, job.run_id)
     result = JobResult(job.run_id, job.cell.id, job.protocol, job.channel, "")
     if record.state == "finished":
@@ -116,16 +131,26 @@ async def _run_job(job: Job, campaign: Campaign, broker_url: str, lab: str, stor
     channel = record.resume.channel if record.resume and record.resume.channel else job.channel
     result.channel = channel
     api_failures = 0
-    async with locks.setdefault(channel, asyncio.Lock()), (running or contextlib.nullcontext()):
+    async with locks.setdefault(channel, asyncio.Lock()), running or contextlib.nullcontext():
         try:
             while True:
                 await wait_channel_free(broker_url, lab, channel, job.run_id)
                 record = read_run(store, job.run_id)  # what the store says now, after waiting our turn
                 try:
-                    summary = await _start_gated(gate, job.run_id, run_protocol(
-                        job.protocol, channel, broker_url, lab=lab, run_id=job.run_id, cell_id=job.cell.id,
-                        nominal_capacity_Ah=job.cell.nominal_capacity_Ah, resume=record.resume,
-                    ))
+                    summary = await _start_gated(
+                        gate,
+                        job.run_id,
+                        run_protocol(
+                            job.protocol,
+                            channel,
+                            broker_url,
+                            lab=lab,
+                            run_id=job.run_id,
+                            cell_id=job.cell.id,
+                            nominal_capacity_Ah=job.cell.nominal_capacity_Ah,
+                            resume=record.resume,
+                        ),
+                    )
                     break
                 except ChannelBusy as exc:  # a run from another process took the channel between our look and our start
                     log.info("campaign %s: %s; job %s waits again", campaign.campaign, exc, job.run_id)
@@ -135,8 +160,12 @@ async def _run_job(job: Job, campaign: Campaign, broker_url: str, lab: str, stor
                     api_failures += 1
                     if api_failures >= API_ATTEMPTS or exc.response.status_code < 500:
                         raise
-                    log.warning("campaign %s: job %s: Prefect API %s; trying again", campaign.campaign, job.run_id,
-                                exc.response.status_code)
+                    log.warning(
+                        "campaign %s: job %s: Prefect API %s; trying again",
+                        campaign.campaign,
+                        job.run_id,
+                        exc.response.status_code,
+                    )
                     await asyncio.sleep(5.0 * api_failures)
         except Exception as exc:  # one job's failure does not stop the campaign
             log.exception("campaign %s: job %s failed", campaign.campaign, job.run_id)
@@ -157,8 +186,11 @@ async def run_campaign(campaign_file: str, broker_url: str, lab: str, store_url:
     try:
         gate = asyncio.Semaphore(START_CONCURRENCY)
         running = asyncio.Semaphore(campaign.max_parallel_runs or default_parallel_runs())
-        return list(await asyncio.gather(*(_run_job(job, campaign, broker_url, lab, store, locks, gate, running)
-                                           for job in jobs)))
+        return list(
+            await asyncio.gather(
+                *(_run_job(job, campaign, broker_url, lab, store, locks, gate, running) for job in jobs)
+            )
+        )
     finally:
         store.close()
 
@@ -169,8 +201,9 @@ def scheduled_run_id(campaign: Campaign, cell_id: str, entry: int, protocol: str
 
 
 @flow(name="campaign-scheduled", flow_run_name="{cell_id}: {protocol} (schedule {entry})", log_prints=False)
-async def scheduled_job(campaign_file: str, cell_id: str, protocol: str, entry: int, broker_url: str, lab: str,
-                        store_url: str) -> JobResult:
+async def scheduled_job(
+    campaign_file: str, cell_id: str, protocol: str, entry: int, broker_url: str, lab: str, store_url: str
+) -> JobResult:
     """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job."""
     campaign = load_campaign(campaign_file)
     cell = next(c for c in campaign.cells if c.id == cell_id)
@@ -178,7 +211,7 @@ async def scheduled_job(campaign_file: str, cell_id: str, protocol: str, entry: 
         when = get_run_context().flow_run.expected_start_time
     except Exception:  # pragma: no cover - called outside a flow run
         when = None
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     run_id = scheduled_run_id(campaign, cell_id, entry, protocol, when)
     store = Store.open(store_url)
     try:
@@ -204,7 +237,7 @@ async def first_free_channel(broker_url: str, lab: str, channels: list[str], own
         while len(seen) < len(channels) and time.monotonic() < deadline:
             try:
                 doc = (await sub.get(deadline - time.monotonic())).document
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if isinstance(doc, ChannelStatus):
                 seen[doc.channel] = doc
@@ -228,9 +261,17 @@ class ServedRun:
 DRAIN_TIMEOUT_S = 120.0
 
 
-async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str, run_now: bool = True,
-                         duration_s: float | None = None, ready: asyncio.Event | None = None,
-                         drain_timeout_s: float = DRAIN_TIMEOUT_S, work_pool: str | None = None) -> list[ServedRun]:
+async def serve_campaign(
+    campaign_file: str,
+    broker_url: str,
+    lab: str,
+    store_url: str,
+    run_now: bool = True,
+    duration_s: float | None = None,
+    ready: asyncio.Event | None = None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    work_pool: str | None = None,
+) -> list[ServedRun]:
     """Serve the campaign through Prefect deployments: its jobs (run once now) and each schedule entry per cell.
 
     Without a work pool, Prefect's Runner (what flow.serve uses) in this process polls the API for the
@@ -255,19 +296,30 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
     from prefect.runner import Runner
 
     campaign = load_campaign(campaign_file)
-    params = {"campaign_file": str(Path(campaign_file).resolve()), "broker_url": broker_url, "lab": lab,
-              "store_url": store_url}
+    params = {
+        "campaign_file": str(Path(campaign_file).resolve()),
+        "broker_url": broker_url,
+        "lab": lab,
+        "store_url": store_url,
+    }
     module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     wanted = [(run_campaign, dict(name=campaign.campaign, parameters=params, tags=["labtwin", campaign.campaign]))]
     for k, entry in enumerate(campaign.schedule):
         timing = {"interval": interval_s(entry.every)} if entry.every else {"cron": entry.cron}
         for cell_id in entry.cells:
-            wanted.append((scheduled_job, dict(
-                name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}", **timing,
-                parameters={**params, "cell_id": cell_id, "protocol": entry.protocol, "entry": k},
-                tags=["labtwin", campaign.campaign, "scheduled"], concurrency_limit=one_at_a_time,
-            )))
+            wanted.append(
+                (
+                    scheduled_job,
+                    dict(
+                        name=f"{campaign.campaign}-{cell_id}-{protocol_stem(entry.protocol)}",
+                        **timing,
+                        parameters={**params, "cell_id": cell_id, "protocol": entry.protocol, "entry": k},
+                        tags=["labtwin", campaign.campaign, "scheduled"],
+                        concurrency_limit=one_at_a_time,
+                    ),
+                )
+            )
     runner = None
     if work_pool is None:
         # The Runner looks for due runs every 10 s by default; a schedule every few seconds would wait most of
@@ -310,15 +362,23 @@ async def serve_campaign(campaign_file: str, broker_url: str, lab: str, store_ur
                     await runner.astop()  # cancels what is still running after the drain
                 try:
                     await asyncio.wait_for(serving, 30)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
+                except (TimeoutError, asyncio.CancelledError):
                     serving.cancel()
     async with get_client() as client:
         deployments = {d.id: d.name for d in await client.read_deployments(deployment_filter=only_ours)}
         runs = await client.read_flow_runs(deployment_filter=only_ours)
     return sorted(
-        (ServedRun(deployments.get(r.deployment_id, "?"), r.name, r.state.name if r.state else "?",
-                   f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "")
-         for r in runs), key=lambda r: r.expected_start)
+        (
+            ServedRun(
+                deployments.get(r.deployment_id, "?"),
+                r.name,
+                r.state.name if r.state else "?",
+                f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "",
+            )
+            for r in runs
+        ),
+        key=lambda r: r.expected_start,
+    )
 
 
 async def ensure_process_pool(name: str) -> None:
@@ -333,10 +393,14 @@ async def ensure_process_pool(name: str) -> None:
         try:
             await client.read_work_pool(name)
         except ObjectNotFound:
-            await client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="labtwin campaigns: run `prefect worker start --pool NAME` where labtwin is installed",
-            ))
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="labtwin campaigns: run `prefect worker start --pool NAME` where labtwin is installed",
+                )
+            )
 
 
 async def _drain(client, only_ours, timeout_s: float) -> None:
@@ -344,8 +408,11 @@ async def _drain(client, only_ours, timeout_s: float) -> None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
-    in_progress = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])))
+    in_progress = FlowRunFilter(
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])
+        )
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

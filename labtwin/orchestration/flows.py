@@ -41,27 +41,27 @@ from prefect.context import get_run_context  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
 
 from labtwin import bus as busmod  # noqa: E402
+from labtwin.analysis.summary import RunSummary, summarize_run  # noqa: E402
 from labtwin.bus import Bus, Subscription  # noqa: E402
 from labtwin.documents import (  # noqa: E402
     ChannelState,
+    ChannelStatus,
     EndConditions,
     EndReason,
     EndStep,
     PauseRun,
-    StepKind,
-    ChannelStatus,
     RunStart,
     RunStop,
     StartRun,
     StepCommand,
     StepEvent,
+    StepKind,
     StopRun,
 )
-from labtwin.analysis.summary import RunSummary, summarize_run  # noqa: E402
+from labtwin.orchestration.resume import ResumeState  # noqa: E402
 from labtwin.protocols.compile import CompileContext, compile_program  # noqa: E402
 from labtwin.protocols.model import load_protocol, resolve_protocol_path  # noqa: E402
 from labtwin.protocols.program import Interpreter  # noqa: E402
-from labtwin.orchestration.resume import ResumeState  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ChannelLink:
                 raise StepTimeout(f"channel {self.channel}: silent for {stall_s:.0f} s while waiting for {what}")
             try:
                 doc = await self.next_document(min(deadline - now, stall_s, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if predicate(doc):
                 return doc
@@ -164,9 +164,15 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
     try:
         await link.bus.publish(link.topic("cmd"), command)
         ended = await link.wait_for(
-            lambda d: isinstance(d, StepEvent) and d.event == "ended" and d.run_id == command.run_id
-            and d.step_index == command.step_index,
-            step_timeout_s(command, speed), stall_s, f"end of step {command.step_index} ({command.label})",
+            lambda d: (
+                isinstance(d, StepEvent)
+                and d.event == "ended"
+                and d.run_id == command.run_id
+                and d.step_index == command.step_index
+            ),
+            step_timeout_s(command, speed),
+            stall_s,
+            f"end of step {command.step_index} ({command.label})",
         )
     finally:
         if watcher is not None:
@@ -193,7 +199,9 @@ async def _run_step_tracked(link: ChannelLink, cmd: StepCommand) -> StepEvent:
         except PrefectHTTPStatusError as exc:
             if attempt == PREFECT_API_ATTEMPTS - 1 or exc.response.status_code < 500:
                 raise
-            log.warning("step %d: the Prefect API failed (%s); asking the agent again", cmd.step_index, exc.response.status_code)
+            log.warning(
+                "step %d: the Prefect API failed (%s); asking the agent again", cmd.step_index, exc.response.status_code
+            )
             await asyncio.sleep(5.0 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -210,16 +218,26 @@ async def _watch_twin_soc(link: ChannelLink, command: StepCommand) -> None:
     try:
         async for message in sub:
             state = message.document
-            if getattr(state, "run_id", None) != command.run_id or state.step != command.step_index or state.soc is None:
+            if (
+                getattr(state, "run_id", None) != command.run_id
+                or state.step != command.step_index
+                or state.soc is None
+            ):
                 continue
             if side is None:
                 side = state.soc < target
                 continue
             if (state.soc < target) != side:
-                reason = EndReason(kind="end_condition", name="twin_soc", value=state.soc, threshold=target,
-                                   message=f"the twin's state of charge reached {state.soc:.3f}")
-                await link.bus.publish(link.topic("cmd"), EndStep(run_id=command.run_id, step_index=command.step_index,
-                                                                   reason=reason))
+                reason = EndReason(
+                    kind="end_condition",
+                    name="twin_soc",
+                    value=state.soc,
+                    threshold=target,
+                    message=f"the twin's state of charge reached {state.soc:.3f}",
+                )
+                await link.bus.publish(
+                    link.topic("cmd"), EndStep(run_id=command.run_id, step_index=command.step_index, reason=reason)
+                )
                 return
     finally:
         sub.close()
@@ -238,7 +256,7 @@ async def _connect_channel(bus: Bus, lab: str, channel: str, own_run: str | None
             )
         try:
             await link.next_document(remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     if link.status.state is ChannelState.running and link.status.run_id and link.status.run_id != own_run:
         raise ChannelBusy(f"channel {channel} is busy with run {link.status.run_id}")
@@ -262,8 +280,12 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     interp.replay(completed)
     status = link.status
     running = interp.next_command()
-    if agent_holds_run and running is not None and status.state is ChannelState.running \
-            and status.step_index == running.step_index:
+    if (
+        agent_holds_run
+        and running is not None
+        and status.state is ChannelState.running
+        and status.step_index == running.step_index
+    ):
         # The agent is still running the step the dead flow had started: wait for it instead of repeating it.
         # Its end may fall between the look at the store and this link's subscription (events are not
         # retained): once the status says the step is over, ask for the step again; the agent never runs a
@@ -273,19 +295,30 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
         def ended_or_over(d) -> bool:
             if isinstance(d, StepEvent):
                 return d.event == "ended" and d.run_id == running.run_id and d.step_index == running.step_index
-            return isinstance(d, ChannelStatus) and not (d.state is ChannelState.running
-                                                         and d.step_index == running.step_index)
+            return isinstance(d, ChannelStatus) and not (
+                d.state is ChannelState.running and d.step_index == running.step_index
+            )
 
         what = f"end of step {running.step_index} (running since before the resume)"
         ended = await link.wait_for(ended_or_over, step_timeout_s(running, speed), STALL_MIN_S, what)
         if not isinstance(ended, StepEvent):
             await link.bus.publish(link.topic("cmd"), running)
-            ended = await link.wait_for(lambda d: isinstance(d, StepEvent) and d.event == "ended"
-                                        and d.run_id == running.run_id and d.step_index == running.step_index,
-                                        TIMEOUT_GRACE_S, STALL_MIN_S, what)
+            ended = await link.wait_for(
+                lambda d: (
+                    isinstance(d, StepEvent)
+                    and d.event == "ended"
+                    and d.run_id == running.run_id
+                    and d.step_index == running.step_index
+                ),
+                TIMEOUT_GRACE_S,
+                STALL_MIN_S,
+                what,
+            )
         link.events.append(ended)
         if ended.reason is None or ended.reason.kind != "end_condition":
-            return f"step {running.step_index}: {ended.reason.kind}:{ended.reason.name}" if ended.reason else "step failed"
+            return (
+                f"step {running.step_index}: {ended.reason.kind}:{ended.reason.name}" if ended.reason else "step failed"
+            )
         decision = interp.record(ended)
         if decision.action == "stop":
             return ""
@@ -294,22 +327,35 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
         return ""
     interval = first.sample_interval_s
     check = StepCommand(
-        run_id=first.run_id, step_index=RESUME_CHECK_INDEX + first.step_index, cycle=first.cycle, step=StepKind.rest,
-        label=f"resume check: open-circuit voltage before step {first.step_index}", end=EndConditions(time_s=2 * interval),
-        limits=first.limits.model_copy(update={"step_time_max_s": None}), sample_interval_s=interval,
+        run_id=first.run_id,
+        step_index=RESUME_CHECK_INDEX + first.step_index,
+        cycle=first.cycle,
+        step=StepKind.rest,
+        label=f"resume check: open-circuit voltage before step {first.step_index}",
+        end=EndConditions(time_s=2 * interval),
+        limits=first.limits.model_copy(update={"step_time_max_s": None}),
+        sample_interval_s=interval,
     )
     measured = await run_step(quote(link), check, label=f"{check.step_index} resume check")
     v = measured.stats.end_voltage_V if measured.stats else None
     low, high = first.limits.voltage_min_V, first.limits.voltage_max_V  # the protocol's window within the channel's
     low, high = -math.inf if low is None else low, math.inf if high is None else high
     if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
-        return (f"resume refused: the cell's open-circuit voltage {v if v is None else f'{v:.4g} V'} is outside the "
-                f"protocol's window [{low:g}, {high:g}] V (or the check failed: {measured.reason})")
+        return (
+            f"resume refused: the cell's open-circuit voltage {v if v is None else f'{v:.4g} V'} is outside the "
+            f"protocol's window [{low:g}, {high:g}] V (or the check failed: {measured.reason})"
+        )
     if resume.elapsed_in_step_s > 0 and first.end.time_s is not None and first.step_index == resume.interrupted_step:
         # The interrupted step keeps what is left of its time: a 1 h rest cut at 40 min rests 20 min more.
         left = max(first.end.time_s - resume.elapsed_in_step_s, first.sample_interval_s)
-        interp.replace_next(first.model_copy(update={"end": first.end.model_copy(update={"time_s": left}),
-                                                     "label": f"{first.label} (resumed, {left:g} s left)"}))
+        interp.replace_next(
+            first.model_copy(
+                update={
+                    "end": first.end.model_copy(update={"time_s": left}),
+                    "label": f"{first.label} (resumed, {left:g} s left)",
+                }
+            )
+        )
     return ""
 
 
@@ -352,14 +398,27 @@ async def run_protocol(
         if not agent_holds_run:
             await bus.publish(
                 link.topic("cmd"),
-                StartRun(run_id=run_id, channel=channel, cell_id=cell, protocol=proto.metadata.name,
-                         n_steps=len(program.steps), flow_run_id=flow_run_id, resume=resume.point if resume else None,
-                         metadata={"anomaly_policy": json.dumps(proto.anomalies)} if proto.anomalies else {}),
+                StartRun(
+                    run_id=run_id,
+                    channel=channel,
+                    cell_id=cell,
+                    protocol=proto.metadata.name,
+                    n_steps=len(program.steps),
+                    flow_run_id=flow_run_id,
+                    resume=resume.point if resume else None,
+                    metadata={"anomaly_policy": json.dumps(proto.anomalies)} if proto.anomalies else {},
+                ),
             )
             refusal = f"refused run {run_id}:"
             started = await link.wait_for(
-                lambda d: (isinstance(d, RunStart) and d.run_id == run_id)
-                or (isinstance(d, ChannelStatus) and d.message.startswith(refusal)), 30, 30, "run start")
+                lambda d: (
+                    (isinstance(d, RunStart) and d.run_id == run_id)
+                    or (isinstance(d, ChannelStatus) and d.message.startswith(refusal))
+                ),
+                30,
+                30,
+                "run start",
+            )
             if isinstance(started, ChannelStatus):  # another flow's run got the channel first
                 raise ChannelBusy(f"channel {channel}: {started.message}")
         exit_status, reason = "success", ""
@@ -372,9 +431,15 @@ async def run_protocol(
             while (cmd := interp.next_command()) is not None:
                 ended = await _run_step_tracked(link, cmd)
                 if ended.reason is None or ended.reason.kind != "end_condition":
-                    exit_status = "failed" if ended.reason and ended.reason.kind in {"safety_limit", "error"} else "aborted"
+                    exit_status = (
+                        "failed" if ended.reason and ended.reason.kind in {"safety_limit", "error"} else "aborted"
+                    )
                     r = ended.reason
-                    reason = f"step {cmd.step_index}: {r.kind}:{r.name}" + (f" ({r.message})" if r.message else "") if r else ""
+                    reason = (
+                        f"step {cmd.step_index}: {r.kind}:{r.name}" + (f" ({r.message})" if r.message else "")
+                        if r
+                        else ""
+                    )
                     break
                 decision = interp.record(ended)
                 if decision.action == "pause":
@@ -391,6 +456,12 @@ async def run_protocol(
         await bus.publish(link.topic("cmd"), StopRun(run_id=run_id, exit_status=exit_status, reason=reason))
         stop = await link.wait_for(lambda d: isinstance(d, RunStop) and d.run_id == run_id, 30, 30, "run stop")
     return summarize_run(
-        run_id, channel, link.events, cell_id=cell, protocol=proto.metadata.name,
-        exit_status=stop.exit_status, reason=stop.reason or reason, wall_time_s=time.monotonic() - wall_start,
+        run_id,
+        channel,
+        link.events,
+        cell_id=cell,
+        protocol=proto.metadata.name,
+        exit_status=stop.exit_status,
+        reason=stop.reason or reason,
+        wall_time_s=time.monotonic() - wall_start,
     )

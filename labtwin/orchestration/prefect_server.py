@@ -62,10 +62,13 @@ def prefect_database_url(url: str) -> str:
     queue in the server instead of sleeping on SQLite's file lock)."""
     if url == "memory":
         return IN_MEMORY
-    for plain, driver in (("postgresql://", "postgresql+asyncpg://"), ("postgres://", "postgresql+asyncpg://"),
-                          ("sqlite:///", "sqlite+aiosqlite:///")):
+    for plain, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite:///", "sqlite+aiosqlite:///"),
+    ):
         if url.startswith(plain):
-            return driver + url[len(plain):]
+            return driver + url[len(plain) :]
     if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
         return url
     raise ValueError(f"--prefect-db {url!r}: give memory, a postgresql://user@host:port/database URL or sqlite:///path")
@@ -97,28 +100,40 @@ class LocalPrefectServer:
         self._settings = contextlib.ExitStack()
         self._log = None
 
-    async def __aenter__(self) -> "LocalPrefectServer":
+    async def __aenter__(self) -> LocalPrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
         if prefect is None:
             raise RuntimeError("the `prefect` command is not installed next to this Python: run `make install`")
-        env = {**os.environ, "PREFECT_HOME": str(self.home.resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "true" if self.ui else "false"}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(self.home.resolve()),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_UI_ENABLED": "true" if self.ui else "false",
+        }
         env.pop("PREFECT_API_URL", None)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         self._log = open(self.home / "server.log", "ab")
         self._process = subprocess.Popen(
             [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not await asyncio.to_thread(_healthy, self.api_url):
             if self._process.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited ({self._process.returncode}); see {self.home / 'server.log'}")
+                raise RuntimeError(
+                    f"the Prefect server exited ({self._process.returncode}); see {self.home / 'server.log'}"
+                )
             if time.monotonic() > deadline:
                 await self.__aexit__(None, None, None)
-                raise TimeoutError(f"the Prefect server did not answer within {STARTUP_TIMEOUT_S:.0f} s; see {self.home / 'server.log'}")
+                raise TimeoutError(
+                    f"the Prefect server did not answer within {STARTUP_TIMEOUT_S:.0f} s; see {self.home / 'server.log'}"
+                )
             await asyncio.sleep(0.5)
         from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from labtwin.documents import ResumePoint, StepEvent
 from labtwin.data.store import Store
+from labtwin.documents import ResumePoint, StepEvent
 
 
 class ResumeState(BaseModel):
@@ -68,7 +68,15 @@ def read_run(store: Store, run_id: str) -> RunRecord:
         capacity_Ah=float(np.nan_to_num(samples["capacity_Ah"][-1])) if n else 0.0,
         n_samples=n,
     )
-    return RunRecord(state="interrupted", resume=ResumeState(
-        run_id=run_id, channel=start.channel, completed=completed, point=point, elapsed_in_step_s=elapsed,
-        interrupted_step=interrupted, last_voltage_V=last_v,
-    ))
+    return RunRecord(
+        state="interrupted",
+        resume=ResumeState(
+            run_id=run_id,
+            channel=start.channel,
+            completed=completed,
+            point=point,
+            elapsed_in_step_s=elapsed,
+            interrupted_step=interrupted,
+            last_voltage_V=last_v,
+        ),
+    )

@@ -21,7 +21,7 @@ at the end. Instruments (the simulated potentiostat) decide what to hold.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,7 +41,7 @@ from labtwin.physics.particles import ManyParticleElectrode, ManyParticleParamet
 Mode = Literal["off", "open_circuit", "current", "voltage"]
 
 ElectrodeParameters = Annotated[
-    Union[ManyParticleParameters, InsertionElectrodeParameters, MetalElectrodeParameters, PlatedLithiumParameters],
+    ManyParticleParameters | InsertionElectrodeParameters | MetalElectrodeParameters | PlatedLithiumParameters,
     Field(discriminator="kind"),
 ]
 
@@ -80,7 +80,9 @@ class Fault(_Strict):
 
     kind: Literal["soft_short", "contact_loss", "temperature_step", "sensor_noise", "dropout"]
     at_time_s: float = Field(0.0, ge=0)
-    duration_s: float | None = Field(None, gt=0, description="gone again after this long (an intermittent short); None: stays")
+    duration_s: float | None = Field(
+        None, gt=0, description="gone again after this long (an intermittent short); None: stays"
+    )
     resistance_ohm: float | None = Field(None, gt=0, description="soft_short: leakage path; contact_loss: added series")
     delta_C: float = 0.0
     noise_V: float = Field(0.0, ge=0)
@@ -134,8 +136,13 @@ class PhysicsCell:
         return self.p.temperature_C + sum(f.delta_C for f in self._active("temperature_step"))
 
     def _active(self, kind: str) -> list[Fault]:
-        return [f for f in self.faults if f.kind == kind and f.at_time_s <= self.age_s
-                and (f.duration_s is None or self.age_s < f.at_time_s + f.duration_s)]
+        return [
+            f
+            for f in self.faults
+            if f.kind == kind
+            and f.at_time_s <= self.age_s
+            and (f.duration_s is None or self.age_s < f.at_time_s + f.duration_s)
+        ]
 
     def inject(self, fault: Fault) -> None:
         """Add a fault at run time (tests of the twin's detectors do this)."""
@@ -156,13 +163,18 @@ class PhysicsCell:
         if self.p.capacity_fade is not None and hasattr(self.positive, "set_capacity_scale"):
             self.positive.set_capacity_scale(self.p.capacity_fade.remaining(n))
         consumed = float(self.side_consumed_C.sum())
-        self._r_layers = np.array([
-            layer.resistance_ohm * (layer.ageing.factor(n, hours) if layer.ageing else 1.0) + layer.growth_ohm_per_C * consumed
-            for layer in self.p.interfaces
-        ])
+        self._r_layers = np.array(
+            [
+                layer.resistance_ohm * (layer.ageing.factor(n, hours) if layer.ageing else 1.0)
+                + layer.growth_ohm_per_C * consumed
+                for layer in self.p.interfaces
+            ]
+        )
         self._c_layers = np.array([layer.capacitance_F for layer in self.p.interfaces])
         contact = sum(f.resistance_ohm or 0.0 for f in self._active("contact_loss"))
-        self._r_series = self.p.series_resistance_ohm / arrhenius_factor(self.p.series_activation_J_per_mol, t) + contact
+        self._r_series = (
+            self.p.series_resistance_ohm / arrhenius_factor(self.p.series_activation_J_per_mol, t) + contact
+        )
         leaks = [f.resistance_ohm for f in self._active("soft_short") if f.resistance_ohm]
         if self.p.self_discharge_ohm:
             leaks.append(self.p.self_discharge_ohm)
@@ -193,7 +205,9 @@ class PhysicsCell:
                 continue
             if side.onset_V is not None:
                 phi = self.positive.potential_V
-                if (side.direction == "charge" and phi < side.onset_V) or (side.direction == "discharge" and phi > side.onset_V):
+                if (side.direction == "charge" and phi < side.onset_V) or (
+                    side.direction == "discharge" and phi > side.onset_V
+                ):
                     continue
             left = 1.0
             if side.capacity_Ah is not None:

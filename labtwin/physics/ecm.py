@@ -45,7 +45,7 @@ class EcmParameters(BaseModel):
     initial_soc: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ocv_table(self) -> "EcmParameters":
+    def _ocv_table(self) -> EcmParameters:
         if len(self.ocv_soc) != len(self.ocv_voltage_V):
             raise ValueError(
                 f"ocv_soc has {len(self.ocv_soc)} points and ocv_voltage_V {len(self.ocv_voltage_V)}: give one voltage per SOC"
@@ -114,7 +114,9 @@ class EcmCell:
 
     def _current_for(self, voltage_V: float, dt_s: float, a: float) -> float:
         p = self.p
-        resistance = p.series_resistance_ohm + p.rc_resistance_ohm * (1.0 - a) + self._slope(self.soc) * dt_s / self._charge_C
+        resistance = (
+            p.series_resistance_ohm + p.rc_resistance_ohm * (1.0 - a) + self._slope(self.soc) * dt_s / self._charge_C
+        )
         return (voltage_V - self.ocv_V(self.soc) - self.v_rc_V * a) / resistance
 
     def step(self, dt_s: float, mode: str, setpoint: float = 0.0, compliance: float = math.inf) -> tuple[float, float]:

@@ -18,8 +18,9 @@ and the Nyquist plot come from the same equations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,7 +109,9 @@ class InsertionElectrode:
         self.capacity_scale = 1.0
         self.exchange_scale = 1.0
         self.temperature_C = 25.0
-        diffusion = p.diffusion or DiffusionParameters(geometry="planar", length_m=1e-6, diffusivity_m2_s=1.0, n_volumes=2)
+        diffusion = p.diffusion or DiffusionParameters(
+            geometry="planar", length_m=1e-6, diffusivity_m2_s=1.0, n_volumes=2
+        )
         self.diffusion = FiniteVolumeDiffusion(diffusion, p.capacity_Ah * 3600.0, p.initial_x)
         self.faradaic_A = 0.0
         self.potential_V = float(p.ocp.voltage_V(p.initial_x, thermal_voltage_V(self.temperature_C)))
@@ -127,12 +130,16 @@ class InsertionElectrode:
         self.diffusion.set_capacity(self.p.capacity_Ah * 3600.0 * scale)
 
     def _i0_ref(self) -> float:
-        return self.p.exchange_current_A * self.exchange_scale * arrhenius_factor(
-            self.p.kinetics_activation_J_per_mol, self.temperature_C
+        return (
+            self.p.exchange_current_A
+            * self.exchange_scale
+            * arrhenius_factor(self.p.kinetics_activation_J_per_mol, self.temperature_C)
         )
 
     def _diffusivity(self) -> float:
-        return self.diffusion.diffusivity_m2_s * arrhenius_factor(self.p.diffusion_activation_J_per_mol, self.temperature_C)
+        return self.diffusion.diffusivity_m2_s * arrhenius_factor(
+            self.p.diffusion_activation_J_per_mol, self.temperature_C
+        )
 
     def ocv_V(self, thermal_V: float) -> float:
         return float(self.p.ocp.voltage_V(self.surface_x, thermal_V))
@@ -149,7 +156,9 @@ class InsertionElectrode:
             i0 = float(kinetics.exchange_current_A(i0_ref, xs))
             u = float(ocp.voltage_V(xs, thermal_V))
             eta = float(kinetics.overpotential_V(current_A, i0, thermal_V))
-            slope = float(ocp.slope_V(xs, thermal_V)) * b_s + 2 * thermal_V / math.sqrt(4 * i0 * i0 + current_A * current_A)
+            slope = float(ocp.slope_V(xs, thermal_V)) * b_s + 2 * thermal_V / math.sqrt(
+                4 * i0 * i0 + current_A * current_A
+            )
             return u + eta, max(slope, 1e-12)
 
         current, phi = solve_double_layer(
@@ -218,7 +227,9 @@ class MetalElectrode:
             root = math.sqrt(4 * i0 * i0 + current_A * current_A)
             return u + 2 * thermal_V * math.asinh(current_A / (2 * i0)), 2 * thermal_V / root
 
-        current, phi = solve_double_layer(faradaic, applied_A, self.potential_V, dt_s, self.p.double_layer_F, self.faradaic_A)
+        current, phi = solve_double_layer(
+            faradaic, applied_A, self.potential_V, dt_s, self.p.double_layer_F, self.faradaic_A
+        )
         return _MetalTrial(current, phi, dt_s, applied_A)
 
     def commit(self, t: _MetalTrial) -> None:
@@ -290,7 +301,9 @@ class PlatedLithiumElectrode:
             root = math.sqrt(4 * i0 * i0 + current_A * current_A)
             return 2 * thermal_V * math.asinh(current_A / (2 * i0)), 2 * thermal_V / root
 
-        current, phi = solve_double_layer(faradaic, applied_A, self.potential_V, dt_s, self.p.double_layer_F, self.faradaic_A)
+        current, phi = solve_double_layer(
+            faradaic, applied_A, self.potential_V, dt_s, self.p.double_layer_F, self.faradaic_A
+        )
         return _PlatedTrial(current, phi, dt_s, self._after(current, dt_s))
 
     def commit(self, t: _PlatedTrial) -> None:

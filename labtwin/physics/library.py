@@ -40,7 +40,8 @@ class CellDefinition(BaseModel):
     current_noise_A: float = Field(0.0, ge=0)
     impedance_noise_relative: float = Field(0.0, ge=0, description="standard deviation of EIS points relative to |Z|")
     eis_circuit: str = Field(
-        "R0-p(R1,CPE1)-W1", description="equivalent circuit the twin fits to this cell's spectra (impedance.py convention)"
+        "R0-p(R1,CPE1)-W1",
+        description="equivalent circuit the twin fits to this cell's spectra (impedance.py convention)",
     )
     aliases: list[str] = Field(default_factory=list, description="other names --sim accepts")
 
@@ -53,7 +54,7 @@ class CellDefinition(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _every_parameter_has_a_source(self) -> "CellDefinition":
+    def _every_parameter_has_a_source(self) -> CellDefinition:
         missing = [leaf for leaf in _leaves(self.parameters) if not _has_source(leaf, self.sources)]
         if missing:
             raise ValueError(
@@ -61,7 +62,7 @@ class CellDefinition(BaseModel):
             )
         return self
 
-    def build_model(self) -> "PhysicsCell | EcmCell":
+    def build_model(self) -> PhysicsCell | EcmCell:
         """A fresh simulated cell in its as-assembled state."""
         if isinstance(self.parameters, CellParameters):
             return PhysicsCell(self.parameters, self.nominal_capacity_Ah)

@@ -18,7 +18,7 @@ impedance linearisation needs).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,7 +33,9 @@ class _Ocp(BaseModel):
 class RegularSolutionOcp(_Ocp):
     kind: Literal["regular_solution"] = "regular_solution"
     equilibrium_V: float = Field(description="two-phase coexistence potential vs Li/Li+")
-    interaction_eV: float = Field(ge=0, description="regular-solution Omega per site; > 2 kT (0.0514 eV at 25 C) phase-separates")
+    interaction_eV: float = Field(
+        ge=0, description="regular-solution Omega per site; > 2 kT (0.0514 eV at 25 C) phase-separates"
+    )
 
     def voltage_V(self, x, thermal_V: float):
         x = np.clip(x, X_MIN, 1 - X_MIN)
@@ -76,7 +78,7 @@ class TabulatedOcp(_Ocp):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _table(self) -> "TabulatedOcp":
+    def _table(self) -> TabulatedOcp:
         if len(self.x) != len(self.voltage_V_points):
             raise ValueError("x and voltage_V need one value each per point")
         if any(b <= a for a, b in zip(self.x, self.x[1:])):
@@ -105,4 +107,4 @@ class ConstantOcp(_Ocp):
         return np.zeros_like(np.asarray(x, dtype=float))
 
 
-Ocp = Annotated[Union[RegularSolutionOcp, TanhSeriesOcp, TabulatedOcp, ConstantOcp], Field(discriminator="kind")]
+Ocp = Annotated[RegularSolutionOcp | TanhSeriesOcp | TabulatedOcp | ConstantOcp, Field(discriminator="kind")]

@@ -79,7 +79,8 @@ class ManyParticleParameters(BaseModel):
     double_layer_F: float = Field(0.0, ge=0)
     kinetics_activation_J_per_mol: float = Field(0.0, ge=0)
     nucleation: Literal["spinodal", "interface"] = Field(
-        "spinodal", description="spinodal: homogeneous grains, mosaic instability; interface: two-phase grains at the common tangent"
+        "spinodal",
+        description="spinodal: homogeneous grains, mosaic instability; interface: two-phase grains at the common tangent",
     )
     population_seed: int = Field(0, description="seed of the groups' sizes and barriers: the same cell every time")
     max_dx_per_step: float = Field(0.02, gt=0, le=0.2)
@@ -129,8 +130,10 @@ class ManyParticleElectrode:
         return self.p.capacity_Ah * 3600.0 * self.capacity_scale
 
     def _i0_ref(self) -> float:
-        return self.p.exchange_current_A * self.exchange_scale * arrhenius_factor(
-            self.p.kinetics_activation_J_per_mol, self.temperature_C
+        return (
+            self.p.exchange_current_A
+            * self.exchange_scale
+            * arrhenius_factor(self.p.kinetics_activation_J_per_mol, self.temperature_C)
         )
 
     def _binodal_x(self, kt: float) -> np.ndarray:

@@ -57,7 +57,9 @@ def _current_A(c_rate: float | None, current_A: float | None, ctx: CompileContex
     if current_A is not None:
         return current_A
     if ctx.nominal_capacity_Ah is None:
-        raise ProtocolError(f"{where}: c_rate needs the cell's nominal capacity (metadata.nominal_capacity_Ah or the channel's cell)")
+        raise ProtocolError(
+            f"{where}: c_rate needs the cell's nominal capacity (metadata.nominal_capacity_Ah or the channel's cell)"
+        )
     return c_rate * ctx.nominal_capacity_Ah
 
 
@@ -101,7 +103,8 @@ class Program:
     def is_static(self) -> bool:
         """No loop-until, goto, stop or pause: the steps run once each, in order (their indices are final)."""
         return self.stop_when is None and all(
-            isinstance(i, StepInstr) and all(a == "next" for a in i.then.values()) for i in self.instructions)
+            isinstance(i, StepInstr) and all(a == "next" for a in i.then.values()) for i in self.instructions
+        )
 
 
 def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepCommand]:
@@ -127,8 +130,10 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
         if tag is None:
             return
         if in_repeat[0]:
-            raise ProtocolError(f"{where}: tag {tag!r} is inside a repeat, whose steps are copied once per cycle, so a "
-                                "goto could not tell which copy it means: use a loop (or move the tag out)")
+            raise ProtocolError(
+                f"{where}: tag {tag!r} is inside a repeat, whose steps are copied once per cycle, so a "
+                "goto could not tell which copy it means: use a loop (or move the tag out)"
+            )
         if tag in tags:
             raise ProtocolError(f"{where}: tag {tag!r} is used twice; tags name one place in the protocol")
         tags[tag] = len(instructions)
@@ -142,10 +147,16 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
         step_count[0] += 1
         if (changes or record.poll_interval_s is not None) and cmd.step in HOST_TIMED:
             # Read every poll interval (every reading checked), record by the rule.
-            cmd = cmd.model_copy(update={
-                "sample_interval_s": min(record.poll_s(), cmd.sample_interval_s),
-                "record": RecordRule(interval_s=cmd.sample_interval_s, voltage_change_V=record.voltage_change_V,
-                                     current_change_A=record.current_change_A)})
+            cmd = cmd.model_copy(
+                update={
+                    "sample_interval_s": min(record.poll_s(), cmd.sample_interval_s),
+                    "record": RecordRule(
+                        interval_s=cmd.sample_interval_s,
+                        voltage_change_V=record.voltage_change_V,
+                        current_change_A=record.current_change_A,
+                    ),
+                }
+            )
         then = {("current_A" if k == "c_rate" else k): v for k, v in (step.then if step is not None else {}).items()}
         instructions.append(StepInstr(cmd, then, loops))
 
@@ -158,9 +169,14 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             s = item.rest
             dvdt = s.until.dvdt_V_per_h if s.until is not None else None
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.rest,
-                label=s.label or f"rest {s.duration_s:g} s" + (f" or until |dV/dt| < {dvdt * 1e3:g} mV/h" if dvdt else ""),
-                end=EndConditions(time_s=s.duration_s, dvdt_V_per_h=dvdt), limits=_step_limits(limits, None),
+                run_id=ctx.run_id,
+                step_index=index,
+                cycle=cycle,
+                step=StepKind.rest,
+                label=s.label
+                or f"rest {s.duration_s:g} s" + (f" or until |dV/dt| < {dvdt * 1e3:g} mV/h" if dvdt else ""),
+                end=EndConditions(time_s=s.duration_s, dvdt_V_per_h=dvdt),
+                limits=_step_limits(limits, None),
                 sample_interval_s=min(interval, s.duration_s),
             )
         elif isinstance(item, CC):
@@ -183,10 +199,21 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 + (f" to {s.until.voltage_V:g} V" if s.until.voltage_V else "")
             )
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, label=label, cycle=cycle, step=StepKind.cc, current_A=current,
-                end=EndConditions(time_s=s.until.time_s, voltage_V=s.until.voltage_V, capacity_Ah=s.until.capacity_Ah,
-                                  dvdt_V_per_h=s.until.dvdt_V_per_h, twin_soc=s.until.twin_soc),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None), sample_interval_s=interval,
+                run_id=ctx.run_id,
+                step_index=index,
+                label=label,
+                cycle=cycle,
+                step=StepKind.cc,
+                current_A=current,
+                end=EndConditions(
+                    time_s=s.until.time_s,
+                    voltage_V=s.until.voltage_V,
+                    capacity_Ah=s.until.capacity_Ah,
+                    dvdt_V_per_h=s.until.dvdt_V_per_h,
+                    twin_soc=s.until.twin_soc,
+                ),
+                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                sample_interval_s=interval,
             )
         elif isinstance(item, CP):
             s = item.cp
@@ -199,12 +226,23 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                     raise ProtocolError(f"{where}.cp: without until.time_s the step needs a capacity to bound its time")
                 bound = CC_TIME_MARGIN * charge * limits.voltage_max_V / abs(s.power_W) * 3600.0
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.cp, power_W=s.power_W,
-                label=s.label or f"{'charge' if s.power_W > 0 else 'discharge'} {abs(s.power_W):.3g} W"
+                run_id=ctx.run_id,
+                step_index=index,
+                cycle=cycle,
+                step=StepKind.cp,
+                power_W=s.power_W,
+                label=s.label
+                or f"{'charge' if s.power_W > 0 else 'discharge'} {abs(s.power_W):.3g} W"
                 + (f" to {s.until.voltage_V:g} V" if s.until.voltage_V else ""),
-                end=EndConditions(time_s=s.until.time_s, voltage_V=s.until.voltage_V, capacity_Ah=s.until.capacity_Ah,
-                                  dvdt_V_per_h=s.until.dvdt_V_per_h, twin_soc=s.until.twin_soc),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None), sample_interval_s=interval,
+                end=EndConditions(
+                    time_s=s.until.time_s,
+                    voltage_V=s.until.voltage_V,
+                    capacity_Ah=s.until.capacity_Ah,
+                    dvdt_V_per_h=s.until.dvdt_V_per_h,
+                    twin_soc=s.until.twin_soc,
+                ),
+                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                sample_interval_s=interval,
             )
         elif isinstance(item, CV):
             s = item.cv
@@ -213,10 +251,18 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             if s.until.c_rate is not None:
                 threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cv.until")
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, label=s.label or f"hold {s.voltage_V:g} V", cycle=cycle,
-                step=StepKind.cv, voltage_V=s.voltage_V,
-                end=EndConditions(time_s=s.until.time_s, current_A=threshold, capacity_Ah=s.until.capacity_Ah,
-                                  twin_soc=s.until.twin_soc),
+                run_id=ctx.run_id,
+                step_index=index,
+                label=s.label or f"hold {s.voltage_V:g} V",
+                cycle=cycle,
+                step=StepKind.cv,
+                voltage_V=s.voltage_V,
+                end=EndConditions(
+                    time_s=s.until.time_s,
+                    current_A=threshold,
+                    capacity_Ah=s.until.capacity_Ah,
+                    twin_soc=s.until.twin_soc,
+                ),
                 limits=_step_limits(limits, CV_DEFAULT_MAX_S if s.until.time_s is None else None),
                 sample_interval_s=interval,
             )
@@ -228,12 +274,21 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             threshold = s.until.current_A
             if s.until.c_rate is not None:
                 threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cccv.until")
-            bound = s.until.time_s or (CC_TIME_MARGIN * (ctx.nominal_capacity_Ah or 0) / abs(current) * 3600.0 + CV_DEFAULT_MAX_S)
+            bound = s.until.time_s or (
+                CC_TIME_MARGIN * (ctx.nominal_capacity_Ah or 0) / abs(current) * 3600.0 + CV_DEFAULT_MAX_S
+            )
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.cccv, current_A=current,
-                voltage_V=s.voltage_V, label=s.label or f"{'charge' if current > 0 else 'discharge'} {current:.3g} A to {s.voltage_V:g} V, hold",
+                run_id=ctx.run_id,
+                step_index=index,
+                cycle=cycle,
+                step=StepKind.cccv,
+                current_A=current,
+                voltage_V=s.voltage_V,
+                label=s.label
+                or f"{'charge' if current > 0 else 'discharge'} {current:.3g} A to {s.voltage_V:g} V, hold",
                 end=EndConditions(time_s=s.until.time_s, current_A=threshold, twin_soc=s.until.twin_soc),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None), sample_interval_s=interval,
+                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                sample_interval_s=interval,
             )
         elif isinstance(item, GITT):
             s = item.gitt
@@ -245,7 +300,11 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             if charge is not None:
                 pulses = min(pulses, int(CC_TIME_MARGIN * charge / (abs(current) * s.pulse_s / 3600.0)) + 1)
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.gitt, current_A=current,
+                run_id=ctx.run_id,
+                step_index=index,
+                cycle=cycle,
+                step=StepKind.gitt,
+                current_A=current,
                 label=s.label or f"GITT {current:.3g} A x {s.pulse_s:g} s / {s.relax_s:g} s to {s.until_voltage_V:g} V",
                 end=EndConditions(voltage_V=s.until_voltage_V),
                 gitt=GittSettings(pulse_s=s.pulse_s, relax_s=s.relax_s, max_pulses=pulses),
@@ -259,30 +318,65 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
             for rate in rates:
                 if s.hold_start_s > 0:
-                    emit_step(StepCommand(
-                        run_id=ctx.run_id, step_index=step_count[0], cycle=cycle, step=StepKind.cv,
-                        label=f"hold {s.start_V:g} V before {rate * 1e3:g} mV/s", voltage_V=s.start_V,
-                        end=EndConditions(time_s=s.hold_start_s), limits=_step_limits(limits, None),
-                        sample_interval_s=min(interval, s.hold_start_s / 10),
-                    ), None, loops, where)
-                sweep = SweepSettings(start_V=s.start_V, vertex_1_V=s.vertex_1_V, vertex_2_V=s.vertex_2_V,
-                                      scan_rate_V_s=rate, cycles=s.cycles, step_V=s.step_V)
-                emit_step(StepCommand(
-                    run_id=ctx.run_id, step_index=step_count[0], cycle=cycle, step=StepKind.cyclic_voltammetry,
-                    label=s.label or f"CV {rate * 1e3:g} mV/s {s.vertex_1_V:g}-{s.vertex_2_V:g} V",
-                    # A backstop, not a schedule: a device-run sweep on a loaded host or a slow link reports late.
-                    sweep=sweep, limits=_step_limits(limits, sweep.duration_s() * 1.5 + 30),
-                    sample_interval_s=s.step_V / rate,
-                ), s if rate == rates[-1] else None, loops, where)
+                    emit_step(
+                        StepCommand(
+                            run_id=ctx.run_id,
+                            step_index=step_count[0],
+                            cycle=cycle,
+                            step=StepKind.cv,
+                            label=f"hold {s.start_V:g} V before {rate * 1e3:g} mV/s",
+                            voltage_V=s.start_V,
+                            end=EndConditions(time_s=s.hold_start_s),
+                            limits=_step_limits(limits, None),
+                            sample_interval_s=min(interval, s.hold_start_s / 10),
+                        ),
+                        None,
+                        loops,
+                        where,
+                    )
+                sweep = SweepSettings(
+                    start_V=s.start_V,
+                    vertex_1_V=s.vertex_1_V,
+                    vertex_2_V=s.vertex_2_V,
+                    scan_rate_V_s=rate,
+                    cycles=s.cycles,
+                    step_V=s.step_V,
+                )
+                emit_step(
+                    StepCommand(
+                        run_id=ctx.run_id,
+                        step_index=step_count[0],
+                        cycle=cycle,
+                        step=StepKind.cyclic_voltammetry,
+                        label=s.label or f"CV {rate * 1e3:g} mV/s {s.vertex_1_V:g}-{s.vertex_2_V:g} V",
+                        # A backstop, not a schedule: a device-run sweep on a loaded host or a slow link reports late.
+                        sweep=sweep,
+                        limits=_step_limits(limits, sweep.duration_s() * 1.5 + 30),
+                        sample_interval_s=s.step_V / rate,
+                    ),
+                    s if rate == rates[-1] else None,
+                    loops,
+                    where,
+                )
             return
         elif isinstance(item, EIS):
             s = item.eis
-            settings = EisSettings(mode=s.mode, f_start_Hz=s.f_start_Hz, f_end_Hz=s.f_end_Hz,
-                                   points_per_decade=s.points_per_decade, amplitude=s.amplitude)
+            settings = EisSettings(
+                mode=s.mode,
+                f_start_Hz=s.f_start_Hz,
+                f_end_Hz=s.f_end_Hz,
+                points_per_decade=s.points_per_decade,
+                amplitude=s.amplitude,
+            )
             cmd = StepCommand(
-                run_id=ctx.run_id, step_index=index, cycle=cycle, step=StepKind.eis, eis=settings,
+                run_id=ctx.run_id,
+                step_index=index,
+                cycle=cycle,
+                step=StepKind.eis,
+                eis=settings,
                 label=s.label or f"EIS {s.f_start_Hz:g}-{s.f_end_Hz:g} Hz",
-                limits=_step_limits(limits, settings.duration_s() * 1.5 + 60), sample_interval_s=1.0,
+                limits=_step_limits(limits, settings.duration_s() * 1.5 + 60),
+                sample_interval_s=1.0,
             )
         else:  # pragma: no cover
             raise ProtocolError(f"{where}: unknown step")
@@ -330,11 +424,14 @@ def _check_gotos(instructions: list, tags: dict[str, int]) -> None:
             where = f"step {instr.command.step_index} ({instr.command.label}) then.{condition}"
             if action.goto not in tags:
                 known = ", ".join(sorted(tags)) or "none defined"
-                raise ProtocolError(f"{where}: goto {action.goto!r}: no step, loop or group has that tag (tags: {known})")
+                raise ProtocolError(
+                    f"{where}: goto {action.goto!r}: no step, loop or group has that tag (tags: {known})"
+                )
             target = instructions[tags[action.goto]]
             if target.loops != instr.loops[: len(target.loops)]:
-                raise ProtocolError(f"{where}: goto {action.goto!r} jumps into a loop from outside it; "
-                                    "go to the loop's own tag instead")
+                raise ProtocolError(
+                    f"{where}: goto {action.goto!r} jumps into a loop from outside it; go to the loop's own tag instead"
+                )
 
 
 def _step_limits(limits: Limits, step_time_max_s: float | None) -> Limits:
@@ -355,6 +452,10 @@ def _check_voltage(voltage_V: float | None, limits: Limits, where: str) -> None:
     if voltage_V is None:
         return
     if limits.voltage_max_V is not None and voltage_V > limits.voltage_max_V:
-        raise ProtocolError(f"{where}: {voltage_V:g} V is above the safety limit voltage_max_V {limits.voltage_max_V:g} V")
+        raise ProtocolError(
+            f"{where}: {voltage_V:g} V is above the safety limit voltage_max_V {limits.voltage_max_V:g} V"
+        )
     if limits.voltage_min_V is not None and voltage_V < limits.voltage_min_V:
-        raise ProtocolError(f"{where}: {voltage_V:g} V is below the safety limit voltage_min_V {limits.voltage_min_V:g} V")
+        raise ProtocolError(
+            f"{where}: {voltage_V:g} V is below the safety limit voltage_min_V {limits.voltage_min_V:g} V"
+        )

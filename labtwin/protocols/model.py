@@ -30,8 +30,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from labtwin.documents import Limits
-from labtwin.documents import AnomalyKind
+from labtwin.documents import AnomalyKind, Limits
 from labtwin.protocols.strings import StepStringError, parse_step_string
 
 
@@ -49,20 +48,28 @@ class Until(_Strict):
     c_rate: float | None = Field(None, gt=0, description="current threshold as a C-rate (cv steps)")
     capacity_Ah: float | None = Field(None, gt=0)
     dvdt_V_per_h: float | None = Field(
-        None, gt=0, description="|dV/dt| falls below this (V per hour, over the last 10 samples): a relaxation criterion")
+        None,
+        gt=0,
+        description="|dV/dt| falls below this (V per hour, over the last 10 samples): a relaxation criterion",
+    )
     twin_soc: float | None = Field(
-        None, gt=0, lt=1, description="the digital twin's state of charge reaches this (needs `labtwin twin` running; "
-        "the step's other end conditions stay as the backstop)")
+        None,
+        gt=0,
+        lt=1,
+        description="the digital twin's state of charge reaches this (needs `labtwin twin` running; "
+        "the step's other end conditions stay as the backstop)",
+    )
 
     @model_validator(mode="after")
-    def _twin_needs_a_backstop(self) -> "Until":
+    def _twin_needs_a_backstop(self) -> Until:
         if self.twin_soc is not None and all(
-                getattr(self, k) is None for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah")):
+            getattr(self, k) is None for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah")
+        ):
             raise ValueError("twin_soc needs a backstop the agent can see: add voltage_V, time_s or capacity_Ah")
         return self
 
     @model_validator(mode="after")
-    def _one_current(self) -> "Until":
+    def _one_current(self) -> Until:
         if self.current_A is not None and self.c_rate is not None:
             raise ValueError("give either current_A or c_rate, not both")
         return self
@@ -76,19 +83,21 @@ class Goto(_Strict):
 
 
 def _action_from_string(value):
-    """"goto charge" is sugar for {goto: charge}."""
+    """ "goto charge" is sugar for {goto: charge}."""
     if isinstance(value, str) and value.strip().lower().startswith("goto "):
         return {"goto": value.strip()[5:].strip()}
     return value
 
 
-Action = Annotated[Union[Literal["next", "stop", "pause"], Goto], BeforeValidator(_action_from_string)]
+Action = Annotated[Literal["next", "stop", "pause"] | Goto, BeforeValidator(_action_from_string)]
 
 
 class _StepBase(_Strict):
     label: str = ""
     tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="a name gotos can jump to")
-    then: dict[Literal["time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah", "dvdt_V_per_h", "twin_soc"], Action] = Field(
+    then: dict[
+        Literal["time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah", "dvdt_V_per_h", "twin_soc"], Action
+    ] = Field(
         default_factory=dict,
         description="what follows when the step ends on each of its conditions: next (default), stop (the run "
         "ends, successfully), pause (open circuit until `labtwin resume`), or goto <tag>",
@@ -102,8 +111,10 @@ class _StepBase(_Strict):
             own.add("time_s")
         unknown = sorted(set(self.then) - own)
         if unknown:
-            raise ValueError(f"then names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not among "
-                             f"this step's end conditions ({', '.join(sorted(own)) or 'none'})")
+            raise ValueError(
+                f"then names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not among "
+                f"this step's end conditions ({', '.join(sorted(own)) or 'none'})"
+            )
         return self
 
 
@@ -112,11 +123,17 @@ class RestStep(_StepBase):
     until: Until | None = Field(None, description="end the rest sooner, once the cell has relaxed: dvdt_V_per_h")
 
     @model_validator(mode="after")
-    def _rest_ends(self) -> "RestStep":
+    def _rest_ends(self) -> RestStep:
         if self.until is not None:
-            extra = [k for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah") if getattr(self.until, k) is not None]
+            extra = [
+                k
+                for k in ("time_s", "voltage_V", "current_A", "c_rate", "capacity_Ah")
+                if getattr(self.until, k) is not None
+            ]
             if extra:
-                raise ValueError(f"a rest ends on duration_s and until.dvdt_V_per_h, not until.{', until.'.join(extra)}")
+                raise ValueError(
+                    f"a rest ends on duration_s and until.dvdt_V_per_h, not until.{', until.'.join(extra)}"
+                )
         return self
 
 
@@ -128,7 +145,7 @@ class CCStep(_StepBase):
     until: Until
 
     @model_validator(mode="after")
-    def _setpoint(self) -> "CCStep":
+    def _setpoint(self) -> CCStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a cc step needs exactly one of current_A or c_rate (negative discharges)")
         if (self.current_A or self.c_rate) == 0:
@@ -148,7 +165,7 @@ class CPStep(_StepBase):
     until: Until
 
     @model_validator(mode="after")
-    def _ends(self) -> "CPStep":
+    def _ends(self) -> CPStep:
         if self.power_W == 0:
             raise ValueError("a cp step with zero power is a rest: use rest")
         if self.until.voltage_V is None and self.until.time_s is None and self.until.capacity_Ah is None:
@@ -165,7 +182,7 @@ class CVStep(_StepBase):
     until: Until
 
     @model_validator(mode="after")
-    def _ends(self) -> "CVStep":
+    def _ends(self) -> CVStep:
         if self.until.current_A is None and self.until.c_rate is None and self.until.time_s is None:
             raise ValueError("a cv step needs until.current_A, until.c_rate or until.time_s")
         if self.until.voltage_V is not None:
@@ -182,7 +199,7 @@ class CCCVStep(_StepBase):
     until: Until
 
     @model_validator(mode="after")
-    def _setpoint(self) -> "CCCVStep":
+    def _setpoint(self) -> CCCVStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a cccv step needs exactly one of current_A or c_rate")
         if self.until.current_A is None and self.until.c_rate is None and self.until.time_s is None:
@@ -202,7 +219,7 @@ class GittStep(_StepBase):
     max_pulses: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
-    def _setpoint(self) -> "GittStep":
+    def _setpoint(self) -> GittStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a gitt step needs exactly one of current_A or c_rate (negative discharges)")
         return self
@@ -218,7 +235,9 @@ class VoltammetryStep(_StepBase):
     cycles: int = Field(1, ge=1)
     step_V: float = Field(0.001, gt=0)
     hold_start_s: float = Field(
-        0.0, ge=0, description="hold start_V this long before each sweep, so every rate starts from an equilibrated film"
+        0.0,
+        ge=0,
+        description="hold start_V this long before each sweep, so every rate starts from an equilibrated film",
     )
 
 
@@ -268,7 +287,7 @@ class Repeat(_Strict):
     """Repeat the steps; each repetition is one cycle (cycle numbers start at 1)."""
 
     repeat: int = Field(ge=1, le=100_000)
-    steps: list["StepItem"] = Field(min_length=1)
+    steps: list[StepItem] = Field(min_length=1)
 
 
 class CycleCondition(_Strict):
@@ -276,13 +295,14 @@ class CycleCondition(_Strict):
     loop, or the whole run as the protocol's stop_when (PyBaMM's "80% capacity" termination)."""
 
     discharge_capacity_fraction_below: float | None = Field(
-        None, gt=0, le=1, description="the cycle's discharge capacity over the first cycle's falls below this")
+        None, gt=0, le=1, description="the cycle's discharge capacity over the first cycle's falls below this"
+    )
     discharge_capacity_Ah_below: float | None = Field(None, gt=0)
     coulombic_efficiency_below: float | None = Field(None, gt=0, le=2, description="discharge / charge of the cycle")
     cycles: int | None = Field(None, ge=1, description="this many cycles have run")
 
     @model_validator(mode="after")
-    def _some(self) -> "CycleCondition":
+    def _some(self) -> CycleCondition:
         if all(getattr(self, k) is None for k in type(self).model_fields):
             raise ValueError("give at least one of " + ", ".join(type(self).model_fields))
         return self
@@ -298,14 +318,14 @@ class Loop(_Strict):
 
     loop: LoopSettings
     tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
-    steps: list["StepItem"] = Field(min_length=1)
+    steps: list[StepItem] = Field(min_length=1)
 
 
 class Group(_Strict):
     """Named steps: a goto target and a heading in `protocol show`; runs its steps once."""
 
     group: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the group's name, also its tag")
-    steps: list["StepItem"] = Field(min_length=1)
+    steps: list[StepItem] = Field(min_length=1)
 
 
 def _step_from_string(value):
@@ -333,17 +353,27 @@ def _step_kind(value) -> str | None:
 
 
 StepItem = Annotated[
-    Union[
-        Annotated[Rest, Tag("rest")], Annotated[CC, Tag("cc")], Annotated[CP, Tag("cp")], Annotated[CV, Tag("cv")], Annotated[CCCV, Tag("cccv")],
-        Annotated[GITT, Tag("gitt")], Annotated[Voltammetry, Tag("cyclic_voltammetry")], Annotated[EIS, Tag("eis")],
-        Annotated["Repeat", Tag("repeat")], Annotated["Loop", Tag("loop")], Annotated["Group", Tag("group")],
-    ],
+    Annotated[Rest, Tag("rest")]
+    | Annotated[CC, Tag("cc")]
+    | Annotated[CP, Tag("cp")]
+    | Annotated[CV, Tag("cv")]
+    | Annotated[CCCV, Tag("cccv")]
+    | Annotated[GITT, Tag("gitt")]
+    | Annotated[Voltammetry, Tag("cyclic_voltammetry")]
+    | Annotated[EIS, Tag("eis")]
+    | Annotated["Repeat", Tag("repeat")]
+    | Annotated["Loop", Tag("loop")]
+    | Annotated["Group", Tag("group")],
     Discriminator(
-        _step_kind, custom_error_type="step_kind",
+        _step_kind,
+        custom_error_type="step_kind",
         custom_error_message="a step is a mapping with one of " + ", ".join(STEP_KEYS) + ", or a step sentence such as "
         "'Discharge at C/10 until 1.0 V'",
     ),
-    BeforeValidator(_step_from_string, json_schema_input_type=Union[str, Rest, CC, CP, CV, CCCV, GITT, Voltammetry, EIS, "Repeat", "Loop", "Group"]),
+    BeforeValidator(
+        _step_from_string,
+        json_schema_input_type=Union[str, Rest, CC, CP, CV, CCCV, GITT, Voltammetry, EIS, "Repeat", "Loop", "Group"],
+    ),
 ]
 Repeat.model_rebuild()
 Loop.model_rebuild()
@@ -363,15 +393,20 @@ class Record(_Strict):
     voltage_change_V / current_change_A since the last recorded sample (then the agent reads the instrument
     every poll_interval_s and checks every reading against the limits, recording only what the rule keeps)."""
 
-    interval_s: float = Field(1.0, gt=0, le=3600, description="longest time between recorded samples, seconds of cell time")
+    interval_s: float = Field(
+        1.0, gt=0, le=3600, description="longest time between recorded samples, seconds of cell time"
+    )
     voltage_change_V: float | None = Field(None, gt=0, description="also record when V moved this much")
     current_change_A: float | None = Field(None, gt=0, description="also record when I moved this much")
     poll_interval_s: float | None = Field(
-        None, gt=0, description="how often the agent reads the instrument (default: interval_s, or interval_s / 10 "
-        "when a change rule is given)")
+        None,
+        gt=0,
+        description="how often the agent reads the instrument (default: interval_s, or interval_s / 10 "
+        "when a change rule is given)",
+    )
 
     @model_validator(mode="after")
-    def _poll_within_interval(self) -> "Record":
+    def _poll_within_interval(self) -> Record:
         if self.poll_interval_s is not None and self.poll_interval_s > self.interval_s:
             raise ValueError(f"poll_interval_s {self.poll_interval_s:g} is longer than interval_s {self.interval_s:g}")
         return self
@@ -394,18 +429,23 @@ class Protocol(_Strict):
     )
     method: list[StepItem] = Field(min_length=1)
     stop_when: CycleCondition | None = Field(
-        None, description="experiment-level stop, checked after every cycle: e.g. {discharge_capacity_fraction_below: 0.8}")
+        None,
+        description="experiment-level stop, checked after every cycle: e.g. {discharge_capacity_fraction_below: 0.8}",
+    )
 
     @model_validator(mode="after")
-    def _safety_needs_voltage_window(self) -> "Protocol":
+    def _safety_needs_voltage_window(self) -> Protocol:
         if (self.safety.voltage_min_V is None or self.safety.voltage_max_V is None) and self.drives_the_cell():
-            raise ValueError("safety needs voltage_min_V and voltage_max_V: a protocol that drives current must bound "
-                             "the cell voltage (only a protocol of rest and eis steps may leave it to the channel)")
+            raise ValueError(
+                "safety needs voltage_min_V and voltage_max_V: a protocol that drives current must bound "
+                "the cell voltage (only a protocol of rest and eis steps may leave it to the channel)"
+            )
         return self
 
     def drives_the_cell(self) -> bool:
         """Whether any step sources current or voltage beyond a small-signal EIS: such a protocol states its own
         voltage window; a check-up of rests and spectra runs inside whatever window its channel has."""
+
         def active(items) -> bool:
             for item in items:
                 if isinstance(item, (Repeat, Loop, Group)):
@@ -414,6 +454,7 @@ class Protocol(_Strict):
                 elif not isinstance(item, (Rest, EIS)):
                     return True
             return False
+
         return active(self.method)
 
 
@@ -435,9 +476,16 @@ def _path(loc: tuple) -> tuple:
         if part in UNION_TAGS or str(part).startswith("function-"):
             continue
         following = loc[i + 1] if i + 1 < len(loc) else None
-        is_tag = i > 0 and isinstance(loc[i - 1], int) and part in STEP_KEYS and (
-            following == part or (part in ("repeat", "loop", "group") and following in ("steps", "repeat", "loop", "group", "tag"))
-            or following is None)
+        is_tag = (
+            i > 0
+            and isinstance(loc[i - 1], int)
+            and part in STEP_KEYS
+            and (
+                following == part
+                or (part in ("repeat", "loop", "group") and following in ("steps", "repeat", "loop", "group", "tag"))
+                or following is None
+            )
+        )
         if not is_tag:
             out.append(part)
     return tuple(out)

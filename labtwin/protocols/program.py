@@ -131,8 +131,10 @@ class Interpreter:
             cmd = self.next_command()
             if cmd is None or cmd.step_index != event.step_index or not event.label.startswith(cmd.label):
                 expected = "the end of the program" if cmd is None else f"step {cmd.step_index} ({cmd.label})"
-                raise ResumeMismatch(f"the stored step {event.step_index} ({event.label}) is not what the protocol "
-                                     f"runs there ({expected}): was the protocol file changed since the run began?")
+                raise ResumeMismatch(
+                    f"the stored step {event.step_index} ({event.label}) is not what the protocol "
+                    f"runs there ({expected}): was the protocol file changed since the run began?"
+                )
             self.record(event)
 
     # ------------------------------------------------------------------ experiment-level stop
@@ -157,11 +159,17 @@ def condition_met(condition: CycleCondition, tally: dict[int, CycleTally], cycle
         return True
     if condition.discharge_capacity_fraction_below is not None:
         first = next((tally[c].discharge_Ah for c in sorted(tally) if tally[c].discharge_Ah > 0), None)
-        if first and cycle != min(c for c in tally if tally[c].discharge_Ah > 0) \
-                and this.discharge_Ah / first < condition.discharge_capacity_fraction_below:
+        if (
+            first
+            and cycle != min(c for c in tally if tally[c].discharge_Ah > 0)
+            and this.discharge_Ah / first < condition.discharge_capacity_fraction_below
+        ):
             return True
-    if condition.coulombic_efficiency_below is not None and this.charge_Ah > 0 \
-            and this.discharge_Ah / this.charge_Ah < condition.coulombic_efficiency_below:
+    if (
+        condition.coulombic_efficiency_below is not None
+        and this.charge_Ah > 0
+        and this.discharge_Ah / this.charge_Ah < condition.coulombic_efficiency_below
+    ):
         return True
     return False
 
@@ -171,10 +179,14 @@ def describe(condition: CycleCondition, tally: dict[int, CycleTally], cycle: int
     parts = [f"discharge {this.discharge_Ah * 1e3:.4g} mAh, charge {this.charge_Ah * 1e3:.4g} mAh"]
     first = next((tally[c].discharge_Ah for c in sorted(tally) if tally[c].discharge_Ah > 0), None)
     if condition.discharge_capacity_fraction_below is not None and first:
-        parts.append(f"{100 * this.discharge_Ah / first:.1f} % of the first cycle's "
-                     f"(limit {100 * condition.discharge_capacity_fraction_below:g} %)")
+        parts.append(
+            f"{100 * this.discharge_Ah / first:.1f} % of the first cycle's "
+            f"(limit {100 * condition.discharge_capacity_fraction_below:g} %)"
+        )
     if condition.coulombic_efficiency_below is not None and this.charge_Ah > 0:
-        parts.append(f"CE {100 * this.discharge_Ah / this.charge_Ah:.2f} % (limit {100 * condition.coulombic_efficiency_below:g} %)")
+        parts.append(
+            f"CE {100 * this.discharge_Ah / this.charge_Ah:.2f} % (limit {100 * condition.coulombic_efficiency_below:g} %)"
+        )
     if condition.cycles is not None:
         parts.append(f"{cycle} of {condition.cycles} cycles")
     return "; ".join(parts)

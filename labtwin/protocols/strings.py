@@ -25,8 +25,21 @@ from __future__ import annotations
 import re
 
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-TIME_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
-              "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0, "day": 86400.0, "days": 86400.0}
+TIME_UNITS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "day": 86400.0,
+    "days": 86400.0,
+}
 
 
 class StepStringError(ValueError):
@@ -152,7 +165,9 @@ def to_pybamm(protocol) -> list:
             return [f"{text} {_time_or_voltage(s.until, where)}"]
         if isinstance(item, CP):
             s = item.cp
-            return [f"{'Charge' if s.power_W > 0 else 'Discharge'} at {_fmt(abs(s.power_W))} W {_time_or_voltage(s.until, where)}"]
+            return [
+                f"{'Charge' if s.power_W > 0 else 'Discharge'} at {_fmt(abs(s.power_W))} W {_time_or_voltage(s.until, where)}"
+            ]
         if isinstance(item, CV):
             s = item.cv
             parts = []
@@ -169,11 +184,15 @@ def to_pybamm(protocol) -> list:
                 hold.append(f"for {_fmt(s.until.time_s)} seconds")
             if s.until.current_A is not None or s.until.c_rate is not None:
                 hold.append(f"until {_current_text(s.until.current_A, s.until.c_rate)}")
-            return [f"{'Charge' if sign > 0 else 'Discharge'} at {_current_text(s.current_A, s.c_rate)} until {_fmt(s.voltage_V)} V",
-                    f"Hold at {_fmt(s.voltage_V)} V {' or '.join(hold)}"]
+            return [
+                f"{'Charge' if sign > 0 else 'Discharge'} at {_current_text(s.current_A, s.c_rate)} until {_fmt(s.voltage_V)} V",
+                f"Hold at {_fmt(s.voltage_V)} V {' or '.join(hold)}",
+            ]
         if isinstance(item, (GITT, Voltammetry, EIS)):
             kind = {GITT: "GITT", Voltammetry: "cyclic voltammetry", EIS: "EIS"}[type(item)]
-            raise StepStringError(f"{where}: {kind} steps have no PyBaMM Experiment equivalent (export the cycling part)")
+            raise StepStringError(
+                f"{where}: {kind} steps have no PyBaMM Experiment equivalent (export the cycling part)"
+            )
         raise StepStringError(f"{where}: unknown step")  # pragma: no cover
 
     def flat(items, where: str) -> list[str]:
@@ -186,8 +205,10 @@ def to_pybamm(protocol) -> list:
             elif isinstance(inner, Group):
                 texts.extend(flat(inner.steps, f"{here}.steps"))
             elif isinstance(inner, Loop):
-                raise StepStringError(f"{here}: a loop until a condition has no PyBaMM Experiment equivalent "
-                                      "(write it as a repeat of max_cycles to cross-check)")
+                raise StepStringError(
+                    f"{here}: a loop until a condition has no PyBaMM Experiment equivalent "
+                    "(write it as a repeat of max_cycles to cross-check)"
+                )
             else:
                 texts.extend(one(inner, here))
         return texts
@@ -198,6 +219,11 @@ def to_pybamm(protocol) -> list:
         if isinstance(item, Repeat):
             out.extend([tuple(flat(item.steps, f"{where}.steps"))] * item.repeat)
         else:
-            out.extend(flat(item.steps, f"{where}.steps") if isinstance(item, Group) else flat([item], "method")
-                       if isinstance(item, Loop) else one(item, where))
+            out.extend(
+                flat(item.steps, f"{where}.steps")
+                if isinstance(item, Group)
+                else flat([item], "method")
+                if isinstance(item, Loop)
+                else one(item, where)
+            )
     return out

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from labtwin.devices.clock import ScaledWallClock
 from labtwin.devices import scpi
+from labtwin.devices.clock import ScaledWallClock
+from labtwin.devices.scpi import Command, ScpiError
 from labtwin.physics.library import CellDefinition
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
-from labtwin.devices.scpi import Command, ScpiError
 from labtwin.simulators.scpi_server import ScpiInstrument
 
 IDN = "Keysight Technologies,B2901A,LABTWIN-EMU,3.4.2011.5100"
@@ -128,7 +128,9 @@ class KeysightB2900Emulator(ScpiInstrument):
             if c.parameters and c.parameters[0].replace(" ", "") != "(@1)":
                 raise ScpiError(*scpi.ILLEGAL_PARAMETER)  # a B2901A has one channel
             r = self.potentiostat.read()
-            voltage, current = (r.voltage_V, r.current_A) if (self.output or self.off_mode != "HIZ") else (9.91e37, 9.91e37)
+            voltage, current = (
+                (r.voltage_V, r.current_A) if (self.output or self.off_mode != "HIZ") else (9.91e37, 9.91e37)
+            )
             self.answered_reads.append((voltage, current))
             return f"{voltage:+.9E},{current:+.9E}"
         raise ScpiError(*scpi.UNDEFINED_HEADER)

@@ -24,16 +24,25 @@ import threading
 
 import numpy as np
 
-from labtwin.devices.methodscript import MethodScriptFormatError, encode_variable, parse_literal
 from labtwin.devices.clock import ScaledWallClock
+from labtwin.devices.methodscript import MethodScriptFormatError, encode_variable, parse_literal
 from labtwin.documents import SweepSettings
 from labtwin.physics.library import CellDefinition
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
 from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 FIRMWARE = ("tes4_lr1.3", "#labtwin MethodSCRIPT emulator*")
-SETTINGS = {"set_pgstat_chan", "set_pgstat_mode", "set_max_bandwidth", "set_range", "set_autoranging",
-            "set_range_minmax", "set_acquisition_frac_autoadjust", "set_gpio_cfg", "set_gpio"}
+SETTINGS = {
+    "set_pgstat_chan",
+    "set_pgstat_mode",
+    "set_max_bandwidth",
+    "set_range",
+    "set_autoranging",
+    "set_range_minmax",
+    "set_acquisition_frac_autoadjust",
+    "set_gpio_cfg",
+    "set_gpio",
+}
 LOOPS = {"meas_loop_ocp": 3, "meas_loop_ca": 5, "meas_loop_cp": 5, "meas_loop_cv": 7, "meas_loop_eis": 8}
 BODY = {"pck_start", "pck_add", "pck_end", "timer_get"}
 COMPLIANCE_V = 10.0  # the galvanostat's potential range
@@ -42,7 +51,9 @@ CURRENT_LIMIT_A = 0.03
 
 class ScriptError(Exception):
     def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"!4004: Line {line}, Col 1")  # code 0x4004 chosen here: the manual's code table was not at hand
+        super().__init__(
+            f"!4004: Line {line}, Col 1"
+        )  # code 0x4004 chosen here: the manual's code table was not at hand
         self.detail = message
 
 
@@ -88,7 +99,15 @@ class EmStatEmulator:
             elif word in ("pck_add", "timer_get"):
                 if len(tokens) != 2 or tokens[1] not in declared:
                     raise ScriptError(number, f"{word} needs a declared variable")
-            elif word not in SETTINGS | BODY | {"cell_on", "cell_off", "set_e", "set_i", "timer_start", "on_finished:", "store_var"}:
+            elif word not in SETTINGS | BODY | {
+                "cell_on",
+                "cell_off",
+                "set_e",
+                "set_i",
+                "timer_start",
+                "on_finished:",
+                "store_var",
+            }:
                 raise ScriptError(number, f"unknown command {word!r}")
             for token in tokens[1:]:
                 if token in declared or token.startswith("nscans(") or word in SETTINGS | {"store_var"}:
@@ -112,7 +131,7 @@ class EmStatEmulator:
         on_finished: list[tuple[int, list[str]]] = []
         if any(tokens[0] == "on_finished:" for _, tokens in commands):
             split = next(i for i, (_, tokens) in enumerate(commands) if tokens[0] == "on_finished:")
-            commands, on_finished = commands[:split], commands[split + 1:]
+            commands, on_finished = commands[:split], commands[split + 1 :]
         try:
             self._block(commands, values, emit)
         finally:
@@ -134,7 +153,7 @@ class EmStatEmulator:
                     depth += 1 if commands[end][1][0] in LOOPS else -1 if commands[end][1][0] == "endloop" else 0
                     end += 1
                 if not self._abort.is_set():
-                    self._loop(tokens, commands[i + 1:end - 1], values, emit)
+                    self._loop(tokens, commands[i + 1 : end - 1], values, emit)
                 i = end
                 continue
             if word == "cell_on":
@@ -191,9 +210,11 @@ class EmStatEmulator:
             elif word == "meas_loop_cv":
                 pv, cv = args[0], args[1]
                 start, v1, v2, step, rate = (self._value(a, values) for a in args[2:7])
-                cycles = int(args[7][len("nscans("):-1]) if len(args) > 7 else 1
+                cycles = int(args[7][len("nscans(") : -1]) if len(args) > 7 else 1
                 kinds.update({pv: "da", cv: "ba"})
-                sweep = SweepSettings(start_V=start, vertex_1_V=v1, vertex_2_V=v2, scan_rate_V_s=rate, step_V=step, cycles=cycles)
+                sweep = SweepSettings(
+                    start_V=start, vertex_1_V=v1, vertex_2_V=v2, scan_rate_V_s=rate, step_V=step, cycles=cycles
+                )
                 for potential in sweep.potentials_V():
                     p.set_voltage(potential, CURRENT_LIMIT_A)
                     wait(step / rate)
@@ -245,7 +266,7 @@ class EmStatServer:
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> "EmStatServer":
+    async def start(self) -> EmStatServer:
         self._server = await asyncio.start_server(self._client, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -264,7 +285,9 @@ class EmStatServer:
                 emulator.packets_sent.append(line)
                 if emulator.fault_after_packets is not None:
                     emulator.fault_after_packets -= 1
-            armed = emulator.fault is not None and (emulator.fault_after_packets is None or emulator.fault_after_packets < 0)
+            armed = emulator.fault is not None and (
+                emulator.fault_after_packets is None or emulator.fault_after_packets < 0
+            )
             if closed.is_set() or (armed and emulator.fault == "silent"):
                 return
             if armed and emulator.fault == "close":

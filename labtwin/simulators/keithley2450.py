@@ -28,11 +28,11 @@ import logging
 
 import numpy as np
 
-from labtwin.devices.clock import ScaledWallClock
 from labtwin.devices import scpi
+from labtwin.devices.clock import ScaledWallClock
+from labtwin.devices.scpi import Command, ScpiError
 from labtwin.physics.library import CellDefinition
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
-from labtwin.devices.scpi import Command, ScpiError
 from labtwin.simulators.scpi_server import ScpiInstrument
 
 log = logging.getLogger(__name__)
@@ -209,4 +209,3 @@ class Keithley2450Emulator(ScpiInstrument):
             else:
                 raise ScpiError(*scpi.ILLEGAL_PARAMETER)
         return ",".join(out)
-

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 
 from labtwin.devices.clock import Clock
-from labtwin.documents import StepCommand, StepKind
 from labtwin.devices.potentiostat import Reading
+from labtwin.documents import StepCommand, StepKind
 from labtwin.physics.library import CellDefinition
 
 Mode = Literal["off", "open_circuit", "current", "voltage"]

@@ -67,7 +67,7 @@ class ScpiServer:
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> "ScpiServer":
+    async def start(self) -> ScpiServer:
         self._server = await asyncio.start_server(self._client, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -85,7 +85,9 @@ class ScpiServer:
                     continue
                 if emulator.fault_after_queries is not None and "?" in line:
                     emulator.fault_after_queries -= 1
-                armed = emulator.fault is not None and (emulator.fault_after_queries is None or emulator.fault_after_queries < 0)
+                armed = emulator.fault is not None and (
+                    emulator.fault_after_queries is None or emulator.fault_after_queries < 0
+                )
                 if armed and emulator.fault == "close":
                     break
                 answer = await asyncio.get_running_loop().run_in_executor(None, emulator.handle, line)
@@ -127,9 +129,11 @@ class ScpiEmulatorThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="scpi-emulator", daemon=True)
         self.server = None
 
-    def __enter__(self) -> "ScpiEmulatorThread":
+    def __enter__(self) -> ScpiEmulatorThread:
         self._thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._server_class(self.emulator, port=self._port).start(), self._loop).result(10)
+        self.server = asyncio.run_coroutine_threadsafe(
+            self._server_class(self.emulator, port=self._port).start(), self._loop
+        ).result(10)
         return self
 
     @property

@@ -24,14 +24,13 @@ from typing import Protocol
 
 import numpy as np
 
+from labtwin.analysis.summary import CycleSummary, charge_direction, coulombic_efficiency
+from labtwin.documents import Action, Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent, StepKind
 from labtwin.twin.detectors.cycling import CyclingDetector
 from labtwin.twin.detectors.impedance import ImpedanceGrowthDetector
 from labtwin.twin.detectors.oscillation import OscillationDetector
 from labtwin.twin.detectors.residual import ResidualDetector
 from labtwin.twin.detectors.soft_short import SoftShortDetector
-from labtwin.documents import RunStart, RunStop, SampleBatch, StepEvent, StepKind
-from labtwin.analysis.summary import CycleSummary, charge_direction, coulombic_efficiency
-from labtwin.documents import Action, Anomaly, CellState
 from labtwin.twin.estimator import RecursiveRcEstimator
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,9 @@ class CellModel(Protocol):
 
     nominal_capacity_Ah: float
 
-    def step(self, dt_s: float, mode: str, setpoint: float = 0.0, compliance: float = math.inf) -> tuple[float, float]: ...
+    def step(
+        self, dt_s: float, mode: str, setpoint: float = 0.0, compliance: float = math.inf
+    ) -> tuple[float, float]: ...
 
     def open_circuit_voltage_V(self) -> float: ...
 
@@ -69,8 +70,15 @@ class _Cycle:
 
 
 class CellTwin:
-    def __init__(self, cell: str, model_factory: Callable[[], CellModel | None], model_name: str = "",
-                 settings: TwinSettings | None = None, lab: str = "", nominal_capacity_Ah: float | None = None) -> None:
+    def __init__(
+        self,
+        cell: str,
+        model_factory: Callable[[], CellModel | None],
+        model_name: str = "",
+        settings: TwinSettings | None = None,
+        lab: str = "",
+        nominal_capacity_Ah: float | None = None,
+    ) -> None:
         self.cell = cell
         self.lab = lab
         self.model_name = model_name
@@ -119,8 +127,11 @@ class CellTwin:
                     progressed = True
                     break
         if len(self._pending) > 2000:  # something never arrived (lost batch): apply in arrival order rather than stall
-            log.warning("twin %s: %d documents waiting for a predecessor that never came; applying them as they are",
-                        self.cell, len(self._pending))
+            log.warning(
+                "twin %s: %d documents waiting for a predecessor that never came; applying them as they are",
+                self.cell,
+                len(self._pending),
+            )
             for doc_ in sorted(self._pending, key=lambda d: getattr(d, "seq", -1)):
                 found += self._apply(doc_)
             self._pending = []
@@ -181,7 +192,9 @@ class CellTwin:
             self.model = self._factory()
         self._new_run_detectors()
         self.estimator.reset_continuity()
-        self.state = self.state.model_copy(update={"run_id": doc.run_id, "channel": doc.channel, "time_s": 0.0, "cycle": 0})
+        self.state = self.state.model_copy(
+            update={"run_id": doc.run_id, "channel": doc.channel, "time_s": 0.0, "cycle": 0}
+        )
         return []
 
     def on_step_event(self, ev: StepEvent) -> list[Anomaly]:
@@ -190,7 +203,9 @@ class CellTwin:
             self._step_kind, self._step_index = ev.step, ev.step_index
             self._step_sign = 0.0
             if self._cycle.number == 0 and ev.step not in (StepKind.rest, StepKind.eis):
-                self._cycle.number = 1  # the first current-carrying step opens cycle 1 (its direction is known at its end)
+                self._cycle.number = (
+                    1  # the first current-carrying step opens cycle 1 (its direction is known at its end)
+                )
             self.oscillation.start_step()
             self.soft_short.start_step()
             self.residual.start_step()
@@ -204,11 +219,21 @@ class CellTwin:
         if ev.step == StepKind.rest and self._dq_dv_Ah_per_V:
             leak = self.soft_short.rest_leak(np.array(self._rest_t), np.array(self._rest_r), self._dq_dv_Ah_per_V)
             if leak is not None:
-                found.append(self._anomaly("soft_short", self._rest_t[len(self._rest_t) // 2], ev.time_s,
-                                           f"cell loses charge at rest: leakage {leak.leak_A:.3g} A "
-                                           f"({leak.drift_V * 1e3:.1f} mV below its model over the second half of the rest)",
-                                           {"leak_A": leak.leak_A, "drift_V": leak.drift_V}))
-        if ev.stats is not None and ev.step in (StepKind.cc, StepKind.cccv, StepKind.cv, StepKind.cp) and len(self._step_q) > 10:
+                found.append(
+                    self._anomaly(
+                        "soft_short",
+                        self._rest_t[len(self._rest_t) // 2],
+                        ev.time_s,
+                        f"cell loses charge at rest: leakage {leak.leak_A:.3g} A "
+                        f"({leak.drift_V * 1e3:.1f} mV below its model over the second half of the rest)",
+                        {"leak_A": leak.leak_A, "drift_V": leak.drift_V},
+                    )
+                )
+        if (
+            ev.stats is not None
+            and ev.step in (StepKind.cc, StepKind.cccv, StepKind.cv, StepKind.cp)
+            and len(self._step_q) > 10
+        ):
             tail = max(3, len(self._step_q) // 5)
             dq = abs(self._step_q[-1] - self._step_q[-tail])
             dv = abs(self._step_v[-1] - self._step_v[-tail])
@@ -284,43 +309,74 @@ class CellTwin:
         if self._step_kind == StepKind.cc and i != 0.0:
             onset = self.oscillation.add(t, q, v)
             if onset is not None:
-                found.append(self._anomaly(
-                    "oscillation_onset", onset.onset_time_s, t,
-                    f"voltage oscillation on the plateau: amplitude {onset.amplitude_V * 1e3:.2f} mV, "
-                    f"period {onset.period_Ah * 1e6:.3g} uAh",
-                    {"amplitude_V": onset.amplitude_V, "period_Ah": onset.period_Ah, "correlation": onset.correlation,
-                     "onset_capacity_Ah": onset.onset_capacity_Ah}))
+                found.append(
+                    self._anomaly(
+                        "oscillation_onset",
+                        onset.onset_time_s,
+                        t,
+                        f"voltage oscillation on the plateau: amplitude {onset.amplitude_V * 1e3:.2f} mV, "
+                        f"period {onset.period_Ah * 1e6:.3g} uAh",
+                        {
+                            "amplitude_V": onset.amplitude_V,
+                            "period_Ah": onset.period_Ah,
+                            "correlation": onset.correlation,
+                            "onset_capacity_Ah": onset.onset_capacity_Ah,
+                        },
+                    )
+                )
         if self._step_kind in (StepKind.cc, StepKind.rest):
             jump = self.soft_short.add(t, v, i)
             if jump is not None:
-                found.append(self._anomaly("voltage_drop", t, t, f"sudden voltage change of {jump.jump_V * 1e3:.1f} mV "
-                                           f"under steady current (typical {jump.typical_change_V * 1e3:.2f} mV per sample)",
-                                           {"jump_V": jump.jump_V, "typical_change_V": jump.typical_change_V}))
+                found.append(
+                    self._anomaly(
+                        "voltage_drop",
+                        t,
+                        t,
+                        f"sudden voltage change of {jump.jump_V * 1e3:.1f} mV "
+                        f"under steady current (typical {jump.typical_change_V * 1e3:.2f} mV per sample)",
+                        {"jump_V": jump.jump_V, "typical_change_V": jump.typical_change_V},
+                    )
+                )
         if self._step_kind == StepKind.rest and residual is not None:
             self._rest_t.append(t)
             self._rest_r.append(residual)
         if residual is not None:
             excursion = self.residual.add(t, residual, v - previous_v if previous_v is not None else 0.0)
             if excursion is not None:
-                found.append(self._anomaly("twin_residual", excursion.onset_time_s, t,
-                                           f"measured voltage departs from the twin by {(excursion.residual_V - excursion.baseline_V) * 1e3:.1f} mV "
-                                           f"({abs(excursion.residual_V - excursion.baseline_V) / excursion.sigma_V:.1f} sigma)",
-                                           {"residual_V": excursion.residual_V, "baseline_V": excursion.baseline_V,
-                                            "sigma_V": excursion.sigma_V}))
+                found.append(
+                    self._anomaly(
+                        "twin_residual",
+                        excursion.onset_time_s,
+                        t,
+                        f"measured voltage departs from the twin by {(excursion.residual_V - excursion.baseline_V) * 1e3:.1f} mV "
+                        f"({abs(excursion.residual_V - excursion.baseline_V) / excursion.sigma_V:.1f} sigma)",
+                        {
+                            "residual_V": excursion.residual_V,
+                            "baseline_V": excursion.baseline_V,
+                            "sigma_V": excursion.sigma_V,
+                        },
+                    )
+                )
         est = self.estimator.estimate()
         remaining = None
         if self._soc is not None and i != 0.0:
             capacity = self._capacity_Ah or self.nominal_capacity_Ah
             left_Ah = (1.0 - self._soc) * capacity if i > 0 else self._soc * capacity
             remaining = t + max(left_Ah, 0.0) * 3600.0 / abs(i)
-        self.state = self.state.model_copy(update={
-            "time_s": t, "voltage_V": v, "predicted_voltage_V": predicted, "residual_V": residual,
-            "residual_sigma_V": self.residual.sigma_V, "soc": self._soc,
-            "series_resistance_ohm": est.series_resistance_ohm if est else None,
-            "rc_resistance_ohm": est.rc_resistance_ohm if est else None,
-            "rc_time_constant_s": est.rc_time_constant_s if est else None,
-            "predicted_step_end_s": remaining,
-        })
+        self.state = self.state.model_copy(
+            update={
+                "time_s": t,
+                "voltage_V": v,
+                "predicted_voltage_V": predicted,
+                "residual_V": residual,
+                "residual_sigma_V": self.residual.sigma_V,
+                "soc": self._soc,
+                "series_resistance_ohm": est.series_resistance_ohm if est else None,
+                "rc_resistance_ohm": est.rc_resistance_ohm if est else None,
+                "rc_time_constant_s": est.rc_time_constant_s if est else None,
+                "predicted_step_end_s": remaining,
+            }
+        )
         return found
 
     # ------------------------------------------------------------------ impedance
@@ -334,19 +390,31 @@ class CellTwin:
         except ValueError as exc:
             log.warning("twin %s: EIS fit failed: %s", self.cell, exc)
             return []
-        resistances = {name: value for name, value in fit.parameters.items()
-                       if name[0] == "R" and name[1:].isdigit() and name != "R0"}
+        resistances = {
+            name: value
+            for name, value in fit.parameters.items()
+            if name[0] == "R" and name[1:].isdigit() and name != "R0"
+        }
         cycle = max(self._cycle.number, 1)
         self.state = self.state.model_copy(update={"impedance_ohm": dict(fit.parameters)})
         found = []
         for growth in self.impedance_detector.add_fit(cycle, resistances):
-            found.append(self._anomaly(
-                "impedance_growth", ev.time_s, ev.time_s,
-                f"{growth.element} grew {growth.growth:.0%} over its baseline ({growth.baseline_ohm:.1f} -> "
-                f"{growth.resistance_ohm:.1f} ohm, {growth.rate_ohm_per_cycle:.2f} ohm/cycle)",
-                {"element_resistance_ohm": growth.resistance_ohm, "baseline_ohm": growth.baseline_ohm,
-                 "growth": growth.growth, "rate_ohm_per_cycle": growth.rate_ohm_per_cycle},
-                element=growth.element))
+            found.append(
+                self._anomaly(
+                    "impedance_growth",
+                    ev.time_s,
+                    ev.time_s,
+                    f"{growth.element} grew {growth.growth:.0%} over its baseline ({growth.baseline_ohm:.1f} -> "
+                    f"{growth.resistance_ohm:.1f} ohm, {growth.rate_ohm_per_cycle:.2f} ohm/cycle)",
+                    {
+                        "element_resistance_ohm": growth.resistance_ohm,
+                        "baseline_ohm": growth.baseline_ohm,
+                        "growth": growth.growth,
+                        "rate_ohm_per_cycle": growth.rate_ohm_per_cycle,
+                    },
+                    element=growth.element,
+                )
+            )
         return found
 
     # ------------------------------------------------------------------ cycles
@@ -377,34 +445,61 @@ class CellTwin:
         if len(c.directions) < 2:  # a cycle went both ways, or it is not a cycle (a GITT charge, a formation half)
             return []
         figures = CycleSummary(
-            cycle=c.number, charge_Ah=c.charge_Ah, discharge_Ah=c.discharge_Ah,
+            cycle=c.number,
+            charge_Ah=c.charge_Ah,
+            discharge_Ah=c.discharge_Ah,
             coulombic_efficiency=coulombic_efficiency(c.charge_Ah, c.discharge_Ah, c.first_direction),
-            energy_in_Wh=c.energy_in_Wh, energy_out_Wh=c.energy_out_Wh, end_of_charge_V=None, end_of_discharge_V=None,
+            energy_in_Wh=c.energy_in_Wh,
+            energy_out_Wh=c.energy_out_Wh,
+            end_of_charge_V=None,
+            end_of_discharge_V=None,
             first_direction=c.first_direction,
         )
-        self._cycle = _Cycle(number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction)
+        self._cycle = _Cycle(
+            number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction
+        )
         self._capacity_Ah = figures.delivered_Ah
         first = self.cycling.cycles[0].delivered_Ah if self.cycling.cycles else figures.delivered_Ah
-        found = [self._anomaly(f.kind, time_s, time_s, f.message, f.figures, cycle=figures.cycle)
-                 for f in self.cycling.add_cycle(figures)]
-        self.state = self.state.model_copy(update={
-            "capacity_Ah": figures.delivered_Ah, "capacity_retention": figures.delivered_Ah / first if first else None,
-            "coulombic_efficiency": figures.coulombic_efficiency,
-        })
+        found = [
+            self._anomaly(f.kind, time_s, time_s, f.message, f.figures, cycle=figures.cycle)
+            for f in self.cycling.add_cycle(figures)
+        ]
+        self.state = self.state.model_copy(
+            update={
+                "capacity_Ah": figures.delivered_Ah,
+                "capacity_retention": figures.delivered_Ah / first if first else None,
+                "coulombic_efficiency": figures.coulombic_efficiency,
+            }
+        )
         return found
 
     # ------------------------------------------------------------------ output
-    def _anomaly(self, kind: str, onset_s: float, detected_s: float, message: str, figures: dict[str, float],
-                 cycle: int | None = None, element: str | None = None) -> Anomaly:
+    def _anomaly(
+        self,
+        kind: str,
+        onset_s: float,
+        detected_s: float,
+        message: str,
+        figures: dict[str, float],
+        cycle: int | None = None,
+        element: str | None = None,
+    ) -> Anomaly:
         policy = self.settings.policy
         action = policy.get(f"{kind}:{element}") if element else None
         action = action or policy.get(kind, "notify")
         anomaly = Anomaly(
-            kind=kind, cell=self.cell, lab=self.lab, channel=self.run.channel if self.run else "",
-            run_id=self.run.run_id if self.run else "", time_s=onset_s, detected_time_s=detected_s,
-            cycle=cycle if cycle is not None else self._cycle.number, step=self._step_index,
+            kind=kind,
+            cell=self.cell,
+            lab=self.lab,
+            channel=self.run.channel if self.run else "",
+            run_id=self.run.run_id if self.run else "",
+            time_s=onset_s,
+            detected_time_s=detected_s,
+            cycle=cycle if cycle is not None else self._cycle.number,
+            step=self._step_index,
             message=(f"{element}: " if element and not message.startswith(element) else "") + message,
-            figures={k: float(v) for k, v in figures.items() if v is not None and math.isfinite(float(v))}, action=action,
+            figures={k: float(v) for k, v in figures.items() if v is not None and math.isfinite(float(v))},
+            action=action,
         )
         self.anomalies.append(anomaly)
         self.state = self.state.model_copy(update={"anomalies": len(self.anomalies)})

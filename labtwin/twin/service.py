@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
-from labtwin.documents import PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
+from labtwin.documents import Anomaly, PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
 from labtwin.twin.cell_twin import CellTwin
-from labtwin.documents import Anomaly
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,15 @@ class TwinStats:
 
 
 class TwinService:
-    def __init__(self, broker_url: str, twin_for: TwinFactory, lab: str = "+", *, state_interval_s: float = 0.5,
-                 client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        twin_for: TwinFactory,
+        lab: str = "+",
+        *,
+        state_interval_s: float = 0.5,
+        client_id: str | None = None,
+    ) -> None:
         self.broker_url = broker_url
         self.twin_for = twin_for
         self.lab = lab
@@ -87,12 +93,20 @@ class TwinService:
                         await bus.publish(cell_topic(lab, cell, "anomaly"), anomaly)
                         self.stats.latencies_s.append(time.perf_counter() - received)
                         if anomaly.action == "stop" and anomaly.run_id:
-                            await bus.publish(topic(lab, anomaly.channel, "cmd"), StopRun(
-                                run_id=anomaly.run_id, exit_status="aborted", reason=f"twin: {anomaly.kind}: {anomaly.message}"))
+                            await bus.publish(
+                                topic(lab, anomaly.channel, "cmd"),
+                                StopRun(
+                                    run_id=anomaly.run_id,
+                                    exit_status="aborted",
+                                    reason=f"twin: {anomaly.kind}: {anomaly.message}",
+                                ),
+                            )
                             self.stats.stops_requested += 1
                         elif anomaly.action == "pause" and anomaly.run_id:
-                            await bus.publish(topic(lab, anomaly.channel, "cmd"), PauseRun(
-                                run_id=anomaly.run_id, reason=f"twin: {anomaly.kind}: {anomaly.message}"))
+                            await bus.publish(
+                                topic(lab, anomaly.channel, "cmd"),
+                                PauseRun(run_id=anomaly.run_id, reason=f"twin: {anomaly.kind}: {anomaly.message}"),
+                            )
                             self.stats.pauses_requested += 1
                     for lab, cell, state in published["states"]:
                         await bus.publish(cell_topic(lab, cell, "state"), state, retain=True)
@@ -145,6 +159,7 @@ class TwinService:
 
     async def wait_run_followed(self, run_id: str, timeout_s: float = 60.0) -> None:
         """Until the twin has applied a run's RunStop, i.e. every document of the run."""
+
         async def _wait() -> None:
             async with self._anomaly_seen:
                 await self._anomaly_seen.wait_for(lambda: run_id in self.finished_runs)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -39,13 +39,39 @@ method:
 
 def write_campaign(tmp_path, lab: str, cells: dict[str, list[str]]) -> Path:
     (tmp_path / "cycle.yaml").write_text(PROTOCOL)
-    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": lab, "channels": {
-        ch: {"driver": "simulated", "cell": "lto_bare_thinfilm", "limits": {"voltage_min_V": 0.1, "voltage_max_V": 4.0}}
-        for chans in cells.values() for ch in chans}}))
+    (tmp_path / "lab.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lab": lab,
+                "channels": {
+                    ch: {
+                        "driver": "simulated",
+                        "cell": "lto_bare_thinfilm",
+                        "limits": {"voltage_min_V": 0.1, "voltage_max_V": 4.0},
+                    }
+                    for chans in cells.values()
+                    for ch in chans
+                },
+            }
+        )
+    )
     path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump({"campaign": "c", "cells": [
-        {"id": cell, "channels": chans, "protocols": [str(tmp_path / "cycle.yaml")], "nominal_capacity_Ah": 5.18e-5}
-        for cell, chans in cells.items()]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": "c",
+                "cells": [
+                    {
+                        "id": cell,
+                        "channels": chans,
+                        "protocols": [str(tmp_path / "cycle.yaml")],
+                        "nominal_capacity_Ah": 5.18e-5,
+                    }
+                    for cell, chans in cells.items()
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -63,12 +89,24 @@ def test_a_campaign_file_is_checked_and_planned(tmp_path):
     assert f"{bad}:5: cells[0].protocols: no protocol file 'no-such-protocol'" in message
 
 
-async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repeating_a_step(embedded_broker, unique_lab, tmp_path):
+async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repeating_a_step(
+    embedded_broker, unique_lab, tmp_path
+):
     campaign = write_campaign(tmp_path, unique_lab, {"LTO-1": ["c1"]})
     store_path = tmp_path / "s.db"
     lab = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"}, speed=500.0)
-    command = [LABTWIN, "campaign", "run", str(campaign), "--broker", embedded_broker.url, "--lab", str(tmp_path / "lab.yaml"),
-               "--store", str(store_path)]
+    command = [
+        LABTWIN,
+        "campaign",
+        "run",
+        str(campaign),
+        "--broker",
+        embedded_broker.url,
+        "--lab",
+        str(tmp_path / "lab.yaml"),
+        "--store",
+        str(store_path),
+    ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own Prefect server and database
     async with LocalLab(lab, ["c1"], embedded_broker.url, str(store_path)) as local:
         sent: list[int] = []
@@ -90,11 +128,12 @@ async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repea
         first.send_signal(signal.SIGKILL)  # the flow's process dies; the agent and the recorder live on
         first.wait(10)
         completed_before = {e.step_index for e in local.store.step_events(run_id)}
-        second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
-                                                      stderr=asyncio.subprocess.PIPE)
+        second = await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         try:
             out, err = await asyncio.wait_for(second.communicate(), 240)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             second.kill()
             out, err = await second.communicate()
             raise AssertionError(err.decode()[-6000:]) from None
@@ -112,21 +151,48 @@ async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repea
     assert all(e.reason.kind == "end_condition" for e in ended)
     assert seqs == list(range(len(seqs)))  # the record goes on without a gap or a duplicate
     assert stored == stop.n_samples
-    status = subprocess.run([LABTWIN, "campaign", "status", str(campaign), "--lab", str(tmp_path / "lab.yaml"),
-                             "--store", str(store_path)], capture_output=True, text=True, env=env)
+    status = subprocess.run(
+        [LABTWIN, "campaign", "status", str(campaign), "--lab", str(tmp_path / "lab.yaml"), "--store", str(store_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert status.returncode == 0 and status.stdout.strip().endswith("1 finished")
     Store.open(store_path).close()
 
 
-async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_that_step(embedded_broker, unique_lab, tmp_path):
+async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_that_step(
+    embedded_broker, unique_lab, tmp_path
+):
     """The agent's process dies mid-step (SIGKILL: no goodbye), and the campaign's with it; the agent comes
     back; rerunning the campaign resumes at the step that was cut off, with a fresh agent that never saw it."""
     campaign = write_campaign(tmp_path, unique_lab, {"LTO-1": ["c1"]})
     store_path = tmp_path / "s.db"
     lab_file = str(tmp_path / "lab.yaml")
-    agent_cmd = [LABTWIN, "agent", "--channel", "c1", "--lab", lab_file, "--broker", embedded_broker.url, "--speed", "400"]
-    campaign_cmd = [LABTWIN, "campaign", "run", str(campaign), "--broker", embedded_broker.url, "--lab", lab_file,
-                    "--store", str(store_path)]
+    agent_cmd = [
+        LABTWIN,
+        "agent",
+        "--channel",
+        "c1",
+        "--lab",
+        lab_file,
+        "--broker",
+        embedded_broker.url,
+        "--speed",
+        "400",
+    ]
+    campaign_cmd = [
+        LABTWIN,
+        "campaign",
+        "run",
+        str(campaign),
+        "--broker",
+        embedded_broker.url,
+        "--lab",
+        lab_file,
+        "--store",
+        str(store_path),
+    ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     run_id = "c-LTO-1-1-cycle"
     recorder_only = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"})  # its channels are not started here
@@ -140,7 +206,7 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
                 assert time.monotonic() < deadline, "the campaign did not get going"
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.5)  # into the charge (about 4 s of wall time at 400x)
-            killed_at = datetime.now(timezone.utc)
+            killed_at = datetime.now(UTC)
             agent.send_signal(signal.SIGKILL)
             agent.wait(10)
             interrupted = max(e.step_index for e in local.store.step_events(run_id, event="started"))
@@ -149,8 +215,9 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
             first.send_signal(signal.SIGKILL)
             first.wait(10)
             agent = subprocess.Popen(agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            second = await asyncio.create_subprocess_exec(*campaign_cmd, env=env, stdout=asyncio.subprocess.PIPE,
-                                                          stderr=asyncio.subprocess.PIPE)
+            second = await asyncio.create_subprocess_exec(
+                *campaign_cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
             out, err = await asyncio.wait_for(second.communicate(), 240)
             assert second.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
             await local.wait_stored(run_id)
@@ -162,30 +229,46 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
         started = [e.step_index for e in local.store.step_events(run_id, event="started") if e.step_index < 100_000]
         seqs = local.store.seqs(run_id)
     assert stop is not None and stop.exit_status == "success", stop
-    assert sorted(e.step_index for e in ended) == list(range(13)) and all(e.reason.kind == "end_condition" for e in ended)
+    assert sorted(e.step_index for e in ended) == list(range(13)) and all(
+        e.reason.kind == "end_condition" for e in ended
+    )
     assert interrupted == 3 and sorted(set(started)) == list(range(13))
     # The steps completed before the kill were not run again (their ends are the ones from before it); the cut-off
     # step and everything after it ended after the restart.
     assert all((e.wall_time < killed_at) == (e.step_index < interrupted) for e in ended)
-    assert seqs == sorted(set(seqs)) and seqs[0] == 0  # no duplicate batch; the dead agent's unsent tail is the only gap
+    assert (
+        seqs == sorted(set(seqs)) and seqs[0] == 0
+    )  # no duplicate batch; the dead agent's unsent tail is the only gap
 
 
 async def test_a_campaign_run_on_prefect_in_memory_keeps_nothing_of_prefect_and_everything_in_the_store(
-        embedded_broker, unique_lab, tmp_path):
+    embedded_broker, unique_lab, tmp_path
+):
     """`--prefect-db memory`: the ephemeral API's database in memory (the fast choice for big campaigns); no
     Prefect database file is written, the store has the run. A database it cannot use is refused by name."""
     campaign = write_campaign(tmp_path, unique_lab, {"LTO-1": ["c1"]})
     (tmp_path / "cycle.yaml").write_text(PROTOCOL.replace("  - repeat: 3", "  - repeat: 1"))
     store_path = tmp_path / "s.db"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    command = [LABTWIN, "campaign", "run", str(campaign), "--broker", embedded_broker.url, "--lab", str(tmp_path / "lab.yaml"),
-               "--store", str(store_path)]
+    command = [
+        LABTWIN,
+        "campaign",
+        "run",
+        str(campaign),
+        "--broker",
+        embedded_broker.url,
+        "--lab",
+        str(tmp_path / "lab.yaml"),
+        "--store",
+        str(store_path),
+    ]
     bad = subprocess.run([*command, "--prefect-db", "mysql://db"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--prefect-db 'mysql://db': give memory, a postgresql://" in bad.stderr, bad.stderr
     lab = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"}, speed=2000.0)
     async with LocalLab(lab, ["c1"], embedded_broker.url, str(store_path)) as local:
-        done = await asyncio.create_subprocess_exec(*command, "--prefect-db", "memory", env=env,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        done = await asyncio.create_subprocess_exec(
+            *command, "--prefect-db", "memory", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(done.communicate(), 180)
         assert done.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
         await local.wait_stored("c-LTO-1-1-cycle")

@@ -46,22 +46,59 @@ def prefect_db():
 
 
 def test_serving_a_campaign_runs_its_jobs_and_its_schedule_through_prefect_deployments(tmp_path, prefect_db):
-    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": "serve", "channels": {
-        "a1": {"driver": "simulated", "cell": "lto_bare_thinfilm", "limits": {"voltage_min_V": 0.1, "voltage_max_V": 3.5}},
-        "a2": {"driver": "simulated", "cell": "lco-lgps-glassy-ceramic", "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8}},
-    }}))
+    (tmp_path / "lab.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lab": "serve",
+                "channels": {
+                    "a1": {
+                        "driver": "simulated",
+                        "cell": "lto_bare_thinfilm",
+                        "limits": {"voltage_min_V": 0.1, "voltage_max_V": 3.5},
+                    },
+                    "a2": {
+                        "driver": "simulated",
+                        "cell": "lco-lgps-glassy-ceramic",
+                        "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8},
+                    },
+                },
+            }
+        )
+    )
     campaign = tmp_path / "campaign.yaml"
-    campaign.write_text(yaml.safe_dump({
-        "campaign": "served", "lab": str(tmp_path / "lab.yaml"),
-        "cells": [{"id": "LTO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 5.18e-5},
-                  {"id": "LCO-1", "channels": ["a2"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3}],
-        "schedule": [{"protocol": "eis-checkup", "cells": ["LTO-1", "LCO-1"], "every": "4s"}],
-    }))
+    campaign.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": "served",
+                "lab": str(tmp_path / "lab.yaml"),
+                "cells": [
+                    {"id": "LTO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 5.18e-5},
+                    {"id": "LCO-1", "channels": ["a2"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3},
+                ],
+                "schedule": [{"protocol": "eis-checkup", "cells": ["LTO-1", "LCO-1"], "every": "4s"}],
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     db = ["--prefect-db", prefect_db] if prefect_db else []
     done = subprocess.run(
-        [LABTWIN, "campaign", "serve", str(campaign), "--for", "15s", "--prefect-port", str(free_port()), *db, "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+        [
+            LABTWIN,
+            "campaign",
+            "serve",
+            str(campaign),
+            "--for",
+            "15s",
+            "--prefect-port",
+            str(free_port()),
+            *db,
+            "--json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     served = json.loads(done.stdout)
@@ -86,9 +123,18 @@ def test_serving_a_campaign_runs_its_jobs_and_its_schedule_through_prefect_deplo
     scheduled = [r for r in runs if "-s1-eis-checkup-" in r.run_id]
     assert len(scheduled) >= 2 and len({r.run_id for r in scheduled}) == len(scheduled)
     assert {r.exit_status for r in scheduled if r.stopped_at} == {"success"}  # one may still run when serve stops
-    assert {r.run_id for r in runs if "-s1-" not in r.run_id} == {"served-LTO-1-1-eis-checkup", "served-LCO-1-1-eis-checkup"}
-    status = subprocess.run([LABTWIN, "campaign", "status", str(campaign)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    assert {r.run_id for r in runs if "-s1-" not in r.run_id} == {
+        "served-LTO-1-1-eis-checkup",
+        "served-LCO-1-1-eis-checkup",
+    }
+    status = subprocess.run(
+        [LABTWIN, "campaign", "status", str(campaign)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0 and f"2 finished, {len(scheduled)} scheduled" in status.stdout, status.stdout[-1500:]
 
 
@@ -97,21 +143,46 @@ async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path
     `prefect worker start` process, as it runs on a lab PC) runs the campaign's jobs and occurrences."""
     from labtwin.orchestration.prefect_server import LocalPrefectServer
 
-    (tmp_path / "lab.yaml").write_text(yaml.safe_dump({"lab": "pool", "channels": {
-        "a1": {"driver": "simulated", "cell": "lco-lgps-glassy-ceramic", "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8}},
-    }}))
+    (tmp_path / "lab.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "lab": "pool",
+                "channels": {
+                    "a1": {
+                        "driver": "simulated",
+                        "cell": "lco-lgps-glassy-ceramic",
+                        "limits": {"voltage_min_V": 1.9, "voltage_max_V": 3.8},
+                    },
+                },
+            }
+        )
+    )
     campaign = tmp_path / "campaign.yaml"
-    campaign.write_text(yaml.safe_dump({
-        "campaign": "pooled", "lab": str(tmp_path / "lab.yaml"),
-        "cells": [{"id": "LCO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3}],
-        "schedule": [{"protocol": "eis-checkup", "cells": ["LCO-1"], "every": "4s"}],
-    }))
+    campaign.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": "pooled",
+                "lab": str(tmp_path / "lab.yaml"),
+                "cells": [
+                    {"id": "LCO-1", "channels": ["a1"], "protocols": ["eis-checkup"], "nominal_capacity_Ah": 1.02e-3}
+                ],
+                "schedule": [{"protocol": "eis-checkup", "cells": ["LCO-1"], "every": "4s"}],
+            }
+        )
+    )
     prefect = str(Path(sys.executable).parent / "prefect")
-    async with LocalPrefectServer(tmp_path / "prefect-server", free_port(), ui=False, database_url=prefect_db) as server:
+    async with LocalPrefectServer(
+        tmp_path / "prefect-server", free_port(), ui=False, database_url=prefect_db
+    ) as server:
         env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_WORKER_QUERY_SECONDS": "2"}
-        refused = subprocess.run([LABTWIN, "campaign", "serve", str(campaign), "--work-pool", "lab-pc-1", "--for", "1s"],
-                                 cwd=tmp_path, env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-                                 capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            [LABTWIN, "campaign", "serve", str(campaign), "--work-pool", "lab-pc-1", "--for", "1s"],
+            cwd=tmp_path,
+            env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode != 0 and "set PREFECT_API_URL" in refused.stderr, refused.stderr
         from prefect.client.orchestration import get_client
 
@@ -119,8 +190,13 @@ async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path
 
         # The lab PC's worker is up and polling before the schedule starts (a worker takes seconds to start,
         # more on a loaded machine: occurrences due before it polls would be deleted when serve pauses them).
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "lab-pc-1", "--type", "process"], cwd=tmp_path,
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            [prefect, "worker", "start", "--pool", "lab-pc-1", "--type", "process"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             async with get_client() as client:
                 for _ in range(240):
@@ -135,9 +211,15 @@ async def test_serving_to_a_work_pool_lets_its_workers_run_the_schedule(tmp_path
                     raise AssertionError("the Prefect worker never polled its pool")
                 await ensure_process_pool("made-by-labtwin")  # serve makes a missing pool as a process pool
                 assert (await client.read_work_pool("made-by-labtwin")).type == "process"
-            serve = await asyncio.to_thread(subprocess.run, [LABTWIN, "campaign", "serve", str(campaign), "--work-pool",
-                                            "lab-pc-1", "--for", "20s", "--json"], cwd=tmp_path, env=env,
-                                            capture_output=True, text=True, timeout=300)
+            serve = await asyncio.to_thread(
+                subprocess.run,
+                [LABTWIN, "campaign", "serve", str(campaign), "--work-pool", "lab-pc-1", "--for", "20s", "--json"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             out, err = serve.stdout, serve.stderr
         finally:
             worker.terminate()

@@ -36,7 +36,12 @@ def test_dryrun_export_and_runs(tmp_path):
     header = bdf.read_text().splitlines()[0].split(",")
     assert header[:3] == ["Test Time / s", "Voltage / V", "Current / A"] and "Cycle Count / 1" in header
     pq = tmp_path / "run.parquet"
-    assert runner.invoke(app, ["export", summary["run_id"], "--format", "parquet", "--out", str(pq), "--store", db]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["export", summary["run_id"], "--format", "parquet", "--out", str(pq), "--store", db]
+        ).exit_code
+        == 0
+    )
     import pyarrow.parquet as papq
 
     assert papq.read_table(pq).num_rows == summary["n_samples"]
@@ -44,7 +49,9 @@ def test_dryrun_export_and_runs(tmp_path):
 
 def test_dryrun_of_a_malformed_protocol_names_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("metadata: {name: x}\nsafety: {voltage_min_V: 1, voltage_max_V: 3}\nmethod:\n  - cc: {c_rate: fast, until: {voltage_V: 2}}\n")
+    bad.write_text(
+        "metadata: {name: x}\nsafety: {voltage_min_V: 1, voltage_max_V: 3}\nmethod:\n  - cc: {c_rate: fast, until: {voltage_V: 2}}\n"
+    )
     result = runner.invoke(app, ["dryrun", str(bad), "--sim", "lto_bare_thinfilm"])
     assert result.exit_code == 2
     assert "method[0].cc.c_rate" in result.output and "fast" in result.output
@@ -57,7 +64,11 @@ def test_unknown_export_format_is_refused_with_the_choices(tmp_path):
 
 def test_layering_contracts_hold():
     """labtwin's core imports no driver, simulator or protocol; drivers and simulators are peers."""
-    lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+    lint = [
+        sys.executable,
+        "-c",
+        "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+    ]
     proc = subprocess.run(lint, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -103,7 +114,9 @@ def test_dryrun_of_the_seed000_protocol_on_the_azo60_cell_raises_no_anomaly(tmp_
     from labtwin.analysis.plateau import plateau_oscillation
 
     out = tmp_path / "azo"
-    result = runner.invoke(app, ["dryrun", "seed000-lto-0.1C", "--sim", "lto-thin-film-azo60", "--out", str(out), "--json"])
+    result = runner.invoke(
+        app, ["dryrun", "seed000-lto-0.1C", "--sim", "lto-thin-film-azo60", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["exit_status"] == "success"
@@ -122,8 +135,9 @@ def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
     from pathlib import Path
 
     measured = Path(__file__).resolve().parents[3] / "shared" / "data" / "eis" / "Circuit1_EIS_1.z"
-    result = runner.invoke(app, ["analyze", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json",
-                                 "--plot", str(tmp_path / "fit.png")])
+    result = runner.invoke(
+        app, ["analyze", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json", "--plot", str(tmp_path / "fit.png")]
+    )
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)
     assert entry["circuit"] == "L0-R0-p(R1,C1)"
@@ -139,11 +153,24 @@ def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
 
 def test_dryrun_of_seed001_then_analyze_cv_returns_the_film_diffusivity(tmp_path):
     out = tmp_path / "cv"
-    result = runner.invoke(app, ["dryrun", "seed001-cv-multirate", "--sim", "lto-cv", "--out", str(out), "--no-twin", "--json"])
+    result = runner.invoke(
+        app, ["dryrun", "seed001-cv-multirate", "--sim", "lto-cv", "--out", str(out), "--no-twin", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "cv.png").stat().st_size > 10_000
-    result = runner.invoke(app, ["analyze", "cv", str(out / "samples.csv"), "--cell", "lto-cv", "--json",
-                                 "--plot", str(tmp_path / "cv-peaks.png")])
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            "cv",
+            str(out / "samples.csv"),
+            "--cell",
+            "lto-cv",
+            "--json",
+            "--plot",
+            str(tmp_path / "cv-peaks.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     rates = [v["scan_rate_V_s"] for v in report["voltammograms"]]
@@ -160,9 +187,13 @@ def test_gitt_dry_runs_end_at_the_cutoff_and_show_bare_lco_polarization_far_abov
         out = tmp_path / cell
         result = runner.invoke(app, ["dryrun", "seed003-gitt", "--sim", cell, "--out", str(out), "--no-twin", "--json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["exit_status"] == "success"  # the last pulse stops at 1.88 V, not at the safety limit
-        result = runner.invoke(app, ["analyze", "gitt", str(out / "samples.csv"), "--cell", cell, "--json",
-                                     "--plot", str(out / "gitt.png")])
+        assert (
+            json.loads(result.output)["exit_status"] == "success"
+        )  # the last pulse stops at 1.88 V, not at the safety limit
+        result = runner.invoke(
+            app,
+            ["analyze", "gitt", str(out / "samples.csv"), "--cell", cell, "--json", "--plot", str(out / "gitt.png")],
+        )
         assert (out / "gitt.png").stat().st_size > 10_000
         assert result.exit_code == 0, result.output
         pulses = json.loads(result.output)["pulses"]

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 
+from labtwin.cli.wiring import LocalLab
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.devices.potentiostat import Potentiostat, RunsTechniques
+from labtwin.documents import Limits
 from labtwin.instruments.b2900 import KeysightB2900
 from labtwin.instruments.emstat import EmStat
 from labtwin.instruments.keithley2450 import Keithley2450
-from labtwin.cli.wiring import LocalLab
-from labtwin.config.lab import ChannelConfig, LabConfig
-from labtwin.documents import Limits
-from labtwin.devices.potentiostat import Potentiostat, RunsTechniques
 from labtwin.orchestration.flows import run_protocol
 from labtwin.physics.library import load_cell
 from labtwin.simulators.b2900 import KeysightB2900Emulator
 from labtwin.simulators.keithley2450 import Keithley2450Emulator
-from labtwin.simulators.scpi_server import ScpiEmulatorThread
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
+from labtwin.simulators.scpi_server import ScpiEmulatorThread
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -68,14 +68,34 @@ async def test_a_simulated_channel_and_an_smu_on_the_wire_end_the_same_steps_the
     embedded_broker, unique_lab, tmp_path, protocol, driver
 ):
     text = CYCLE if protocol == "cycle" else OVERCHARGE
-    simulated = LabConfig(lab=unique_lab, broker=embedded_broker.url, channels={"sim": ChannelConfig(
-        driver="simulated", cell="lto_bare_thinfilm", cell_id="c-sim", speed="max", seed=5, limits=LIMITS)})
+    simulated = LabConfig(
+        lab=unique_lab,
+        broker=embedded_broker.url,
+        channels={
+            "sim": ChannelConfig(
+                driver="simulated", cell="lto_bare_thinfilm", cell_id="c-sim", speed="max", seed=5, limits=LIMITS
+            )
+        },
+    )
     in_process = await _run(simulated, "sim", text, tmp_path, "sim")
     emulator = EMULATORS[driver](load_cell("lto_bare_thinfilm"), speed=400.0, seed=5)
     with ScpiEmulatorThread(emulator) as running:
-        wired = LabConfig(lab=unique_lab, broker=embedded_broker.url, channels={"k": ChannelConfig(
-            driver=driver, resource=f"TCPIP::127.0.0.1::{running.port}::SOCKET", speed=400.0, timeout_s=2.0,
-            nominal_capacity_Ah=5.18e-5, cell_id="c-2450", audit=str(tmp_path / "audit.jsonl"), limits=LIMITS)})
+        wired = LabConfig(
+            lab=unique_lab,
+            broker=embedded_broker.url,
+            channels={
+                "k": ChannelConfig(
+                    driver=driver,
+                    resource=f"TCPIP::127.0.0.1::{running.port}::SOCKET",
+                    speed=400.0,
+                    timeout_s=2.0,
+                    nominal_capacity_Ah=5.18e-5,
+                    cell_id="c-2450",
+                    audit=str(tmp_path / "audit.jsonl"),
+                    limits=LIMITS,
+                )
+            },
+        )
         on_the_wire = await _run(wired, "k", text, tmp_path, "wire")
         output_after = emulator.output
     assert [e.reason for e in on_the_wire.step_ends] == [e.reason for e in in_process.step_ends]

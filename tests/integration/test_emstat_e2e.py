@@ -29,25 +29,41 @@ method:
 
 
 def emstat_lab(lab: str, port: int, tmp_path) -> LabConfig:
-    return LabConfig(lab=lab, channels={"e1": ChannelConfig(
-        driver="emstat", resource=f"socket://127.0.0.1:{port}", speed=SPEED, timeout_s=1.0, cell_id="LFP-on-EmStat",
-        audit=str(tmp_path / "audit.jsonl"), limits=Limits(voltage_min_V=2.5, voltage_max_V=4.2, current_max_A=0.01),
-    )})
+    return LabConfig(
+        lab=lab,
+        channels={
+            "e1": ChannelConfig(
+                driver="emstat",
+                resource=f"socket://127.0.0.1:{port}",
+                speed=SPEED,
+                timeout_s=1.0,
+                cell_id="LFP-on-EmStat",
+                audit=str(tmp_path / "audit.jsonl"),
+                limits=Limits(voltage_min_V=2.5, voltage_max_V=4.2, current_max_A=0.01),
+            )
+        },
+    )
 
 
-async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_package(embedded_broker, unique_lab, tmp_path):
+async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_package(
+    embedded_broker, unique_lab, tmp_path
+):
     proto = tmp_path / "cv.yaml"
     proto.write_text(CV)
     emulator = EmStatEmulator(load_cell("lfp"), speed=SPEED, seed=4)
     with EmStatThread(emulator) as running:
-        async with LocalLab(emstat_lab(unique_lab, running.port, tmp_path), ["e1"], embedded_broker.url, str(tmp_path / "s.db")) as local:
+        async with LocalLab(
+            emstat_lab(unique_lab, running.port, tmp_path), ["e1"], embedded_broker.url, str(tmp_path / "s.db")
+        ) as local:
             summary = await run_protocol(str(proto), "e1", local.url, lab=unique_lab)
             await local.wait_stored(summary.run_id)
             samples = local.store.samples(summary.run_id)
     assert summary.exit_status == "success", summary.reason
     ends = [s.reason for s in summary.step_ends]
-    assert ends == ["end_condition:time_s", "end_condition:time_s", "end_condition:technique_complete"] * 1 + \
-        ["end_condition:time_s", "end_condition:technique_complete"], ends
+    assert ends == ["end_condition:time_s", "end_condition:time_s", "end_condition:technique_complete"] * 1 + [
+        "end_condition:time_s",
+        "end_condition:technique_complete",
+    ], ends
     assert len(samples["time_s"]) == summary.n_samples
     steps = samples["step"].astype(int)
     # the sweeps: every package the device streamed is a stored sample, to the digit it was sent with
@@ -62,8 +78,14 @@ async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_packa
         i = samples["current_A"][steps == index]
         assert i.max() > 0 > i.min()
     # the contract: the same protocol on a simulated channel of the same cell ends the same steps the same way
-    simulated = LabConfig(lab=unique_lab, channels={"sim": ChannelConfig(driver="simulated", cell="lfp", speed="max", seed=4,
-                                                                          limits=Limits(voltage_min_V=2.5, voltage_max_V=4.2))})
+    simulated = LabConfig(
+        lab=unique_lab,
+        channels={
+            "sim": ChannelConfig(
+                driver="simulated", cell="lfp", speed="max", seed=4, limits=Limits(voltage_min_V=2.5, voltage_max_V=4.2)
+            )
+        },
+    )
     async with LocalLab(simulated, ["sim"], embedded_broker.url, str(tmp_path / "sim.db")) as local:
         in_process = await run_protocol(str(proto), "sim", local.url, lab=unique_lab)
     assert [e.reason for e in in_process.step_ends] == ends
@@ -74,14 +96,24 @@ async def test_a_multirate_cv_runs_on_the_device_and_the_store_holds_every_packa
     assert np.all(np.diff(samples["time_s"]) >= 0)
 
 
-@pytest.mark.parametrize(("fault", "names"), [("silent", {"InstrumentTimeout"}), ("garbage", {"InstrumentGarbled"}),
-                                              ("close", {"InstrumentTimeout", "InstrumentConnectionLost"})])
-async def test_a_device_fault_mid_sweep_fails_the_run_and_keeps_what_was_measured(embedded_broker, unique_lab, tmp_path, fault, names):
+@pytest.mark.parametrize(
+    ("fault", "names"),
+    [
+        ("silent", {"InstrumentTimeout"}),
+        ("garbage", {"InstrumentGarbled"}),
+        ("close", {"InstrumentTimeout", "InstrumentConnectionLost"}),
+    ],
+)
+async def test_a_device_fault_mid_sweep_fails_the_run_and_keeps_what_was_measured(
+    embedded_broker, unique_lab, tmp_path, fault, names
+):
     proto = tmp_path / "cv.yaml"
     proto.write_text(CV)
     emulator = EmStatEmulator(load_cell("lfp"), speed=SPEED, seed=4)
     with EmStatThread(emulator) as running:
-        async with LocalLab(emstat_lab(unique_lab, running.port, tmp_path), ["e1"], embedded_broker.url, str(tmp_path / "s.db")) as local:
+        async with LocalLab(
+            emstat_lab(unique_lab, running.port, tmp_path), ["e1"], embedded_broker.url, str(tmp_path / "s.db")
+        ) as local:
             emulator.fault, emulator.fault_after_packets = fault, 60  # during the first sweep
             summary = await asyncio.wait_for(run_protocol(str(proto), "e1", local.url, lab=unique_lab), 90)
             await local.wait_stored(summary.run_id)

@@ -32,11 +32,21 @@ method:
 
 
 def keithley_lab(lab: str, port: int, tmp_path) -> LabConfig:
-    return LabConfig(lab=lab, channels={"k1": ChannelConfig(
-        driver="keithley2450", resource=f"TCPIP::127.0.0.1::{port}::SOCKET", speed=SPEED, timeout_s=1.0,
-        nominal_capacity_Ah=5.18e-5, cell_id="LTO-on-2450", audit=str(tmp_path / "audit.jsonl"),
-        limits=Limits(voltage_min_V=0.8, voltage_max_V=2.6, current_max_A=1e-3),
-    )})
+    return LabConfig(
+        lab=lab,
+        channels={
+            "k1": ChannelConfig(
+                driver="keithley2450",
+                resource=f"TCPIP::127.0.0.1::{port}::SOCKET",
+                speed=SPEED,
+                timeout_s=1.0,
+                nominal_capacity_Ah=5.18e-5,
+                cell_id="LTO-on-2450",
+                audit=str(tmp_path / "audit.jsonl"),
+                limits=Limits(voltage_min_V=0.8, voltage_max_V=2.6, current_max_A=1e-3),
+            )
+        },
+    )
 
 
 async def test_a_cycle_runs_through_the_real_driver_and_the_store_holds_what_the_emulator_answered(
@@ -53,7 +63,11 @@ async def test_a_cycle_runs_through_the_real_driver_and_the_store_holds_what_the
             samples = local.store.samples(summary.run_id)
     assert summary.exit_status == "success", summary.reason
     assert summary.steps_run == 3
-    assert [s.reason for s in summary.step_ends] == ["end_condition:time_s", "end_condition:voltage_V", "end_condition:voltage_V"]
+    assert [s.reason for s in summary.step_ends] == [
+        "end_condition:time_s",
+        "end_condition:voltage_V",
+        "end_condition:voltage_V",
+    ]
     stored_v = samples["voltage_V"]
     answered = np.array([m for m, _ in emulator.answered_reads])
     # every reading the instrument answered is a stored sample, in order, to the digit it was sent with
@@ -70,8 +84,11 @@ async def test_a_cycle_runs_through_the_real_driver_and_the_store_holds_what_the
 @pytest.mark.parametrize(
     ("fault", "reason_names", "output_off_sent"),
     # pyvisa-py reads a socket the peer closed as silence (its read treats EOF like no data): a timeout
-    [("silent", {"InstrumentTimeout"}, True), ("garbage", {"InstrumentGarbled"}, True),
-     ("close", {"InstrumentConnectionLost", "InstrumentTimeout"}, False)],
+    [
+        ("silent", {"InstrumentTimeout"}, True),
+        ("garbage", {"InstrumentGarbled"}, True),
+        ("close", {"InstrumentConnectionLost", "InstrumentTimeout"}, False),
+    ],
 )
 async def test_an_instrument_fault_mid_step_fails_the_run_with_the_reason_and_keeps_every_sample(
     embedded_broker, unique_lab, tmp_path, fault, reason_names, output_off_sent

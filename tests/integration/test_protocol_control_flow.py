@@ -38,8 +38,15 @@ def test_a_protocol_with_loops_gotos_and_a_stop_runs_as_written(tmp_path):
     report = json.loads(result.output)
     ends = report["step_ends"]
     assert [e["label"] for e in ends] == [
-        "Discharge at 1C until 1.4 V", "relax", "Charge at 1C until 2.5 V", "Discharge at 1C until 1.2 V",
-        "Charge at 1C until 2.5 V", "Discharge at 1C until 1.2 V", "pulse", "gentle"]
+        "Discharge at 1C until 1.4 V",
+        "relax",
+        "Charge at 1C until 2.5 V",
+        "Discharge at 1C until 1.2 V",
+        "Charge at 1C until 2.5 V",
+        "Discharge at 1C until 1.2 V",
+        "pulse",
+        "gentle",
+    ]
     assert [e["step_index"] for e in ends] == list(range(8))  # execution order, unique in the run
     relax = ends[1]
     # The LTO film relaxes within minutes after a 1C discharge: dV/dt ends the rest long before its 2 h.
@@ -60,7 +67,9 @@ method:
   - cp: {power_W: -0.002, until: {voltage_V: 2.5}}
 """)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["dryrun", str(path), "--sim", "lco_lgps_glassy", "--json", "--no-twin", "--out", str(out)])
+    result = runner.invoke(
+        app, ["dryrun", str(path), "--sim", "lco_lgps_glassy", "--json", "--no-twin", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["step_ends"][1]["reason"] == "end_condition:voltage_V"
@@ -88,7 +97,9 @@ method:
   - Discharge at 1C until 1.2 V
 """)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["dryrun", str(path), "--sim", "lto_bare_thinfilm", "--json", "--no-twin", "--out", str(out)])
+    result = runner.invoke(
+        app, ["dryrun", str(path), "--sim", "lto_bare_thinfilm", "--json", "--no-twin", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     import numpy as np

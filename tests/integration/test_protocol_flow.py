@@ -26,7 +26,9 @@ method:
 """
 
 
-async def test_protocol_runs_as_a_flow_with_one_task_run_per_step_and_every_sample_stored(broker_url, unique_lab, tmp_path):
+async def test_protocol_runs_as_a_flow_with_one_task_run_per_step_and_every_sample_stored(
+    broker_url, unique_lab, tmp_path
+):
     proto = tmp_path / "short.yaml"
     proto.write_text(SHORT_LTO)
     lab = sim_lab(unique_lab, {"ch1": "lto_bare_thinfilm", "ch2": "lto_bare_thinfilm"})

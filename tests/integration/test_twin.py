@@ -132,16 +132,22 @@ async def test_a_pause_policy_holds_the_cell_at_open_circuit_until_resumed(embed
             status = await bus.subscribe(busmod.topic(unique_lab, "ch", "status"))
             flow = asyncio.create_task(run_protocol(str(proto), "ch", local.url, lab=unique_lab))
             pauses = 0
-            while not flow.done():  # each half cycle's onset pauses the run again: resume each time, as an operator would
+            while (
+                not flow.done()
+            ):  # each half cycle's onset pauses the run again: resume each time, as an operator would
                 try:
-                    paused = await wait_doc(status, lambda d: isinstance(d, ChannelStatus) and d.state is ChannelState.paused, 5)
-                except asyncio.TimeoutError:
+                    paused = await wait_doc(
+                        status, lambda d: isinstance(d, ChannelStatus) and d.state is ChannelState.paused, 5
+                    )
+                except TimeoutError:
                     continue
                 pauses += 1
                 await asyncio.sleep(1.0)  # the cell sits at open circuit while nobody has resumed it
                 assert not flow.done()
                 await bus.publish(busmod.topic(unique_lab, "ch", "cmd"), ResumeRun(run_id=paused.run_id))
-                await wait_doc(status, lambda d: isinstance(d, ChannelStatus) and d.state is not ChannelState.paused, 30)
+                await wait_doc(
+                    status, lambda d: isinstance(d, ChannelStatus) and d.state is not ChannelState.paused, 30
+                )
             summary = await flow
         await local.wait_stored(summary.run_id)
         samples = local.store.samples(summary.run_id)

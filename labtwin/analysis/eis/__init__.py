@@ -6,6 +6,15 @@ from labtwin.analysis.eis.fit import CircuitFit, fit_circuit, initial_guess
 from labtwin.analysis.eis.linkk import LinKK, lin_kk
 
 __all__ = [
-    "Circuit", "CircuitError", "CircuitFit", "LinKK", "Spectrum", "SpectrumFileError",
-    "fit_circuit", "initial_guess", "lin_kk", "parse_circuit", "read_spectra",
+    "Circuit",
+    "CircuitError",
+    "CircuitFit",
+    "LinKK",
+    "Spectrum",
+    "SpectrumFileError",
+    "fit_circuit",
+    "initial_guess",
+    "lin_kk",
+    "parse_circuit",
+    "read_spectra",
 ]

@@ -92,7 +92,9 @@ def _d_warburg(omega, z, sigma):
 def _d_warburg_open(omega, z, z0, tau):
     s = np.sqrt(1j * omega * tau)
     coth = 1.0 / np.tanh(s)
-    d_ds = z0 * ((1.0 - coth**2) * s - coth) / s**2  # d/ds [coth(s)/s] = (-csch^2(s) s - coth(s)) / s^2, csch^2 = coth^2 - 1
+    d_ds = (
+        z0 * ((1.0 - coth**2) * s - coth) / s**2
+    )  # d/ds [coth(s)/s] = (-csch^2(s) s - coth(s)) / s^2, csch^2 = coth^2 - 1
     return [z / z0, d_ds * s / (2.0 * tau)]
 
 
@@ -108,8 +110,14 @@ def _d_rc_tau(omega, z, r, tau):
 
 
 _GRADIENTS = {
-    "R": _d_resistor, "C": _d_capacitor, "L": _d_inductor, "CPE": _d_cpe, "W": _d_warburg,
-    "Wo": _d_warburg_open, "Ws": _d_warburg_short, "K": _d_rc_tau,
+    "R": _d_resistor,
+    "C": _d_capacitor,
+    "L": _d_inductor,
+    "CPE": _d_cpe,
+    "W": _d_warburg,
+    "Wo": _d_warburg_open,
+    "Ws": _d_warburg_short,
+    "K": _d_rc_tau,
 }
 
 
@@ -121,10 +129,20 @@ ELEMENTS: dict[str, ElementType] = {
         ElementType("L", ("H",), ("inductance",), _inductor, "inductor"),
         ElementType("CPE", ("Ohm^-1 s^a", ""), ("cpe_q", "cpe_alpha"), _cpe, "constant phase element 1/(Q (j w)^a)"),
         ElementType("W", ("Ohm s^-0.5",), ("warburg_sigma",), _warburg, "semi-infinite Warburg sigma (1-j)/sqrt(w)"),
-        ElementType("Wo", ("Ohm", "s"), ("warburg_z0", "warburg_tau"), _warburg_open,
-                    "finite-space (open, reflective) Warburg Z0 coth(sqrt(j w tau))/sqrt(j w tau)"),
-        ElementType("Ws", ("Ohm", "s"), ("warburg_z0", "warburg_tau"), _warburg_short,
-                    "finite-length (short, transmissive) Warburg Z0 tanh(sqrt(j w tau))/sqrt(j w tau)"),
+        ElementType(
+            "Wo",
+            ("Ohm", "s"),
+            ("warburg_z0", "warburg_tau"),
+            _warburg_open,
+            "finite-space (open, reflective) Warburg Z0 coth(sqrt(j w tau))/sqrt(j w tau)",
+        ),
+        ElementType(
+            "Ws",
+            ("Ohm", "s"),
+            ("warburg_z0", "warburg_tau"),
+            _warburg_short,
+            "finite-length (short, transmissive) Warburg Z0 tanh(sqrt(j w tau))/sqrt(j w tau)",
+        ),
         ElementType("K", ("Ohm", "s"), ("resistance", "rc_tau"), _rc_tau, "RC element R/(1 + j w tau), as in Lin-KK"),
     )
 }
@@ -184,10 +202,14 @@ class _Parser:
 
     def parse(self) -> Node:
         if not self.text:
-            raise self.error("empty circuit; write elements joined by '-' (series) and p(a,b) (parallel), e.g. R0-p(R1,C1)")
+            raise self.error(
+                "empty circuit; write elements joined by '-' (series) and p(a,b) (parallel), e.g. R0-p(R1,C1)"
+            )
         node = self.series()
         if self.pos != len(self.text):
-            raise self.error(f"unexpected {self.text[self.pos]!r}; elements join with '-' and parallel groups are p(a,b)")
+            raise self.error(
+                f"unexpected {self.text[self.pos]!r}; elements join with '-' and parallel groups are p(a,b)"
+            )
         return node
 
     def series(self) -> Node:
@@ -242,7 +264,9 @@ class Circuit:
     parameter_names: list[str]
     parameter_units: list[str]
     impedance: ImpedanceFunction = field(repr=False)
-    impedance_and_gradient: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False, default=None)
+    impedance_and_gradient: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] = field(
+        repr=False, default=None
+    )
 
     def __call__(self, params, frequency_Hz) -> np.ndarray:
         return self.impedance(np.asarray(params, dtype=float), 2.0 * np.pi * np.asarray(frequency_Hz, dtype=float))
@@ -288,7 +312,12 @@ def _compile_gradient(node: Node, offsets: dict[str, int], n_params: int):
     """(Z, dZ/dp) for every frequency: forward-mode derivatives through the same tree, so a fit
     needs one evaluation per iteration instead of one per parameter."""
     if isinstance(node, Element):
-        start, n, fn, grad = offsets[node.name], len(node.type.parameter_units), node.type.impedance, _GRADIENTS[node.kind]
+        start, n, fn, grad = (
+            offsets[node.name],
+            len(node.type.parameter_units),
+            node.type.impedance,
+            _GRADIENTS[node.kind],
+        )
 
         def element(p, w):
             args = p[start : start + n]
@@ -332,7 +361,11 @@ def parse_circuit(text: str) -> Circuit:
     seen: set[str] = set()
     for element in elements:
         if element.name in seen:
-            raise CircuitError(parser.text, parser.text.find(element.name), f"element {element.name} appears twice; give each its own label")
+            raise CircuitError(
+                parser.text,
+                parser.text.find(element.name),
+                f"element {element.name} appears twice; give each its own label",
+            )
         seen.add(element.name)
     offsets, names, units, start = {}, [], [], 0
     for element in elements:
@@ -340,5 +373,6 @@ def parse_circuit(text: str) -> Circuit:
         names += element.parameter_names()
         units += list(element.type.parameter_units)
         start += len(element.type.parameter_units)
-    return Circuit(parser.text, tree, elements, names, units, _compile(tree, offsets),
-                   _compile_gradient(tree, offsets, len(names)))
+    return Circuit(
+        parser.text, tree, elements, names, units, _compile(tree, offsets), _compile_gradient(tree, offsets, len(names))
+    )

@@ -44,7 +44,9 @@ def read_zplot(path: str | Path) -> Spectrum:
             continue
         fields = line.split()
         if len(fields) < 6:
-            raise SpectrumFileError(f"{path}:{number}: expected Freq, Ampl, Bias, Time, Z', Z'' ... got {len(fields)} fields")
+            raise SpectrumFileError(
+                f"{path}:{number}: expected Freq, Ampl, Bias, Time, Z', Z'' ... got {len(fields)} fields"
+            )
         rows.append((float(fields[0]), float(fields[4]), float(fields[5])))
     data = np.array(rows, dtype=float)
     return Spectrum(data[:, 0], data[:, 1] + 1j * data[:, 2], path.stem)
@@ -118,4 +120,6 @@ def read_spectra(path: str | Path) -> list[Spectrum]:
         return [read_zplot(path)]
     if suffix in (".csv", ".txt"):
         return read_csv(path)
-    raise SpectrumFileError(f"{path}: unknown spectrum format {suffix!r}; labtwin reads .z (ZPlot) and .csv (f, Z', Z'')")
+    raise SpectrumFileError(
+        f"{path}: unknown spectrum format {suffix!r}; labtwin reads .z (ZPlot) and .csv (f, Z', Z'')"
+    )

@@ -29,10 +29,9 @@ Why these choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
 from types import SimpleNamespace
 
+import numpy as np
 from scipy.optimize import leastsq
 
 from labtwin.analysis.eis.circuit import Circuit, Element, Node, Parallel, Series, parse_circuit
@@ -67,7 +66,9 @@ def _as_arrays(frequency_Hz, impedance_ohm) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(frequency_Hz, dtype=float)
     z = np.asarray(impedance_ohm, dtype=complex)
     if f.shape != z.shape or f.ndim != 1:
-        raise ValueError(f"frequency_Hz and impedance_ohm must be 1-D and the same length (got {f.shape} and {z.shape})")
+        raise ValueError(
+            f"frequency_Hz and impedance_ohm must be 1-D and the same length (got {f.shape} and {z.shape})"
+        )
     good = np.isfinite(f) & np.isfinite(z) & (f > 0)
     if good.sum() < 3:
         raise ValueError("need at least 3 finite points with frequency_Hz > 0 to fit a circuit")
@@ -210,8 +211,13 @@ def sort_arcs(circuit: Circuit, params: np.ndarray) -> np.ndarray:
     out = params.copy()
     by_shape: dict[str, list[Parallel]] = {}
     for part in circuit.tree.parts:
-        if (isinstance(part, Parallel) and len(part.branches) == 2 and all(isinstance(b, Element) for b in part.branches)
-                and part.branches[0].kind == "R" and part.branches[1].kind in ("C", "CPE")):  # type: ignore[union-attr]
+        if (
+            isinstance(part, Parallel)
+            and len(part.branches) == 2
+            and all(isinstance(b, Element) for b in part.branches)
+            and part.branches[0].kind == "R"
+            and part.branches[1].kind in ("C", "CPE")
+        ):  # type: ignore[union-attr]
             by_shape.setdefault(part.branches[1].kind, []).append(part)  # type: ignore[union-attr]
     for groups in by_shape.values():
         if len(groups) < 2:
@@ -247,7 +253,9 @@ def fit_circuit(
     fixed = dict(fixed or {})
     unknown = set(fixed) - set(names)
     if unknown:
-        raise ValueError(f"fixed parameters {sorted(unknown)} are not in circuit {circ.text}; its parameters are {names}")
+        raise ValueError(
+            f"fixed parameters {sorted(unknown)} are not in circuit {circ.text}; its parameters are {names}"
+        )
     free = np.array([n not in fixed for n in names])
     if weighting == "modulus":
         weight = 1.0 / np.abs(z)
@@ -299,8 +307,14 @@ def fit_circuit(
     for start in starts:
         # MINPACK's lmder directly (scipy.optimize.leastsq): least_squares' wrapper costs more than the fit here.
         x, _, info, message, flag = leastsq(residuals, to_x(start[free]), Dfun=jacobian, full_output=True, maxfev=2000)
-        result = SimpleNamespace(x=x, cost=0.5 * float(np.sum(info["fvec"] ** 2)), nfev=int(info["nfev"]),
-                                 success=flag in (1, 2, 3, 4), message=message, jac=None)
+        result = SimpleNamespace(
+            x=x,
+            cost=0.5 * float(np.sum(info["fvec"] ** 2)),
+            nfev=int(info["nfev"]),
+            success=flag in (1, 2, 3, 4),
+            message=message,
+            jac=None,
+        )
         if best is None or result.cost < best.cost:
             best = result
     assert best is not None
@@ -319,7 +333,9 @@ def fit_circuit(
     errors = np.full(len(names), np.nan)
     try:
         cov_x = np.linalg.pinv(best.jac.T @ best.jac) * s2
-        dvalue_dx = np.where(exponent, 2.0 * np.abs(best.x) * p[free], p[free])  # |da/dy|: zero at a = 1 (no error there)
+        dvalue_dx = np.where(
+            exponent, 2.0 * np.abs(best.x) * p[free], p[free]
+        )  # |da/dy|: zero at a = 1 (no error there)
         errors[free] = dvalue_dx * np.sqrt(np.clip(np.diag(cov_x), 0.0, None))
     except np.linalg.LinAlgError:
         pass

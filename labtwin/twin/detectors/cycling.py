@@ -61,22 +61,41 @@ class CyclingDetector:
         s, out = self.settings, []
         ce = c.coulombic_efficiency
         if len(self.cycles) == 1 and ce is not None and ce < s.first_cycle_ce_min:
-            out.append(Finding("low_first_cycle_ce", f"first-cycle Coulombic efficiency {ce:.1%} is below {s.first_cycle_ce_min:.0%}",
-                               {"coulombic_efficiency": ce, "threshold": s.first_cycle_ce_min}))
+            out.append(
+                Finding(
+                    "low_first_cycle_ce",
+                    f"first-cycle Coulombic efficiency {ce:.1%} is below {s.first_cycle_ce_min:.0%}",
+                    {"coulombic_efficiency": ce, "threshold": s.first_cycle_ce_min},
+                )
+            )
         history = [x.coulombic_efficiency for x in self.cycles[1:-1][-5:] if x.coulombic_efficiency is not None]
         if len(self.cycles) >= 3 and ce is not None and len(history) >= 2:
             median = float(np.median(history))
             if abs(ce - median) > s.ce_jump:
-                out.append(Finding("ce_change", f"cycle {c.cycle}: Coulombic efficiency {ce:.2%} vs {median:.2%} before",
-                                   {"coulombic_efficiency": ce, "previous_median": median, "change": ce - median}))
+                out.append(
+                    Finding(
+                        "ce_change",
+                        f"cycle {c.cycle}: Coulombic efficiency {ce:.2%} vs {median:.2%} before",
+                        {"coulombic_efficiency": ce, "previous_median": median, "change": ce - median},
+                    )
+                )
         delivered = np.array([x.delivered_Ah for x in self.cycles])
         first = delivered[0] if len(delivered) and delivered[0] > 0 else None
         if first is not None and "capacity_fade" not in self.reported:
             retention = float(delivered[-1] / first)
             if retention < s.capacity_retention_min:
                 self.reported.add("capacity_fade")
-                out.append(Finding("capacity_fade", f"capacity {retention:.1%} of cycle 1 (threshold {s.capacity_retention_min:.0%})",
-                                   {"retention": retention, "capacity_Ah": float(delivered[-1]), "first_capacity_Ah": float(first)}))
+                out.append(
+                    Finding(
+                        "capacity_fade",
+                        f"capacity {retention:.1%} of cycle 1 (threshold {s.capacity_retention_min:.0%})",
+                        {
+                            "retention": retention,
+                            "capacity_Ah": float(delivered[-1]),
+                            "first_capacity_Ah": float(first),
+                        },
+                    )
+                )
         w = s.knee_window
         if first is not None and len(delivered) >= 2 * w and "knee_onset" not in self.reported:
             x_recent = np.arange(w, dtype=float)
@@ -89,9 +108,17 @@ class CyclingDetector:
             threshold = s.knee_ratio * min(before, -s.knee_floor_per_cycle)
             if recent < 0 and recent < threshold and recent < before - 3.0 * slope_se:
                 self.reported.add("knee_onset")
-                out.append(Finding("knee_onset", f"fade accelerated: {-recent:.2%}/cycle over the last {w} cycles vs {-before:.2%}/cycle before",
-                                   {"recent_fade_per_cycle": float(-recent), "earlier_fade_per_cycle": float(-before),
-                                    "recent_slope_standard_error": slope_se}))
+                out.append(
+                    Finding(
+                        "knee_onset",
+                        f"fade accelerated: {-recent:.2%}/cycle over the last {w} cycles vs {-before:.2%}/cycle before",
+                        {
+                            "recent_fade_per_cycle": float(-recent),
+                            "earlier_fade_per_cycle": float(-before),
+                            "recent_slope_standard_error": slope_se,
+                        },
+                    )
+                )
         pol = [x.mean_polarization_V for x in self.cycles]
         if len(pol) >= 4 and pol[-1] is not None and "polarization_growth" not in self.reported:
             base_values = [p for p in pol[:3] if p is not None]
@@ -100,6 +127,11 @@ class CyclingDetector:
                 rise = pol[-1] - base
                 if rise > s.polarization_growth_min_V and rise > s.polarization_growth_ratio * base:
                     self.reported.add("polarization_growth")
-                    out.append(Finding("polarization_growth", f"polarization {pol[-1]:.3f} V vs {base:.3f} V in the first cycles",
-                                       {"polarization_V": float(pol[-1]), "baseline_V": base}))
+                    out.append(
+                        Finding(
+                            "polarization_growth",
+                            f"polarization {pol[-1]:.3f} V vs {base:.3f} V in the first cycles",
+                            {"polarization_V": float(pol[-1]), "baseline_V": base},
+                        )
+                    )
         return out

@@ -85,7 +85,9 @@ class SoftShortDetector:
             return None
         _, v0, i0 = self._last
         self._last = (time_s, voltage_V, current_A)
-        steady = abs(current_A - i0) <= self.settings.current_steady_fraction * max(abs(i0), 1e-3 * self.nominal_capacity_Ah)
+        steady = abs(current_A - i0) <= self.settings.current_steady_fraction * max(
+            abs(i0), 1e-3 * self.nominal_capacity_Ah
+        )
         if not steady:
             return None
         change = voltage_V - v0
@@ -94,6 +96,10 @@ class SoftShortDetector:
         if typical is None:
             return None
         against_drive = current_A == 0.0 or (change < 0) == (current_A > 0)
-        if against_drive and abs(change) > self.settings.jump_V and abs(change) > self.settings.jump_sigma * max(typical, 1e-5):
+        if (
+            against_drive
+            and abs(change) > self.settings.jump_V
+            and abs(change) > self.settings.jump_sigma * max(typical, 1e-5)
+        ):
             return VoltageJump(time_s, change, typical)
         return None
