@@ -1,6 +1,6 @@
 """EIS fitting speed: labtwin's compiled circuits against impedance.py on the same data and start.
 
-For each measured dummy-circuit spectrum in ../shared/data/eis (ZPlot files
+For each measured dummy-circuit spectrum in tests/data/eis (ZPlot files
 from impedance.py's own repository) and each circuit, both libraries fit
 from the SAME initial guess with the same (modulus) weighting; the script checks they reach the same result
 (parameters within 1 %) and prints the time of each and the ratio. labtwin's
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labtwin.analysis.eis import fit_circuit, parse_circuit, read_spectra  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eis"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "eis"
 CASES = [
     ("R0-p(R1,C1)", None),
     ("L0-R0-p(R1,C1)", None),

@@ -1,6 +1,6 @@
 """EIS analysis: circuit strings, CNLS fits with automatic guesses, Lin-KK, and the files labs have.
 
-The measured spectra in ../shared/data/eis are physical dummy circuits
+The measured spectra in tests/data/eis are physical dummy circuits
 R0-p(R1,C1) (impedance.py's test data): the fit must find their values,
 the two repeats of each must agree, and Lin-KK must accept them.
 """
@@ -14,7 +14,7 @@ import pytest
 
 from labtwin.analysis.eis import CircuitError, SpectrumFileError, fit_circuit, lin_kk, parse_circuit, read_spectra
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eis"
+DATA = Path(__file__).resolve().parent / "data" / "eis"
 
 
 def test_circuit_string_compiles_to_the_textbook_impedance():

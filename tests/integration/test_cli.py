@@ -134,7 +134,7 @@ def test_dryrun_of_the_seed000_protocol_on_the_azo60_cell_raises_no_anomaly(tmp_
 def test_analyse_eis_fits_a_measured_file_and_refuses_a_bad_circuit(tmp_path):
     from pathlib import Path
 
-    measured = Path(__file__).resolve().parents[3] / "shared" / "data" / "eis" / "Circuit1_EIS_1.z"
+    measured = Path(__file__).resolve().parents[1] / "data" / "eis" / "Circuit1_EIS_1.z"
     result = runner.invoke(
         app, ["analyze", "eis", str(measured), "-c", "L0-R0-p(R1,C1)", "--json", "--plot", str(tmp_path / "fit.png")]
     )

@@ -12,7 +12,7 @@ from labtwin.cli import app
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 runner = CliRunner()
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 CERAMIC_CHECKUPS = """
 metadata: {name: ceramic check-ups, chemistry: LCO|LGPS|Li-In, nominal_capacity_Ah: 1.02e-3}
