@@ -1,8 +1,10 @@
 """The ``labtwin`` command line. Every command that prints results accepts ``--json``.
 
-Where the broker comes from, first match wins: ``--broker``, ``LABTWIN_BROKER``,
-the lab file's ``broker:``, else an embedded broker in this process (for the
-commands that run a whole lab here: demo, run, dryrun).
+Settings (lab file, broker, store, speed) resolve through ``labtwin.config.settings.Settings`` for every
+command: flag, then environment variable, then the lab file, then the built-in default
+(docs/configuration.md). Errors a user can fix are one line on stderr and a non-zero exit
+(``labtwin.cli.errors`` lists the exit codes). Protocol, lab and cell files are read and checked before
+Prefect is imported, so a mistake in them is reported before anything starts.
 """
 
 from __future__ import annotations
@@ -18,16 +20,22 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from labtwin.data.store import DEFAULT_SQLITE, Store, describe_url  # noqa: E402
-from labtwin.devices.clock import parse_speed  # noqa: E402
+from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError  # noqa: E402
+from labtwin.config.lab import DEFAULT_LAB_FILE  # noqa: E402
+from labtwin.config.settings import Settings  # noqa: E402
+from labtwin.data.store import describe_url  # noqa: E402
 
 app = typer.Typer(
+    cls=LabtwinGroup,
     add_completion=False,
     no_args_is_help=True,
     help="labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats.",
@@ -35,40 +43,60 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file, or embedded)")
-LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB or the packaged instruments/lab.yaml)")
-StoreOpt = typer.Option(None, "--store", help="SQLite path or postgresql:// URL (default: ./labtwin-data/labtwin.db)")
+BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file's broker:)")
+LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, else the packaged demo lab)")
+StoreOpt = typer.Option(
+    None,
+    "--store",
+    help="SQLite path or postgresql:// URL (default: LABTWIN_STORE, the lab file's store:, ./labtwin-data/labtwin.db)",
+)
+SpeedOpt = typer.Option(
+    None, "--speed", help="simulated channels: 1 = real time, 1000, or max (default: LABTWIN_SPEED, the channel's)"
+)
 JsonOpt = typer.Option(False, "--json", help="print results as JSON")
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"labtwin {version('labtwin')}")
+        except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+            typer.echo("labtwin (not installed: no package metadata)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print labtwin's version and exit"
+    ),
+) -> None:
+    """labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats."""
+
+
+def settings(**flags: Any) -> Settings:
+    """The command's settings by the one precedence rule; a bad value is a user error naming it."""
+    try:
+        return Settings.resolve(**flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def _needs_broker(s: Settings, who: str) -> str:
+    if s.broker is None:
+        raise UserError(
+            f"{who} needs the lab's broker: --broker mqtt://host:port, LABTWIN_BROKER, the lab file's broker: "
+            f"({s.lab_file}), or start one with `labtwin broker`"
+        )
+    return s.broker
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-
-
-def _broker(option: str | None, lab_broker: str | None = None) -> str | None:
-    return option or os.environ.get("LABTWIN_BROKER") or lab_broker
-
-
-def _store(option: str | None, lab_store: str | None = None) -> str:
-    return option or os.environ.get("LABTWIN_STORE") or lab_store or str(DEFAULT_SQLITE)
-
-
-def _lab_and_broker(lab: Path | None, broker: str | None, who: str):
-    """The lab file and the broker a service needs; a clear error when there is no broker to reach."""
-    from labtwin.cli.wiring import default_lab
-
-    config = default_lab(lab)
-    url = _broker(broker, config.broker)
-    if url is None:
-        _fail(f"{who} needs the lab's broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
-    return config, url
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 def _print_json(obj) -> None:
@@ -130,10 +158,9 @@ def demo(
     _setup_logging(verbose)
     from labtwin.cli.demo import run_demo
 
-    try:
-        result = asyncio.run(run_demo(_broker(broker), _store(store), out, console, quiet=as_json))
-    except (ConnectionError, ValueError, KeyError) as exc:
-        _fail(str(exc))
+    # The demo's plan names the packaged lab's channels, so its lab file is that one whatever LABTWIN_LAB says.
+    s = settings(lab=DEFAULT_LAB_FILE, broker=broker, store=store)
+    result = asyncio.run(run_demo(s.broker, s.store, out, console, quiet=as_json))
     if as_json:
         _print_json(result)
 
@@ -148,44 +175,68 @@ def run(
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
     store: str | None = StoreOpt,
-    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    speed: str | None = SpeedOpt,
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run a protocol on a channel as a Prefect flow.
+    """Run a protocol on a channel as a Prefect flow (exit 1 if the run ends failed or aborted).
 
     With a broker (--broker, LABTWIN_BROKER or the lab file) the flow drives the
     channel's agent wherever it runs; with none, this process starts an embedded
-    broker, the channel's agent and a recorder.
+    broker, the channel's agent and a recorder. Ctrl-C stops the run (output off)
+    and leaves it marked interrupted in the store.
     """
     _setup_logging(verbose)
-    from labtwin.cli.wiring import default_lab
+    from labtwin.cli.wiring import channel_capacity_Ah, check_channel, check_protocol
+
+    s = settings(lab=lab, broker=broker, store=store, speed=speed)
+    config = s.lab_config
+    cfg = config.channel(channel)
+    check_protocol(protocol, channel_capacity_Ah(cfg), cfg.limits)  # before Prefect: mistakes in one line
+    if s.broker is not None:
+        asyncio.run(check_channel(s.broker, config.lab, channel))
+    from labtwin.cli.interrupt import RunInterrupted
 
     try:
-        config = default_lab(lab)
-        config.channel(channel)
-        url = _broker(broker, config.broker)
-        speed_value = "config" if speed is None else parse_speed(speed)
-        summary = asyncio.run(_run(config, protocol, channel, url, _store(store, config.store), speed_value))
-    except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
-        _fail(str(exc))
+        summary = asyncio.run(_run(s, protocol, channel))
+    except RunInterrupted as exc:
+        err.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
         _print_json(summary.model_dump())
     else:
         console.print(_summary_table(summary))
     if summary.exit_status != "success":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
-async def _run(config, protocol, channel, url, store_url, speed):
+async def _run(s: Settings, protocol: str, channel: str):
+    from labtwin.cli.interrupt import new_run_id, stop_on_interrupt
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
+    config = s.lab_config
     await start_prefect_api()
-    if url is not None:
-        return await run_protocol(protocol, channel, url, lab=config.lab)
-    async with LocalLab(config, [channel], None, store_url, speed) as local:
-        summary = await run_protocol(protocol, channel, local.url, lab=config.lab)
+    run_id = new_run_id(channel)
+    if s.broker is not None:
+        return await stop_on_interrupt(
+            run_protocol(protocol, channel, s.broker, lab=config.lab, run_id=run_id),
+            s.broker,
+            config.lab,
+            channel,
+            run_id,
+            s.store,
+        )
+    async with LocalLab(config, [channel], None, s.store, s.speed_value) as local:
+        summary = await stop_on_interrupt(
+            run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id),
+            local.url,
+            config.lab,
+            channel,
+            run_id,
+            s.store,
+            stored=local.wait_stored,
+        )
         await local.wait_stored(summary.run_id)
         return summary
 
@@ -206,19 +257,35 @@ def dryrun(
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run a protocol against a simulated cell at max speed: how long, which limits end each step, what the twin flags."""
+    """Run a protocol against a simulated cell at max speed: how long, which limits end each step, what the twin flags.
+
+    Exit 1 when the dry-run ends failed or aborted (a safety limit, an error): the protocol would not
+    finish on a real channel either."""
     _setup_logging(verbose)
-    from labtwin.cli.dryrun import run_dryrun
+    from labtwin.cli.wiring import check_cell, check_protocol
+    from labtwin.devices.clock import parse_speed
 
     try:
-        summary, anomalies = asyncio.run(
-            run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, parse_speed(speed) or "max")
-        )
-    except (ConnectionError, ValueError, KeyError, TimeoutError) as exc:
-        _fail(str(exc))
+        speed_value = parse_speed(speed) or "max"
+    except ValueError as exc:
+        raise UserError(f"--speed: {exc}") from None
+    cell = check_cell(sim)
+    limits = settings(lab=lab).lab_config.channel(channel_limits).limits if channel_limits else None
+    check_protocol(protocol, cell.nominal_capacity_Ah, limits)  # before Prefect: mistakes in one line
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a directory for samples.csv, summary.json and the plots")
+    from labtwin.cli.dryrun import run_dryrun
+
+    summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, speed_value))
     if as_json:
         _print_json({**summary.model_dump(), "anomalies": [a.model_dump(mode="json") for a in anomalies]})
-        return
+    else:
+        _print_dryrun(summary, anomalies, with_twin, out)
+    if summary.exit_status != "success":
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _print_dryrun(summary, anomalies, with_twin: bool, out: Path | None) -> None:
     console.print(_summary_table(summary))
     steps = Table(title="how each step ended")
     for col in ("step", "cycle", "label", "ended by", "value", "duration / s"):
@@ -265,38 +332,35 @@ def agent(
     channel: str = typer.Option(..., "--channel", "-c"),
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
-    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    speed: str | None = SpeedOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve one channel: run its steps and enforce its limits next to the instrument."""
     _setup_logging(verbose)
     from labtwin.agent.service import Agent
-    from labtwin.cli.wiring import build_channel, default_lab
+    from labtwin.cli.wiring import build_channel
 
+    s = settings(lab=lab, broker=broker, speed=speed)
+    config = s.lab_config
+    cfg = config.channel(channel)
+    url = _needs_broker(s, "an agent")
+    built = build_channel(channel, cfg, s.speed_value, config.lab)
+    a = Agent(
+        lab=config.lab,
+        channel=channel,
+        driver=built.driver,
+        clock=built.clock,
+        broker_url=url,
+        channel_limits=cfg.limits,
+        cell_id=built.cell_id,
+        nominal_capacity_Ah=built.nominal_capacity_Ah,
+        driver_name=built.driver_name,
+    )
+    err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
     try:
-        config = default_lab(lab)
-        cfg = config.channel(channel)
-        url = _broker(broker, config.broker)
-        if url is None:
-            _fail("an agent needs a broker: --broker mqtt://host:port, LABTWIN_BROKER, or `labtwin broker`")
-        built = build_channel(channel, cfg, "config" if speed is None else parse_speed(speed), config.lab)
-        a = Agent(
-            lab=config.lab,
-            channel=channel,
-            driver=built.driver,
-            clock=built.clock,
-            broker_url=url,
-            channel_limits=cfg.limits,
-            cell_id=built.cell_id,
-            nominal_capacity_Ah=built.nominal_capacity_Ah,
-            driver_name=built.driver_name,
-        )
-        err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
         asyncio.run(a.serve())
     except KeyboardInterrupt:
         pass
-    except (ConnectionError, ValueError, KeyError) as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -308,17 +372,18 @@ def record(
 ) -> None:
     """Write every data and event document of the lab into the store."""
     _setup_logging(verbose)
+    from labtwin.cli.wiring import open_store
     from labtwin.data.recorder import Recorder
 
+    s = settings(lab=lab, broker=broker, store=store)
+    url = _needs_broker(s, "the recorder")
+    config = s.lab_config
+    store_ = open_store(s.store)
+    err.print(f"recording lab {config.lab} from {url} into {describe_url(store_.url)}; Ctrl-C stops")
     try:
-        config, url = _lab_and_broker(lab, broker, "the recorder")
-        s = Store.open(_store(store, config.store))
-        err.print(f"recording lab {config.lab} from {url} into {describe_url(s.url)}; Ctrl-C stops")
-        asyncio.run(Recorder(url, s, config.lab).serve())
+        asyncio.run(Recorder(url, store_, config.lab).serve())
     except KeyboardInterrupt:
         pass
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -332,30 +397,28 @@ def twin(
     from labtwin.cli.wiring import twin_factory
     from labtwin.twin.service import TwinService
 
+    s = settings(lab=lab, broker=broker)
+    url = _needs_broker(s, "the twin")
+    config = s.lab_config
+    err.print(
+        f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops"
+    )
+
+    async def _serve() -> None:
+        service = TwinService(url, twin_factory(config), config.lab)
+        task = asyncio.create_task(service.serve())
+        seen = 0
+        while not task.done():
+            await asyncio.sleep(0.2)
+            for anomaly in service.anomalies[seen:]:
+                console.print(f"[bold red]{anomaly.kind}[/] {anomaly.cell} t={anomaly.time_s:.0f} s: {anomaly.message}")
+            seen = len(service.anomalies)
+        await task
+
     try:
-        config, url = _lab_and_broker(lab, broker, "the twin")
-        err.print(
-            f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops"
-        )
-
-        async def _serve() -> None:
-            service = TwinService(url, twin_factory(config), config.lab)
-            task = asyncio.create_task(service.serve())
-            seen = 0
-            while not task.done():
-                await asyncio.sleep(0.2)
-                for anomaly in service.anomalies[seen:]:
-                    console.print(
-                        f"[bold red]{anomaly.kind}[/] {anomaly.cell} t={anomaly.time_s:.0f} s: {anomaly.message}"
-                    )
-                seen = len(service.anomalies)
-            await task
-
         asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -363,25 +426,33 @@ def replay(
     file: Path = typer.Argument(
         ..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"
     ),
-    speed: str | None = typer.Option(None, "--speed", help="1 = as recorded, 1000, or max (default)"),
+    speed: str = typer.Option("max", "--speed", help="1 = as recorded, 1000, or max"),
     model: str | None = typer.Option(None, "--model", help="cell definition to run in the loop (simulators/cells)"),
     circuit: str | None = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
     cell: str | None = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
-    broker: str | None = BrokerOpt,
+    broker: str | None = typer.Option(
+        None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file's broker:, else embedded)"
+    ),
+    lab: Path | None = LabOpt,
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Replay recorded data through the bus; the twin and its detectors run on it exactly as live."""
     _setup_logging(verbose)
     from labtwin.cli.replay import run_replay
-    from labtwin.data.replay import RecordingError
+    from labtwin.cli.wiring import check_cell
+    from labtwin.devices.clock import parse_speed
 
     try:
-        summary, anomalies = asyncio.run(
-            run_replay(file, _broker(broker), parse_speed(speed or "max"), model, circuit, cell)
-        )
-    except (RecordingError, ConnectionError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        speed_value = parse_speed(speed)
+    except ValueError as exc:
+        raise UserError(f"--speed: {exc}") from None
+    if not file.exists():
+        raise UserError(f"{file}: no such file or directory: give a samples.csv, a BDF .csv or an EC-Lab .mpr")
+    if model is not None:
+        check_cell(model)
+    s = settings(lab=lab, broker=broker)
+    summary, anomalies = asyncio.run(run_replay(file, s.broker, speed_value, model, circuit, cell))
     if as_json:
         _print_json({"anomalies": [a.model_dump(mode="json") for a in anomalies], "replayed": summary})
         return
@@ -410,6 +481,8 @@ def broker(
         asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
 
 
 async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: float = 10.0) -> str:
@@ -423,12 +496,20 @@ async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: fl
         try:
             status = (await sub.get(timeout_s)).document
         except TimeoutError:
-            raise ValueError(f"no status from channel {channel} of lab {lab} on {url}: is its agent running?") from None
+            raise UserError(f"no status from channel {channel} of lab {lab} on {url}: is its agent running?") from None
         if not isinstance(status, ChannelStatus) or not status.run_id:
-            raise ValueError(f"channel {channel} has no run to command (state {getattr(status, 'state', '?')})")
+            raise UserError(f"channel {channel} has no run to command (state {getattr(status, 'state', '?')})")
         await bus.publish(busmod.topic(lab, channel, "cmd"), make(status.run_id))
         await bus.flush()
         return status.run_id
+
+
+def _channel_command(channel: str, broker: str | None, lab: Path | None, who: str, make) -> str:
+    s = settings(lab=lab, broker=broker)
+    url = _needs_broker(s, who)
+    config = s.lab_config
+    config.channel(channel)
+    return asyncio.run(_command_channel(url, config.lab, channel, make))
 
 
 @app.command()
@@ -441,13 +522,7 @@ def pause(
     """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
     from labtwin.documents import PauseRun
 
-    config, url = _lab_and_broker(lab, broker, "pause")
-    try:
-        run_id = asyncio.run(
-            _command_channel(url, config.lab, channel, lambda rid: PauseRun(run_id=rid, reason=reason))
-        )
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
+    run_id = _channel_command(channel, broker, lab, "pause", lambda rid: PauseRun(run_id=rid, reason=reason))
     console.print(f"paused run {run_id} on {channel}")
 
 
@@ -460,41 +535,36 @@ def resume(
     """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
     from labtwin.documents import ResumeRun
 
-    config, url = _lab_and_broker(lab, broker, "resume")
-    try:
-        run_id = asyncio.run(_command_channel(url, config.lab, channel, lambda rid: ResumeRun(run_id=rid)))
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
+    run_id = _channel_command(channel, broker, lab, "resume", lambda rid: ResumeRun(run_id=rid))
     console.print(f"resumed run {run_id} on {channel}")
 
 
 @app.command()
 def monitor(
     broker: str | None = BrokerOpt,
-    lab: str = typer.Option("+", "--lab-name", help="only this lab (default: all)"),
+    lab: Path | None = LabOpt,
+    lab_name: str = typer.Option("+", "--lab-name", help="only this lab (default: all)"),
     seconds: float | None = typer.Option(None, "--seconds", help="stop after this long"),
 ) -> None:
     """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
     from labtwin.cli.monitor import monitor as run_monitor
 
-    url = _broker(broker)
-    if url is None:
-        _fail("monitor needs a broker: --broker mqtt://host:port or LABTWIN_BROKER")
+    url = _needs_broker(settings(lab=lab, broker=broker), "monitor")
     try:
-        asyncio.run(run_monitor(url, lab, seconds, console))
+        asyncio.run(run_monitor(url, lab_name, seconds, console))
     except KeyboardInterrupt:
         pass
-    except ConnectionError as exc:
-        _fail(str(exc))
 
 
 # --------------------------------------------------------------------------- the store
 
 
 @app.command()
-def runs(store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
+def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool = JsonOpt) -> None:
     """The runs in the store."""
-    s = Store.open(_store(store))
+    from labtwin.cli.wiring import open_store
+
+    s = open_store(settings(lab=lab, store=store).store)
     rows = s.runs()
     if as_json:
         _print_json([r.__dict__ for r in rows])
@@ -523,23 +593,30 @@ def export(
     fmt: str = typer.Option("csv", "--format", help="csv, parquet or bdf (Battery Data Format)"),
     out: Path | None = typer.Option(None, "--out"),
     store: str | None = StoreOpt,
+    lab: Path | None = LabOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Export a run's samples with unit-bearing column names."""
+    from labtwin.cli.wiring import open_store
     from labtwin.data.export import FORMATS, export_samples
 
     if fmt not in FORMATS:
-        _fail(f"--format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
-    s = Store.open(_store(store))
+        raise UserError(f"--format {fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    s = open_store(settings(lab=lab, store=store).store)
     try:
         rid = s.find_run(run_id)
     except KeyError as exc:
-        _fail(str(exc.args[0]))
+        raise UserError(str(exc.args[0])) from None
     start, _ = s.run_documents(rid)
     suffix = {"csv": ".csv", "parquet": ".parquet", "bdf": ".bdf"}[fmt]
     path = out or Path(f"{rid}{suffix}")
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a directory; give a file name")
     samples = s.samples(rid)
-    export_samples(samples, path, fmt, start.time.timestamp() if start else None)
+    try:
+        export_samples(samples, path, fmt, start.time.timestamp() if start else None)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot be written: {exc.strerror or exc}") from None
     if as_json:
         _print_json({"run_id": rid, "path": str(path), "format": fmt, "samples": int(len(samples["time_s"]))})
     else:

@@ -303,13 +303,15 @@ def gitt(
 @analyze_app.command("cycling")
 def cycling(
     source: str = typer.Argument(..., help="a run id (or unique prefix) in the store, or a recording file"),
-    store: str | None = typer.Option(None, "--store", help="SQLite path or postgresql:// URL for a run id"),
+    store: str | None = typer.Option(
+        None, "--store", help="SQLite path or postgresql:// URL for a run id (default: LABTWIN_STORE, the lab's)"
+    ),
     plot: Path | None = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
+    from labtwin.analysis.cycles import summarize_cycles
     from labtwin.analysis.cycling import differential_capacity
-    from labtwin.analysis.summary import number_cycles, summarize_cycles
     from labtwin.data.replay import RecordingError, documents, read_recording
     from labtwin.documents import StepEvent
 
@@ -326,9 +328,10 @@ def cycling(
         ]
         samples = {"voltage_V": rec.voltage_V, "capacity_Ah": rec.capacity_Ah, "step": _step_indices(rec.step)}
     else:
-        from labtwin.data.store import DEFAULT_SQLITE, Store
+        from labtwin.cli import settings  # --store, LABTWIN_STORE, the lab file's store:, the default
+        from labtwin.cli.wiring import open_store
 
-        s = Store.open(store or DEFAULT_SQLITE)
+        s = open_store(settings(store=store).store)
         try:
             run_id = s.find_run(source)
         except KeyError as exc:
@@ -343,7 +346,6 @@ def cycling(
     if plot is not None:
         import matplotlib.pyplot as plt
 
-        cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(events)}
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for ev in events:
             if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) < 0.05 * max(
@@ -361,7 +363,7 @@ def cycling(
                 dqdv.voltage_V,
                 sign * dqdv.dq_dv_Ah_per_V * 1e3,
                 lw=0.8,
-                label=f"cycle {cycle_of.get(ev.step_index, 0)}",
+                label=f"cycle {ev.cycle}",
             )
         ax.set_xlabel("voltage / V")
         ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from labtwin.config.settings import Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -16,29 +20,46 @@ campaign_app = typer.Typer(
     help="Run a campaign (cells x protocols on channels) and see where it stands.", no_args_is_help=True
 )
 
-BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port of agents elsewhere (default: embedded, agents here)")
-LabOpt = typer.Option(None, "--lab", help="lab file (default: the campaign's, LABTWIN_LAB, or the packaged one)")
-StoreOpt = typer.Option(None, "--store", help="the store the recorder writes (resume reads it); default the lab's")
+BrokerOpt = typer.Option(
+    None,
+    "--broker",
+    help="mqtt://host:port of agents elsewhere (default: LABTWIN_BROKER, the lab file's broker:, else embedded, "
+    "agents here)",
+)
+LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, the campaign's lab:, the packaged one)")
+StoreOpt = typer.Option(
+    None,
+    "--store",
+    help="the store the recorder writes (resume reads it); default LABTWIN_STORE, the lab file's store:, "
+    "./labtwin-data/labtwin.db",
+)
+SpeedOpt = typer.Option(
+    None, "--speed", help="simulated channels: 1 = real time, 1000, or max (default: LABTWIN_SPEED, the channel's)"
+)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    from labtwin.cli.errors import UserError
+
+    raise UserError(message)
 
 
-def _load(file: Path, lab: Path | None):
-    from labtwin.cli.wiring import default_lab
+def _load(file: Path, **flags: Any) -> tuple[Any, Settings]:
+    """The campaign and its settings (the campaign's `lab:` ranks below --lab and LABTWIN_LAB), checked
+    before Prefect starts: the campaign file, the lab file, every channel it names."""
+    from labtwin.cli import settings
     from labtwin.orchestration.campaign import channels_of, load_campaign
-    from labtwin.protocols.model import ProtocolError
 
-    try:
-        campaign = load_campaign(file)
-        config = default_lab(lab or campaign.lab)
-        for channel in channels_of(campaign):
-            config.channel(channel)
-    except (ProtocolError, ValueError) as exc:
-        _fail(str(exc))
-    return campaign, config
+    if file.is_file():
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(f"{file}: not a text file (byte {exc.start} is not UTF-8): a campaign is a YAML file")
+    campaign = load_campaign(file)
+    s = settings(fallback_lab=campaign.lab, **flags)
+    for channel in channels_of(campaign):
+        s.lab_config.channel(channel)
+    return campaign, s
 
 
 @campaign_app.command("run")
@@ -47,7 +68,7 @@ def run(
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
     store: str | None = StoreOpt,
-    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    speed: str | None = SpeedOpt,
     prefect_db: str | None = typer.Option(
         None,
         "--prefect-db",
@@ -60,25 +81,14 @@ def run(
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
     import os
 
-    from labtwin.devices.clock import parse_speed
-    from labtwin.orchestration.prefect_server import ephemeral_database
-
-    campaign, config = _load(file, lab)
-    store_url = store or config.store
+    campaign, s = _load(file, lab=lab, broker=broker, store=store, speed=speed)
     if prefect_db and os.environ.get("PREFECT_API_URL"):
         _fail("--prefect-db: PREFECT_API_URL names a Prefect server, which has its own database; drop one of them")
+    from labtwin.orchestration.prefect_server import ephemeral_database
+
     try:
         with ephemeral_database(prefect_db):
-            results = asyncio.run(
-                _run(
-                    file,
-                    campaign,
-                    config,
-                    broker or config.broker,
-                    store_url,
-                    "config" if speed is None else parse_speed(speed),
-                )
-            )
+            results = asyncio.run(_run(file, campaign, s))
     except (ConnectionError, ValueError, TimeoutError) as exc:
         _fail(str(exc))
     table = Table(title=f"campaign {campaign.campaign}")
@@ -99,19 +109,18 @@ def run(
         raise typer.Exit(1)
 
 
-async def _run(file, campaign, config, broker_url, store_url, speed):
+async def _run(file: Path, campaign, s: Settings):
     from labtwin.cli.wiring import LocalLab
-    from labtwin.data.store import DEFAULT_SQLITE
     from labtwin.orchestration.campaign import channels_of
     from labtwin.orchestration.campaign_flow import run_campaign
     from labtwin.orchestration.flows import start_prefect_api
 
+    config = s.lab_config
     await start_prefect_api()
-    store_url = store_url or str(DEFAULT_SQLITE)
-    if broker_url is not None:
-        return await run_campaign(str(file), broker_url, config.lab, store_url)
-    async with LocalLab(config, channels_of(campaign), None, store_url, speed) as local:
-        return await run_campaign(str(file), local.url, config.lab, store_url)
+    if s.broker is not None:
+        return await run_campaign(str(file), s.broker, config.lab, s.store)
+    async with LocalLab(config, channels_of(campaign), None, s.store, s.speed_value) as local:
+        return await run_campaign(str(file), local.url, config.lab, s.store)
 
 
 @campaign_app.command("serve")
@@ -120,7 +129,7 @@ def serve(
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
     store: str | None = StoreOpt,
-    speed: str | None = typer.Option(None, "--speed", help="simulated channels: 1 = real time, 1000, or max"),
+    speed: str | None = SpeedOpt,
     duration: str | None = typer.Option(
         None, "--for", help="serve this long (30m, 6h, 7d), then stop; default until Ctrl-C"
     ),
@@ -152,10 +161,9 @@ def serve(
     (UI and API on 127.0.0.1:--prefect-port, database in labtwin-data/prefect)."""
     import os
 
-    from labtwin.devices.clock import parse_speed
     from labtwin.orchestration.campaign import interval_s
 
-    campaign, config = _load(file, lab)
+    campaign, s = _load(file, lab=lab, broker=broker, store=store, speed=speed)
     if work_pool and not os.environ.get("PREFECT_API_URL"):
         _fail(
             "--work-pool: workers on other PCs need a Prefect server they can reach; set PREFECT_API_URL "
@@ -165,16 +173,12 @@ def serve(
         duration_s = interval_s(duration) if duration else None
     except ValueError as exc:
         _fail(f"--for: {exc}")
-    store_url = store or config.store
     try:
         served = asyncio.run(
             _serve(
                 file,
                 campaign,
-                config,
-                broker or config.broker,
-                store_url,
-                "config" if speed is None else parse_speed(speed),
+                s,
                 duration_s,
                 run_now,
                 prefect_port,
@@ -204,10 +208,7 @@ def serve(
 async def _serve(
     file,
     campaign,
-    config,
-    broker_url,
-    store_url,
-    speed,
+    s: Settings,
     duration_s,
     run_now,
     prefect_port,
@@ -221,7 +222,9 @@ async def _serve(
     from labtwin.orchestration.campaign_flow import serve_campaign
     from labtwin.orchestration.prefect_server import LocalPrefectServer
 
-    store_url = store_url or str(DEFAULT_SQLITE.resolve())
+    config, broker_url = s.lab_config, s.broker
+    # Deployments run in other processes (other working directories): a relative SQLite path is made absolute.
+    store_url = s.store if "://" in s.store else str(Path(s.store).resolve())
     async with contextlib.AsyncExitStack() as stack:
         if not api_url:
             server = await stack.enter_async_context(
@@ -234,7 +237,9 @@ async def _serve(
         else:
             err.print(f"deployments go to the Prefect server at {api_url}")
         if broker_url is None:
-            local = await stack.enter_async_context(LocalLab(config, channels_of(campaign), None, store_url, speed))
+            local = await stack.enter_async_context(
+                LocalLab(config, channels_of(campaign), None, store_url, s.speed_value)
+            )
             broker_url = local.url
         schedule = ", ".join(
             f"{e.protocol} on {', '.join(e.cells)} every {e.every or e.cron}" for e in campaign.schedule
@@ -253,12 +258,12 @@ def status(
     store: str | None = StoreOpt,
 ) -> None:
     """Each job: queued, in progress (or interrupted: `campaign run` resumes it), or finished, from the store."""
-    from labtwin.data.store import DEFAULT_SQLITE, Store
+    from labtwin.cli.wiring import open_store
     from labtwin.orchestration.campaign import plan
     from labtwin.orchestration.resume import read_run
 
-    campaign, config = _load(file, lab)
-    s = Store.open(store or config.store or DEFAULT_SQLITE)
+    campaign, settings = _load(file, lab=lab, store=store)
+    s = open_store(settings.store)
     table = Table(title=f"campaign {campaign.campaign}")
     for col in ("run", "cell", "protocol", "channel", "state", "steps done", "samples"):
         table.add_column(col, overflow="fold")

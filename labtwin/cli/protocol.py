@@ -16,12 +16,14 @@ schema_app = typer.Typer(
     help="JSON Schemas of labtwin's files, for editors that validate and autocomplete.", no_args_is_help=True
 )
 
-LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB or the packaged instruments/lab.yaml)")
+LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, else the packaged demo lab)")
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    """A protocol refused: one line, exit 1 (`protocol check`'s documented answer for "would not run")."""
+    from labtwin.cli.errors import EXIT_RUN_FAILED, UserError
+
+    raise UserError(message, exit_code=EXIT_RUN_FAILED)
 
 
 def _context(channel: str | None, lab: Path | None, capacity: float | None):
@@ -42,10 +44,12 @@ def _context(channel: str | None, lab: Path | None, capacity: float | None):
 
 
 def _compile(file: str, channel: str | None, lab: Path | None, capacity: float | None):
+    from labtwin.cli.wiring import check_text_file
     from labtwin.protocols.compile import compile_protocol
-    from labtwin.protocols.model import ProtocolError, load_protocol
+    from labtwin.protocols.model import ProtocolError, load_protocol, resolve_protocol_path
 
     try:
+        check_text_file(resolve_protocol_path(file), "a protocol")
         protocol = load_protocol(file)
         ctx, cfg = _context(channel, lab, capacity)
         return protocol, compile_protocol(protocol, ctx), cfg
@@ -96,7 +100,7 @@ def show(
         title=f"{protocol.metadata.name}: {len(commands)} steps"
         + (" (loops listed once; cycle numbers inside loops are given as they run)" if not program.is_static else "")
     )
-    for col in ("#", "cycle", "step", "setpoint", "ends on", "then", "time budget / h", "label"):
+    for col in ("#", "repetition", "step", "setpoint", "ends on", "then", "time budget / h", "label"):
         table.add_column(col, overflow="fold")
     depth = 0
     for pc, instr in enumerate(program.instructions):
@@ -119,7 +123,7 @@ def show(
         )
         table.add_row(
             str(c.step_index),
-            "loop" if instr.loops else str(c.cycle),
+            "loop" if instr.loops else str(c.repetition),
             indent + c.step.value,
             setpoint,
             ends,
@@ -176,7 +180,11 @@ def export(
 
     if to != "pybamm":
         _fail(f"--to {to!r}: only pybamm is supported (BioLogic .mps and Arbin schedules are the next candidates)")
+    from labtwin.cli.wiring import check_text_file
+    from labtwin.protocols.model import resolve_protocol_path
+
     try:
+        check_text_file(resolve_protocol_path(file), "a protocol")
         conditions = to_pybamm(load_protocol(file))
     except (ProtocolError, StepStringError) as exc:
         _fail(str(exc))

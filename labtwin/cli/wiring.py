@@ -2,7 +2,9 @@
 
 DESIGN.md's layering: labtwin's core knows nothing of instruments/,
 simulators/ or protocols/; the CLI builds channels from the lab configuration
-and hands the core only the Potentiostat protocol.
+and hands the core only the Potentiostat protocol. The checks a command makes
+before Prefect starts (the protocol, the cell file, the channel's agent) live
+here too, so they read the files exactly as the run will.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +20,18 @@ import numpy as np
 
 from labtwin.agent.service import Agent
 from labtwin.bus.broker import EmbeddedBroker
-from labtwin.config.lab import DEFAULT_LAB_FILE, ChannelConfig, LabConfig, lab_file_from_env, load_lab
+from labtwin.cli.errors import UserError, is_store_error, store_error
+from labtwin.config.lab import ChannelConfig, LabConfig
+from labtwin.config.settings import Settings
 from labtwin.data.recorder import Recorder
 from labtwin.data.store import Store
 from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
 from labtwin.devices.potentiostat import Potentiostat
-from labtwin.documents import RunStart
+from labtwin.documents import ChannelState, ChannelStatus, Limits, RunStart
 from labtwin.instruments.transport import AuditTrail
-from labtwin.physics.library import load_cell
+from labtwin.physics.library import CellDefinition, load_cell
+from labtwin.protocols.compile import CompileContext, compile_program
+from labtwin.protocols.model import Protocol, load_protocol, resolve_protocol_path
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
 from labtwin.twin.service import TwinService
 
@@ -32,7 +39,74 @@ log = logging.getLogger(__name__)
 
 
 def default_lab(path: str | Path | None = None) -> LabConfig:
-    return load_lab(path if path else lab_file_from_env(DEFAULT_LAB_FILE))
+    """The lab file by the one precedence rule (``--lab``, LABTWIN_LAB, the packaged lab)."""
+    return Settings.resolve(lab=path).lab_config
+
+
+def open_store(url: str | Path | None) -> Store:
+    """The store, or one line saying which store cannot be opened or written and how to give another."""
+    try:
+        return Store.open(url)
+    except Exception as exc:
+        if is_store_error(exc):
+            raise store_error(str(url), exc) from None
+        raise
+
+
+def check_text_file(path: Path, what: str) -> None:
+    """A binary file given where YAML belongs is named, not reported as a codec error."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8): {what} is a YAML file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory: {what} is a YAML file") from None
+
+
+def check_protocol(name_or_path: str, nominal_capacity_Ah: float | None, limits: Limits | None) -> Protocol:
+    """Read and compile a protocol as the run will, before Prefect starts: its mistakes are one line each."""
+    check_text_file(resolve_protocol_path(name_or_path), "a protocol")
+    protocol = load_protocol(name_or_path)
+    compile_program(protocol, CompileContext("check", nominal_capacity_Ah, limits))
+    return protocol
+
+
+def check_cell(name_or_path: str) -> CellDefinition:
+    path = Path(name_or_path)
+    if path.is_file() or path.is_dir():
+        check_text_file(path, "a cell definition")
+    return load_cell(name_or_path)
+
+
+def channel_capacity_Ah(cfg: ChannelConfig) -> float | None:
+    """The nominal capacity C-rates use on a channel: the lab file's, else its simulated cell's."""
+    if cfg.nominal_capacity_Ah is not None:
+        return cfg.nominal_capacity_Ah
+    return check_cell(cfg.cell).nominal_capacity_Ah if cfg.cell else None
+
+
+async def check_channel(url: str, lab: str, channel: str, timeout_s: float = 5.0) -> ChannelStatus:
+    """The channel's retained status: an agent serves it and it is free, or one line saying what is wrong."""
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+
+    async with Bus(url, f"cli-check-{channel}-{uuid.uuid4().hex[:6]}") as bus:
+        sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
+        try:
+            status = (await sub.get(timeout_s)).document
+        except TimeoutError:
+            status = None
+    if not isinstance(status, ChannelStatus) or status.state is ChannelState.offline:
+        raise UserError(
+            f"no agent serves channel {channel!r} of lab {lab!r} on {url}: start one there with "
+            f"`labtwin agent --channel {channel} --broker {url}`"
+        )
+    if status.state in (ChannelState.running, ChannelState.paused) and status.run_id:
+        raise UserError(
+            f"channel {channel!r} is busy with run {status.run_id} ({status.state.value}): wait until it ends, "
+            "or choose another channel"
+        )
+    return status
 
 
 @dataclass
@@ -158,7 +232,11 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
 
 @dataclass
 class LocalLab:
-    """Broker (embedded unless given), agents for some channels and a recorder, in this process."""
+    """Broker (embedded unless given), agents for some channels and a recorder, in this process.
+
+    ``broker_url`` and ``store_url`` are the resolved settings (``Settings``); the lab file's own lines
+    have had their say there, so this does not read them again.
+    """
 
     config: LabConfig
     channels: list[str]
@@ -182,7 +260,7 @@ class LocalLab:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.broker: EmbeddedBroker | None = None
-        url = self.broker_url or self.config.broker
+        url = self.broker_url  # resolved by Settings; None: an embedded broker here
         if url is None:
             self.broker = await EmbeddedBroker().start()
             url = self.broker.url
@@ -190,7 +268,7 @@ class LocalLab:
         self.store = None
         self.recorder = None
         if self.record:
-            self.store = Store.open(self.store_url or self.config.store)
+            self.store = open_store(self.store_url)
             self.recorder = Recorder(url, self.store, self.config.lab, client_id=f"recorder-{self.config.lab}-local")
             self._tasks.append(asyncio.create_task(self.recorder.serve(self._stop)))
             await self._ready(self.recorder.wait_ready())

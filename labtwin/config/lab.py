@@ -8,7 +8,6 @@ Channel limits are the ceiling: a protocol may tighten them, never widen them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
@@ -19,7 +18,11 @@ from labtwin.devices.clock import parse_speed
 from labtwin.documents import Limits
 
 DEFAULT_LAB_FILE = Path(__file__).parent / "lab.yaml"
-"""The demo lab: what the CLI uses when neither --lab nor LABTWIN_LAB names one."""
+"""The demo lab: what the CLI uses when neither --lab nor LABTWIN_LAB names one (labtwin.config.settings)."""
+
+
+class LabConfigError(ValueError):
+    """A lab file, or a channel asked of it, that cannot work; the message names the file or lab and the fix."""
 
 
 class ChannelConfig(BaseModel):
@@ -86,26 +89,39 @@ class LabConfig(BaseModel):
 
     def channel(self, name: str) -> ChannelConfig:
         if name not in self.channels:
-            raise ValueError(f"no channel {name!r} in lab {self.lab!r}: channels are {', '.join(self.channels)}")
+            raise LabConfigError(
+                f"no channel {name!r} in lab {self.lab!r}: channels are {', '.join(self.channels)} "
+                "(--channel, or another lab file: --lab or LABTWIN_LAB)"
+            )
         return self.channels[name]
 
 
-class LabConfigError(ValueError):
-    pass
-
-
 def load_lab(path: str | Path) -> LabConfig:
+    """The lab file, or a LabConfigError with one line per mistake, each naming the file and the field.
+
+    Which file is the caller's business: labtwin.config.settings resolves it (--lab, LABTWIN_LAB, ...).
+    """
     path = Path(path)
-    if not path.exists():
-        raise LabConfigError(f"lab file {path} does not exist")
+    if not path.is_file():
+        what = "is a directory, not" if path.is_dir() else "does not exist: give"
+        raise LabConfigError(f"lab file {path} {what} a YAML lab file (--lab or LABTWIN_LAB)")
     try:
-        return LabConfig.model_validate(yaml.safe_load(path.read_text()))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LabConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8): a lab file is YAML") from None
+    except OSError as exc:
+        raise LabConfigError(f"lab file {path}: cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise LabConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise LabConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise LabConfigError(f"{path}: a lab file is a mapping with `lab:` and `channels:`, got {type(data).__name__}")
+    try:
+        return LabConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        lines = [f"{path}: {'.'.join(str(p) for p in e['loc']) or 'lab'}: {e['msg']}" for e in exc.errors()]
         raise LabConfigError("\n".join(lines)) from None
-
-
-def lab_file_from_env(default: Path) -> Path:
-    return Path(os.environ.get("LABTWIN_LAB", default))

@@ -1,0 +1,109 @@
+"""How a user's mistake reaches the user: one line on stderr and a non-zero exit, never a traceback.
+
+The one handler is ``LabtwinGroup.invoke``, around every command. It knows labtwin's own error types (and
+the few built-in ones labtwin raises with a message meant for the user, such as a broker that does not
+answer); anything else is a bug and keeps its traceback. Exit codes, the same for every command:
+
+- 0: done; for ``run``, ``dryrun`` and ``campaign run``: every run ended ``success``;
+- 1: the command worked but the run ended failed or aborted (or ``protocol check`` refused the protocol);
+- 2: a user error: a file, flag or setting that cannot work, a channel nobody serves, a store that cannot
+  be written;
+- 130: interrupted by Ctrl-C (a run in progress is stopped and marked interrupted first).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from typing import Any
+
+import typer
+import typer.core
+
+EXIT_RUN_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Something the user can fix; the message names the file, flag or field and says how."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """labtwin's error types whose messages are written for the user.
+
+    Modules are looked up only if already imported: an error of a module never imported cannot be raised,
+    and importing the orchestration room here would start Prefect for ``labtwin --version``.
+    """
+    from labtwin.config.lab import LabConfigError
+    from labtwin.protocols.model import ProtocolError
+
+    found: list[type[BaseException]] = [UserError, LabConfigError, ProtocolError]
+    for module, names in (
+        ("labtwin.protocols.strings", ("StepStringError",)),
+        ("labtwin.physics.library", ("CellFileError",)),
+        ("labtwin.bus.client", ("BrokerUnreachable",)),
+        ("labtwin.orchestration.flows", ("ChannelUnavailable", "StepTimeout")),
+        ("labtwin.data.replay", ("RecordingError",)),
+        ("labtwin.analysis.eis", ("SpectrumFileError", "CircuitError")),
+    ):
+        loaded = sys.modules.get(module)
+        for name in names:
+            cls = getattr(loaded, name, None) if loaded is not None else None
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                found.append(cls)
+    return tuple(found)
+
+
+def one_line(message: str) -> str:
+    """A message on one line; a list of mistakes (each line naming its file) stays one line per mistake."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) > 1:
+        head = lines[0].split(":", 1)[0] + ":"
+        if all(line.startswith(head) for line in lines):
+            return "\n".join(f"error: {line}" if i else line for i, line in enumerate(lines))
+    return " ".join(message.split())
+
+
+def report(message: str) -> None:
+    # Plain text, not rich: rich wraps at the terminal's width and reads "[0]" in a field path as markup.
+    typer.echo(f"error: {one_line(message)}", err=True)
+
+
+def store_error(url: str, exc: BaseException) -> UserError:
+    """A store that cannot be opened or written: which one, what the database said, what to do."""
+    return UserError(
+        f"store {url}: {exc}. Give a writable SQLite path or a reachable postgresql:// URL "
+        "(--store, LABTWIN_STORE or the lab file's store:)"
+    )
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """An error of the database itself (SQLite, PostgreSQL, SQLAlchemy), not of labtwin's code."""
+    if isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError | NotADirectoryError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith(("sqlalchemy.exc", "psycopg", "alembic"))
+
+
+class LabtwinGroup(typer.core.TyperGroup):
+    """The root command group: every command runs inside its ``invoke``, the one place errors become lines."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("interrupted (Ctrl-C)", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                report(str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            if isinstance(exc, _user_error_types()):
+                report(str(exc))
+                raise typer.Exit(EXIT_USER_ERROR) from None
+            raise
