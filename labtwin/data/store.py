@@ -1,77 +1,58 @@
 """The run store: SQLite by default (a file under ./labtwin-data/), PostgreSQL for a lab.
 
-One schema for both. Writes are idempotent: a sample batch is keyed on
-(run_id, seq) and a step event on (run_id, step_index, event), because QoS 1
-delivers at least once and a reconnecting publisher re-sends. A batch is
-inserted with its samples in one transaction, so a crash never leaves half a
-batch.
-
-Column names in SQL are lower case (PostgreSQL folds unquoted names);
-``SAMPLE_FIELDS`` maps them to labtwin's unit-bearing names.
+One schema for both (``labtwin.data.schema``, SQLAlchemy Core), versioned and
+migrated forward on open (``labtwin.data.migrate``). Writes are idempotent: a
+sample batch is keyed on (run_id, seq) and a step event on (run_id,
+step_index, event), because QoS 1 delivers at least once and a reconnecting
+publisher re-sends. A ``write`` is one transaction, so a crash never leaves
+half a batch; its samples go to the database in one executemany, which is
+what keeps the recorder ahead of a fast channel.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
+from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
+from labtwin.data import migrate
+from labtwin.data.engine import DEFAULT_SQLITE, WRITE, describe_url, make_engine, parse_url
+from labtwin.data.schema import (
+    SAMPLE_FIELDS,
+    anomalies,
+    batches,
+    cell_states,
+    impedance,
+    runs,
+    samples,
+    step_events,
+)
 from labtwin.documents import Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent
 
-DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
+__all__ = ["DEFAULT_SQLITE", "SAMPLE_FIELDS", "RunRow", "Store", "WriteCounts", "describe_url"]
 
-# (model field, SQL column, SQL type)
-SAMPLE_FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("time_s", "time_s", "DOUBLE PRECISION"),
-    ("voltage_V", "voltage_v", "DOUBLE PRECISION"),
-    ("current_A", "current_a", "DOUBLE PRECISION"),
-    ("capacity_Ah", "capacity_ah", "DOUBLE PRECISION"),
-    ("temperature_C", "temperature_c", "DOUBLE PRECISION"),
-    ("step", "step", "INTEGER"),
-    ("cycle", "cycle", "INTEGER"),
-)
-
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS runs (
-        run_id TEXT PRIMARY KEY, lab TEXT, channel TEXT, cell_id TEXT, protocol TEXT, n_steps INTEGER,
-        started_at TEXT, stopped_at TEXT, exit_status TEXT, reason TEXT,
-        reported_samples INTEGER, reported_last_seq INTEGER, cell_time_s DOUBLE PRECISION,
-        flow_run_id TEXT, start_doc TEXT, stop_doc TEXT)""",
-    """CREATE TABLE IF NOT EXISTS batches (
-        run_id TEXT NOT NULL, seq INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (run_id, seq))""",
-    "CREATE TABLE IF NOT EXISTS samples (run_id TEXT NOT NULL, seq INTEGER NOT NULL, i INTEGER NOT NULL, "
-    + ", ".join(f"{col} {typ}" for _, col, typ in SAMPLE_FIELDS)
-    + ")",
-    "CREATE INDEX IF NOT EXISTS samples_run_seq ON samples (run_id, seq)",
-    """CREATE TABLE IF NOT EXISTS impedance (
-        run_id TEXT NOT NULL, seq INTEGER NOT NULL, i INTEGER NOT NULL, frequency_hz DOUBLE PRECISION,
-        z_real_ohm DOUBLE PRECISION, z_imag_ohm DOUBLE PRECISION, PRIMARY KEY (run_id, seq, i))""",
-    """CREATE TABLE IF NOT EXISTS step_events (
-        run_id TEXT NOT NULL, step_index INTEGER NOT NULL, event TEXT NOT NULL, channel TEXT, label TEXT,
-        cycle INTEGER, step TEXT, time_s DOUBLE PRECISION, reason_kind TEXT, reason_name TEXT, doc TEXT NOT NULL,
-        PRIMARY KEY (run_id, step_index, event))""",
-    # The twin's findings: one row per anomaly (keyed so a re-delivered message is stored once) and the
-    # cell states it published, for trends of SOC, resistances and capacity after the fact.
-    """CREATE TABLE IF NOT EXISTS anomalies (
-        run_id TEXT NOT NULL, cell TEXT NOT NULL, kind TEXT NOT NULL, time_s DOUBLE PRECISION NOT NULL,
-        detected_time_s DOUBLE PRECISION, step INTEGER, cycle INTEGER, action TEXT, message TEXT, doc TEXT NOT NULL,
-        PRIMARY KEY (run_id, cell, kind, time_s))""",
-    """CREATE TABLE IF NOT EXISTS cell_states (
-        cell TEXT NOT NULL, run_id TEXT NOT NULL, time_s DOUBLE PRECISION NOT NULL, doc TEXT NOT NULL,
-        PRIMARY KEY (cell, run_id, time_s))""",
-]
-
-_INSERT_SAMPLES = (
-    "INSERT INTO samples (run_id, seq, i, "
-    + ", ".join(col for _, col, _ in SAMPLE_FIELDS)
-    + ") VALUES (?, ?, ?, "
-    + ", ".join("?" for _ in SAMPLE_FIELDS)
-    + ")"
+_SAMPLE_COLUMNS = ("run_id", "seq", "i", *(col for _, col, _ in SAMPLE_FIELDS))
+_IMPEDANCE_COLUMNS = ("run_id", "seq", "i", "frequency_hz", "z_real_ohm", "z_imag_ohm")
+_STEP_EVENT_COLUMNS = tuple(c.name for c in step_events.columns)
+_ANOMALY_COLUMNS = tuple(c.name for c in anomalies.columns)
+_CELL_STATE_COLUMNS = ("cell", "run_id", "time_s", "doc")
+_RUN_START_COLUMNS = ("lab", "channel", "cell_id", "protocol", "n_steps", "started_at", "flow_run_id", "start_doc")
+_RUN_STOP_COLUMNS = (
+    "stopped_at",
+    "exit_status",
+    "reason",
+    "reported_samples",
+    "reported_last_seq",
+    "cell_time_s",
+    "stop_doc",
 )
 
 
@@ -100,240 +81,168 @@ class WriteCounts:
 
 
 class Store:
-    """A DB-API connection with labtwin's schema. Use ``Store.open(url)``."""
+    """labtwin's tables in one database. Use ``Store.open(url)``; it is safe to share between threads."""
 
-    placeholder = "?"
-
-    def __init__(self, conn, url: str) -> None:
-        self.conn = conn
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
         self.url = url
-        self._lock = threading.Lock()
-        self._create()
+        insert: Callable[..., Any] = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+        def compiled(statement: Any, columns: Sequence[str]) -> _Compiled:
+            return _Compiled.of(statement, columns, engine)
+
+        self._insert_batch = compiled(insert(batches).on_conflict_do_nothing(), ("run_id", "seq", "n"))
+        self._insert_samples = compiled(insert(samples).on_conflict_do_nothing(), _SAMPLE_COLUMNS)
+        self._insert_impedance = compiled(insert(impedance).on_conflict_do_nothing(), _IMPEDANCE_COLUMNS)
+        self._insert_step_event = compiled(insert(step_events).on_conflict_do_nothing(), _STEP_EVENT_COLUMNS)
+        self._insert_anomaly = compiled(insert(anomalies).on_conflict_do_nothing(), _ANOMALY_COLUMNS)
+        self._insert_cell_state = compiled(insert(cell_states).on_conflict_do_nothing(), _CELL_STATE_COLUMNS)
+        start, stop = insert(runs), insert(runs)
+        self._upsert_run_start = compiled(
+            start.on_conflict_do_update(
+                index_elements=[runs.c.run_id], set_={c: start.excluded[c] for c in _RUN_START_COLUMNS}
+            ),
+            ("run_id", *_RUN_START_COLUMNS),
+        )
+        self._upsert_run_stop = compiled(
+            stop.on_conflict_do_update(
+                index_elements=[runs.c.run_id], set_={c: stop.excluded[c] for c in _RUN_STOP_COLUMNS}
+            ),
+            ("run_id", "channel", *_RUN_STOP_COLUMNS),
+        )
 
     # ------------------------------------------------------------------ opening
 
     @staticmethod
-    def open(url: str | Path | None = None) -> Store:
-        """``None`` or a path: SQLite; ``postgresql://...``: PostgreSQL (needs labtwin[postgres])."""
-        text = str(url) if url is not None else str(DEFAULT_SQLITE)
-        if text.startswith(("postgresql://", "postgres://")):
-            return PostgresStore.connect(text)
-        if text.startswith("sqlite:///"):
-            text = text[len("sqlite:///") :]
-        return SQLiteStore.connect(Path(text))
+    def open(url: str | Path | None = None, *, read_only: bool = False) -> Store:
+        """``None``, a path or ``sqlite:///path``: SQLite; ``postgresql://...``: PostgreSQL (labtwin[postgres]).
 
-    def _sql(self, statement: str) -> str:
-        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+        An older database is migrated to the current schema (one log line says so); one that cannot be
+        (read-only, or newer than this labtwin) raises ``labtwin.data.migrate.SchemaError`` saying what to do.
+        A SQLite file this process may not write is opened read-only.
+        """
+        where = parse_url(url)
+        if where.path is not None and where.path.exists() and not os.access(where.path, os.W_OK):
+            read_only = True
+        engine = make_engine(where, read_only=read_only)
+        try:
+            migrate.ensure_current(engine, where, writable=not read_only)
+        except BaseException:
+            engine.dispose()
+            raise
+        return Store(engine, where.text)
 
-    def _create(self) -> None:
-        with self._lock:
-            cur = self.conn.cursor()
-            for statement in SCHEMA:
-                cur.execute(statement)
-            self.conn.commit()
+    def schema_version(self) -> int:
+        """The schema version of the database (``labtwin.data.migrate.head_version()`` once opened)."""
+        version = migrate._read(self.engine, describe_url(self.url))
+        assert version is not None
+        return version
 
     def close(self) -> None:
-        self.conn.close()
+        self.engine.dispose()
 
     # ------------------------------------------------------------------ writing
 
     def write(self, documents: Iterable[BaseModel]) -> WriteCounts:
         """Store documents in one transaction; duplicates (same keys) are ignored."""
         counts = WriteCounts()
-        with self._lock:
-            cur = self.conn.cursor()
-            try:
+        sample_rows: list[tuple[Any, ...]] = []
+        impedance_rows: list[tuple[Any, ...]] = []
+        with self.engine.connect() as conn:
+            conn.execution_options(**WRITE)
+            with conn.begin():
                 for doc in documents:
                     if isinstance(doc, SampleBatch):
-                        self._write_batch(cur, doc, counts)
+                        self._write_batch(conn, doc, counts, sample_rows, impedance_rows)
                     elif isinstance(doc, StepEvent):
-                        self._write_step_event(cur, doc, counts)
+                        counts.events += self._insert_step_event.run(conn, [_step_event_row(doc)]) == 1
                     elif isinstance(doc, RunStart):
-                        self._write_run_start(cur, doc)
+                        self._upsert_run_start.run(conn, [_run_start_row(doc)])
                         counts.events += 1
                     elif isinstance(doc, RunStop):
-                        self._write_run_stop(cur, doc)
+                        self._upsert_run_stop.run(conn, [_run_stop_row(doc)])
                         counts.events += 1
                     elif isinstance(doc, Anomaly):
-                        cur.execute(
-                            self._sql(
-                                "INSERT INTO anomalies (run_id, cell, kind, time_s, detected_time_s, step, cycle, action, message, doc) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                            ),
-                            (
-                                doc.run_id,
-                                doc.cell,
-                                doc.kind,
-                                doc.time_s,
-                                doc.detected_time_s,
-                                doc.step,
-                                doc.cycle,
-                                doc.action,
-                                doc.message,
-                                doc.model_dump_json(),
-                            ),
-                        )
+                        self._insert_anomaly.run(conn, [_anomaly_row(doc)])
                         counts.events += 1
                     elif isinstance(doc, CellState):
-                        cur.execute(
-                            self._sql(
-                                "INSERT INTO cell_states (cell, run_id, time_s, doc) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                            ),
-                            (doc.cell, doc.run_id, doc.time_s, doc.model_dump_json()),
-                        )
-                self.conn.commit()
-            except BaseException:
-                self.conn.rollback()
-                raise
+                        row = (doc.cell, doc.run_id, doc.time_s, doc.model_dump_json())
+                        self._insert_cell_state.run(conn, [row])
+                self._insert_samples.run(conn, sample_rows)
+                self._insert_impedance.run(conn, impedance_rows)
         return counts
 
-    def _write_batch(self, cur, batch: SampleBatch, counts: WriteCounts) -> None:
+    def _write_batch(
+        self,
+        conn: Connection,
+        batch: SampleBatch,
+        counts: WriteCounts,
+        sample_rows: list[tuple[Any, ...]],
+        impedance_rows: list[tuple[Any, ...]],
+    ) -> None:
         n = len(batch.time_s)
-        cur.execute(
-            self._sql("INSERT INTO batches (run_id, seq, n) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
-            (batch.run_id, batch.seq, n),
-        )
-        if cur.rowcount != 1:
+        if self._insert_batch.run(conn, [(batch.run_id, batch.seq, n)]) != 1:
             counts.duplicate_batches += 1
             return
-        rows = list(
-            zip(
-                [batch.run_id] * n,
-                [batch.seq] * n,
-                range(n),
-                batch.time_s,
-                batch.voltage_V,
-                batch.current_A,
-                batch.capacity_Ah,
-                batch.temperature_C,
-                batch.step,
-                batch.cycle,
-            )
-        )
-        cur.executemany(self._sql(_INSERT_SAMPLES), rows)
+        keys = ([batch.run_id] * n, [batch.seq] * n, range(n))
+        sample_rows.extend(zip(*keys, *(getattr(batch, field) for field, _, _ in SAMPLE_FIELDS)))
         if batch.frequency_Hz is not None:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO impedance (run_id, seq, i, frequency_hz, z_real_ohm, z_imag_ohm) VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                list(
-                    zip(
-                        [batch.run_id] * n,
-                        [batch.seq] * n,
-                        range(n),
-                        batch.frequency_Hz,
-                        batch.z_real_ohm,
-                        batch.z_imag_ohm,
-                    )
-                ),
-            )
+            missing = [None] * n
+            z = (batch.frequency_Hz, batch.z_real_ohm or missing, batch.z_imag_ohm or missing)
+            impedance_rows.extend(zip(*keys, *z))
         counts.batches += 1
         counts.samples += n
 
-    def _write_step_event(self, cur, ev: StepEvent, counts: WriteCounts) -> None:
-        cur.execute(
-            self._sql(
-                "INSERT INTO step_events (run_id, step_index, event, channel, label, cycle, step, time_s, "
-                "reason_kind, reason_name, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-            ),
-            (
-                ev.run_id,
-                ev.step_index,
-                ev.event,
-                ev.channel,
-                ev.label,
-                ev.cycle,
-                ev.step.value,
-                ev.time_s,
-                ev.reason.kind if ev.reason else None,
-                ev.reason.name if ev.reason else None,
-                ev.model_dump_json(),
-            ),
-        )
-        counts.events += cur.rowcount == 1
-
-    def _write_run_start(self, cur, doc: RunStart) -> None:
-        cur.execute(
-            self._sql(
-                "INSERT INTO runs (run_id, lab, channel, cell_id, protocol, n_steps, started_at, flow_run_id, start_doc) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET lab = excluded.lab, "
-                "channel = excluded.channel, cell_id = excluded.cell_id, protocol = excluded.protocol, "
-                "n_steps = excluded.n_steps, started_at = excluded.started_at, flow_run_id = excluded.flow_run_id, "
-                "start_doc = excluded.start_doc"
-            ),
-            (
-                doc.run_id,
-                doc.lab,
-                doc.channel,
-                doc.cell_id,
-                doc.protocol,
-                doc.n_steps,
-                doc.time.isoformat(),
-                doc.flow_run_id,
-                doc.model_dump_json(),
-            ),
-        )
-
-    def _write_run_stop(self, cur, doc: RunStop) -> None:
-        cur.execute(
-            self._sql(
-                "INSERT INTO runs (run_id, channel, stopped_at, exit_status, reason, reported_samples, "
-                "reported_last_seq, cell_time_s, stop_doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (run_id) DO UPDATE SET stopped_at = excluded.stopped_at, "
-                "exit_status = excluded.exit_status, reason = excluded.reason, "
-                "reported_samples = excluded.reported_samples, reported_last_seq = excluded.reported_last_seq, "
-                "cell_time_s = excluded.cell_time_s, stop_doc = excluded.stop_doc"
-            ),
-            (
-                doc.run_id,
-                doc.channel,
-                doc.time.isoformat(),
-                doc.exit_status,
-                doc.reason,
-                doc.n_samples,
-                doc.last_seq,
-                doc.cell_time_s,
-                doc.model_dump_json(),
-            ),
-        )
-
     # ------------------------------------------------------------------ reading
 
+    def _fetch(self, statement: Any) -> Sequence[Any]:
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(statement)]
+
     def runs(self) -> list[RunRow]:
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(
-                "SELECT r.run_id, r.lab, r.channel, r.cell_id, r.protocol, r.started_at, r.stopped_at, r.exit_status, "
-                "r.reason, r.reported_samples, COALESCE((SELECT SUM(b.n) FROM batches b WHERE b.run_id = r.run_id), 0), "
-                "r.cell_time_s FROM runs r ORDER BY r.started_at"
-            )
-            return [RunRow(*row[:10], int(row[10]), row[11]) for row in cur.fetchall()]
+        stored = select(func.coalesce(func.sum(batches.c.n), 0)).where(batches.c.run_id == runs.c.run_id)
+        c = runs.c
+        rows = self._fetch(
+            select(
+                c.run_id,
+                c.lab,
+                c.channel,
+                c.cell_id,
+                c.protocol,
+                c.started_at,
+                c.stopped_at,
+                c.exit_status,
+                c.reason,
+                c.reported_samples,
+                stored.scalar_subquery(),
+                c.cell_time_s,
+            ).order_by(c.started_at.asc().nulls_first(), c.run_id)
+        )
+        out = []
+        for row in rows:
+            values = list(row)
+            values[10] = int(values[10])
+            out.append(RunRow(*values))
+        return out
 
     def find_run(self, prefix: str) -> str:
         """A run id from its full text or a unique prefix (as git does for commits)."""
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql("SELECT run_id FROM runs WHERE run_id LIKE ?"), (prefix + "%",))
-            found = [r[0] for r in cur.fetchall()]
+        found = [
+            r[0] for r in self._fetch(select(runs.c.run_id).where(runs.c.run_id.startswith(prefix, autoescape=True)))
+        ]
         if not found:
-            raise KeyError(f"no run {prefix!r} in {self.url}: `labtwin runs` lists them")
+            raise KeyError(f"no run {prefix!r} in {describe_url(self.url)}: `labtwin runs` lists them")
         if len(found) > 1 and prefix not in found:
-            raise KeyError(f"run prefix {prefix!r} is ambiguous: {', '.join(found[:5])}")
+            raise KeyError(f"run prefix {prefix!r} is ambiguous: {', '.join(sorted(found)[:5])}")
         return prefix if prefix in found else found[0]
 
     def samples(self, run_id: str) -> dict[str, np.ndarray]:
         """All samples of a run in order, as numpy columns named with their units."""
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(
-                self._sql(
-                    "SELECT "
-                    + ", ".join(col for _, col, _ in SAMPLE_FIELDS)
-                    + " FROM samples WHERE run_id = ? ORDER BY seq, i"
-                ),
-                (run_id,),
-            )
-            rows = cur.fetchall()
+        rows = self._fetch(
+            select(*(samples.c[col] for _, col, _ in SAMPLE_FIELDS))
+            .where(samples.c.run_id == run_id)
+            .order_by(samples.c.seq, samples.c.i)
+        )
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
         out = {name: data[:, k] for k, (name, _, _) in enumerate(SAMPLE_FIELDS)}
         out["step"] = out["step"].astype(int)
@@ -342,17 +251,13 @@ class Store:
 
     def impedance(self, run_id: str) -> dict[str, np.ndarray]:
         """The impedance points of a run with the step and cycle they belong to, in measurement order."""
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(
-                self._sql(
-                    "SELECT z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s FROM impedance z "
-                    "JOIN samples s ON s.run_id = z.run_id AND s.seq = z.seq AND s.i = z.i "
-                    "WHERE z.run_id = ? ORDER BY z.seq, z.i"
-                ),
-                (run_id,),
-            )
-            rows = cur.fetchall()
+        z, s = impedance.c, samples.c
+        rows = self._fetch(
+            select(z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s)
+            .join_from(impedance, samples, (s.run_id == z.run_id) & (s.seq == z.seq) & (s.i == z.i))
+            .where(z.run_id == run_id)
+            .order_by(z.seq, z.i)
+        )
         data = np.array(rows, dtype=float).reshape(-1, 6)
         names = ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle", "time_s")
         out = {name: data[:, k] for k, name in enumerate(names)}
@@ -362,94 +267,142 @@ class Store:
 
     def anomalies(self, run_id: str | None = None, cell: str | None = None) -> list[Anomaly]:
         """The twin's anomalies, oldest first, for a run and/or a cell (all when neither is given)."""
-        where, args = [], []
+        query = select(anomalies.c.doc).order_by(anomalies.c.time_s)
         if run_id is not None:
-            where.append("run_id = ?")
-            args.append(run_id)
+            query = query.where(anomalies.c.run_id == run_id)
         if cell is not None:
-            where.append("cell = ?")
-            args.append(cell)
-        sql = "SELECT doc FROM anomalies" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY time_s"
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql(sql), tuple(args))
-            return [Anomaly.model_validate_json(row[0]) for row in cur.fetchall()]
+            query = query.where(anomalies.c.cell == cell)
+        return [Anomaly.model_validate_json(row[0]) for row in self._fetch(query)]
 
     def cell_states(self, cell: str, run_id: str | None = None) -> list[CellState]:
-        sql = (
-            "SELECT doc FROM cell_states WHERE cell = ?"
-            + (" AND run_id = ?" if run_id else "")
-            + " ORDER BY run_id, time_s"
-        )
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql(sql), (cell, run_id) if run_id else (cell,))
-            return [CellState.model_validate_json(row[0]) for row in cur.fetchall()]
+        query = select(cell_states.c.doc).where(cell_states.c.cell == cell)
+        if run_id:
+            query = query.where(cell_states.c.run_id == run_id)
+        query = query.order_by(cell_states.c.run_id, cell_states.c.time_s)
+        return [CellState.model_validate_json(row[0]) for row in self._fetch(query)]
 
     def sample_count(self, run_id: str) -> int:
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql("SELECT COUNT(*) FROM samples WHERE run_id = ?"), (run_id,))
-            return int(cur.fetchone()[0])
+        return int(self._fetch(select(func.count()).select_from(samples).where(samples.c.run_id == run_id))[0][0])
 
     def seqs(self, run_id: str) -> list[int]:
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql("SELECT seq FROM batches WHERE run_id = ? ORDER BY seq"), (run_id,))
-            return [int(r[0]) for r in cur.fetchall()]
+        rows = self._fetch(select(batches.c.seq).where(batches.c.run_id == run_id).order_by(batches.c.seq))
+        return [int(r[0]) for r in rows]
 
     def step_events(self, run_id: str, event: str | None = "ended") -> list[StepEvent]:
-        with self._lock:
-            cur = self.conn.cursor()
-            if event is None:
-                cur.execute(
-                    self._sql("SELECT doc FROM step_events WHERE run_id = ? ORDER BY step_index, event DESC"), (run_id,)
-                )
-            else:
-                cur.execute(
-                    self._sql("SELECT doc FROM step_events WHERE run_id = ? AND event = ? ORDER BY step_index"),
-                    (run_id, event),
-                )
-            return [StepEvent.model_validate_json(r[0]) for r in cur.fetchall()]
+        query = select(step_events.c.doc).where(step_events.c.run_id == run_id)
+        if event is None:
+            query = query.order_by(step_events.c.step_index, step_events.c.event.desc())
+        else:
+            query = query.where(step_events.c.event == event).order_by(step_events.c.step_index)
+        return [StepEvent.model_validate_json(r[0]) for r in self._fetch(query)]
 
     def run_documents(self, run_id: str) -> tuple[RunStart | None, RunStop | None]:
-        with self._lock:
-            cur = self.conn.cursor()
-            cur.execute(self._sql("SELECT start_doc, stop_doc FROM runs WHERE run_id = ?"), (run_id,))
-            row = cur.fetchone()
-        if row is None:
+        rows = self._fetch(select(runs.c.start_doc, runs.c.stop_doc).where(runs.c.run_id == run_id))
+        if not rows:
             return None, None
-        start = RunStart.model_validate_json(row[0]) if row[0] else None
-        stop = RunStop.model_validate_json(row[1]) if row[1] else None
+        start_doc, stop_doc = rows[0]
+        start = RunStart.model_validate_json(start_doc) if start_doc else None
+        stop = RunStop.model_validate_json(stop_doc) if stop_doc else None
         return start, stop
 
 
-class SQLiteStore(Store):
+@dataclass(frozen=True)
+class _Compiled:
+    """A write statement compiled once for this database and run with plain rows.
+
+    SQLAlchemy does not cache INSERT ... ON CONFLICT, and its per-row parameter
+    handling costs more than SQLite's insert: the recorder's bulk writes go to
+    the driver's executemany directly, with the SQL SQLAlchemy wrote for the
+    dialect. Rows are tuples in the order of ``columns``.
+    """
+
+    sql: str
+    columns: tuple[str, ...]
+    order: tuple[int, ...] | None  # positional paramstyle: where each placeholder's value is in a row
+
     @classmethod
-    def connect(cls, path: Path) -> SQLiteStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return cls(conn, str(path))
+    def of(cls, statement: Any, columns: Sequence[str], engine: Engine) -> _Compiled:
+        statement = statement.values({c: bindparam(c) for c in columns})
+        compiled = statement.compile(dialect=engine.dialect)
+        if compiled.positional:
+            assert compiled.positiontup is not None
+            order: tuple[int, ...] | None = tuple(list(columns).index(key) for key in compiled.positiontup)
+        else:
+            order = None
+        return cls(compiled.string, tuple(columns), order)
+
+    def run(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Rows inserted (or updated); 0 for rows that were there already."""
+        if not rows:
+            return 0
+        params: list[Any]
+        if self.order is None:
+            params = [dict(zip(self.columns, row)) for row in rows]
+        elif self.order == tuple(range(len(self.columns))):
+            params = list(rows)
+        else:
+            params = [tuple(row[k] for k in self.order) for row in rows]
+        if len(params) == 1:
+            return conn.exec_driver_sql(self.sql, params[0]).rowcount
+        return conn.exec_driver_sql(self.sql, params).rowcount
 
 
-class PostgresStore(Store):
-    placeholder = "%s"
+def _step_event_row(ev: StepEvent) -> tuple[Any, ...]:
+    row = {
+        "run_id": ev.run_id,
+        "step_index": ev.step_index,
+        "event": ev.event,
+        "channel": ev.channel,
+        "label": ev.label,
+        "cycle": ev.cycle,
+        "step": ev.step.value,
+        "time_s": ev.time_s,
+        "reason_kind": ev.reason.kind if ev.reason else None,
+        "reason_name": ev.reason.name if ev.reason else None,
+        "doc": ev.model_dump_json(),
+    }
+    return tuple(row[c] for c in _STEP_EVENT_COLUMNS)
 
-    @classmethod
-    def connect(cls, url: str) -> PostgresStore:
-        try:
-            import psycopg
-        except ImportError:  # pragma: no cover - depends on the install
-            raise RuntimeError("PostgreSQL needs psycopg: pip install 'labtwin[postgres]'") from None
-        conn = psycopg.connect(url)
-        return cls(conn, url)
+
+def _run_start_row(doc: RunStart) -> tuple[Any, ...]:
+    return (
+        doc.run_id,
+        doc.lab,
+        doc.channel,
+        doc.cell_id,
+        doc.protocol,
+        doc.n_steps,
+        doc.time.isoformat(),
+        doc.flow_run_id,
+        doc.model_dump_json(),
+    )
 
 
-def describe_url(url: str | Path | None) -> str:
-    text = str(url) if url is not None else str(DEFAULT_SQLITE)
-    if "@" in text and "://" in text:  # hide a password
-        scheme, rest = text.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return text
+def _run_stop_row(doc: RunStop) -> tuple[Any, ...]:
+    return (
+        doc.run_id,
+        doc.channel,
+        doc.time.isoformat(),
+        doc.exit_status,
+        doc.reason,
+        doc.n_samples,
+        doc.last_seq,
+        doc.cell_time_s,
+        doc.model_dump_json(),
+    )
+
+
+def _anomaly_row(doc: Anomaly) -> tuple[Any, ...]:
+    row = {
+        "run_id": doc.run_id,
+        "cell": doc.cell,
+        "kind": doc.kind,
+        "time_s": doc.time_s,
+        "detected_time_s": doc.detected_time_s,
+        "step": doc.step,
+        "cycle": doc.cycle,
+        "action": doc.action,
+        "message": doc.message,
+        "doc": doc.model_dump_json(),
+    }
+    return tuple(row[c] for c in _ANOMALY_COLUMNS)

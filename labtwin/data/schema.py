@@ -1,0 +1,131 @@
+"""The store's tables as they are at the newest schema version, for SQLite and PostgreSQL alike.
+
+The migrations under ``migrations/versions`` are the schema's history and this
+module is its present; ``tests/test_store_migrations.py`` checks that a database
+migrated from the oldest version matches these tables exactly.
+
+Column names are lower case (PostgreSQL folds unquoted names);
+``SAMPLE_FIELDS`` maps them to labtwin's unit-bearing names. Times of day are
+ISO 8601 text, as the first labtwin stored them; durations are ``time_s``
+seconds. Types are the ones both databases spell the same way (TEXT, INTEGER,
+DOUBLE PRECISION), so one file of DDL describes both.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import DOUBLE_PRECISION, Column, Index, Integer, MetaData, PrimaryKeyConstraint, Table, Text
+
+metadata = MetaData()
+
+# (model field, SQL column, SQL type)
+SAMPLE_FIELDS: tuple[tuple[str, str, type[Integer] | type[DOUBLE_PRECISION]], ...] = (
+    ("time_s", "time_s", DOUBLE_PRECISION),
+    ("voltage_V", "voltage_v", DOUBLE_PRECISION),
+    ("current_A", "current_a", DOUBLE_PRECISION),
+    ("capacity_Ah", "capacity_ah", DOUBLE_PRECISION),
+    ("temperature_C", "temperature_c", DOUBLE_PRECISION),
+    ("step", "step", Integer),
+    ("cycle", "cycle", Integer),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("lab", Text),
+    Column("channel", Text),
+    Column("cell_id", Text),
+    Column("protocol", Text),
+    Column("n_steps", Integer),
+    Column("started_at", Text),
+    Column("stopped_at", Text),
+    Column("exit_status", Text),
+    Column("reason", Text),
+    Column("reported_samples", Integer),
+    Column("reported_last_seq", Integer),
+    Column("cell_time_s", DOUBLE_PRECISION),
+    Column("flow_run_id", Text),
+    Column("start_doc", Text),
+    Column("stop_doc", Text),
+)
+
+# One row per SampleBatch received: the idempotency key of the samples (QoS 1 delivers at least once).
+batches = Table(
+    "batches",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("n", Integer, nullable=False),
+    PrimaryKeyConstraint("run_id", "seq"),
+)
+
+# Unique on (run_id, seq, i) since schema 2: a sample is stored once even if a batch row were lost. A unique
+# index rather than a primary key, so the migration adds it to a large SQLite file without copying the table.
+samples = Table(
+    "samples",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("i", Integer, nullable=False),
+    *(Column(col, typ) for _, col, typ in SAMPLE_FIELDS),
+    Index("samples_run_seq_i", "run_id", "seq", "i", unique=True),
+)
+
+impedance = Table(
+    "impedance",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("i", Integer, nullable=False),
+    Column("frequency_hz", DOUBLE_PRECISION),
+    Column("z_real_ohm", DOUBLE_PRECISION),
+    Column("z_imag_ohm", DOUBLE_PRECISION),
+    PrimaryKeyConstraint("run_id", "seq", "i"),
+)
+
+step_events = Table(
+    "step_events",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("step_index", Integer, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("channel", Text),
+    Column("label", Text),
+    Column("cycle", Integer),
+    Column("step", Text),
+    Column("time_s", DOUBLE_PRECISION),
+    Column("reason_kind", Text),
+    Column("reason_name", Text),
+    Column("doc", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "step_index", "event"),
+)
+
+# The twin's findings: one row per anomaly (keyed so a re-delivered message is stored once); indexed by cell
+# since schema 2, because a cell's history is read across runs.
+anomalies = Table(
+    "anomalies",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("cell", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("time_s", DOUBLE_PRECISION, nullable=False),
+    Column("detected_time_s", DOUBLE_PRECISION),
+    Column("step", Integer),
+    Column("cycle", Integer),
+    Column("action", Text),
+    Column("message", Text),
+    Column("doc", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "cell", "kind", "time_s"),
+    Index("anomalies_cell_time", "cell", "time_s"),
+)
+
+# The cell states the twin published, for trends of SOC, resistances and capacity after the fact.
+cell_states = Table(
+    "cell_states",
+    metadata,
+    Column("cell", Text, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("time_s", DOUBLE_PRECISION, nullable=False),
+    Column("doc", Text, nullable=False),
+    PrimaryKeyConstraint("cell", "run_id", "time_s"),
+)
