@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
+# Prefect keeps its database and settings under PREFECT_HOME (~/.prefect by default): the session gets its own,
+# so the suite neither reads nor fills anything outside the repository and its temporary directories.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="labtwin-test-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -11,10 +17,16 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
+from labtwin.bus import topics
 from labtwin.bus.broker import EmbeddedBroker
+from tests import leftovers
+
+PREFECT_HOME = os.environ["PREFECT_HOME"]
+atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
 
 MOSQUITTO = ("127.0.0.1", 1883)
 POSTGRES = ("127.0.0.1", 5432)
@@ -78,7 +90,62 @@ def postgres_url():
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+# The lab names this session's tests used on Mosquitto: the session checks nothing is retained under them.
+LABS_ON_MOSQUITTO: set[str] = set()
+
+
+def _lab_prefix(lab: str) -> str:
+    return f"{topics.ROOT}/{lab}/#"
+
+
+def _uses_mosquitto(request: pytest.FixtureRequest) -> bool:
+    callspec = getattr(request.node, "callspec", None)
+    on_broker_url = callspec is not None and callspec.params.get("broker_url") == "mosquitto"
+    return on_broker_url or "mosquitto_url" in request.fixturenames
+
+
 @pytest.fixture
-def unique_lab() -> str:
-    """A lab name per test, so tests on the shared Mosquitto never see each other's retained status."""
-    return f"test{uuid.uuid4().hex[:8]}"
+def unique_lab(request: pytest.FixtureRequest):
+    """A lab name per test, so tests on the shared Mosquitto never see each other's retained status; on
+    Mosquitto, what the test's agents and twin left retained under the lab is cleared after it (it would
+    outlive the test on the broker)."""
+    lab = f"test{uuid.uuid4().hex[:8]}"
+    on_mosquitto = _uses_mosquitto(request) and reachable(MOSQUITTO)
+    if on_mosquitto:
+        LABS_ON_MOSQUITTO.add(lab)
+    yield lab
+    if on_mosquitto:
+        left = leftovers.retained_messages(*MOSQUITTO, [_lab_prefix(lab)], quiet_s=0.3)
+        leftovers.clear_retained(*MOSQUITTO, left)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory):
+    """The session fails if a process it started still runs at its end (a test killed a process whose children,
+    such as a Prefect server, live on) or a message stays retained on Mosquitto under a test lab.
+
+    Autouse and session-wide, so it is set up before and torn down after every other fixture (the Prefect test
+    harness's own server is stopped by then). A session's processes are this pytest's descendants and, as an
+    orphan's parent is PID 1, any process whose command line, working directory or PREFECT_HOME is in the
+    session's temporary directories; the ones already running at the start are not the session's."""
+    before = leftovers.running_now()
+    roots = [Path(PREFECT_HOME), tmp_path_factory.getbasetemp().resolve()]
+    yield
+    problems = []
+    stray = leftovers.started_and_still_running(before, roots)
+    if stray:
+        problems.append(
+            "processes started by the test session still run (killed now):\n  "
+            + "\n  ".join(leftovers.describe(p) for p in stray)
+        )
+        leftovers.kill(stray)
+    if LABS_ON_MOSQUITTO and reachable(MOSQUITTO):
+        retained = leftovers.retained_messages(*MOSQUITTO, sorted(_lab_prefix(lab) for lab in LABS_ON_MOSQUITTO))
+        if retained:
+            problems.append(
+                "retained messages left on Mosquitto under the test labs (cleared now):\n  "
+                + "\n  ".join(sorted(retained))
+            )
+            leftovers.clear_retained(*MOSQUITTO, retained)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
@@ -58,3 +60,15 @@ async def run_steps_by_hand(
         await bus.publish(cmd_topic, StopRun(run_id=run_id, exit_status=stop_status))
         stop = await wait_doc(sub, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
     return ended, stop
+
+
+def kill_process_group(pid: int) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything it started.
+
+    Killing only the process leaves its children running: a `labtwin campaign run` has a Prefect server
+    (uvicorn) that PID 1 adopts and that serves on after the suite. A power cut takes them all, and so does this.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone already
+        pass

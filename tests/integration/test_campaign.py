@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from labtwin.cli.wiring import LocalLab
 from labtwin.data.store import Store
 from labtwin.orchestration.campaign import load_campaign, plan
 from labtwin.protocols.model import ProtocolError
-from tests.helpers import sim_lab
+from tests.helpers import kill_process_group, sim_lab
 
 LABTWIN = str(Path(sys.executable).parent / "labtwin")
 PROTOCOL = """
@@ -118,25 +117,33 @@ async def test_killing_a_running_campaign_and_rerunning_it_resumes_without_repea
             await run_step(cmd)
 
         agent._run_step = counting
-        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Its own process group: the SIGKILL takes the campaign's Prefect server with it, as a power cut would.
+        first = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         run_id = "c-LTO-1-1-cycle"
-        deadline = time.monotonic() + 120
-        while len(local.store.step_events(run_id)) < 3:  # rest and the first discharge done, mid-protocol
-            assert first.poll() is None, first.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the campaign did not get going"
-            await asyncio.sleep(0.2)
-        first.send_signal(signal.SIGKILL)  # the flow's process dies; the agent and the recorder live on
-        first.wait(10)
+        try:
+            deadline = time.monotonic() + 120
+            while len(local.store.step_events(run_id)) < 3:  # rest and the first discharge done, mid-protocol
+                assert first.poll() is None, first.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "the campaign did not get going"
+                await asyncio.sleep(0.2)
+        finally:
+            kill_process_group(first.pid)  # the flow's process dies; the agent and the recorder live on
+            first.wait(10)
         completed_before = {e.step_index for e in local.store.step_events(run_id)}
         second = await asyncio.create_subprocess_exec(
-            *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
         )
         try:
             out, err = await asyncio.wait_for(second.communicate(), 240)
         except TimeoutError:
-            second.kill()
+            kill_process_group(second.pid)
             out, err = await second.communicate()
             raise AssertionError(err.decode()[-6000:]) from None
+        except BaseException:
+            kill_process_group(second.pid)
+            raise
         assert second.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
         await local.wait_stored(run_id)
         start, stop = local.store.run_documents(run_id)
@@ -197,8 +204,14 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
     run_id = "c-LTO-1-1-cycle"
     recorder_only = sim_lab(unique_lab, {"c1": "lto_bare_thinfilm"})  # its channels are not started here
     async with LocalLab(recorder_only, [], embedded_broker.url, str(store_path)) as local:
-        agent = subprocess.Popen(agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        first = subprocess.Popen(campaign_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Each in its own process group, so a SIGKILL takes what the process started (the campaign's Prefect
+        # server) down with it, as a power cut would.
+        agent = subprocess.Popen(
+            agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        first = subprocess.Popen(
+            campaign_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 120
             while len(local.store.step_events(run_id)) < 3:  # rest, discharge, rest done: the charge is running
@@ -207,22 +220,34 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.5)  # into the charge (about 4 s of wall time at 400x)
             killed_at = datetime.now(UTC)
-            agent.send_signal(signal.SIGKILL)
+            kill_process_group(agent.pid)
             agent.wait(10)
             interrupted = max(e.step_index for e in local.store.step_events(run_id, event="started"))
             # The campaign's process would fail the job for want of a channel (the agent's will, or the step's
             # timeout); here it dies too, as a power cut takes both.
-            first.send_signal(signal.SIGKILL)
+            kill_process_group(first.pid)
             first.wait(10)
-            agent = subprocess.Popen(agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            second = await asyncio.create_subprocess_exec(
-                *campaign_cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            agent = subprocess.Popen(
+                agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
             )
-            out, err = await asyncio.wait_for(second.communicate(), 240)
+            second = await asyncio.create_subprocess_exec(
+                *campaign_cmd,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            try:
+                out, err = await asyncio.wait_for(second.communicate(), 240)
+            except BaseException:
+                kill_process_group(second.pid)
+                raise
             assert second.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
             await local.wait_stored(run_id)
         finally:
-            agent.kill()
+            kill_process_group(first.pid)  # gone already unless the test failed before the kill
+            first.wait(10)
+            kill_process_group(agent.pid)
             agent.wait(10)
         _, stop = local.store.run_documents(run_id)
         ended = [e for e in local.store.step_events(run_id) if e.step_index < 100_000]
