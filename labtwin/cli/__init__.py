@@ -477,12 +477,22 @@ def broker(
             err.print(f"embedded broker on {b.url}; Ctrl-C stops")
             await asyncio.Event().wait()
 
+    import socket
+
+    from amqtt.errors import BrokerError
+
+    with socket.socket() as probe:  # before amqtt, which logs a traceback of its own for a port in use
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
     try:
         asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
+    except (OSError, BrokerError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc}; choose another --port") from None
 
 
 async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: float = 10.0) -> str:

@@ -16,8 +16,9 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
+    from labtwin.cli.errors import UserError
+
+    raise UserError(message)  # one line on stderr, exit 2 (labtwin.cli.errors)
 
 
 @analyze_app.command("eis")
@@ -43,7 +44,10 @@ def eis(
         _fail(str(exc))
     results = []
     for spectrum in spectra:
-        fit = fit_circuit(parsed, spectrum.frequency_Hz, spectrum.impedance_ohm)
+        try:
+            fit = fit_circuit(parsed, spectrum.frequency_Hz, spectrum.impedance_ohm)
+        except ValueError as exc:  # too few points to fit, or none that can be fitted
+            _fail(f"{file}: spectrum {spectrum.label!r} ({len(spectrum.frequency_Hz)} points): {exc}")
         entry: dict = {
             "spectrum": spectrum.label,
             "points": int(len(spectrum.frequency_Hz)),

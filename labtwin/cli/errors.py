@@ -47,6 +47,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.protocols.strings", ("StepStringError",)),
         ("labtwin.physics.library", ("CellFileError",)),
         ("labtwin.bus.client", ("BrokerUnreachable",)),
+        ("labtwin.data.store", ("StoreError",)),
+        ("labtwin.data.migrate", ("StoreError",)),
         ("labtwin.orchestration.flows", ("ChannelUnavailable", "StepTimeout")),
         ("labtwin.data.replay", ("RecordingError",)),
         ("labtwin.analysis.eis", ("SpectrumFileError", "CircuitError")),
@@ -87,6 +89,8 @@ def is_store_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError | NotADirectoryError):
         return True
     module = type(exc).__module__ or ""
+    if module.startswith("labtwin.data") and type(exc).__name__ == "StoreError":
+        return True  # the store's own refusal (a schema it cannot migrate, a file it cannot open)
     return module.startswith(("sqlalchemy.exc", "psycopg", "alembic"))
 
 

@@ -32,8 +32,8 @@ from labtwin.devices.clock import parse_speed
 class LabFileSource(PydanticBaseSettingsSource):
     """Rung 3: the ``broker:`` and ``store:`` lines of the lab file the higher rungs chose.
 
-    The file is read only when a setting still needs it, so ``labtwin runs --store X`` works beside a lab
-    file that is being edited; a command that needs the channels reads it through ``Settings.lab_config``.
+    The file is not read when flags or the environment already gave both; a lab file that does not
+    validate is refused (LabConfigError names the file and the field) rather than silently skipped.
     """
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
