@@ -99,3 +99,40 @@ async def test_a_batch_published_twice_on_the_bus_is_stored_once(broker_url, uni
             await asyncio.sleep(0.1)
         assert local.recorder.stats.duplicate_batches == 1
         assert local.store.sample_count("dup") == 10
+
+
+def test_every_document_kind_is_stored_once_and_read_back(store):
+    """Each write statement (runs upsert, step events, impedance, the twin's findings) on both databases."""
+    from labtwin.documents import Anomaly, CellState, RunStart, RunStop, StepEvent
+
+    start = RunStart(run_id="r_1", lab="l", channel="ch", cell_id="c1", protocol="p", n_steps=1)
+    ended = StepEvent(run_id="r_1", channel="ch", step_index=0, step=StepKind.eis, event="ended", time_s=5.0)
+    eis = _batch(run_id="r_1", seq=0, n=3).model_copy(
+        update={"frequency_Hz": [1e3, 1e2, 1e1], "z_real_ohm": [0.5, 0.6, 0.9], "z_imag_ohm": [-0.1, -0.3, -0.2]}
+    )
+    anomaly = Anomaly(kind="impedance_growth", cell="c1", run_id="r_1", time_s=4.0, message="R grew")
+    state = CellState(cell="c1", run_id="r_1", time_s=4.0, soc=0.4)
+    stop = RunStop(run_id="r_1", channel="ch", exit_status="success", n_samples=3, cell_time_s=5.0)
+    first = store.write([start, eis, ended, anomaly, state])
+    again = store.write([start, eis, ended, anomaly, state, stop])
+    assert (first.batches, first.samples, again.batches, again.duplicate_batches) == (1, 3, 0, 1)
+
+    (run,) = store.runs()
+    assert (run.run_id, run.cell_id, run.exit_status, run.stored_samples, run.reported_samples) == (
+        "r_1",
+        "c1",
+        "success",
+        3,
+        3,
+    )
+    assert store.run_documents("r_1") == (start, stop)
+    assert store.step_events("r_1") == [ended] and store.step_events("r_1", event="started") == []
+    assert list(store.impedance("r_1")["z_imag_ohm"]) == [-0.1, -0.3, -0.2]
+    assert store.anomalies(cell="c1") == [anomaly] == store.anomalies(run_id="r_1")
+    assert store.anomalies(cell="other") == []
+    assert store.cell_states("c1") == [state] == store.cell_states("c1", run_id="r_1")
+    # a run id with LIKE's wildcard in it: "r_" is a prefix of "r_1" only, not of "rx1"
+    store.write([RunStart(run_id="rx1", lab="l", channel="ch", cell_id="c2", protocol="p", n_steps=1)])
+    assert store.find_run("r_") == "r_1"
+    with pytest.raises(KeyError, match="ambiguous"):
+        store.find_run("r")

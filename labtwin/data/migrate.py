@@ -53,8 +53,16 @@ SCHEMA_1_COLUMNS: dict[str, frozenset[str]] = {
 _SCHEMA_1_FIRST_TABLES = ("runs", "batches", "samples", "step_events")
 
 
-class SchemaError(ValueError):
-    """A store this labtwin cannot use as it is; the message is one line naming the database and the fix."""
+class StoreError(ValueError):
+    """A store labtwin cannot use; the message is one line naming the database and the fix."""
+
+
+class SchemaError(StoreError):
+    """A store whose schema this labtwin cannot use as it is (too new, read-only and old, not labtwin's)."""
+
+
+def _first_line(exc: DBAPIError) -> str:
+    return (str(exc.orig) if exc.orig is not None else str(exc)).strip().splitlines()[0]
 
 
 def _script() -> ScriptDirectory:
@@ -68,7 +76,8 @@ def head_version() -> int:
     return int(head)
 
 
-def _config(conn: Connection) -> Config:
+def alembic_config(conn: Connection) -> Config:
+    """Alembic's configuration, built in code, to run the shipped migrations on ``conn`` (and its transaction)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = conn
@@ -137,11 +146,10 @@ def _migrate(engine: Engine, where: str) -> tuple[int | None, int]:
                 if found is not None and found > head:
                     raise _too_new(where, found, head)
                 if found != head:
-                    command.upgrade(_config(conn), "head")
+                    command.upgrade(alembic_config(conn), "head")
     except DBAPIError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
         raise SchemaError(
-            f"cannot migrate {where} to schema {head} ({reason}): run `labtwin db upgrade --store URL` "
+            f"cannot migrate {where} to schema {head} ({_first_line(exc)}): run `labtwin db upgrade --store URL` "
             "as a user who may write to it"
         ) from None
     return found, head
@@ -154,14 +162,18 @@ def ensure_current(engine: Engine, where: StoreURL, *, writable: bool) -> int:
     """
     shown = describe_url(where.text)
     head = head_version()
-    found = _read(engine, shown)
+    try:
+        found = _read(engine, shown)
+    except DBAPIError as exc:
+        raise StoreError(f"cannot open the store {shown} ({_first_line(exc)})") from None
     if found == head:
         return head
     if found is not None and found > head:
         raise _too_new(shown, found, head)
     if not writable:
+        state = "holds no labtwin tables yet" if found is None else f"is at schema {found}"
         raise SchemaError(
-            f"{shown} is at schema {found or 0}, this labtwin needs {head}, and it is read-only here: "
+            f"{shown} {state}, this labtwin needs schema {head}, and it is read-only here: "
             f"run `labtwin db upgrade --store {shown}` where it is writable"
         )
     before, after = _migrate(engine, shown)
