@@ -63,7 +63,7 @@ method:
     order = run(Interpreter(prog), lambda cmd: ("voltage_V" if cmd.step.value == "cc" else "time_s", 0, 0))
     assert (
         [(i, c) for i, _, c in order]
-        == [(s.step_index, s.cycle) for s in prog.steps]
+        == [(s.step_index, s.repetition) for s in prog.steps]
         == [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2)]
     )
 

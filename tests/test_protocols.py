@@ -35,7 +35,7 @@ def test_every_library_protocol_loads_and_compiles(path: Path):
 
 def test_repeat_expands_into_numbered_cycles():
     commands = compile_protocol(parse_protocol(GOOD), CompileContext("r", nominal_capacity_Ah=0.002))
-    assert [c.cycle for c in commands] == [0, 1, 1, 1, 2, 2, 2]
+    assert [c.repetition for c in commands] == [0, 1, 1, 1, 2, 2, 2]  # the loop counter, not the cycle
     assert [c.step for c in commands[:4]] == [StepKind.rest, StepKind.cc, StepKind.cc, StepKind.cv]
     assert [c.step_index for c in commands] == list(range(7))
 
@@ -106,36 +106,55 @@ def test_a_limit_the_protocol_leaves_unset_is_inherited_from_the_channel_not_ref
 
 
 def test_cycles_are_counted_from_charge_direction_not_from_nested_loop_counters():
-    """seed003-cycling-eis nests 9 cycles inside a loop whose 10th cycle adds a rest and an EIS step."""
+    """seed003-cycling-eis nests 9 cycles inside a loop whose 10th cycle adds a rest and an EIS step:
+    the interpreter numbers 20 electrochemical cycles where the loop counts 2 repetitions."""
     from labtwin.analysis.summary import summarize_run
-    from labtwin.documents import StepEvent, StepStats
+    from labtwin.documents import EndReason, StepEvent, StepStats
+    from labtwin.protocols.compile import compile_program
+    from labtwin.protocols.program import Interpreter
 
-    def ended(i: int, step: str, loop: int, charge: float = 0.0, discharge: float = 0.0) -> StepEvent:
-        return StepEvent(
+    text = {
+        "metadata": {"name": "nested", "nominal_capacity_Ah": 1.0},
+        "record": {"interval_s": 10},
+        "safety": {"voltage_min_V": 1.0, "voltage_max_V": 3.0},
+        "method": [
+            {"rest": {"duration_s": 60}},
+            {
+                "loop": {"until": {"cycles": 100}, "max_cycles": 2},
+                "steps": [
+                    {"repeat": 9, "steps": ["Charge at 1C until 2.5 V", "Discharge at 1C until 1.5 V"]},
+                    "Charge at 1C until 2.5 V",
+                    {"rest": {"duration_s": 60}},
+                    {"eis": {"f_start_Hz": 1000, "f_end_Hz": 1}},
+                    "Discharge at 1C until 1.5 V",
+                ],
+            },
+        ],
+    }
+    interp = Interpreter(compile_program(parse_protocol(text), CompileContext("r", nominal_capacity_Ah=1.0)))
+    events, repetitions = [], set()
+    while (cmd := interp.next_command()) is not None:
+        current = cmd.current_A or 0.0
+        event = StepEvent(
             run_id="r",
             channel="c",
-            step_index=i,
-            cycle=loop,
-            step=step,
+            step_index=cmd.step_index,
+            label=cmd.label,
+            cycle=cmd.cycle,
+            step=cmd.step,
             event="ended",
-            time_s=float(i),
-            stats=StepStats(charge_Ah=charge, discharge_Ah=discharge, end_voltage_V=1.0),
+            time_s=float(cmd.step_index),
+            reason=EndReason(kind="end_condition", name="voltage_V"),
+            stats=StepStats(
+                charge_Ah=1.0 if current > 0 else 0.0, discharge_Ah=0.9 if current < 0 else 0.0, end_voltage_V=2.0
+            ),
         )
-
-    events, i = [ended(0, "rest", 0)], 1
-    for loop in (1, 2):
-        for _ in range(9):
-            events += [ended(i, "cc", loop, charge=1.0), ended(i + 1, "cc", loop, discharge=0.9)]
-            i += 2
-        events += [
-            ended(i, "cc", loop, charge=1.0),
-            ended(i + 1, "rest", loop),
-            ended(i + 2, "eis", loop),
-            ended(i + 3, "cc", loop, discharge=0.9),
-        ]
-        i += 4
+        repetitions.add(cmd.repetition)
+        events.append(event)
+        interp.record(event)
+    assert repetitions == {0, 1, 2}  # the rest before the loop, then two repetitions
     summary = summarize_run("r", "c", events)
     assert [c.cycle for c in summary.cycles] == list(range(1, 21))
     assert all(c.coulombic_efficiency == pytest.approx(0.9) for c in summary.cycles)
-    eis_cycles = [e.cycle for e in summary.step_ends if e.label == "" and e.step_index in (20, 42)]
+    eis_cycles = [e.cycle for e in summary.step_ends if e.label.startswith("EIS")]
     assert eis_cycles == [10, 20]

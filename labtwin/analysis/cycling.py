@@ -1,8 +1,8 @@
 """Cycling: per-cycle capacities, Coulombic efficiency, energy, mean polarization, and dQ/dV.
 
-Cycles are the run summary's: counted from the direction charge moved (see
-labtwin/summary.py), so a file from any cycler, replayed into step events,
-gets the same cycle numbers as a labtwin run.
+Cycles, capacities and Coulombic efficiency are labtwin.analysis.cycles'
+(``analyze cycling`` reports them): a file from any cycler, replayed into
+step events, gets the same cycle numbers and figures as a labtwin run.
 
 dQ/dV: each half cycle's charge is put on a uniform voltage grid (the curve
 is monotonic within a half cycle once its noise is averaged), and the

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from labtwin.analysis.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
-from labtwin.analysis.summary import RunSummary, number_cycles
+from labtwin.analysis.summary import RunSummary
 from labtwin.cli.wiring import LocalLab, default_lab
 from labtwin.config.lab import ChannelConfig, LabConfig
 from labtwin.data.export import export_samples
@@ -90,17 +88,14 @@ async def run_dryrun(
 def write_outputs(store, summary: RunSummary, out: Path, title: str) -> list[Path]:
     """samples.csv, eis.csv, summary.json and the plots a lab looks at first.
 
-    The cycle column is the electrochemical cycle (counted from charge
-    direction, as in the summary), not the protocol's loop counter.
+    The cycle column is the samples' own: the electrochemical cycle every
+    output of the run carries (labtwin.analysis.cycles), as the store has it.
     """
     events = store.step_events(summary.run_id)
-    cycle_of = {ev.step_index: cycle for cycle, ev in number_cycles(events)}
     samples = store.samples(summary.run_id)
-    samples["cycle"] = np.array([cycle_of.get(int(s), 0) for s in samples["step"]], dtype=int)
     written = [export_samples(samples, out / "samples.csv", "csv")]
     impedance = store.impedance(summary.run_id)
     if len(impedance["frequency_Hz"]):
-        impedance["cycle"] = np.array([cycle_of.get(int(s), 0) for s in impedance["step"]], dtype=int)
         columns = {k: impedance[k] for k in ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle")}
         written.append(export_samples(columns, out / "eis.csv", "csv"))
         spectra = []

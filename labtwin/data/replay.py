@@ -6,8 +6,9 @@ on it exactly as they do live. Readers:
 
 - labtwin's own ``samples.csv`` (dryrun --out, ``labtwin export``), with the
   ``eis.csv`` beside it when there is one;
+- labtwin's Parquet export (the same columns as its csv);
 - Battery Data Format CSV (``Test Time / s``, ``Voltage / V``, ``Current / A``,
-  ``Step Count / 1``, ``Cycle Count / 1``; ``labtwin export --format bdf``);
+  ``Step Count / 1``, ``Cycle Count / 1``, ``Net Charge / Ah``; ``labtwin export --format bdf``);
 - BioLogic EC-Lab ``.mpr`` binaries, read with galvani (``Ns`` is the step,
   impedance rows carry ``freq/Hz``, ``|Z|/Ohm``, ``Phase(Z)/deg``). EC-Lab's
   ``I/mA`` is positive for oxidation at the working electrode: for a cell
@@ -20,6 +21,12 @@ current step, a steady voltage with a decaying current a constant-voltage
 hold. A constant-current step that ends at the extreme voltage of its
 direction is marked as ended by its voltage limit (the twin resets its state
 of charge there, as a BMS does at full and empty).
+
+Cycles and charge are labtwin.analysis.cycles': a file that carries its
+cycle (labtwin's, or a BDF file's ``Cycle Count``) keeps it; one that does
+not is numbered by the same counter from the direction each step measured.
+A step's charge is counted from the file's net-charge column where it has
+one, so its figures are the agent's own, however sparsely it was recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labtwin.analysis.cycles import charge_direction, charge_increments, number_steps
 from labtwin.documents import EndReason, RunStart, RunStop, SampleBatch, StepEvent, StepKind, StepStats
 
 
@@ -53,14 +61,15 @@ class Recording:
     z_real_ohm: np.ndarray
     z_imag_ohm: np.ndarray
     source_format: str
+    has_cycle: bool = True  # False: the file numbers no cycles; documents() counts them from the data
 
     def __len__(self) -> int:
         return len(self.time_s)
 
 
-def _capacity_from_current(time_s: np.ndarray, current_A: np.ndarray) -> np.ndarray:
-    dt = np.diff(time_s, prepend=time_s[:1])
-    return np.cumsum(current_A * dt) / 3600.0
+def _capacity_from_current(time_s: np.ndarray, current_A: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Net charge counted as the agent counts it (labtwin.analysis.cycles.charge_increments)."""
+    return np.cumsum(charge_increments(time_s, current_A, step))
 
 
 def _finish(name, fmt, t, v, i, step, cycle=None, q=None, temp=None, f=None, zr=None, zi=None) -> Recording:
@@ -76,7 +85,7 @@ def _finish(name, fmt, t, v, i, step, cycle=None, q=None, temp=None, f=None, zr=
         current_A=np.asarray(i, float),
         capacity_Ah=np.asarray(q, float)
         if q is not None
-        else _capacity_from_current(np.asarray(t, float), np.asarray(i, float)),
+        else _capacity_from_current(np.asarray(t, float), np.asarray(i, float), np.asarray(step, int)),
         temperature_C=np.asarray(temp, float) if temp is not None else np.full(n, 25.0),
         step=np.asarray(step, int),
         cycle=np.asarray(cycle, int) if cycle is not None else np.zeros(n, int),
@@ -84,6 +93,7 @@ def _finish(name, fmt, t, v, i, step, cycle=None, q=None, temp=None, f=None, zr=
         z_real_ohm=nan() if zr is None else np.asarray(zr, float),
         z_imag_ohm=nan() if zi is None else np.asarray(zi, float),
         source_format=fmt,
+        has_cycle=cycle is not None,
     )
 
 
@@ -159,8 +169,8 @@ def read_csv(path: Path) -> Recording:
             column("Current / A"),
             column("Step Count / 1", "Step Index / 1", dtype=int),
             column("Cycle Count / 1", required=False, dtype=int),
-            None,
-            column("Temperature T1 / degC", required=False),
+            column("Net Charge / Ah", "Charge / Ah", required=False),
+            column("Temperature T1 / degC", "Ambient Temperature / degC", required=False),
         )
     missing = [name for name in ("time_s", "voltage_V", "current_A", "step") if name not in col]
     if missing:
@@ -199,6 +209,35 @@ def read_csv(path: Path) -> Recording:
     return rec
 
 
+def read_parquet(path: Path) -> Recording:
+    """labtwin's Parquet export: the csv's columns, in a table."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise RecordingError(f"{path}: not a readable Parquet file ({exc})") from exc
+    names = set(table.column_names)
+    missing = [name for name in ("time_s", "voltage_V", "current_A", "step") if name not in names]
+    if missing:
+        raise RecordingError(f"{path}: columns {missing} missing; the columns are {sorted(names)}")
+
+    def column(name: str, dtype=float):
+        return table.column(name).to_numpy(zero_copy_only=False).astype(dtype) if name in names else None
+
+    return _finish(
+        path.stem,
+        "labtwin-parquet",
+        column("time_s"),
+        column("voltage_V"),
+        column("current_A"),
+        column("step", int),
+        column("cycle", int),
+        column("capacity_Ah"),
+        column("temperature_C"),
+    )
+
+
 def read_recording(path: str | Path) -> Recording:
     path = Path(path)
     if path.is_dir():
@@ -210,8 +249,11 @@ def read_recording(path: str | Path) -> Recording:
         return read_mpr(path)
     if suffix == ".csv":
         return read_csv(path)
+    if suffix == ".parquet":
+        return read_parquet(path)
     raise RecordingError(
-        f"{path}: unknown recording format {suffix!r}; replay reads .mpr (EC-Lab), labtwin samples.csv and BDF .csv"
+        f"{path}: unknown recording format {suffix!r}; replay reads .mpr (EC-Lab), labtwin samples.csv or "
+        ".parquet and BDF .csv"
     )
 
 
@@ -253,16 +295,51 @@ def documents(
         n_steps=len(segments),
         metadata={"source_format": rec.source_format},
     )
-    seq = 0
-    for index, rows in enumerate(segments):
+    # Every step's figures first: a file that numbers no cycles is numbered from the directions they measured.
+    dq = charge_increments(rec.time_s, rec.current_A, rec.step, rec.capacity_Ah)
+    steps: list[tuple[StepKind, EndReason, StepStats]] = []
+    for rows in segments:
         i, v, f = rec.current_A[rows], rec.voltage_V[rows], rec.frequency_Hz[rows]
         kind = _step_kind(i, v, f, scale_A)
+        step_dq = dq[rows]
+        charge = float(np.sum(np.clip(step_dq, 0, None)))
+        discharge = float(np.sum(np.clip(-step_dq, 0, None)))
+        reason = EndReason(kind="end_condition", name="time_s")
+        if kind == StepKind.cc and len(v) > 2:
+            at_limit = (v[-1] >= v.max() - 1e-3) if charge > discharge else (v[-1] <= v.min() + 1e-3)
+            if at_limit and abs(v[-1] - v[0]) > 0.05:
+                reason = EndReason(kind="end_condition", name="voltage_V", value=float(v[-1]))
+        tt = time_s[rows]
+        stats = StepStats(
+            duration_s=float(tt[-1] - tt[0]),
+            charge_Ah=charge,
+            discharge_Ah=discharge,
+            energy_in_Wh=float(np.sum(np.clip(step_dq, 0, None) * v)),
+            energy_out_Wh=float(np.sum(np.clip(-step_dq, 0, None) * v)),
+            start_voltage_V=float(v[0]),
+            end_voltage_V=float(v[-1]),
+            end_current_A=float(i[-1]),
+            n_samples=len(rows),
+        )
+        steps.append((kind, reason, stats))
+    if rec.has_cycle:
+        cycles = [int(rec.cycle[rows[0]]) for rows in segments]
+    else:
+        probe = [
+            StepEvent(run_id=run_id, channel=channel, step_index=k, step=kind, event="ended", time_s=0.0, stats=stats)
+            for k, (kind, _, stats) in enumerate(steps)
+        ]
+        cycles = number_steps(charge_direction(ev) for ev in probe)
+        rec.cycle = np.concatenate([np.full(len(rows), c, dtype=int) for rows, c in zip(segments, cycles)])
+    seq = 0
+    for index, (rows, (kind, reason, stats), cycle) in enumerate(zip(segments, steps, cycles)):
+        label = f"{kind.value} (recorded step {rec.step[rows[0]]})"
         yield StepEvent(
             run_id=run_id,
             channel=channel,
             step_index=index,
-            label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
-            cycle=int(rec.cycle[rows[0]]),
+            label=label,
+            cycle=cycle,
             step=kind,
             event="started",
             time_s=float(time_s[rows[0]]),
@@ -271,9 +348,8 @@ def documents(
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             is_z = kind == StepKind.eis
-            zmask = np.isfinite(rec.frequency_Hz[chunk]) if is_z else None
             if is_z:
-                chunk = chunk[zmask]
+                chunk = chunk[np.isfinite(rec.frequency_Hz[chunk])]
                 if not len(chunk):
                     continue
             yield SampleBatch(
@@ -286,43 +362,27 @@ def documents(
                 capacity_Ah=rec.capacity_Ah[chunk].tolist(),
                 temperature_C=rec.temperature_C[chunk].tolist(),
                 step=[index] * len(chunk),
-                cycle=rec.cycle[chunk].tolist(),
+                cycle=[cycle] * len(chunk),
                 frequency_Hz=rec.frequency_Hz[chunk].tolist() if is_z else None,
                 z_real_ohm=rec.z_real_ohm[chunk].tolist() if is_z else None,
                 z_imag_ohm=rec.z_imag_ohm[chunk].tolist() if is_z else None,
             )
             seq += 1
-        tt = time_s[rows]
-        dt = np.diff(tt, prepend=tt[:1])
-        charge = float(np.sum(np.clip(i, 0, None) * dt)) / 3600.0
-        discharge = float(np.sum(np.clip(-i, 0, None) * dt)) / 3600.0
-        reason = EndReason(kind="end_condition", name="time_s")
-        if kind == StepKind.cc and len(v) > 2:
-            at_limit = (v[-1] >= v.max() - 1e-3) if charge > discharge else (v[-1] <= v.min() + 1e-3)
-            if at_limit and abs(v[-1] - v[0]) > 0.05:
-                reason = EndReason(kind="end_condition", name="voltage_V", value=float(v[-1]))
-        stats = StepStats(
-            duration_s=float(tt[-1] - tt[0]),
-            charge_Ah=charge,
-            discharge_Ah=discharge,
-            energy_in_Wh=float(np.sum(np.clip(i, 0, None) * v * dt)) / 3600.0,
-            energy_out_Wh=float(np.sum(np.clip(-i, 0, None) * v * dt)) / 3600.0,
-            start_voltage_V=float(v[0]),
-            end_voltage_V=float(v[-1]),
-            end_current_A=float(i[-1]),
-            n_samples=len(rows),
-            first_seq=first_seq if seq > first_seq else None,
-            last_seq=seq - 1 if seq > first_seq else None,
+        stats = stats.model_copy(
+            update={
+                "first_seq": first_seq if seq > first_seq else None,
+                "last_seq": seq - 1 if seq > first_seq else None,
+            }
         )
         yield StepEvent(
             run_id=run_id,
             channel=channel,
             step_index=index,
-            label=f"{kind.value} (recorded step {rec.step[rows[0]]})",
-            cycle=int(rec.cycle[rows[0]]),
+            label=label,
+            cycle=cycle,
             step=kind,
             event="ended",
-            time_s=float(tt[-1]),
+            time_s=float(time_s[rows[-1]]),
             reason=reason,
             stats=stats,
         )

@@ -54,7 +54,15 @@ class StepCommand(Document):
     run_id: str
     step_index: int = Field(ge=0, description="position in the compiled step list")
     label: str = ""
-    cycle: int = Field(0, ge=0)
+    cycle: int = Field(
+        0,
+        ge=0,
+        description="the electrochemical cycle the step belongs to (labtwin.analysis.cycles), set by the "
+        "interpreter when it sends the step; the agent stamps it on the step's samples and events",
+    )
+    repetition: int = Field(
+        0, ge=0, description="the protocol's loop counter: which repetition of its repeat or loop (0 outside one)"
+    )
     step: StepKind
     current_A: float | None = Field(None, description="cc setpoint; positive charges")
     voltage_V: float | None = Field(None, description="cv setpoint")

@@ -24,7 +24,7 @@ SAMPLE_COLUMNS: tuple[Column, ...] = (
     Column(name="capacity_Ah", unit="Ah", description="net charge since run start, positive = charged in"),
     Column(name="temperature_C", unit="degC", description="cell temperature"),
     Column(name="step", unit="1", description="index in the compiled step list"),
-    Column(name="cycle", unit="1", description="cycle number from the protocol"),
+    Column(name="cycle", unit="1", description="electrochemical cycle (labtwin.analysis.cycles)"),
 )
 
 
@@ -69,7 +69,7 @@ class StepEvent(Document):
     channel: str
     step_index: int
     label: str = ""
-    cycle: int = 0
+    cycle: int = Field(0, description="the electrochemical cycle the step belongs to (labtwin.analysis.cycles)")
     step: StepKind
     event: Literal["started", "ended"]
     time_s: float = Field(description="cell time since run start")

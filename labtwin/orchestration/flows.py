@@ -330,6 +330,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
         run_id=first.run_id,
         step_index=RESUME_CHECK_INDEX + first.step_index,
         cycle=first.cycle,
+        repetition=first.repetition,
         step=StepKind.rest,
         label=f"resume check: open-circuit voltage before step {first.step_index}",
         end=EndConditions(time_s=2 * interval),

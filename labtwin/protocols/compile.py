@@ -131,7 +131,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             return
         if in_repeat[0]:
             raise ProtocolError(
-                f"{where}: tag {tag!r} is inside a repeat, whose steps are copied once per cycle, so a "
+                f"{where}: tag {tag!r} is inside a repeat, whose steps are copied once per repetition, so a "
                 "goto could not tell which copy it means: use a loop (or move the tag out)"
             )
         if tag in tags:
@@ -160,7 +160,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
         then = {("current_A" if k == "c_rate" else k): v for k, v in (step.then if step is not None else {}).items()}
         instructions.append(StepInstr(cmd, then, loops))
 
-    def emit(item, cycle: int, where: str, loops: tuple[int, ...]) -> None:
+    def emit(item, repetition: int, where: str, loops: tuple[int, ...]) -> None:
         index = step_count[0]
         step_model = next(iter(item.__dict__.values()))
         add_tag(getattr(step_model, "tag", None), where)
@@ -171,7 +171,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.rest,
                 label=s.label
                 or f"rest {s.duration_s:g} s" + (f" or until |dV/dt| < {dvdt * 1e3:g} mV/h" if dvdt else ""),
@@ -202,7 +202,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 run_id=ctx.run_id,
                 step_index=index,
                 label=label,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.cc,
                 current_A=current,
                 end=EndConditions(
@@ -228,7 +228,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.cp,
                 power_W=s.power_W,
                 label=s.label
@@ -254,7 +254,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 run_id=ctx.run_id,
                 step_index=index,
                 label=s.label or f"hold {s.voltage_V:g} V",
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.cv,
                 voltage_V=s.voltage_V,
                 end=EndConditions(
@@ -280,7 +280,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.cccv,
                 current_A=current,
                 voltage_V=s.voltage_V,
@@ -302,7 +302,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.gitt,
                 current_A=current,
                 label=s.label or f"GITT {current:.3g} A x {s.pulse_s:g} s / {s.relax_s:g} s to {s.until_voltage_V:g} V",
@@ -322,7 +322,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                         StepCommand(
                             run_id=ctx.run_id,
                             step_index=step_count[0],
-                            cycle=cycle,
+                            repetition=repetition,
                             step=StepKind.cv,
                             label=f"hold {s.start_V:g} V before {rate * 1e3:g} mV/s",
                             voltage_V=s.start_V,
@@ -346,7 +346,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                     StepCommand(
                         run_id=ctx.run_id,
                         step_index=step_count[0],
-                        cycle=cycle,
+                        repetition=repetition,
                         step=StepKind.cyclic_voltammetry,
                         label=s.label or f"CV {rate * 1e3:g} mV/s {s.vertex_1_V:g}-{s.vertex_2_V:g} V",
                         # A backstop, not a schedule: a device-run sweep on a loaded host or a slow link reports late.
@@ -371,7 +371,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                cycle=cycle,
+                repetition=repetition,
                 step=StepKind.eis,
                 eis=settings,
                 label=s.label or f"EIS {s.f_start_Hz:g}-{s.f_end_Hz:g} Hz",
@@ -384,28 +384,28 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
 
     n_loops = [0]
 
-    def walk(items, cycle: int, where: str, loops: tuple[int, ...]) -> None:
+    def walk(items, repetition: int, where: str, loops: tuple[int, ...]) -> None:
         for k, item in enumerate(items):
             here = f"{where}[{k}]"
             if isinstance(item, Repeat):
                 in_repeat[0] += 1
                 for n in range(item.repeat):
-                    walk(item.steps, cycle + n + 1 if cycle == 0 else cycle, f"{here}.steps", loops)
+                    walk(item.steps, repetition + n + 1 if repetition == 0 else repetition, f"{here}.steps", loops)
                 in_repeat[0] -= 1
             elif isinstance(item, Group):
                 add_tag(item.group, here)
-                walk(item.steps, cycle, f"{here}.steps", loops)
+                walk(item.steps, repetition, f"{here}.steps", loops)
             elif isinstance(item, Loop):
                 loop = n_loops[0]
                 n_loops[0] += 1
                 add_tag(item.tag, here)
                 start = len(instructions)
                 instructions.append(LoopStart(loop, loops))
-                # Cycle numbers inside a loop are the loop's iterations, given as it runs (the Interpreter).
-                walk(item.steps, cycle, f"{here}.steps", (*loops, loop))
+                # Repetitions inside a loop are the loop's iterations, counted as it runs (the Interpreter).
+                walk(item.steps, repetition, f"{here}.steps", (*loops, loop))
                 instructions.append(LoopEnd(loop, start, item.loop.until, item.loop.max_cycles, loops))
             else:
-                emit(item, cycle, here, loops)
+                emit(item, repetition, here, loops)
 
     walk(protocol.method, 0, "method", ())
     _check_gotos(instructions, tags)

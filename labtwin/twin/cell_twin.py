@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from labtwin.analysis.summary import CycleSummary, charge_direction, coulombic_efficiency
+from labtwin.analysis.cycles import charge_direction, summarize_cycle
 from labtwin.documents import Action, Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent, StepKind
 from labtwin.twin.detectors.cycling import CyclingDetector
 from labtwin.twin.detectors.impedance import ImpedanceGrowthDetector
@@ -59,14 +59,10 @@ class TwinSettings:
 
 @dataclass
 class _Cycle:
+    """The cycle the run is in: its number is the one its steps and samples carry (labtwin.analysis.cycles)."""
+
     number: int = 0
-    first_direction: str | None = None
-    previous_direction: str | None = None
-    charge_Ah: float = 0.0
-    discharge_Ah: float = 0.0
-    energy_in_Wh: float = 0.0
-    energy_out_Wh: float = 0.0
-    directions: set[str] = field(default_factory=set)
+    steps: list[StepEvent] = field(default_factory=list)  # its ended steps, for the figures when it closes
 
 
 class CellTwin:
@@ -171,6 +167,7 @@ class CellTwin:
         self.soft_short = SoftShortDetector(self.nominal_capacity_Ah)
         self.residual = ResidualDetector()
         self._cycle = _Cycle()
+        self._first_direction: str | None = None
         self._step_kind: StepKind | None = None
         self._step_index: int | None = None
         self._last_t: float | None = None
@@ -202,17 +199,16 @@ class CellTwin:
         if ev.event == "started":
             self._step_kind, self._step_index = ev.step, ev.step_index
             self._step_sign = 0.0
-            if self._cycle.number == 0 and ev.step not in (StepKind.rest, StepKind.eis):
-                self._cycle.number = (
-                    1  # the first current-carrying step opens cycle 1 (its direction is known at its end)
-                )
+            if ev.cycle > self._cycle.number:  # the step opens the next cycle: the one before is complete
+                found += self._close_cycle(ev.time_s, ev.cycle)
+                self.state = self.state.model_copy(update={"cycle": ev.cycle})
             self.oscillation.start_step()
             self.soft_short.start_step()
             self.residual.start_step()
             if ev.step == StepKind.eis:
                 self.estimator.reset_continuity()
             self._rest_t, self._rest_r, self._step_q, self._step_v, self._spectrum = [], [], [], [], []
-            self.state = self.state.model_copy(update={"step": ev.step_index})
+            self.state = self.state.model_copy(update={"step": ev.step_index, "cycle": self._cycle.number})
             return found
         if ev.step == StepKind.eis and self._spectrum:
             found += self._fit_spectrum(ev)
@@ -419,45 +415,27 @@ class CellTwin:
 
     # ------------------------------------------------------------------ cycles
     def _count_cycle(self, ev: StepEvent) -> list[Anomaly]:
+        """An ended step joins the cycle it carries (the interpreter numbered it when it was sent)."""
         if ev.stats is None:
             return []
-        s = ev.stats
-        direction = charge_direction(ev)
         found: list[Anomaly] = []
-        c = self._cycle
-        if direction is not None:
-            if c.first_direction is None:
-                c.first_direction, c.number = direction, 1
-            elif direction == c.first_direction and c.previous_direction not in (None, c.first_direction):
-                found += self._close_cycle(ev.time_s)
-                c = self._cycle
-            c.previous_direction = direction
-            c.directions.add(direction)
-        c.charge_Ah += s.charge_Ah
-        c.discharge_Ah += s.discharge_Ah
-        c.energy_in_Wh += s.energy_in_Wh
-        c.energy_out_Wh += s.energy_out_Wh
-        self.state = self.state.model_copy(update={"cycle": c.number})
+        if ev.cycle > self._cycle.number:
+            found += self._close_cycle(ev.time_s, ev.cycle)
+        if self._first_direction is None and ev.cycle > 0:
+            self._first_direction = charge_direction(ev)
+        self._cycle.steps.append(ev)
+        self.state = self.state.model_copy(update={"cycle": self._cycle.number})
         return found
 
-    def _close_cycle(self, time_s: float) -> list[Anomaly]:
+    def _close_cycle(self, time_s: float, next_number: int | None = None) -> list[Anomaly]:
+        """The running cycle is complete: its figures, as the run summary reports them, go to the detectors."""
         c = self._cycle
-        if len(c.directions) < 2:  # a cycle went both ways, or it is not a cycle (a GITT charge, a formation half)
+        self._cycle = _Cycle(number=next_number if next_number is not None else c.number + 1)
+        if c.number == 0:
             return []
-        figures = CycleSummary(
-            cycle=c.number,
-            charge_Ah=c.charge_Ah,
-            discharge_Ah=c.discharge_Ah,
-            coulombic_efficiency=coulombic_efficiency(c.charge_Ah, c.discharge_Ah, c.first_direction),
-            energy_in_Wh=c.energy_in_Wh,
-            energy_out_Wh=c.energy_out_Wh,
-            end_of_charge_V=None,
-            end_of_discharge_V=None,
-            first_direction=c.first_direction,
-        )
-        self._cycle = _Cycle(
-            number=c.number + 1, first_direction=c.first_direction, previous_direction=c.previous_direction
-        )
+        figures = summarize_cycle(c.number, c.steps, self._first_direction)
+        if figures.coulombic_efficiency is None:  # it did not go both ways: not a cycle (a GITT charge, a half)
+            return []
         self._capacity_Ah = figures.delivered_Ah
         first = self.cycling.cycles[0].delivered_Ah if self.cycling.cycles else figures.delivered_Ah
         found = [

@@ -1,8 +1,9 @@
 """Per-cycle detectors: capacity fade and its knee, Coulombic efficiency, polarization growth.
 
-Each is fed one finished cycle at a time, a CycleSummary (the twin builds
-cycles from the agent's step statistics, as the run summary does) and returns the anomalies
-that cycle completes. Thresholds are parameters; defaults and why:
+Each is fed one finished cycle at a time, a CycleSummary made by
+labtwin.analysis.cycles from the agent's step statistics of the steps that
+carry that cycle number (the run summary's figures, CE by its half-cell
+convention), and returns the anomalies that cycle completes. Thresholds are parameters; defaults and why:
 
 - capacity fade: retention below 80 % of the first full cycle, the usual
   end-of-life line (PyBaMM's "80% capacity" experiment stop, seed 003's
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from labtwin.analysis.summary import CycleSummary
+from labtwin.analysis.cycles import CycleSummary
 
 
 @dataclass
