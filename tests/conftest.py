@@ -26,10 +26,19 @@ from labtwin.bus.broker import EmbeddedBroker
 from tests import leftovers
 
 PREFECT_HOME = os.environ["PREFECT_HOME"]
+INTEGRATION = Path(__file__).parent / "integration"
 atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
 
 MOSQUITTO = ("127.0.0.1", 1883)
 POSTGRES = ("127.0.0.1", 5432)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ is slow (Prefect flows, subprocesses, kills, campaigns): `make test-fast`
+    leaves them out with ``-m "not slow"``; a slow test elsewhere says so with ``@pytest.mark.slow``."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def reachable(addr: tuple[str, int]) -> bool:
