@@ -115,7 +115,7 @@ def randles_sevcik(
     order = np.argsort(rates)
     rates, peaks = rates[order], peaks[order]
     x = np.sqrt(rates)
-    best = None
+    best: tuple[int, float, float, float] | None = None
     for n in range(3, len(rates) + 1):
         slope, intercept = np.polyfit(x[:n], peaks[:n], 1)
         fitted = slope * x[:n] + intercept
@@ -126,6 +126,7 @@ def randles_sevcik(
             best = (n, float(slope), float(intercept), r2)
         if r2 < min_r2:
             break
+    assert best is not None  # the first run (n = 3) always sets it
     n, slope, intercept, r2 = best
     kelvin = temperature_C + 273.15
     factor = 0.4463 * electrons * FARADAY_C_PER_MOL * area_concentration_mol_per_m

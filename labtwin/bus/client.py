@@ -296,7 +296,7 @@ class Bus:
             except* aiomqtt.MqttError as group:
                 self._connected.clear()
                 self._client = None
-                lost = group.exceptions[0]
+                lost: BaseException | None = group.exceptions[0]
             else:
                 lost = None
             finally:

@@ -16,7 +16,11 @@ from typing import Protocol
 class Clock(Protocol):
     """Cell time in seconds; ``sleep`` waits one sampling interval of cell time."""
 
-    speed: float | None
+    @property
+    def speed(self) -> float | None:
+        """Cell seconds per wall second; None: as fast as the CPU allows. Read-only here, so a clock whose
+        speed is always a number (the wall clocks) is a Clock too."""
+        ...
 
     def now(self) -> float: ...
 

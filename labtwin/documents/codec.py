@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from labtwin.documents.commands import Command, PauseRun, ResumeRun, StartRun, StepCommand, StopRun
-from labtwin.documents.data import Event, RunStart, RunStop, SampleBatch, StepEvent
+from labtwin.documents.commands import Command
+from labtwin.documents.data import Event, SampleBatch
 from labtwin.documents.status import ChannelState, ChannelStatus
 from labtwin.documents.twin import Anomaly, CellState
 
-COMMAND_ADAPTER: TypeAdapter[StartRun | StepCommand | StopRun | PauseRun | ResumeRun] = TypeAdapter(Command)
-EVENT_ADAPTER: TypeAdapter[RunStart | StepEvent | RunStop] = TypeAdapter(Event)
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
 _STATUS_ADAPTER = TypeAdapter(ChannelStatus)

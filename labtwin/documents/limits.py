@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_T = TypeVar("_T")
 
 
 class Limits(BaseModel):
@@ -63,7 +66,7 @@ class Limits(BaseModel):
         if other is None:
             return self
 
-        def pick(a: float | None, b: float | None, tighter) -> float | None:
+        def pick(a: _T | None, b: _T | None, tighter: Callable[[_T, _T], _T]) -> _T | None:
             if a is None:
                 return b
             if b is None:
@@ -87,10 +90,13 @@ class Limits(BaseModel):
         """What ``other`` asks for beyond these limits (empty if nothing). A limit ``other``
         leaves unset is not a request for more: it inherits this one when the two are tightened."""
         out: list[str] = []
-        if None not in (self.voltage_min_V, other.voltage_min_V) and other.voltage_min_V < self.voltage_min_V:
-            out.append(f"voltage_min_V {other.voltage_min_V} is below the channel's {self.voltage_min_V}")
-        if None not in (self.voltage_max_V, other.voltage_max_V) and other.voltage_max_V > self.voltage_max_V:
-            out.append(f"voltage_max_V {other.voltage_max_V} is above the channel's {self.voltage_max_V}")
-        if None not in (self.current_max_A, other.current_max_A) and other.current_max_A > self.current_max_A:
-            out.append(f"current_max_A {other.current_max_A} is above the channel's {self.current_max_A}")
+        mine, theirs = self.voltage_min_V, other.voltage_min_V
+        if mine is not None and theirs is not None and theirs < mine:
+            out.append(f"voltage_min_V {theirs} is below the channel's {mine}")
+        mine, theirs = self.voltage_max_V, other.voltage_max_V
+        if mine is not None and theirs is not None and theirs > mine:
+            out.append(f"voltage_max_V {theirs} is above the channel's {mine}")
+        mine, theirs = self.current_max_A, other.current_max_A
+        if mine is not None and theirs is not None and theirs > mine:
+            out.append(f"current_max_A {theirs} is above the channel's {mine}")
         return out

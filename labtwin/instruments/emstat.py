@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NoReturn
 
 from labtwin.devices.methodscript import ERROR, MethodScriptFormatError, decode_packet, is_loop_marker, literal
 from labtwin.devices.potentiostat import Reading
-from labtwin.documents import StepCommand, StepKind
+from labtwin.documents import EisSettings, StepCommand, StepKind, SweepSettings
 from labtwin.instruments.transport import (
     InstrumentError,
     InstrumentGarbled,
@@ -168,7 +169,7 @@ class EmStat:
                 *finish,
             ]
         if cmd.step is StepKind.cyclic_voltammetry:
-            s = cmd.sweep
+            s = _sweep(cmd)
             for name in ("start_V", "vertex_1_V", "vertex_2_V"):
                 _check(f"sweep.{name}", getattr(s, name), POTENTIAL_MAX_V, "V")
             low, high = min(s.start_V, s.vertex_1_V, s.vertex_2_V), max(s.start_V, s.vertex_1_V, s.vertex_2_V)
@@ -185,7 +186,7 @@ class EmStat:
                 *finish,
             ]
         if cmd.step is StepKind.eis:
-            settings = cmd.eis
+            settings = _eis(cmd)
             if settings.mode != "potentiostatic":
                 raise InstrumentError("galvanostatic EIS (meas_loop_geis) is not implemented for the EmStat driver yet")
             points = len(settings.frequencies_Hz())
@@ -217,9 +218,11 @@ class EmStat:
         """Longest silence that is still a running technique: the gap between two packages, times three."""
         gap = cmd.sample_interval_s
         if cmd.step is StepKind.cyclic_voltammetry:
-            gap = cmd.sweep.step_V / cmd.sweep.scan_rate_V_s
+            sweep = _sweep(cmd)
+            gap = sweep.step_V / sweep.scan_rate_V_s
         elif cmd.step is StepKind.eis:
-            gap = max(cmd.eis.periods, 3.0) / min(cmd.eis.f_start_Hz, cmd.eis.f_end_Hz) + 1.0
+            eis = _eis(cmd)
+            gap = max(eis.periods, 3.0) / min(eis.f_start_Hz, eis.f_end_Hz) + 1.0
         return max(self.transport.timeout_s, 3.0 * gap)
 
     def run_technique(self, command: StepCommand) -> Iterator[Reading]:
@@ -294,7 +297,7 @@ class EmStat:
         self._start(["cell_off"])
         self._drain(self.transport.timeout_s)
 
-    def _host_timed(self, what: str):
+    def _host_timed(self, what: str) -> NoReturn:
         raise InstrumentError(
             f"{self.transport.resource}: the EmStat runs techniques on the device; {what} as a host-timed "
             "step needs a source-measure instrument (driver keithley2450)"
@@ -317,6 +320,20 @@ class EmStat:
             self.output_off()
         finally:
             self.transport.close()
+
+
+def _sweep(cmd: StepCommand) -> SweepSettings:
+    """A CV step's sweep (the step model requires one; a hand-made command may still lack it)."""
+    if cmd.sweep is None:
+        raise InstrumentError(f"step {cmd.step_index}: a cyclic voltammetry step needs its sweep settings")
+    return cmd.sweep
+
+
+def _eis(cmd: StepCommand) -> EisSettings:
+    """An EIS step's settings (the step model requires them; a hand-made command may still lack them)."""
+    if cmd.eis is None:
+        raise InstrumentError(f"step {cmd.step_index}: an EIS step needs its frequency settings")
+    return cmd.eis
 
 
 def _check(name: str, value: float | None, bound: float, unit: str) -> float:

@@ -22,7 +22,10 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+
+if TYPE_CHECKING:
+    from pyvisa.resources import MessageBasedResource
 
 audit_log = logging.getLogger("labtwin.instruments.audit")
 
@@ -74,7 +77,7 @@ def check_scpi_errors(transport: Transport, instrument: str, context: str) -> No
         raise InstrumentError(f"{transport.resource}: the {instrument} reported after {context}: {'; '.join(errors)}")
 
 
-def check_range(instrument: str, name: str, value: float, low: float, high: float, unit: str) -> float:
+def check_range(instrument: str, name: str, value: float | None, low: float, high: float, unit: str) -> float:
     """A setting inside the instrument's range, or ValueError naming the field and the range: never clipped
     (a silently clipped current is a different experiment)."""
     if value is None or not math.isfinite(value) or not low <= value <= high:
@@ -139,7 +142,10 @@ class VisaTransport:
         self._pyvisa = pyvisa
         try:
             self._rm = pyvisa.ResourceManager(backend)
-            self._inst = self._rm.open_resource(resource, open_timeout=int(timeout_s * 1000))
+            # Every address labtwin opens (TCPIP SOCKET, ASRL) is message-based: it reads and writes lines.
+            self._inst = cast(
+                "MessageBasedResource", self._rm.open_resource(resource, open_timeout=int(timeout_s * 1000))
+            )
         except (pyvisa.errors.VisaIOError, OSError, ValueError) as exc:
             raise InstrumentConnectionLost(
                 f"{resource}: cannot open ({exc}); is the instrument on and the address right?"

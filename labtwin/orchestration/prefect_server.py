@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 STARTUP_TIMEOUT_S = 90.0
 
@@ -98,7 +99,7 @@ class LocalPrefectServer:
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self._process: subprocess.Popen | None = None
         self._settings = contextlib.ExitStack()
-        self._log = None
+        self._log: BinaryIO | None = None
 
     async def __aenter__(self) -> LocalPrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,20 @@ def _time_or_voltage(until, where: str) -> str:
 def _current_text(current_A: float | None, c_rate: float | None) -> str:
     if c_rate is not None:
         return f"{_fmt(abs(c_rate))}C"
-    return f"{_fmt(abs(current_A))} A"
+    return f"{_fmt(abs(_set(current_A, 'current_A or c_rate')))} A"
+
+
+def _set(value: float | None, what: str) -> float:
+    """A value the step model requires (one of current_A and c_rate, say): here only to say so to the types."""
+    if value is None:
+        raise StepStringError(f"the step has no {what}")
+    return value
+
+
+def _direction(current_A: float | None, c_rate: float | None) -> str:
+    """Charge or Discharge by the sign of whichever of the two the step sets (positive charges the cell)."""
+    sign = current_A if current_A is not None else _set(c_rate, "current_A or c_rate")
+    return "Charge" if sign > 0 else "Discharge"
 
 
 def to_pybamm(protocol) -> list:
@@ -159,37 +172,36 @@ def to_pybamm(protocol) -> list:
         if isinstance(item, Rest):
             return [f"Rest for {_fmt(item.rest.duration_s)} seconds"]
         if isinstance(item, CC):
-            s = item.cc
-            sign = s.current_A if s.current_A is not None else s.c_rate
-            text = f"{'Charge' if sign > 0 else 'Discharge'} at {_current_text(s.current_A, s.c_rate)}"
-            return [f"{text} {_time_or_voltage(s.until, where)}"]
+            cc = item.cc
+            text = f"{_direction(cc.current_A, cc.c_rate)} at {_current_text(cc.current_A, cc.c_rate)}"
+            return [f"{text} {_time_or_voltage(cc.until, where)}"]
         if isinstance(item, CP):
-            s = item.cp
+            cp = item.cp
             return [
-                f"{'Charge' if s.power_W > 0 else 'Discharge'} at {_fmt(abs(s.power_W))} W {_time_or_voltage(s.until, where)}"
+                f"{'Charge' if cp.power_W > 0 else 'Discharge'} at {_fmt(abs(cp.power_W))} W {_time_or_voltage(cp.until, where)}"
             ]
         if isinstance(item, CV):
-            s = item.cv
+            cv = item.cv
             parts = []
-            if s.until.time_s is not None:
-                parts.append(f"for {_fmt(s.until.time_s)} seconds")
-            if s.until.current_A is not None or s.until.c_rate is not None:
-                parts.append(f"until {_current_text(s.until.current_A, s.until.c_rate)}")
-            return [f"Hold at {_fmt(s.voltage_V)} V {' or '.join(parts)}"]
+            if cv.until.time_s is not None:
+                parts.append(f"for {_fmt(cv.until.time_s)} seconds")
+            if cv.until.current_A is not None or cv.until.c_rate is not None:
+                parts.append(f"until {_current_text(cv.until.current_A, cv.until.c_rate)}")
+            return [f"Hold at {_fmt(cv.voltage_V)} V {' or '.join(parts)}"]
         if isinstance(item, CCCV):
-            s = item.cccv
-            sign = s.current_A if s.current_A is not None else s.c_rate
+            cccv = item.cccv
             hold = []
-            if s.until.time_s is not None:
-                hold.append(f"for {_fmt(s.until.time_s)} seconds")
-            if s.until.current_A is not None or s.until.c_rate is not None:
-                hold.append(f"until {_current_text(s.until.current_A, s.until.c_rate)}")
+            if cccv.until.time_s is not None:
+                hold.append(f"for {_fmt(cccv.until.time_s)} seconds")
+            if cccv.until.current_A is not None or cccv.until.c_rate is not None:
+                hold.append(f"until {_current_text(cccv.until.current_A, cccv.until.c_rate)}")
             return [
-                f"{'Charge' if sign > 0 else 'Discharge'} at {_current_text(s.current_A, s.c_rate)} until {_fmt(s.voltage_V)} V",
-                f"Hold at {_fmt(s.voltage_V)} V {' or '.join(hold)}",
+                f"{_direction(cccv.current_A, cccv.c_rate)} at {_current_text(cccv.current_A, cccv.c_rate)} until {_fmt(cccv.voltage_V)} V",
+                f"Hold at {_fmt(cccv.voltage_V)} V {' or '.join(hold)}",
             ]
         if isinstance(item, (GITT, Voltammetry, EIS)):
-            kind = {GITT: "GITT", Voltammetry: "cyclic voltammetry", EIS: "EIS"}[type(item)]
+            names: dict[type, str] = {GITT: "GITT", Voltammetry: "cyclic voltammetry", EIS: "EIS"}
+            kind = names[type(item)]
             raise StepStringError(
                 f"{where}: {kind} steps have no PyBaMM Experiment equivalent (export the cycling part)"
             )

@@ -356,6 +356,7 @@ class EmStatServer:
             await self._server.wait_closed()
 
     async def serve_forever(self) -> None:
+        assert self._server is not None, "start() first"
         async with self._server:
             await self._server.serve_forever()
 

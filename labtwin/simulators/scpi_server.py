@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+from typing import Any, Protocol
 
 from labtwin.devices import scpi
 
@@ -118,20 +119,36 @@ class ScpiServer:
             await self._server.serve_forever()
 
 
+class EmulatorServer(Protocol):
+    """What the thread needs of a server: SCPI's here, or the EmStat's MethodSCRIPT one."""
+
+    port: int
+
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
 class ScpiEmulatorThread:
     """Runs an emulator's server (SCPI by default) in a background thread with its own event loop: for tests."""
 
-    def __init__(self, emulator, port: int = 0, server_class=None) -> None:
+    def __init__(self, emulator, port: int = 0, server_class: type[EmulatorServer] | None = None) -> None:
         self.emulator = emulator
         self._port = port
-        self._server_class = server_class or ScpiServer
+        self._server_class: Any = server_class or ScpiServer
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="scpi-emulator", daemon=True)
-        self.server = None
+        self._server: EmulatorServer | None = None
+
+    @property
+    def server(self) -> EmulatorServer:
+        if self._server is None:
+            raise RuntimeError("the emulator's server runs only inside `with ScpiEmulatorThread(...)`")
+        return self._server
 
     def __enter__(self) -> ScpiEmulatorThread:
         self._thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
+        self._server = asyncio.run_coroutine_threadsafe(
             self._server_class(self.emulator, port=self._port).start(), self._loop
         ).result(10)
         return self

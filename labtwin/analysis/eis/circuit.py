@@ -264,9 +264,7 @@ class Circuit:
     parameter_names: list[str]
     parameter_units: list[str]
     impedance: ImpedanceFunction = field(repr=False)
-    impedance_and_gradient: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] = field(
-        repr=False, default=None
-    )
+    impedance_and_gradient: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] = field(repr=False)
 
     def __call__(self, params, frequency_Hz) -> np.ndarray:
         return self.impedance(np.asarray(params, dtype=float), 2.0 * np.pi * np.asarray(frequency_Hz, dtype=float))

@@ -141,9 +141,9 @@ def initial_guess(circuit: Circuit, frequency_Hz, impedance_ohm, arc_order: str 
             chosen.append(_Arc(chosen[-1].frequency_Hz / 10.0, chosen[-1].resistance_ohm / 2.0))
         assigned = chosen if arc_order == "written" else chosen[::-1]
     arc_of: dict[str, _Arc] = {}
-    for group, arc in zip(outer, assigned):
+    for group, group_arc in zip(outer, assigned):
         for element in _members(group):
-            arc_of[element.name] = arc
+            arc_of[element.name] = group_arc
     # Warburg coefficient from the low-frequency tail: -Z'' sqrt(omega) at the lowest frequencies.
     tail = max(3, len(f) // 10)
     sigma = float(np.median(np.abs(z.imag[-tail:]) * np.sqrt(omega[-tail:])))
@@ -211,14 +211,16 @@ def sort_arcs(circuit: Circuit, params: np.ndarray) -> np.ndarray:
     out = params.copy()
     by_shape: dict[str, list[Parallel]] = {}
     for part in circuit.tree.parts:
+        if not (isinstance(part, Parallel) and len(part.branches) == 2):
+            continue
+        resistor, capacitor = part.branches
         if (
-            isinstance(part, Parallel)
-            and len(part.branches) == 2
-            and all(isinstance(b, Element) for b in part.branches)
-            and part.branches[0].kind == "R"
-            and part.branches[1].kind in ("C", "CPE")
-        ):  # type: ignore[union-attr]
-            by_shape.setdefault(part.branches[1].kind, []).append(part)  # type: ignore[union-attr]
+            isinstance(resistor, Element)
+            and isinstance(capacitor, Element)
+            and resistor.kind == "R"
+            and capacitor.kind in ("C", "CPE")
+        ):
+            by_shape.setdefault(capacitor.kind, []).append(part)
     for groups in by_shape.values():
         if len(groups) < 2:
             continue
