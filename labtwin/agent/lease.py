@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from labtwin.documents import EndReason, StartRun, StepEvent
+from labtwin.documents import EndReason, StartRun, StepEvent, StepStats
 
 DEFAULT_GRACE_S = 60.0
 
@@ -34,6 +34,7 @@ class RunContext:
     last_command_wall: float = field(default_factory=time.monotonic)
     step_running: bool = False
     ended: dict[int, StepEvent] = field(default_factory=dict)  # how each step of this run ended, by index
+    carried: dict[int, StepStats] = field(default_factory=dict)  # a resumed step's statistics from before the crash
 
     @classmethod
     def start(cls, cmd: StartRun, now_cell_s: float) -> RunContext:
@@ -44,6 +45,8 @@ class RunContext:
             run.start_cell_s -= r.time_s
             run.last_time_s, run.capacity_Ah = r.time_s, r.capacity_Ah
             run.next_seq, run.n_samples = r.next_seq, r.n_samples
+            if r.step_index is not None and r.step_stats is not None:
+                run.carried[r.step_index] = r.step_stats
         return run
 
     def heard_from_flow(self) -> None:

@@ -202,7 +202,8 @@ class StepLoop:
                 close()
         stats.end_voltage_V = charge.prev_voltage_V
         stats.end_current_A = charge.prev_current_A
-        return reason, stats
+        before = run.carried.pop(cmd.step_index, None)  # the step was cut by a crash and runs on: the whole step's
+        return reason, (before.continued_by(stats) if before is not None else stats)
 
     def _pause_on_limit(self, cmd: StepCommand, run: RunContext, reason: EndReason) -> None:
         """action: pause. Open circuit within this sample; the step waits for `labtwin resume`. A limit still

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labtwin.documents.base import Document
+from labtwin.documents.data import StepStats
 from labtwin.documents.limits import Limits
 from labtwin.documents.steps import (
     EisSettings,
@@ -31,6 +32,12 @@ class ResumePoint(BaseModel):
     time_s: float = Field(ge=0)
     capacity_Ah: float = 0.0
     n_samples: int = Field(0, ge=0)
+    step_index: int | None = Field(None, description="the step the crash interrupted, if one was running")
+    step_stats: StepStats | None = Field(
+        None,
+        description="what that step had done before the crash, from the stored samples: the agent adds it to "
+        "the step's statistics when the step runs on, so its charge is the whole step's",
+    )
 
 
 class StartRun(Document):

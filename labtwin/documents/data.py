@@ -60,6 +60,22 @@ class StepStats(BaseModel):
     first_seq: int | None = None
     last_seq: int | None = None
 
+    def continued_by(self, later: StepStats) -> StepStats:
+        """A step interrupted after these statistics (a crash) and run on as ``later``: the whole step's,
+        so its charge counts what passed before the crash (labtwin.analysis.cycles)."""
+        return later.model_copy(
+            update={
+                "duration_s": self.duration_s + later.duration_s,
+                "charge_Ah": self.charge_Ah + later.charge_Ah,
+                "discharge_Ah": self.discharge_Ah + later.discharge_Ah,
+                "energy_in_Wh": self.energy_in_Wh + later.energy_in_Wh,
+                "energy_out_Wh": self.energy_out_Wh + later.energy_out_Wh,
+                "start_voltage_V": self.start_voltage_V if self.start_voltage_V is not None else later.start_voltage_V,
+                "n_samples": self.n_samples + later.n_samples,
+                "first_seq": self.first_seq if self.first_seq is not None else later.first_seq,
+            }
+        )
+
 
 class StepEvent(Document):
     """Agent -> all: a step started or ended."""

@@ -6,7 +6,10 @@ run resumes at the first step that has no "ended on its condition" event:
 never from step one, never repeating a completed step. The interrupted step
 runs again with what is left of its time budget, after the cell's
 open-circuit voltage has been measured and found inside the protocol's
-window (flows.run_protocol does that part).
+window (flows.run_protocol does that part). What the interrupted step did
+before the crash (its charge, from the stored samples' net charge) goes to
+the agent with the resume point, so the step's statistics, and every cycle
+figure made from them, count the whole step.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from labtwin.analysis.cycles import charge_increments
 from labtwin.data.store import Store
-from labtwin.documents import ResumePoint, StepEvent
+from labtwin.documents import ResumePoint, StepEvent, StepStats
 
 
 class ResumeState(BaseModel):
@@ -67,6 +71,8 @@ def read_run(store: Store, run_id: str) -> RunRecord:
         time_s=float(samples["time_s"][-1]) if n else 0.0,
         capacity_Ah=float(np.nan_to_num(samples["capacity_Ah"][-1])) if n else 0.0,
         n_samples=n,
+        step_index=interrupted,
+        step_stats=_stats_so_far(samples, interrupted) if interrupted is not None else None,
     )
     return RunRecord(
         state="interrupted",
@@ -79,4 +85,25 @@ def read_run(store: Store, run_id: str) -> RunRecord:
             interrupted_step=interrupted,
             last_voltage_V=last_v,
         ),
+    )
+
+
+def _stats_so_far(samples: dict[str, np.ndarray], step_index: int) -> StepStats | None:
+    """What the interrupted step had done by its last stored sample, counted as the agent counts it."""
+    steps = samples["step"].astype(int)
+    rows = np.nonzero(steps == step_index)[0]
+    if not len(rows):
+        return None
+    dq = charge_increments(samples["time_s"], samples["current_A"], steps, np.nan_to_num(samples["capacity_Ah"]))[rows]
+    v = samples["voltage_V"][rows]
+    start_s = float(samples["time_s"][rows[0] - 1]) if rows[0] > 0 else 0.0
+    return StepStats(
+        duration_s=float(samples["time_s"][rows[-1]]) - start_s,
+        charge_Ah=float(np.sum(np.clip(dq, 0, None))),
+        discharge_Ah=float(np.sum(np.clip(-dq, 0, None))),
+        energy_in_Wh=float(np.sum(np.clip(dq, 0, None) * v)),
+        energy_out_Wh=float(np.sum(np.clip(-dq, 0, None) * v)),
+        start_voltage_V=float(v[0]),
+        end_voltage_V=float(v[-1]),
+        n_samples=len(rows),
     )
