@@ -74,7 +74,12 @@ async def run_dryrun(
             import time
 
             deadline = time.monotonic() + 30.0
-            while len(local.store.anomalies(summary.run_id)) < len(anomalies) and time.monotonic() < deadline:
+            store = local.store
+            while (
+                store is not None
+                and len(store.anomalies(summary.run_id)) < len(anomalies)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.05)
         if out is not None:
             write_outputs(local.store, summary, out, f"{cell.name} · {summary.protocol}")

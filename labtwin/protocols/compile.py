@@ -60,6 +60,8 @@ def _current_A(c_rate: float | None, current_A: float | None, ctx: CompileContex
         raise ProtocolError(
             f"{where}: c_rate needs the cell's nominal capacity (metadata.nominal_capacity_Ah or the channel's cell)"
         )
+    if c_rate is None:
+        raise ProtocolError(f"{where}: give c_rate or current_A")
     return c_rate * ctx.nominal_capacity_Ah
 
 
@@ -166,37 +168,37 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
         add_tag(getattr(step_model, "tag", None), where)
         interval = protocol.record.interval_s
         if isinstance(item, Rest):
-            s = item.rest
-            dvdt = s.until.dvdt_V_per_h if s.until is not None else None
+            rest_step = item.rest
+            dvdt = rest_step.until.dvdt_V_per_h if rest_step.until is not None else None
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
                 repetition=repetition,
                 step=StepKind.rest,
-                label=s.label
-                or f"rest {s.duration_s:g} s" + (f" or until |dV/dt| < {dvdt * 1e3:g} mV/h" if dvdt else ""),
-                end=EndConditions(time_s=s.duration_s, dvdt_V_per_h=dvdt),
+                label=rest_step.label
+                or f"rest {rest_step.duration_s:g} s" + (f" or until |dV/dt| < {dvdt * 1e3:g} mV/h" if dvdt else ""),
+                end=EndConditions(time_s=rest_step.duration_s, dvdt_V_per_h=dvdt),
                 limits=_step_limits(limits, None),
-                sample_interval_s=min(interval, s.duration_s),
+                sample_interval_s=min(interval, rest_step.duration_s),
             )
         elif isinstance(item, CC):
-            s = item.cc
-            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.cc")
+            cc_step = item.cc
+            current = _current_A(cc_step.c_rate, cc_step.current_A, ctx, f"{where}.cc")
             if limits.current_max_A is not None and abs(current) > limits.current_max_A:
                 raise ProtocolError(
                     f"{where}.cc: current {current:.6g} A exceeds current_max_A {limits.current_max_A:g} A; "
                     "lower the current or raise the limit (the channel's own limit cannot be exceeded)"
                 )
-            _check_voltage(s.until.voltage_V, limits, f"{where}.cc.until.voltage_V")
-            bound = s.until.time_s
+            _check_voltage(cc_step.until.voltage_V, limits, f"{where}.cc.until.voltage_V")
+            bound = cc_step.until.time_s
             if bound is None:
-                if ctx.nominal_capacity_Ah is None and s.until.capacity_Ah is None:
+                charge = cc_step.until.capacity_Ah or ctx.nominal_capacity_Ah
+                if charge is None:
                     raise ProtocolError(f"{where}.cc: without until.time_s the step needs a capacity to bound its time")
-                charge = s.until.capacity_Ah or ctx.nominal_capacity_Ah
                 bound = CC_TIME_MARGIN * charge / abs(current) * 3600.0
-            label = s.label or (
+            label = cc_step.label or (
                 f"{'charge' if current > 0 else 'discharge'} {current:.3g} A"
-                + (f" to {s.until.voltage_V:g} V" if s.until.voltage_V else "")
+                + (f" to {cc_step.until.voltage_V:g} V" if cc_step.until.voltage_V else "")
             )
             cmd = StepCommand(
                 run_id=ctx.run_id,
@@ -206,75 +208,80 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 step=StepKind.cc,
                 current_A=current,
                 end=EndConditions(
-                    time_s=s.until.time_s,
-                    voltage_V=s.until.voltage_V,
-                    capacity_Ah=s.until.capacity_Ah,
-                    dvdt_V_per_h=s.until.dvdt_V_per_h,
-                    twin_soc=s.until.twin_soc,
+                    time_s=cc_step.until.time_s,
+                    voltage_V=cc_step.until.voltage_V,
+                    capacity_Ah=cc_step.until.capacity_Ah,
+                    dvdt_V_per_h=cc_step.until.dvdt_V_per_h,
+                    twin_soc=cc_step.until.twin_soc,
                 ),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                limits=_step_limits(limits, bound if cc_step.until.time_s is None else None),
                 sample_interval_s=interval,
             )
         elif isinstance(item, CP):
-            s = item.cp
-            _check_voltage(s.until.voltage_V, limits, f"{where}.cp.until.voltage_V")
-            bound = s.until.time_s
+            cp_step = item.cp
+            _check_voltage(cp_step.until.voltage_V, limits, f"{where}.cp.until.voltage_V")
+            bound = cp_step.until.time_s
             if bound is None:
                 # The slowest the charge can go: the current P / V at the top of the voltage window.
-                charge = s.until.capacity_Ah or ctx.nominal_capacity_Ah
+                charge = cp_step.until.capacity_Ah or ctx.nominal_capacity_Ah
                 if charge is None:
                     raise ProtocolError(f"{where}.cp: without until.time_s the step needs a capacity to bound its time")
-                bound = CC_TIME_MARGIN * charge * limits.voltage_max_V / abs(s.power_W) * 3600.0
+                top_V = limits.voltage_max_V
+                if top_V is None:
+                    raise ProtocolError(
+                        f"{where}.cp: without until.time_s the step needs voltage_max_V to bound its time"
+                    )
+                bound = CC_TIME_MARGIN * charge * top_V / abs(cp_step.power_W) * 3600.0
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
                 repetition=repetition,
                 step=StepKind.cp,
-                power_W=s.power_W,
-                label=s.label
-                or f"{'charge' if s.power_W > 0 else 'discharge'} {abs(s.power_W):.3g} W"
-                + (f" to {s.until.voltage_V:g} V" if s.until.voltage_V else ""),
+                power_W=cp_step.power_W,
+                label=cp_step.label
+                or f"{'charge' if cp_step.power_W > 0 else 'discharge'} {abs(cp_step.power_W):.3g} W"
+                + (f" to {cp_step.until.voltage_V:g} V" if cp_step.until.voltage_V else ""),
                 end=EndConditions(
-                    time_s=s.until.time_s,
-                    voltage_V=s.until.voltage_V,
-                    capacity_Ah=s.until.capacity_Ah,
-                    dvdt_V_per_h=s.until.dvdt_V_per_h,
-                    twin_soc=s.until.twin_soc,
+                    time_s=cp_step.until.time_s,
+                    voltage_V=cp_step.until.voltage_V,
+                    capacity_Ah=cp_step.until.capacity_Ah,
+                    dvdt_V_per_h=cp_step.until.dvdt_V_per_h,
+                    twin_soc=cp_step.until.twin_soc,
                 ),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                limits=_step_limits(limits, bound if cp_step.until.time_s is None else None),
                 sample_interval_s=interval,
             )
         elif isinstance(item, CV):
-            s = item.cv
-            _check_voltage(s.voltage_V, limits, f"{where}.cv.voltage_V")
-            threshold = s.until.current_A
-            if s.until.c_rate is not None:
-                threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cv.until")
+            cv_step = item.cv
+            _check_voltage(cv_step.voltage_V, limits, f"{where}.cv.voltage_V")
+            threshold = cv_step.until.current_A
+            if cv_step.until.c_rate is not None:
+                threshold = _current_A(cv_step.until.c_rate, None, ctx, f"{where}.cv.until")
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
-                label=s.label or f"hold {s.voltage_V:g} V",
+                label=cv_step.label or f"hold {cv_step.voltage_V:g} V",
                 repetition=repetition,
                 step=StepKind.cv,
-                voltage_V=s.voltage_V,
+                voltage_V=cv_step.voltage_V,
                 end=EndConditions(
-                    time_s=s.until.time_s,
+                    time_s=cv_step.until.time_s,
                     current_A=threshold,
-                    capacity_Ah=s.until.capacity_Ah,
-                    twin_soc=s.until.twin_soc,
+                    capacity_Ah=cv_step.until.capacity_Ah,
+                    twin_soc=cv_step.until.twin_soc,
                 ),
-                limits=_step_limits(limits, CV_DEFAULT_MAX_S if s.until.time_s is None else None),
+                limits=_step_limits(limits, CV_DEFAULT_MAX_S if cv_step.until.time_s is None else None),
                 sample_interval_s=interval,
             )
         elif isinstance(item, CCCV):
-            s = item.cccv
-            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.cccv")
+            cccv_step = item.cccv
+            current = _current_A(cccv_step.c_rate, cccv_step.current_A, ctx, f"{where}.cccv")
             _check_current(current, limits, f"{where}.cccv")
-            _check_voltage(s.voltage_V, limits, f"{where}.cccv.voltage_V")
-            threshold = s.until.current_A
-            if s.until.c_rate is not None:
-                threshold = _current_A(s.until.c_rate, None, ctx, f"{where}.cccv.until")
-            bound = s.until.time_s or (
+            _check_voltage(cccv_step.voltage_V, limits, f"{where}.cccv.voltage_V")
+            threshold = cccv_step.until.current_A
+            if cccv_step.until.c_rate is not None:
+                threshold = _current_A(cccv_step.until.c_rate, None, ctx, f"{where}.cccv.until")
+            bound = cccv_step.until.time_s or (
                 CC_TIME_MARGIN * (ctx.nominal_capacity_Ah or 0) / abs(current) * 3600.0 + CV_DEFAULT_MAX_S
             )
             cmd = StepCommand(
@@ -283,64 +290,69 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 repetition=repetition,
                 step=StepKind.cccv,
                 current_A=current,
-                voltage_V=s.voltage_V,
-                label=s.label
-                or f"{'charge' if current > 0 else 'discharge'} {current:.3g} A to {s.voltage_V:g} V, hold",
-                end=EndConditions(time_s=s.until.time_s, current_A=threshold, twin_soc=s.until.twin_soc),
-                limits=_step_limits(limits, bound if s.until.time_s is None else None),
+                voltage_V=cccv_step.voltage_V,
+                label=cccv_step.label
+                or f"{'charge' if current > 0 else 'discharge'} {current:.3g} A to {cccv_step.voltage_V:g} V, hold",
+                end=EndConditions(
+                    time_s=cccv_step.until.time_s, current_A=threshold, twin_soc=cccv_step.until.twin_soc
+                ),
+                limits=_step_limits(limits, bound if cccv_step.until.time_s is None else None),
                 sample_interval_s=interval,
             )
         elif isinstance(item, GITT):
-            s = item.gitt
-            current = _current_A(s.c_rate, s.current_A, ctx, f"{where}.gitt")
+            gitt_step = item.gitt
+            current = _current_A(gitt_step.c_rate, gitt_step.current_A, ctx, f"{where}.gitt")
             _check_current(current, limits, f"{where}.gitt")
-            _check_voltage(s.until_voltage_V, limits, f"{where}.gitt.until_voltage_V")
+            _check_voltage(gitt_step.until_voltage_V, limits, f"{where}.gitt.until_voltage_V")
             charge = ctx.nominal_capacity_Ah
-            pulses = s.max_pulses
+            pulses = gitt_step.max_pulses
             if charge is not None:
-                pulses = min(pulses, int(CC_TIME_MARGIN * charge / (abs(current) * s.pulse_s / 3600.0)) + 1)
+                pulses = min(pulses, int(CC_TIME_MARGIN * charge / (abs(current) * gitt_step.pulse_s / 3600.0)) + 1)
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
                 repetition=repetition,
                 step=StepKind.gitt,
                 current_A=current,
-                label=s.label or f"GITT {current:.3g} A x {s.pulse_s:g} s / {s.relax_s:g} s to {s.until_voltage_V:g} V",
-                end=EndConditions(voltage_V=s.until_voltage_V),
-                gitt=GittSettings(pulse_s=s.pulse_s, relax_s=s.relax_s, max_pulses=pulses),
-                limits=_step_limits(limits, pulses * (s.pulse_s + s.relax_s) * 1.05),
-                sample_interval_s=min(interval, s.pulse_s / 5, s.relax_s / 5),
+                label=gitt_step.label
+                or f"GITT {current:.3g} A x {gitt_step.pulse_s:g} s / {gitt_step.relax_s:g} s to {gitt_step.until_voltage_V:g} V",
+                end=EndConditions(voltage_V=gitt_step.until_voltage_V),
+                gitt=GittSettings(pulse_s=gitt_step.pulse_s, relax_s=gitt_step.relax_s, max_pulses=pulses),
+                limits=_step_limits(limits, pulses * (gitt_step.pulse_s + gitt_step.relax_s) * 1.05),
+                sample_interval_s=min(interval, gitt_step.pulse_s / 5, gitt_step.relax_s / 5),
             )
         elif isinstance(item, Voltammetry):
-            s = item.cyclic_voltammetry
-            rates = s.scan_rate_V_s if isinstance(s.scan_rate_V_s, list) else [s.scan_rate_V_s]
+            sweep_step = item.cyclic_voltammetry
+            rates = (
+                sweep_step.scan_rate_V_s if isinstance(sweep_step.scan_rate_V_s, list) else [sweep_step.scan_rate_V_s]
+            )
             for name in ("start_V", "vertex_1_V", "vertex_2_V"):
-                _check_voltage(getattr(s, name), limits, f"{where}.cyclic_voltammetry.{name}")
+                _check_voltage(getattr(sweep_step, name), limits, f"{where}.cyclic_voltammetry.{name}")
             for rate in rates:
-                if s.hold_start_s > 0:
+                if sweep_step.hold_start_s > 0:
                     emit_step(
                         StepCommand(
                             run_id=ctx.run_id,
                             step_index=step_count[0],
                             repetition=repetition,
                             step=StepKind.cv,
-                            label=f"hold {s.start_V:g} V before {rate * 1e3:g} mV/s",
-                            voltage_V=s.start_V,
-                            end=EndConditions(time_s=s.hold_start_s),
+                            label=f"hold {sweep_step.start_V:g} V before {rate * 1e3:g} mV/s",
+                            voltage_V=sweep_step.start_V,
+                            end=EndConditions(time_s=sweep_step.hold_start_s),
                             limits=_step_limits(limits, None),
-                            sample_interval_s=min(interval, s.hold_start_s / 10),
+                            sample_interval_s=min(interval, sweep_step.hold_start_s / 10),
                         ),
                         None,
                         loops,
                         where,
                     )
                 sweep = SweepSettings(
-                    start_V=s.start_V,
-                    vertex_1_V=s.vertex_1_V,
-                    vertex_2_V=s.vertex_2_V,
+                    start_V=sweep_step.start_V,
+                    vertex_1_V=sweep_step.vertex_1_V,
+                    vertex_2_V=sweep_step.vertex_2_V,
                     scan_rate_V_s=rate,
-                    cycles=s.cycles,
-                    step_V=s.step_V,
+                    cycles=sweep_step.cycles,
+                    step_V=sweep_step.step_V,
                 )
                 emit_step(
                     StepCommand(
@@ -348,25 +360,26 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                         step_index=step_count[0],
                         repetition=repetition,
                         step=StepKind.cyclic_voltammetry,
-                        label=s.label or f"CV {rate * 1e3:g} mV/s {s.vertex_1_V:g}-{s.vertex_2_V:g} V",
+                        label=sweep_step.label
+                        or f"CV {rate * 1e3:g} mV/s {sweep_step.vertex_1_V:g}-{sweep_step.vertex_2_V:g} V",
                         # A backstop, not a schedule: a device-run sweep on a loaded host or a slow link reports late.
                         sweep=sweep,
                         limits=_step_limits(limits, sweep.duration_s() * 1.5 + 30),
-                        sample_interval_s=s.step_V / rate,
+                        sample_interval_s=sweep_step.step_V / rate,
                     ),
-                    s if rate == rates[-1] else None,
+                    sweep_step if rate == rates[-1] else None,
                     loops,
                     where,
                 )
             return
         elif isinstance(item, EIS):
-            s = item.eis
+            eis_step = item.eis
             settings = EisSettings(
-                mode=s.mode,
-                f_start_Hz=s.f_start_Hz,
-                f_end_Hz=s.f_end_Hz,
-                points_per_decade=s.points_per_decade,
-                amplitude=s.amplitude,
+                mode=eis_step.mode,
+                f_start_Hz=eis_step.f_start_Hz,
+                f_end_Hz=eis_step.f_end_Hz,
+                points_per_decade=eis_step.points_per_decade,
+                amplitude=eis_step.amplitude,
             )
             cmd = StepCommand(
                 run_id=ctx.run_id,
@@ -374,7 +387,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                 repetition=repetition,
                 step=StepKind.eis,
                 eis=settings,
-                label=s.label or f"EIS {s.f_start_Hz:g}-{s.f_end_Hz:g} Hz",
+                label=eis_step.label or f"EIS {eis_step.f_start_Hz:g}-{eis_step.f_end_Hz:g} Hz",
                 limits=_step_limits(limits, settings.duration_s() * 1.5 + 60),
                 sample_interval_s=1.0,
             )
