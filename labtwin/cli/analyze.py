@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import typer
@@ -15,7 +16,7 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     from labtwin.cli.errors import UserError
 
     raise UserError(message)  # one line on stderr, exit 2 (labtwin.cli.errors)
@@ -141,9 +142,9 @@ def cv(
         from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
 
         definition = load_cell(cell)
-        film = definition.parameters.positive
+        film = getattr(definition.parameters, "positive", None)  # an equivalent-circuit cell has no electrodes
         diffusion = getattr(film, "diffusion", None)
-        if diffusion is None or diffusion.geometry != "planar":
+        if film is None or diffusion is None or diffusion.geometry != "planar":
             _fail(f"--cell {cell}: its positive electrode is not a planar film; give --area-concentration instead")
         area_concentration = film.capacity_Ah * 3600.0 / 96485.33212 / diffusion.length_m
         series_resistance_ohm = series_resistance_ohm or definition.parameters.series_resistance_ohm
@@ -242,7 +243,7 @@ def gitt(
     if cell is not None and length_m is None:
         from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
 
-        diffusion = getattr(load_cell(cell).parameters.positive, "diffusion", None)
+        diffusion = getattr(getattr(load_cell(cell).parameters, "positive", None), "diffusion", None)
         if diffusion is None:
             _fail(f"--cell {cell}: its positive electrode has no solid diffusion; give --length-m")
         length_m = diffusion.length_m / 3.0 if diffusion.geometry == "spherical" else diffusion.length_m
