@@ -12,7 +12,10 @@ import numpy as np  # noqa: E402
 
 
 def plot_run(samples: dict[str, np.ndarray], title: str, path: Path) -> Path:
-    """V-t and V-Q side by side; Q is the net charge since the run started (positive = charged in)."""
+    """V-t and V-Q side by side; Q is the net charge since the run started (positive = charged in).
+
+    One V-Q line per electrochemical cycle, as the samples carry it (labtwin.analysis.cycles); cycle 0 is
+    what came before any current flowed (an initial rest)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_q) = plt.subplots(1, 2, figsize=(11, 4.2))
     t_h = samples["time_s"] / 3600.0
@@ -24,7 +27,7 @@ def plot_run(samples: dict[str, np.ndarray], title: str, path: Path) -> Path:
     cycles = samples["cycle"]
     for cycle in np.unique(cycles):
         mask = cycles == cycle
-        ax_q.plot(q_mAh[mask], samples["voltage_V"][mask], lw=0.8, label=f"cycle {cycle}" if cycle else "pre-cycle")
+        ax_q.plot(q_mAh[mask], samples["voltage_V"][mask], lw=0.8, label=f"cycle {cycle}" if cycle else "before cycle 1")
     ax_q.set_xlabel("net charge since start / mAh (positive = charged)")
     ax_q.set_ylabel("voltage / V")
     ax_q.set_title("V-Q")

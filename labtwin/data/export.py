@@ -7,6 +7,10 @@
   ``Step Count / 1``, ``Ambient Temperature / degC`` and the net charge.
   One cell per file, as BDF asks.
 
+The cycle column (BDF's ``Cycle Count``) is the samples' own electrochemical
+cycle (labtwin.analysis.cycles), never the protocol's loop counter, so
+``analyze cycling`` on any export gives the run's figures.
+
 All formats: positive current charges the cell (stated in a header comment
 for CSV and in the Parquet schema metadata).
 """
