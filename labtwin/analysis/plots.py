@@ -27,7 +27,9 @@ def plot_run(samples: dict[str, np.ndarray], title: str, path: Path) -> Path:
     cycles = samples["cycle"]
     for cycle in np.unique(cycles):
         mask = cycles == cycle
-        ax_q.plot(q_mAh[mask], samples["voltage_V"][mask], lw=0.8, label=f"cycle {cycle}" if cycle else "before cycle 1")
+        ax_q.plot(
+            q_mAh[mask], samples["voltage_V"][mask], lw=0.8, label=f"cycle {cycle}" if cycle else "before cycle 1"
+        )
     ax_q.set_xlabel("net charge since start / mAh (positive = charged)")
     ax_q.set_ylabel("voltage / V")
     ax_q.set_title("V-Q")
