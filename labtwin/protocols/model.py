@@ -298,7 +298,9 @@ class CycleCondition(_Strict):
         None, gt=0, le=1, description="the cycle's discharge capacity over the first cycle's falls below this"
     )
     discharge_capacity_Ah_below: float | None = Field(None, gt=0)
-    coulombic_efficiency_below: float | None = Field(None, gt=0, le=2, description="discharge / charge of the cycle")
+    coulombic_efficiency_below: float | None = Field(
+        None, gt=0, le=2, description="the cycle's CE, second direction over first (labtwin.analysis.cycles)"
+    )
     cycles: int | None = Field(None, ge=1, description="this many cycles have run")
 
     @model_validator(mode="after")
@@ -309,7 +311,9 @@ class CycleCondition(_Strict):
 
 
 class LoopSettings(_Strict):
-    until: CycleCondition = Field(description="checked after every iteration (one iteration is one cycle)")
+    until: CycleCondition = Field(
+        description="checked after every iteration, on the latest cycle that went both ways (labtwin.analysis.cycles)"
+    )
     max_cycles: int = Field(ge=1, le=1_000_000, description="the loop ends after this many iterations whatever happens")
 
 
