@@ -111,7 +111,7 @@ class VoltageSlope:
         return 3600.0 * sum((t - mean_t) * (v - mean_v) for t, v in zip(ts, self.v)) / var
 
 
-IMMEDIATE = {"invalid_reading", "step_time_max_s", "capacity_max_Ah"}
+IMMEDIATE = frozenset({"invalid_reading", "step_time_max_s", "capacity_max_Ah"})
 
 
 class TripDelay:

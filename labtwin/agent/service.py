@@ -218,6 +218,7 @@ class Agent:
             n_steps=cmd.n_steps,
             flow_run_id=cmd.flow_run_id,
             metadata=cmd.metadata,
+            anomaly_policy=cmd.anomaly_policy,
         )
         await self.bus.publish(self._t("event"), doc)
         await self._publish_status(force=True, state=ChannelState.running)

@@ -9,30 +9,25 @@ Prefect is imported, so a mistake in them is reported before anything starts.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
 
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import typer  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError  # noqa: E402
-from labtwin.config.lab import DEFAULT_LAB_FILE  # noqa: E402
-from labtwin.config.settings import Settings  # noqa: E402
-from labtwin.data.store import describe_url  # noqa: E402
+from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError
+from labtwin.config.lab import DEFAULT_LAB_FILE
+from labtwin.config.settings import Settings
+from labtwin.data.store import describe_url
+from labtwin.orchestration.prefect_env import use_prefect_defaults
 
 app = typer.Typer(
     cls=LabtwinGroup,
@@ -72,6 +67,8 @@ def _root(
     ),
 ) -> None:
     """labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats."""
+    # Before any command imports Prefect (it reads its settings once, at import): labtwin's defaults.
+    use_prefect_defaults(quiet_logging=True)
 
 
 def settings(**flags: Any) -> Settings:

@@ -19,6 +19,7 @@ from labtwin.documents.steps import (
     StepKind,
     SweepSettings,
 )
+from labtwin.documents.twin import Action, AnomalyKind
 
 
 class ResumePoint(BaseModel):
@@ -50,7 +51,12 @@ class StartRun(Document):
     protocol: str
     n_steps: int = Field(ge=0)
     flow_run_id: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict, description="free-form notes carried to RunStart")
+    anomaly_policy: dict[AnomalyKind, Action] = Field(
+        default_factory=dict,
+        description="the protocol's `anomalies:` section: what the twin does when it finds each kind "
+        "(notify when a kind is not named); the agent carries it to RunStart, where the twin reads it",
+    )
     resume: ResumePoint | None = Field(None, description="set when the run resumes after a crash")
 
 

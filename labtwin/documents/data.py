@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from labtwin.documents.base import Document, utc_now
 from labtwin.documents.steps import EndReason, StepKind
+from labtwin.documents.twin import Action, AnomalyKind
 
 
 class Column(BaseModel):
@@ -43,6 +44,9 @@ class RunStart(Document):
     sign_convention: str = "positive current charges the cell"
     flow_run_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    anomaly_policy: dict[AnomalyKind, Action] = Field(
+        default_factory=dict, description="what the twin does on each anomaly kind (StartRun.anomaly_policy)"
+    )
 
 
 class StepStats(BaseModel):

@@ -17,23 +17,28 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import flow
 from prefect.context import get_run_context
 from prefect.exceptions import PrefectHTTPStatusError
 
 from labtwin import bus as busmod
+from labtwin.analysis.summary import RunSummary
 from labtwin.bus import Bus
 from labtwin.data.store import Store
 from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
-from labtwin.orchestration.flows import RUN_STARTED, ChannelBusy, run_protocol
-from labtwin.orchestration.resume import read_run
+from labtwin.orchestration.flows import ChannelBusy, run_protocol
+from labtwin.orchestration.resume import ResumeState, read_run
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,23 +81,26 @@ API_ATTEMPTS = 4
 START_CONCURRENCY = 8  # flow runs being created at once: 64 at a time locked the ephemeral API's SQLite
 
 
-async def _start_gated(gate: asyncio.Semaphore | None, run_id: str, flow_call):
-    """Await a run_protocol flow call, holding ``gate`` only until the flow run has started (run_protocol
-    says so through flows.RUN_STARTED): the runs go on in parallel, their creation is spread out."""
-    task = asyncio.ensure_future(flow_call)
+async def _start_gated(gate: asyncio.Semaphore | None, start: Callable[[list[Any]], Awaitable[T]]) -> T:
+    """Run a flow, holding ``gate`` only until its flow run has started: the runs go on in parallel, their
+    creation is spread out. ``start(hooks)`` calls the flow with ``hooks`` as its on_running hooks; the hook
+    this passes says when the flow run is running (no registry shared by flows and campaigns)."""
     if gate is None:
-        return await task
-    started = RUN_STARTED.setdefault(run_id, asyncio.Event())
+        return await start([])
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_running(flow: Any, flow_run: Any, state: Any) -> None:
+        loop.call_soon_threadsafe(started.set)  # the engine may call hooks from another thread
+
+    task = asyncio.ensure_future(start([on_running]))
     async with gate:
         waiter = asyncio.ensure_future(started.wait())
         try:
             await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-    try:
-        return await task
-    finally:
-        RUN_STARTED.pop(run_id, None)
+    return await task
 
 
 EPHEMERAL_PARALLEL_RUNS = 16
@@ -111,6 +119,26 @@ def default_parallel_runs() -> int:
     if os.environ.get("PREFECT_API_URL") or database.startswith("postgresql"):
         return 1_000_000
     return EPHEMERAL_PARALLEL_RUNS
+
+
+def _job_flow(
+    job: Job, channel: str, broker_url: str, lab: str, resume: ResumeState | None
+) -> Callable[[list[Any]], Awaitable[RunSummary]]:
+    """How _start_gated starts the job's run_protocol flow run, with the on_running hooks it is given."""
+
+    def start(hooks: list[Any]) -> Awaitable[RunSummary]:
+        return run_protocol.with_options(on_running=hooks)(
+            job.protocol,
+            channel,
+            broker_url,
+            lab=lab,
+            run_id=job.run_id,
+            cell_id=job.cell.id,
+            nominal_capacity_Ah=job.cell.nominal_capacity_Ah,
+            resume=resume,
+        )
+
+    return start
 
 
 async def _run_job(
@@ -137,20 +165,7 @@ async def _run_job(
                 await wait_channel_free(broker_url, lab, channel, job.run_id)
                 record = read_run(store, job.run_id)  # what the store says now, after waiting our turn
                 try:
-                    summary = await _start_gated(
-                        gate,
-                        job.run_id,
-                        run_protocol(
-                            job.protocol,
-                            channel,
-                            broker_url,
-                            lab=lab,
-                            run_id=job.run_id,
-                            cell_id=job.cell.id,
-                            nominal_capacity_Ah=job.cell.nominal_capacity_Ah,
-                            resume=record.resume,
-                        ),
-                    )
+                    summary = await _start_gated(gate, _job_flow(job, channel, broker_url, lab, record.resume))
                     break
                 except ChannelBusy as exc:  # a run from another process took the channel between our look and our start
                     log.info("campaign %s: %s; job %s waits again", campaign.campaign, exc, job.run_id)

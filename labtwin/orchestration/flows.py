@@ -14,36 +14,23 @@ sync ones ~1.1 s (DESIGN.md).
 
 from __future__ import annotations
 
-import os
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Final
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# Many flows at once lock the ephemeral server's SQLite and it answers 503; the client backs off 2, 4, 8, ... s.
-os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "8")
-if not os.environ.get("PREFECT_API_URL"):
-    # The ephemeral API's SQLite has one writer. labtwin needs flow and task runs recorded, not the event
-    # history or automations, which double the writes per task-run state (bench/campaign.py).
-    os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.utilities.annotations import quote
 
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.context import get_run_context  # noqa: E402
-from prefect.utilities.annotations import quote  # noqa: E402
-
-from labtwin import bus as busmod  # noqa: E402
-from labtwin.analysis.summary import RunSummary, summarize_run  # noqa: E402
-from labtwin.bus import Bus, Subscription  # noqa: E402
-from labtwin.documents import (  # noqa: E402
+from labtwin import bus as busmod
+from labtwin.analysis.summary import RunSummary, summarize_run
+from labtwin.bus import Bus, Subscription
+from labtwin.documents import (
     ChannelState,
     ChannelStatus,
     EndConditions,
@@ -58,10 +45,11 @@ from labtwin.documents import (  # noqa: E402
     StepKind,
     StopRun,
 )
-from labtwin.orchestration.resume import ResumeState  # noqa: E402
-from labtwin.protocols.compile import CompileContext, compile_program  # noqa: E402
-from labtwin.protocols.model import load_protocol, resolve_protocol_path  # noqa: E402
-from labtwin.protocols.program import Interpreter  # noqa: E402
+from labtwin.orchestration.prefect_env import use_prefect_defaults
+from labtwin.orchestration.resume import ResumeState
+from labtwin.protocols.compile import CompileContext, compile_program
+from labtwin.protocols.model import load_protocol, resolve_protocol_path
+from labtwin.protocols.program import Interpreter
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +123,12 @@ async def start_prefect_api() -> None:
     With no PREFECT_API_URL, Prefect starts its ephemeral local server on the
     first client, and that start blocks the calling event loop (8.5 s measured
     here): long enough to time out a Bus that is connecting and to miss MQTT
-    keepalives. Starting it first makes the stall harmless.
+    keepalives. Starting it first makes the stall harmless. labtwin's Prefect defaults are set here, before
+    the API starts (never at import).
     """
     from prefect.client.orchestration import get_client
+
+    use_prefect_defaults()
 
     async with get_client() as client:
         await client.hello()
@@ -263,10 +254,31 @@ async def _connect_channel(bus: Bus, lab: str, channel: str, own_run: str | None
     return link
 
 
-# run id -> set when that run_protocol flow run has started (the campaign spreads out flow-run creation).
-RUN_STARTED: dict[str, asyncio.Event] = {}
+RESUME_CHECKS_FROM: Final[int] = 1 << 30
+"""Step indices from here up belong to resume checks, never to a protocol's steps.
 
-RESUME_CHECK_INDEX = 100_000  # the resume check's step index: run-unique, far past any compiled step
+A resumed run measures the cell's open-circuit voltage in a rest of its own before going on. That rest is
+a step on the wire and in the store (the agent never runs a step index twice, the store keys step events
+by it), so it needs an index of its own: the n-th check of a run is ``RESUME_CHECKS_FROM + n``. The
+interpreter numbers a protocol's steps from 0 as it sends them; no protocol reaches 2**30 of them (and the
+run refuses to, see ``check_protocol_step_index``), while the store's INTEGER columns hold up to 2**31 - 1."""
+
+
+def is_resume_check(step_index: int) -> bool:
+    """True for the step index of a resume check, False for a protocol's step."""
+    return step_index >= RESUME_CHECKS_FROM
+
+
+def next_resume_check_index(record: list[StepEvent]) -> int:
+    """The index of a run's next resume check: after every check its record already holds (a run resumed
+    twice at the same step measures again, instead of being answered with the first check's end)."""
+    return max((e.step_index + 1 for e in record if is_resume_check(e.step_index)), default=RESUME_CHECKS_FROM)
+
+
+def check_protocol_step_index(cmd: StepCommand) -> None:
+    """A protocol's step must not take an index of the resume checks' range."""
+    if is_resume_check(cmd.step_index):
+        raise ValueError(f"step index {cmd.step_index} reaches the resume checks' range ({RESUME_CHECKS_FROM} up)")
 
 
 async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, agent_holds_run: bool) -> str:
@@ -275,7 +287,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     Completed steps are replayed (not run); a step the agent is still running is waited for, not repeated;
     then the cell's open-circuit voltage is measured and must lie in the step's window; the interrupted step
     gets what is left of its time."""
-    completed = [e for e in resume.completed if e.step_index < RESUME_CHECK_INDEX]
+    completed = [e for e in resume.completed if not is_resume_check(e.step_index)]
     link.events.extend(completed)
     interp.replay(completed)
     status = link.status
@@ -328,7 +340,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     interval = first.sample_interval_s
     check = StepCommand(
         run_id=first.run_id,
-        step_index=RESUME_CHECK_INDEX + first.step_index,
+        step_index=next_resume_check_index(resume.completed),
         cycle=first.cycle,
         repetition=first.repetition,
         step=StepKind.rest,
@@ -337,7 +349,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
         limits=first.limits.model_copy(update={"step_time_max_s": None}),
         sample_interval_s=interval,
     )
-    measured = await run_step(quote(link), check, label=f"{check.step_index} resume check")
+    measured = await run_step(quote(link), check, label=f"resume check before step {first.step_index:03d}")
     v = measured.stats.end_voltage_V if measured.stats else None
     low, high = first.limits.voltage_min_V, first.limits.voltage_max_V  # the protocol's window within the channel's
     low, high = -math.inf if low is None else low, math.inf if high is None else high
@@ -380,8 +392,6 @@ async def run_protocol(
     path = resolve_protocol_path(protocol)
     proto = load_protocol(path)
     run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{channel}-{uuid.uuid4().hex[:6]}"
-    if run_id in RUN_STARTED:
-        RUN_STARTED[run_id].set()
     try:
         flow_run_id = str(get_run_context().flow_run.id)
     except Exception:  # pragma: no cover - outside a flow run
@@ -407,7 +417,7 @@ async def run_protocol(
                     n_steps=len(program.steps),
                     flow_run_id=flow_run_id,
                     resume=resume.point if resume else None,
-                    metadata={"anomaly_policy": json.dumps(proto.anomalies)} if proto.anomalies else {},
+                    anomaly_policy=proto.anomalies,
                 ),
             )
             refusal = f"refused run {run_id}:"
@@ -430,6 +440,7 @@ async def run_protocol(
                     exit_status, reason = "failed", refused
                     interp.stop_reason = refused
             while (cmd := interp.next_command()) is not None:
+                check_protocol_step_index(cmd)
                 ended = await _run_step_tracked(link, cmd)
                 if ended.reason is None or ended.reason.kind != "end_condition":
                     exit_status = (

@@ -127,6 +127,8 @@ class TwinService:
                 if twin is None:
                     twin = self.twins[doc.cell_id] = self.twin_for(doc)
                     twin.lab = doc.lab
+                # The run's own policy (its protocol's `anomalies:`), also when the cell's twin outlives a run.
+                twin.settings.policy = {kind: action for kind, action in doc.anomaly_policy.items()}
                 self._cell_of_run[doc.run_id] = doc.cell_id
             run_id = getattr(doc, "run_id", None)
             cell = self._cell_of_run.get(run_id or "")
