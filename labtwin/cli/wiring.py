@@ -27,7 +27,7 @@ from labtwin.data.recorder import Recorder
 from labtwin.data.store import Store
 from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
 from labtwin.devices.potentiostat import Potentiostat
-from labtwin.documents import ChannelState, ChannelStatus, Limits, RunStart
+from labtwin.documents import Action, ChannelState, ChannelStatus, Limits, RunStart
 from labtwin.instruments.transport import AuditTrail
 from labtwin.physics.library import CellDefinition, load_cell
 from labtwin.protocols.compile import CompileContext, compile_program
@@ -194,8 +194,6 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
     impedance and oscillation detectors still run; residual ones do not).
     ``circuit`` overrides the cell's EIS circuit.
     """
-    import json
-
     from labtwin.twin.cell_twin import CellTwin, TwinSettings
 
     cells = cells or {}
@@ -207,7 +205,7 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
             name = cells.get(run.channel) or cfg.twin_model or cfg.cell
         elif run.channel in cells:
             name = cells[run.channel]
-        policy = json.loads(run.metadata.get("anomaly_policy", "{}"))
+        policy: dict[str, Action] = {kind: action for kind, action in run.anomaly_policy.items()}
         if name is None:
             return CellTwin(
                 run.cell_id,
