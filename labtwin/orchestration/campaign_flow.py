@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import flow
+from prefect import Flow, flow
 from prefect.context import get_run_context
 from prefect.exceptions import PrefectHTTPStatusError
 
@@ -223,7 +223,8 @@ async def scheduled_job(
     campaign = load_campaign(campaign_file)
     cell = next(c for c in campaign.cells if c.id == cell_id)
     try:
-        when = get_run_context().flow_run.expected_start_time
+        flow_run = getattr(get_run_context(), "flow_run", None)
+        when = flow_run.expected_start_time if flow_run is not None else None
     except Exception:  # pragma: no cover - called outside a flow run
         when = None
     when = when or datetime.now(UTC)
@@ -306,7 +307,7 @@ async def serve_campaign(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.deployments import run_deployment
+    from prefect.deployments import arun_deployment
     from prefect.flows import EntrypointType
     from prefect.runner import Runner
 
@@ -319,9 +320,11 @@ async def serve_campaign(
     }
     module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-    wanted = [(run_campaign, dict(name=campaign.campaign, parameters=params, tags=["labtwin", campaign.campaign]))]
+    wanted: list[tuple[Flow[..., Any], dict[str, Any]]] = [
+        (run_campaign, dict(name=campaign.campaign, parameters=params, tags=["labtwin", campaign.campaign]))
+    ]
     for k, entry in enumerate(campaign.schedule):
-        timing = {"interval": interval_s(entry.every)} if entry.every else {"cron": entry.cron}
+        timing: dict[str, Any] = {"interval": interval_s(entry.every)} if entry.every else {"cron": entry.cron}
         for cell_id in entry.cells:
             wanted.append(
                 (
@@ -351,7 +354,7 @@ async def serve_campaign(
             deployment_ids.append(await deployment.aapply(work_pool_name=work_pool))
     only_ours = DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids))
     if run_now:
-        await run_deployment(f"campaign/{campaign.campaign}", timeout=0, as_subflow=False)
+        await arun_deployment(f"campaign/{campaign.campaign}", timeout=0, as_subflow=False)
     # Without a Runner, this process only waits: the pool's workers run the flow runs.
     serving = asyncio.create_task(runner.start() if runner is not None else asyncio.Event().wait())
     if ready is not None:
@@ -385,9 +388,9 @@ async def serve_campaign(
     return sorted(
         (
             ServedRun(
-                deployments.get(r.deployment_id, "?"),
-                r.name,
-                r.state.name if r.state else "?",
+                deployments.get(r.deployment_id, "?") if r.deployment_id is not None else "?",
+                r.name or "",
+                r.state.name if r.state and r.state.name else "?",
                 f"{r.expected_start_time:%Y-%m-%d %H:%M:%S}" if r.expected_start_time else "",
             )
             for r in runs

@@ -20,7 +20,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -31,6 +31,7 @@ from labtwin import bus as busmod
 from labtwin.analysis.summary import RunSummary, summarize_run
 from labtwin.bus import Bus, Subscription
 from labtwin.documents import (
+    CellState,
     ChannelState,
     ChannelStatus,
     EndConditions,
@@ -85,6 +86,13 @@ class ChannelLink:
 
     def topic(self, kind: str) -> str:
         return busmod.topic(self.lab, self.channel, kind)
+
+    @property
+    def known_status(self) -> ChannelStatus:
+        """The channel's last status: a link is handed out only once one arrived (_connect_channel waits)."""
+        if self.status is None:
+            raise ChannelUnavailable(f"channel {self.channel}: no status from its agent yet")
+        return self.status
 
     async def next_document(self, timeout_s: float):
         """The next event or status document; status updates are absorbed here."""
@@ -175,6 +183,11 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
 PREFECT_API_ATTEMPTS = 4
 
 
+def _quoted(link: ChannelLink) -> ChannelLink:
+    """The link as a task argument Prefect passes on as it is (see run_step): typed as the link it unwraps to."""
+    return cast(ChannelLink, quote(link))
+
+
 async def _run_step_tracked(link: ChannelLink, cmd: StepCommand) -> StepEvent:
     """run_step as a Prefect task run, surviving the Prefect API's own failures.
 
@@ -186,7 +199,7 @@ async def _run_step_tracked(link: ChannelLink, cmd: StepCommand) -> StepEvent:
 
     for attempt in range(PREFECT_API_ATTEMPTS):
         try:
-            return await run_step(quote(link), cmd, label=f"{cmd.step_index:03d} c{cmd.cycle} {cmd.label}")
+            return await run_step(_quoted(link), cmd, label=f"{cmd.step_index:03d} c{cmd.cycle} {cmd.label}")
         except PrefectHTTPStatusError as exc:
             if attempt == PREFECT_API_ATTEMPTS - 1 or exc.response.status_code < 500:
                 raise
@@ -204,13 +217,16 @@ async def _watch_twin_soc(link: ChannelLink, command: StepCommand) -> None:
     the target is reached from whichever side the step's first state was on. In real time that is within a
     sample or two; at max speed the simulator runs ahead of the twin and the step ends later (in cell time)."""
     target = command.end.twin_soc
+    if target is None:
+        return
     sub = await link.bus.subscribe(busmod.cell_topic(link.lab, link.cell_id or "+", "state"))
     side = None
     try:
         async for message in sub:
             state = message.document
             if (
-                getattr(state, "run_id", None) != command.run_id
+                not isinstance(state, CellState)
+                or state.run_id != command.run_id
                 or state.step != command.step_index
                 or state.soc is None
             ):
@@ -290,7 +306,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     completed = [e for e in resume.completed if not is_resume_check(e.step_index)]
     link.events.extend(completed)
     interp.replay(completed)
-    status = link.status
+    status = link.known_status
     running = interp.next_command()
     if (
         agent_holds_run
@@ -349,7 +365,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
         limits=first.limits.model_copy(update={"step_time_max_s": None}),
         sample_interval_s=interval,
     )
-    measured = await run_step(quote(link), check, label=f"resume check before step {first.step_index:03d}")
+    measured = await run_step(_quoted(link), check, label=f"resume check before step {first.step_index:03d}")
     v = measured.stats.end_voltage_V if measured.stats else None
     low, high = first.limits.voltage_min_V, first.limits.voltage_max_V  # the protocol's window within the channel's
     low, high = -math.inf if low is None else low, math.inf if high is None else high
@@ -393,19 +409,21 @@ async def run_protocol(
     proto = load_protocol(path)
     run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{channel}-{uuid.uuid4().hex[:6]}"
     try:
-        flow_run_id = str(get_run_context().flow_run.id)
+        flow_run = getattr(get_run_context(), "flow_run", None)
+        flow_run_id = str(flow_run.id) if flow_run is not None else None
     except Exception:  # pragma: no cover - outside a flow run
         flow_run_id = None
     async with Bus(broker_url, f"flow-{run_id}-{uuid.uuid4().hex[:6]}") as bus:  # a resumed run is a new client
         link = await _connect_channel(bus, lab, channel, own_run=run_id if resume else None)
+        status = link.known_status
         program = compile_program(
             proto,
-            CompileContext(run_id, nominal_capacity_Ah or link.status.nominal_capacity_Ah, link.status.limits),
+            CompileContext(run_id, nominal_capacity_Ah or status.nominal_capacity_Ah, status.limits),
         )
         interp = Interpreter(program)
-        cell = cell_id or link.status.cell_id or ""
+        cell = cell_id or status.cell_id or ""
         link.cell_id = cell
-        agent_holds_run = link.status.run_id == run_id
+        agent_holds_run = status.run_id == run_id
         if not agent_holds_run:
             await bus.publish(
                 link.topic("cmd"),
