@@ -85,8 +85,9 @@ def store_error(url: str, exc: BaseException) -> UserError:
 
 
 def is_store_error(exc: BaseException) -> bool:
-    """An error of the database itself (SQLite, PostgreSQL, SQLAlchemy), not of labtwin's code."""
-    if isinstance(exc, sqlite3.Error | PermissionError | IsADirectoryError | NotADirectoryError):
+    """An error of the database or its file (SQLite, PostgreSQL, SQLAlchemy), not of labtwin's code; asked
+    only about what ``Store.open`` raised."""
+    if isinstance(exc, sqlite3.Error | OSError):  # OSError: its directory cannot be made, a path through a file
         return True
     module = type(exc).__module__ or ""
     if module.startswith("labtwin.data") and type(exc).__name__ == "StoreError":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 import uuid
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from labtwin.data.store import describe_url
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 INTERRUPTED_REASON = "interrupted: Ctrl-C (SIGINT) from the operator"
 
@@ -78,12 +80,17 @@ async def stop_on_interrupt(
     try:
         try:
             result = await task
+            if interrupts == 0:
+                return result
         except asyncio.CancelledError:
             if interrupts == 0:
                 raise
-            result = None
-        if interrupts == 0:
-            return result
+        except Exception:
+            if interrupts == 0:
+                raise
+            # A terminal's Ctrl-C reaches the whole process group: Prefect's local API dies with it and the
+            # flow fails on its next call. The run was stopped above; the failure is the interrupt's echo.
+            log.debug("the flow ended with an error after the interrupt", exc_info=True)
         if stopper is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stopper, 10)
