@@ -276,9 +276,11 @@ def status(
             elif record.state == "finished":
                 state = f"finished: {record.exit_status}"
                 done, samples = str(len(s.step_events(job.run_id))), str(s.sample_count(job.run_id))
-            else:
+            elif record.resume is not None:
                 state = "in progress, or interrupted (campaign run resumes it)"
                 done, samples = str(len(record.resume.completed)), str(record.resume.point.n_samples)
+            else:
+                state, done, samples = "in progress, or interrupted (campaign run resumes it)", "", ""
             counts[state.split(":")[0].split(",")[0]] = counts.get(state.split(":")[0].split(",")[0], 0) + 1
             table.add_row(job.run_id, job.cell.id, job.protocol, job.channel, state, done, samples)
         # Occurrences of the schedule (`campaign serve`) have run ids made from their scheduled time.

@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from labtwin import bus as busmod
 from labtwin.analysis.plots import plot_run
@@ -27,7 +35,7 @@ from labtwin.documents import RunStart, StepEvent
 DEMO_PLAN = {"ch1": "demo-lto-0.1C", "ch2": "lco_formation"}
 
 
-async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, int], stop: asyncio.Event) -> None:
+async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, TaskID], stop: asyncio.Event) -> None:
     async with Bus(url, f"demo-progress-{lab}") as bus:
         sub = await bus.subscribe(f"{busmod.ROOT}/{lab}/+/event")
         while not stop.is_set():
@@ -63,11 +71,12 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
         transient=False,
     )
     async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True) as local:
+        store, twin_service = local.store, local.twin_service
+        assert store is not None and twin_service is not None  # record=True, twin=True
         if not quiet:
             where = "embedded broker" if local.broker else "broker"
             console.print(
-                f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', "
-                f"store {describe_url(local.store.url)}"
+                f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', store {describe_url(store.url)}"
             )
         stop = asyncio.Event()
         with progress:
@@ -78,17 +87,17 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
             )
             for s in summaries:
                 await local.wait_stored(s.run_id)
-                await local.twin_service.wait_run_followed(s.run_id, timeout_s=600.0)
+                await twin_service.wait_run_followed(s.run_id, timeout_s=600.0)
             stop.set()
             await follower
-        anomalies = list(local.twin_service.anomalies)
-        states = {cell: twin.state for cell, twin in local.twin_service.twins.items()}
+        anomalies = list(twin_service.anomalies)
+        states = {cell: twin.state for cell, twin in twin_service.twins.items()}
         plots = {}
         for s in summaries:
-            samples = local.store.samples(s.run_id)
+            samples = store.samples(s.run_id)
             plots[s.channel] = str(plot_run(samples, f"{s.cell_id} ({s.protocol})", out / f"{s.run_id}.png"))
-        stored = {s.run_id: local.store.sample_count(s.run_id) for s in summaries}
-        db = local.store.url
+        stored = {s.run_id: store.sample_count(s.run_id) for s in summaries}
+        db = store.url
     if not quiet:
         from labtwin.cli import _summary_table
 

@@ -31,8 +31,9 @@ class MonitorView:
         elif isinstance(doc, StepEvent) and doc.event == "ended":
             r = doc.reason
             self.events.append(
-                f"{doc.channel} step {doc.step_index} '{doc.label}' ended: {r.kind}:{r.name}"
-                + (f" = {r.value:.4g}" if r and r.value is not None else "")
+                f"{doc.channel} step {doc.step_index} '{doc.label}' ended"
+                + (f": {r.kind}:{r.name}" if r is not None else "")
+                + (f" = {r.value:.4g}" if r is not None and r.value is not None else "")
             )
         elif isinstance(doc, RunStart):
             self.events.append(f"{doc.channel} run {doc.run_id} started: {doc.protocol} on {doc.cell_id}")

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -127,7 +129,7 @@ def build_channel(
         if not cfg.cell:
             raise ValueError(f"channel {name}: a simulated channel needs `cell:` (a file in simulators/cells)")
         cell = load_cell(cfg.cell)
-        clock = VirtualClock(cfg.speed_value if speed == "config" else speed)
+        clock: Clock = VirtualClock(cfg.speed_value if isinstance(speed, str) else speed)  # "config": the channel's
         driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
         return BuiltChannel(
             name,
@@ -153,6 +155,14 @@ def build_channel(
     )
 
 
+def _resource(name: str, cfg: ChannelConfig) -> str:
+    if not cfg.resource:
+        raise UserError(
+            f"channel {name}: driver {cfg.driver} needs `resource:` (e.g. TCPIP::192.168.1.20::5025::SOCKET)"
+        )
+    return cfg.resource
+
+
 def _audit(name: str, cfg: ChannelConfig, lab_name: str) -> AuditTrail:
     return AuditTrail(cfg.audit or Path("labtwin-data") / "audit" / f"{lab_name}-{name}.jsonl")
 
@@ -161,7 +171,7 @@ def _keithley2450(name: str, cfg: ChannelConfig, lab_name: str):
     from labtwin.instruments.keithley2450 import Keithley2450
     from labtwin.instruments.transport import VisaTransport
 
-    transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
+    transport = VisaTransport(_resource(name, cfg), timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
     ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
     return Keithley2450(transport, voltage_ceiling_V=ceiling)
 
@@ -170,14 +180,14 @@ def _emstat(name: str, cfg: ChannelConfig, lab_name: str):
     from labtwin.instruments.emstat import EmStat
     from labtwin.instruments.transport import SerialLineTransport
 
-    return EmStat(SerialLineTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name)))
+    return EmStat(SerialLineTransport(_resource(name, cfg), timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name)))
 
 
 def _b2900(name: str, cfg: ChannelConfig, lab_name: str):
     from labtwin.instruments.b2900 import KeysightB2900
     from labtwin.instruments.transport import VisaTransport
 
-    transport = VisaTransport(cfg.resource, timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
+    transport = VisaTransport(_resource(name, cfg), timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
     ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
     return KeysightB2900(transport, smu_channel=cfg.smu_channel or 1, voltage_ceiling_V=ceiling)
 
@@ -194,7 +204,7 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
     impedance and oscillation detectors still run; residual ones do not).
     ``circuit`` overrides the cell's EIS circuit.
     """
-    from labtwin.twin.cell_twin import CellTwin, TwinSettings
+    from labtwin.twin.cell_twin import CellModel, CellTwin, TwinSettings
 
     cells = cells or {}
 
@@ -216,9 +226,11 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
             )
         definition = load_cell(name)
         settings = TwinSettings(policy=policy, circuit=circuit or definition.eis_circuit)
+        # PhysicsCell and EcmCell serve as CellModels at run time; mypy does not match their union to the protocol.
+        build_model = cast("Callable[[], CellModel | None]", definition.build_model)
         return CellTwin(
             run.cell_id,
-            definition.build_model,
+            build_model,
             definition.name,
             settings,
             lab=run.lab,
@@ -317,7 +329,9 @@ class LocalLab:
         for task in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
-        if getattr(self, "broker", None) is not None:
-            await self.broker.stop()
-        if getattr(self, "store", None) is not None:
-            self.store.close()
+        broker: EmbeddedBroker | None = getattr(self, "broker", None)
+        if broker is not None:
+            await broker.stop()
+        store: Store | None = getattr(self, "store", None)
+        if store is not None:
+            store.close()
