@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Engine, Select, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -97,6 +97,20 @@ class Store:
         self._insert_step_event = compiled(insert(step_events).on_conflict_do_nothing(), _STEP_EVENT_COLUMNS)
         self._insert_anomaly = compiled(insert(anomalies).on_conflict_do_nothing(), _ANOMALY_COLUMNS)
         self._insert_cell_state = compiled(insert(cell_states).on_conflict_do_nothing(), _CELL_STATE_COLUMNS)
+        self._select_samples = compiled(
+            select(*(samples.c[col] for _, col, _ in SAMPLE_FIELDS))
+            .where(samples.c.run_id == bindparam("run_id"))
+            .order_by(samples.c.seq, samples.c.i),
+            ("run_id",),
+        )
+        z, s = impedance.c, samples.c
+        self._select_impedance = compiled(
+            select(z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s)
+            .join_from(impedance, samples, (s.run_id == z.run_id) & (s.seq == z.seq) & (s.i == z.i))
+            .where(z.run_id == bindparam("run_id"))
+            .order_by(z.seq, z.i),
+            ("run_id",),
+        )
         start, stop = insert(runs), insert(runs)
         self._upsert_run_start = compiled(
             start.on_conflict_do_update(
@@ -238,11 +252,8 @@ class Store:
 
     def samples(self, run_id: str) -> dict[str, np.ndarray]:
         """All samples of a run in order, as numpy columns named with their units."""
-        rows = self._fetch(
-            select(*(samples.c[col] for _, col, _ in SAMPLE_FIELDS))
-            .where(samples.c.run_id == run_id)
-            .order_by(samples.c.seq, samples.c.i)
-        )
+        with self.engine.connect() as conn:
+            rows = self._select_samples.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
         out = {name: data[:, k] for k, (name, _, _) in enumerate(SAMPLE_FIELDS)}
         out["step"] = out["step"].astype(int)
@@ -251,13 +262,8 @@ class Store:
 
     def impedance(self, run_id: str) -> dict[str, np.ndarray]:
         """The impedance points of a run with the step and cycle they belong to, in measurement order."""
-        z, s = impedance.c, samples.c
-        rows = self._fetch(
-            select(z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s)
-            .join_from(impedance, samples, (s.run_id == z.run_id) & (s.seq == z.seq) & (s.i == z.i))
-            .where(z.run_id == run_id)
-            .order_by(z.seq, z.i)
-        )
+        with self.engine.connect() as conn:
+            rows = self._select_impedance.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, 6)
         names = ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle", "time_s")
         out = {name: data[:, k] for k, name in enumerate(names)}
@@ -308,7 +314,7 @@ class Store:
 
 @dataclass(frozen=True)
 class _Compiled:
-    """A write statement compiled once for this database and run with plain rows.
+    """A statement compiled once for this database and run with plain rows.
 
     SQLAlchemy does not cache INSERT ... ON CONFLICT, and its per-row parameter
     handling costs more than SQLite's insert: the recorder's bulk writes go to
@@ -322,7 +328,9 @@ class _Compiled:
 
     @classmethod
     def of(cls, statement: Any, columns: Sequence[str], engine: Engine) -> _Compiled:
-        statement = statement.values({c: bindparam(c) for c in columns})
+        """``statement`` an INSERT (its VALUES are ``columns``) or a SELECT whose bound parameters are ``columns``."""
+        if not isinstance(statement, Select):
+            statement = statement.values({c: bindparam(c) for c in columns})
         compiled = statement.compile(dialect=engine.dialect)
         if compiled.positional:
             assert compiled.positiontup is not None
@@ -345,6 +353,16 @@ class _Compiled:
         if len(params) == 1:
             return conn.exec_driver_sql(self.sql, params[0]).rowcount
         return conn.exec_driver_sql(self.sql, params).rowcount
+
+    def fetch(self, conn: Connection, row: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """A SELECT's rows as the driver's tuples: for the sample columns, where Row objects cost more than the query."""
+        params: Any = dict(zip(self.columns, row)) if self.order is None else tuple(row[k] for k in self.order)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self.sql, params)
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
 
 def _step_event_row(ev: StepEvent) -> tuple[Any, ...]:
