@@ -136,3 +136,14 @@ def test_every_document_kind_is_stored_once_and_read_back(store):
     assert store.find_run("r_") == "r_1"
     with pytest.raises(KeyError, match="ambiguous"):
         store.find_run("r")
+
+
+async def test_an_in_memory_store_is_one_database_for_every_thread():
+    """Dry runs store into ":memory:": the recorder writes from a worker thread, the report reads from the loop's."""
+    s = Store.open(":memory:")
+    try:
+        counts = await asyncio.gather(*(asyncio.to_thread(s.write, [_batch(seq=k)]) for k in range(8)))
+        assert sum(c.batches for c in counts) == 8
+        assert s.seqs("r") == list(range(8)) and s.sample_count("r") == 40
+    finally:
+        s.close()

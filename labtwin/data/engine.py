@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.pool import StaticPool
 
 DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
@@ -71,17 +72,21 @@ def make_engine(where: StoreURL, *, read_only: bool = False) -> Engine:
 
 
 def _sqlite_engine(path: Path, read_only: bool) -> Engine:
-    if read_only:
+    if read_only and str(path) != ":memory:":
         url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30.0})
+    # ":memory:" (dry runs): one database lives in one connection, so every thread must share it (and the store
+    # then takes turns, see Store); a file gets a pool, and SQLite's own locking arbitrates.
+    in_memory = str(path) == ":memory:"
+    pool: dict[str, Any] = {"poolclass": StaticPool} if in_memory else {}
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30.0}, **pool)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
-        if not read_only:
+        if not read_only and not in_memory:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 

@@ -12,7 +12,9 @@ what keeps the recorder ahead of a fast channel.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, Select, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.pool import StaticPool
 
 from labtwin.data import migrate
 from labtwin.data.engine import DEFAULT_SQLITE, WRITE, describe_url, make_engine, parse_url
@@ -86,6 +89,9 @@ class Store:
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = url
+        self._shared: AbstractContextManager[Any] = (
+            threading.Lock() if isinstance(engine.pool, StaticPool) else nullcontext()
+        )
         insert: Callable[..., Any] = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
         def compiled(statement: Any, columns: Sequence[str]) -> _Compiled:
@@ -125,6 +131,12 @@ class Store:
             ("run_id", "channel", *_RUN_STOP_COLUMNS),
         )
 
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection; one at a time when the pool holds a single shared one (SQLite ``:memory:``)."""
+        with self._shared, self.engine.connect() as conn:
+            yield conn
+
     # ------------------------------------------------------------------ opening
 
     @staticmethod
@@ -148,7 +160,8 @@ class Store:
 
     def schema_version(self) -> int:
         """The schema version of the database (``labtwin.data.migrate.head_version()`` once opened)."""
-        version = migrate._read(self.engine, describe_url(self.url))
+        with self._shared:
+            version = migrate._read(self.engine, describe_url(self.url))
         assert version is not None
         return version
 
@@ -162,7 +175,7 @@ class Store:
         counts = WriteCounts()
         sample_rows: list[tuple[Any, ...]] = []
         impedance_rows: list[tuple[Any, ...]] = []
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             conn.execution_options(**WRITE)
             with conn.begin():
                 for doc in documents:
@@ -210,7 +223,7 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def _fetch(self, statement: Any) -> Sequence[Any]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [tuple(row) for row in conn.execute(statement)]
 
     def runs(self) -> list[RunRow]:
@@ -252,7 +265,7 @@ class Store:
 
     def samples(self, run_id: str) -> dict[str, np.ndarray]:
         """All samples of a run in order, as numpy columns named with their units."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = self._select_samples.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
         out = {name: data[:, k] for k, (name, _, _) in enumerate(SAMPLE_FIELDS)}
@@ -262,7 +275,7 @@ class Store:
 
     def impedance(self, run_id: str) -> dict[str, np.ndarray]:
         """The impedance points of a run with the step and cycle they belong to, in measurement order."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = self._select_impedance.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, 6)
         names = ("frequency_Hz", "z_real_ohm", "z_imag_ohm", "step", "cycle", "time_s")
