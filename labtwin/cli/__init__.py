@@ -189,7 +189,11 @@ def run(
     s = settings(lab=lab, broker=broker, store=store, speed=speed)
     config = s.lab_config
     cfg = config.channel(channel)
-    check_protocol(protocol, channel_capacity_Ah(cfg), cfg.limits)  # before Prefect: mistakes in one line
+    # Before Prefect: mistakes in one line. Compiled here only when this process runs the channel's agent and
+    # knows its capacity; otherwise the flow compiles against what the agent reports.
+    capacity_Ah = channel_capacity_Ah(cfg)
+    local = s.broker is None
+    check_protocol(protocol, capacity_Ah, cfg.limits, compile=local and capacity_Ah is not None)
     if s.broker is not None:
         asyncio.run(check_channel(s.broker, config.lab, channel))
     from labtwin.cli.interrupt import RunInterrupted

@@ -47,6 +47,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.protocols.strings", ("StepStringError",)),
         ("labtwin.physics.library", ("CellFileError",)),
         ("labtwin.bus.client", ("BrokerUnreachable",)),
+        ("labtwin.instruments.transport", ("InstrumentError",)),  # off, unplugged, wrong address, its own error
         ("labtwin.data.store", ("StoreError",)),
         ("labtwin.data.migrate", ("StoreError",)),
         ("labtwin.orchestration.flows", ("ChannelUnavailable", "StepTimeout")),

@@ -65,11 +65,18 @@ def check_text_file(path: Path, what: str) -> None:
         raise UserError(f"{path}: is a directory: {what} is a YAML file") from None
 
 
-def check_protocol(name_or_path: str, nominal_capacity_Ah: float | None, limits: Limits | None) -> Protocol:
-    """Read and compile a protocol as the run will, before Prefect starts: its mistakes are one line each."""
+def check_protocol(
+    name_or_path: str, nominal_capacity_Ah: float | None, limits: Limits | None, compile: bool = True
+) -> Protocol:
+    """Read (and compile, as the run will) a protocol before Prefect starts: its mistakes are one line each.
+
+    ``compile=False`` where the channel's agent holds what compiling needs (an agent on another PC has its
+    own lab file; a bench instrument's capacity may come with its agent's status): the flow compiles then.
+    """
     check_text_file(resolve_protocol_path(name_or_path), "a protocol")
     protocol = load_protocol(name_or_path)
-    compile_program(protocol, CompileContext("check", nominal_capacity_Ah, limits))
+    if compile:
+        compile_program(protocol, CompileContext("check", nominal_capacity_Ah, limits))
     return protocol
 
 
