@@ -260,8 +260,8 @@ def dryrun(
 ) -> None:
     """Run a protocol against a simulated cell at max speed: how long, which limits end each step, what the twin flags.
 
-    Exit 1 when the dry-run ends failed or aborted (a safety limit, an error): the protocol would not
-    finish on a real channel either."""
+    Exit 1 when the dry-run ends failed (a safety limit, an error): the protocol would fail on a real
+    channel too. A stop the protocol's own anomaly policy asks for (aborted) is what it was written to do."""
     _setup_logging(verbose)
     from labtwin.cli.wiring import check_cell, check_protocol
     from labtwin.devices.clock import parse_speed
@@ -282,7 +282,7 @@ def dryrun(
         _print_json({**summary.model_dump(), "anomalies": [a.model_dump(mode="json") for a in anomalies]})
     else:
         _print_dryrun(summary, anomalies, with_twin, out)
-    if summary.exit_status != "success":
+    if summary.exit_status == "failed":
         raise typer.Exit(EXIT_RUN_FAILED)
 
 

@@ -4,8 +4,9 @@ The one handler is ``LabtwinGroup.invoke``, around every command. It knows labtw
 the few built-in ones labtwin raises with a message meant for the user, such as a broker that does not
 answer); anything else is a bug and keeps its traceback. Exit codes, the same for every command:
 
-- 0: done; for ``run``, ``dryrun`` and ``campaign run``: every run ended ``success``;
-- 1: the command worked but the run ended failed or aborted (or ``protocol check`` refused the protocol);
+- 0: done; for ``run`` and ``campaign run``: every run ended ``success``; for ``dryrun``: not ``failed``;
+- 1: the command worked but the run ended failed (``run``, ``campaign run``: or aborted), or
+  ``protocol check`` refused the protocol;
 - 2: a user error: a file, flag or setting that cannot work, a channel nobody serves, a store that cannot
   be written;
 - 130: interrupted by Ctrl-C (a run in progress is stopped and marked interrupted first).
