@@ -7,6 +7,7 @@ these tests open databases exactly as 0.1 left them, on SQLite and on PostgreSQL
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -442,3 +443,25 @@ def _batch(seq: int, n: int) -> SampleBatch:
         step=[1] * n,
         cycle=[1] * n,
     )
+
+
+def test_labtwin_db_current_and_upgrade_migrate_an_old_store_from_the_command_line(old):
+    """The fix the read-only error names works as a command: `db current` reports, `db upgrade` migrates."""
+    from typer.testing import CliRunner
+
+    from labtwin.cli import app
+
+    old.make()
+    before = old.dump()
+    runner = CliRunner()
+    current = runner.invoke(app, ["db", "current", "--store", old.url, "--json"])
+    assert current.exit_code == 0, current.output
+    assert json.loads(current.output) | {"store": None} == {"store": None, "schema_version": 1, "newest_known": HEAD}
+    assert old.dump() == before  # asking changes nothing
+
+    upgraded = runner.invoke(app, ["db", "upgrade", "--store", old.url])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"schema 1 -> {HEAD}" in upgraded.output
+    assert migrate.current(old.url) == HEAD
+    again = runner.invoke(app, ["db", "upgrade", "--store", old.url])
+    assert again.exit_code == 0 and f"already at schema {HEAD}" in again.output

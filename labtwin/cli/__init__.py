@@ -38,17 +38,7 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file's broker:)")
-LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, else the packaged demo lab)")
-StoreOpt = typer.Option(
-    None,
-    "--store",
-    help="SQLite path or postgresql:// URL (default: LABTWIN_STORE, the lab file's store:, ./labtwin-data/labtwin.db)",
-)
-SpeedOpt = typer.Option(
-    None, "--speed", help="simulated channels: 1 = real time, 1000, or max (default: LABTWIN_SPEED, the channel's)"
-)
-JsonOpt = typer.Option(False, "--json", help="print results as JSON")
+from labtwin.cli.options import BrokerOpt, JsonOpt, LabOpt, SpeedOpt, StoreOpt  # noqa: E402
 
 
 def _version(value: bool) -> None:
@@ -636,6 +626,7 @@ def export(
 
 from labtwin.cli.analyze import analyze_app  # noqa: E402
 from labtwin.cli.campaign import campaign_app  # noqa: E402
+from labtwin.cli.db import db_app  # noqa: E402
 from labtwin.cli.emulate import emulate_app  # noqa: E402
 from labtwin.cli.protocol import protocol_app, schema_app  # noqa: E402
 
@@ -645,6 +636,7 @@ app.add_typer(emulate_app, name="emulate")
 app.add_typer(protocol_app, name="protocol")
 app.add_typer(schema_app, name="schema")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(db_app, name="db")
 
 
 def main() -> None:

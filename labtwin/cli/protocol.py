@@ -9,14 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.options import LabOpt
+
 console = Console()
 err = Console(stderr=True)
 protocol_app = typer.Typer(help="Inspect, check and export protocol files without running them.", no_args_is_help=True)
 schema_app = typer.Typer(
     help="JSON Schemas of labtwin's files, for editors that validate and autocomplete.", no_args_is_help=True
 )
-
-LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, else the packaged demo lab)")
 
 
 def _fail(message: str) -> None:
