@@ -157,7 +157,7 @@ def demo(
 
 @app.command()
 def run(
-    protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    protocol: str = typer.Argument(..., help="protocol file, or a name in labtwin/protocols/library"),
     channel: str = typer.Option(..., "--channel", "-c", help="channel name from the lab file"),
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
@@ -234,8 +234,8 @@ async def _run(s: Settings, protocol: str, channel: str):
 
 @app.command()
 def dryrun(
-    protocol: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
-    sim: str = typer.Option(..., "--sim", help="simulated cell: a name in simulators/cells or a YAML path"),
+    protocol: str = typer.Argument(..., help="protocol file, or a name in labtwin/protocols/library"),
+    sim: str = typer.Option(..., "--sim", help="simulated cell: a name in labtwin/physics/cells or a YAML path"),
     out: Path | None = typer.Option(None, "--out", help="write samples.csv and summary.json here"),
     channel_limits: str | None = typer.Option(None, "--channel", help="hold it to this lab channel's limits"),
     lab: Path | None = LabOpt,
@@ -418,7 +418,7 @@ def replay(
         ..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"
     ),
     speed: str = typer.Option("max", "--speed", help="1 = as recorded, 1000, or max"),
-    model: str | None = typer.Option(None, "--model", help="cell definition to run in the loop (simulators/cells)"),
+    model: str | None = typer.Option(None, "--model", help="cell definition to run in the loop (labtwin/physics/cells)"),
     circuit: str | None = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
     cell: str | None = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
     broker: str | None = typer.Option(

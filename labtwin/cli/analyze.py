@@ -128,7 +128,7 @@ def cv(
         None, "--area-concentration", help="A*C in mol/m for Randles-Sevcik (film: Q/(F L))"
     ),
     cell: str | None = typer.Option(
-        None, "--cell", help="take A*C and R from a simulated cell's film (simulators/cells)"
+        None, "--cell", help="take A*C and R from a simulated cell's film (labtwin/physics/cells)"
     ),
     electrons: int = typer.Option(1, "--electrons", "-n"),
     plot: Path | None = typer.Option(None, "--plot", help="write the voltammograms with their peaks to this PNG"),
@@ -229,7 +229,7 @@ def gitt(
         None, "--length-m", help="diffusion length: film thickness, or particle radius / 3"
     ),
     cell: str | None = typer.Option(
-        None, "--cell", help="take the diffusion length from a simulated cell (simulators/cells)"
+        None, "--cell", help="take the diffusion length from a simulated cell (labtwin/physics/cells)"
     ),
     plot: Path | None = typer.Option(
         None, "--plot", help="write polarization and D against the relaxed voltage to this PNG"

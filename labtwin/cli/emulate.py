@@ -18,7 +18,7 @@ emulate_app = typer.Typer(
     help="Run a wire-level emulator of an instrument with a simulated cell behind it.", no_args_is_help=True
 )
 
-CellOpt = typer.Option("lto-thin-film", "--cell", help="simulated cell: a name in simulators/cells or a YAML path")
+CellOpt = typer.Option("lto-thin-film", "--cell", help="simulated cell: a name in labtwin/physics/cells or a YAML path")
 PortOpt = typer.Option(5025, "--port", help="TCP port (the 2450's own raw-socket port is 5025)")
 HostOpt = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes it to the network")
 SpeedOpt = typer.Option(1.0, "--speed", help="cell seconds per wall second (1 = real time, as the instrument)")

@@ -80,7 +80,7 @@ def _describe(cmd) -> tuple[str, str]:
 
 @protocol_app.command("show")
 def show(
-    file: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    file: str = typer.Argument(..., help="protocol file, or a name in labtwin/protocols/library"),
     channel: str | None = typer.Option(None, "--channel", "-c", help="compile against this channel's limits and cell"),
     lab: Path | None = LabOpt,
     capacity: float | None = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
@@ -139,7 +139,7 @@ def show(
 
 @protocol_app.command("check")
 def check(
-    file: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    file: str = typer.Argument(..., help="protocol file, or a name in labtwin/protocols/library"),
     channel: str = typer.Option(..., "--channel", "-c", help="the channel it would run on"),
     lab: Path | None = LabOpt,
     capacity: float | None = typer.Option(None, "--capacity", help="nominal capacity in Ah, for C-rates"),
@@ -171,7 +171,7 @@ def check(
 
 @protocol_app.command("export")
 def export(
-    file: str = typer.Argument(..., help="protocol file, or a name in protocols/library"),
+    file: str = typer.Argument(..., help="protocol file, or a name in labtwin/protocols/library"),
     to: str = typer.Option("pybamm", "--to", help="target format: pybamm (an Experiment's operating conditions)"),
 ) -> None:
     """Export to another tool's form, to cross-check a protocol there (PyBaMM's Experiment today)."""

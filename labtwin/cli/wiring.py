@@ -1,8 +1,8 @@
 """The one place that wires labtwin's core to concrete drivers, simulators and flows.
 
-DESIGN.md's layering: labtwin's core knows nothing of instruments/,
-simulators/ or protocols/; the CLI builds channels from the lab configuration
-and hands the core only the Potentiostat protocol. The checks a command makes
+The layering (docs/architecture.md): the agent, bus, twin and store know no
+concrete driver or simulator; the CLI builds channels from the lab configuration
+and hands the agent only the Potentiostat protocol. The checks a command makes
 before Prefect starts (the protocol, the cell file, the channel's agent) live
 here too, so they read the files exactly as the run will.
 """
@@ -134,7 +134,7 @@ def build_channel(
     """A driver and its clock for one channel of the lab file."""
     if cfg.driver == "simulated":
         if not cfg.cell:
-            raise ValueError(f"channel {name}: a simulated channel needs `cell:` (a file in simulators/cells)")
+            raise ValueError(f"channel {name}: a simulated channel needs `cell:` (a file in labtwin/physics/cells)")
         cell = load_cell(cfg.cell)
         clock: Clock = VirtualClock(cfg.speed_value if isinstance(speed, str) else speed)  # "config": the channel's
         driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
@@ -206,7 +206,7 @@ def twin_factory(config: LabConfig, cells: dict[str, str] | None = None, circuit
     """How the twin service makes a twin for the cell a RunStart names: its model from the lab file.
 
     The model is the channel's ``twin_model`` (else its simulated ``cell``): a
-    parameter file in simulators/cells, the same one a dry-run of that cell uses.
+    parameter file in labtwin/physics/cells, the same one a dry-run of that cell uses.
     A channel with neither gets a twin without a model in the loop (cycling,
     impedance and oscillation detectors still run; residual ones do not).
     ``circuit`` overrides the cell's EIS circuit.

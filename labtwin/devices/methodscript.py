@@ -1,7 +1,7 @@
 """MethodSCRIPT, the language PalmSens potentiostats (EmStat Pico, EmStat4, Sensit, Nexus) run.
 
-Two halves, shared by the driver (instruments/emstat.py) and the emulator
-(simulators/emstat.py) so that both speak one dialect; it lives in the core
+Two halves, shared by the driver (labtwin/instruments/emstat.py) and the emulator
+(labtwin/simulators/emstat.py) so that both speak one dialect; it lives in labtwin.devices
 because instruments and simulators must not import each other: writing numbers the way scripts take them, and reading the data
 packages a running script streams back. Formats follow PalmSens'
 MethodSCRIPT manual v1.8 and their published examples (PalmSens/

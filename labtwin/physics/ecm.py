@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EcmParameters(BaseModel):
-    """Parameters of one cell; units in the names. Loaded from simulators/cells/*.yaml."""
+    """Parameters of one cell; units in the names. Loaded from labtwin/physics/cells/*.yaml."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -115,7 +115,7 @@ def _by_alias(name: str) -> Path | None:
 
 
 def load_cell(name_or_path: str | Path) -> CellDefinition:
-    """A cell by library name (simulators/cells/<name>.yaml, or a name/alias inside one) or by file path."""
+    """A cell by library name (labtwin/physics/cells/<name>.yaml, or a name/alias inside one) or by file path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CELL_DIR / f"{name_or_path}.yaml"

@@ -565,7 +565,7 @@ LIBRARY = Path(__file__).parent / "library"
 
 
 def resolve_protocol_path(name_or_path: str | Path) -> Path:
-    """A file path, or the name of a protocol in protocols/library/ (with or without .yaml)."""
+    """A file path, or the name of a protocol in labtwin/protocols/library/ (with or without .yaml)."""
     path = Path(name_or_path)
     if path.exists():
         return path
