@@ -418,7 +418,9 @@ def replay(
         ..., help="a recording: labtwin samples.csv (or its directory), BDF .csv, or EC-Lab .mpr"
     ),
     speed: str = typer.Option("max", "--speed", help="1 = as recorded, 1000, or max"),
-    model: str | None = typer.Option(None, "--model", help="cell definition to run in the loop (labtwin/physics/cells)"),
+    model: str | None = typer.Option(
+        None, "--model", help="cell definition to run in the loop (labtwin/physics/cells)"
+    ),
     circuit: str | None = typer.Option(None, "--circuit", help="circuit the twin fits to spectra"),
     cell: str | None = typer.Option(None, "--cell", help="cell id to report (default: the file's name)"),
     broker: str | None = typer.Option(
