@@ -8,7 +8,7 @@ from labtwin import bus as busmod
 from labtwin.bus import Bus, MalformedPayload, decode
 from labtwin.cli.wiring import LocalLab
 from labtwin.data.store import Store
-from labtwin.documents import EndConditions, SampleBatch, StepCommand, StepKind
+from labtwin.documents import EndConditions, RunStart, SampleBatch, StepCommand, StepKind
 from tests.helpers import run_steps_by_hand, sim_lab
 
 
@@ -147,3 +147,24 @@ async def test_an_in_memory_store_is_one_database_for_every_thread():
         assert s.seqs("r") == list(range(8)) and s.sample_count("r") == 40
     finally:
         s.close()
+
+
+def test_a_resumed_runs_second_start_keeps_the_first_start_on_record(store):
+    first = RunStart(run_id="r-keep", lab="l", channel="ch1", cell_id="c", protocol="lto_formation", n_steps=21)
+    store.write([first])
+    again = RunStart(
+        run_id="r-keep", lab="l", channel="ch1", cell_id="c", protocol="", n_steps=0, first_seq=40, flow_run_id="f2"
+    )
+    store.write([again])
+    (row,) = [r for r in store.runs() if r.run_id == "r-keep"]
+    assert row.protocol == "lto_formation"
+    assert row.started_at.startswith(first.time.isoformat()[:19])
+    start, _ = store.run_documents("r-keep")
+    assert start is not None and start.time == first.time and (start.first_seq, start.n_steps) == (0, 21)
+
+
+def test_a_run_prefix_matches_case_sensitively_on_every_backend(store):
+    store.write([RunStart(run_id="abc-1", lab="l", channel="ch1", cell_id="c", protocol="p", n_steps=1)])
+    assert store.find_run("abc") == "abc-1"
+    with pytest.raises(KeyError):
+        store.find_run("ABC")

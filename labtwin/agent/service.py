@@ -217,6 +217,7 @@ class Agent:
             protocol=cmd.protocol,
             n_steps=cmd.n_steps,
             flow_run_id=cmd.flow_run_id,
+            first_seq=self.run.next_seq,
             metadata=cmd.metadata,
             anomaly_policy=cmd.anomaly_policy,
         )

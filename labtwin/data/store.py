@@ -119,8 +119,11 @@ class Store:
         )
         start, stop = insert(runs), insert(runs)
         self._upsert_run_start = compiled(
+            # The record is the run's first start: a resumed run's later RunStart (or a RunStop that overtook the
+            # start) only fills what is still empty, so started_at, the protocol and the export's time base stay.
             start.on_conflict_do_update(
-                index_elements=[runs.c.run_id], set_={c: start.excluded[c] for c in _RUN_START_COLUMNS}
+                index_elements=[runs.c.run_id],
+                set_={c: func.coalesce(runs.c[c], start.excluded[c]) for c in _RUN_START_COLUMNS},
             ),
             ("run_id", *_RUN_START_COLUMNS),
         )
@@ -254,8 +257,11 @@ class Store:
 
     def find_run(self, prefix: str) -> str:
         """A run id from its full text or a unique prefix (as git does for commits)."""
+        # LIKE is case-insensitive on SQLite and not on PostgreSQL: the final test is Python's, the same on both.
         found = [
-            r[0] for r in self._fetch(select(runs.c.run_id).where(runs.c.run_id.startswith(prefix, autoescape=True)))
+            r[0]
+            for r in self._fetch(select(runs.c.run_id).where(runs.c.run_id.startswith(prefix, autoescape=True)))
+            if r[0].startswith(prefix)
         ]
         if not found:
             raise KeyError(f"no run {prefix!r} in {describe_url(self.url)}: `labtwin runs` lists them")

@@ -43,6 +43,9 @@ class RunStart(Document):
     columns: list[Column] = Field(default_factory=lambda: list(SAMPLE_COLUMNS))
     sign_convention: str = "positive current charges the cell"
     flow_run_id: str | None = None
+    first_seq: int = Field(
+        0, ge=0, description="seq of this start's first batch: above 0 when a resumed run goes on numbering its record"
+    )
     metadata: dict[str, str] = Field(default_factory=dict)
     anomaly_policy: dict[AnomalyKind, Action] = Field(
         default_factory=dict, description="what the twin does on each anomaly kind (StartRun.anomaly_policy)"

@@ -104,10 +104,17 @@ class CellTwin:
         step started, 'ended' after the batches up to its stats.last_seq.
         """
         if isinstance(doc, RunStart):
+            # A resumed run starts again with the seq its record goes on from. The twin that followed it before
+            # the crash keeps its model, cycle and detectors (the cell did not change); what waited for the
+            # crashed segment's end will never complete and is dropped.
+            continuing = self.run is not None and self.run.run_id == doc.run_id
             self._pending: list = []
-            self._next_seq = 0
-            self._applied_started: set[int] = set()
+            self._next_seq = doc.first_seq
             self._open_step: int | None = None
+            if continuing:
+                self.run = doc
+                return []
+            self._applied_started: set[int] = set()
             return self.on_run_start(doc)
         if self.run is None or getattr(doc, "run_id", None) != self.run.run_id:
             return []  # a document of a run whose start this twin never saw (joined late): ignored
