@@ -16,9 +16,6 @@ from pathlib import Path
 
 import psutil
 
-# The processes worth naming in a report of what already ran when the session started.
-_LABTWIN_OR_PREFECT = ("labtwin", "prefect", "uvicorn")
-
 
 @dataclass(frozen=True)
 class Started:
@@ -38,14 +35,6 @@ def _key(proc: psutil.Process) -> Started | None:
 def running_now() -> set[Started]:
     """Every process alive now: whatever is in this set was not started by the session that takes it first."""
     return {key for proc in psutil.process_iter() if (key := _key(proc)) is not None}
-
-
-def labtwin_or_prefect(proc: psutil.Process) -> bool:
-    try:
-        command = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return any(word in command for word in _LABTWIN_OR_PREFECT)
 
 
 def _under(value: str, roots: Iterable[Path]) -> bool:

@@ -375,6 +375,8 @@ def record(
         asyncio.run(Recorder(url, store_, config.lab).serve())
     except KeyboardInterrupt:
         pass
+    finally:
+        store_.close()
 
 
 @app.command()

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.options import LabOpt, StoreOpt
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyse measured or simulated data files.")
 console = Console()
 err = Console(stderr=True)
@@ -308,9 +310,8 @@ def gitt(
 @analyze_app.command("cycling")
 def cycling(
     source: str = typer.Argument(..., help="a run id (or unique prefix) in the store, or a recording file"),
-    store: str | None = typer.Option(
-        None, "--store", help="SQLite path or postgresql:// URL for a run id (default: LABTWIN_STORE, the lab's)"
-    ),
+    store: str | None = StoreOpt,
+    lab: Path | None = LabOpt,
     plot: Path | None = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
@@ -336,7 +337,7 @@ def cycling(
         from labtwin.cli import settings  # --store, LABTWIN_STORE, the lab file's store:, the default
         from labtwin.cli.wiring import open_store
 
-        s = open_store(settings(store=store).store)
+        s = open_store(settings(lab=lab, store=store).store)
         try:
             run_id = s.find_run(source)
         except KeyError as exc:

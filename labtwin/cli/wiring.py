@@ -333,12 +333,14 @@ class LocalLab:
 
     async def __aexit__(self, *exc) -> None:
         self._stop.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, 15)
-        broker: EmbeddedBroker | None = getattr(self, "broker", None)
-        if broker is not None:
-            await broker.stop()
-        store: Store | None = getattr(self, "store", None)
-        if store is not None:
-            store.close()
+        try:
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(task, 15)
+        finally:  # a service that died of its own error still leaves no broker running and no store open
+            broker: EmbeddedBroker | None = getattr(self, "broker", None)
+            if broker is not None:
+                await broker.stop()
+            store: Store | None = getattr(self, "store", None)
+            if store is not None:
+                store.close()

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -63,13 +64,13 @@ def test_unknown_export_format_is_refused_with_the_choices(tmp_path):
 
 
 def test_layering_contracts_hold():
-    """labtwin's core imports no driver, simulator or protocol; drivers and simulators are peers."""
+    """Every room imports only the rooms below it, and Prefect only inside orchestration (pyproject's contracts)."""
     lint = [
         sys.executable,
         "-c",
         "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
     ]
-    proc = subprocess.run(lint, capture_output=True, text=True)
+    proc = subprocess.run(lint, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

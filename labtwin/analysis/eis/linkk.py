@@ -10,7 +10,7 @@ stays above c (0.85).
 
 One deviation, and why: the paper stops at the FIRST M whose mu falls below
 c. On sharp spectra (an ideal RC, e.g. the dummy circuits in
-../shared/data/eis) mu is not monotonic in M: it dips to 0.67 at M = 4, where
+tests/data/eis) mu is not monotonic in M: it dips to 0.67 at M = 4, where
 the residuals are still 25 %, and climbs back above 0.9 at M = 14 with
 residuals at the 0.1 % noise floor. The first-dip rule would call a passive
 circuit KK-invalid. Here every M up to ``max_elements`` is solved (each is one
