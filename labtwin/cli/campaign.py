@@ -55,10 +55,18 @@ def _load(file: Path, **flags: Any) -> tuple[Any, Settings]:
             file.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
             _fail(f"{file}: not a text file (byte {exc.start} is not UTF-8): a campaign is a YAML file")
+    from labtwin.cli.wiring import check_protocol
+
     campaign = load_campaign(file)
     s = settings(fallback_lab=campaign.lab, **flags)
     for channel in channels_of(campaign):
         s.lab_config.channel(channel)
+    # Every protocol file is read and validated here: a typo in the tenth job's file is refused before the first
+    # job starts. Compiling (C-rates, limits) waits for the channel each job gets.
+    for name in sorted(
+        {p for cell in campaign.cells for p in cell.protocols} | {e.protocol for e in campaign.schedule}
+    ):
+        check_protocol(name, None, None, compile=False)
     return campaign, s
 
 

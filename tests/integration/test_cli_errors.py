@@ -259,3 +259,12 @@ def test_a_run_that_does_not_exist_in_the_store_is_one_line(tmp_path):
 
 def test_protocol_check_refuses_with_exit_1_and_one_line():
     refused(["protocol", "check", "lco_formation", "--channel", "ch1"], "voltage_max_V", code=1)
+
+
+def test_a_campaign_whose_later_protocol_does_not_validate_is_refused_before_any_job(tmp_path):
+    (tmp_path / "bad.yaml").write_text(BAD_PROTOCOL)
+    (tmp_path / "c.yaml").write_text(
+        "campaign: c1\ncells:\n  - id: A\n    channels: [ch1]\n    protocols: [demo-lto-0.1C, bad.yaml]\n"
+    )
+    refused(["campaign", "run", str(tmp_path / "c.yaml"), "--store", str(tmp_path / "s.db")], "bad.yaml", "c_rate")
+    assert not (tmp_path / "s.db").exists()  # nothing ran, nothing was stored
