@@ -251,3 +251,39 @@ async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_e
                 ],
             )
     assert ended[0].reason.kind == "safety_limit" and stop.exit_status == "failed"
+
+
+async def test_a_resumed_step_ends_on_its_capacity_counting_the_charge_before_the_crash(
+    broker_url, unique_lab, tmp_path
+):
+    """cc until 20 uAh, cut by a crash at 12 uAh: run on, it must stop after 8 uAh more, not 20."""
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.documents import ResumePoint, RunStart, StartRun, StepEvent, StepStats, StopRun
+    from tests.helpers import wait_doc
+
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))
+    before = StepStats(duration_s=864.0, charge_Ah=12e-6, n_samples=10, first_seq=0, last_seq=0)
+    resume = ResumePoint(next_seq=1, time_s=864.0, capacity_Ah=12e-6, n_samples=10, step_index=0, step_stats=before)
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        local.agents["ch"].driver.model.soc = 0.3
+        step = StepCommand(
+            run_id="r-cap",
+            step_index=0,
+            step=StepKind.cc,
+            current_A=5e-5,
+            end=EndConditions(capacity_Ah=20e-6, time_s=36000),
+            sample_interval_s=1,
+        )
+        async with Bus(local.url) as bus:
+            sub = await bus.subscribe(busmod.topic(unique_lab, "ch", "event"))
+            cmd_topic = busmod.topic(unique_lab, "ch", "cmd")
+            start = StartRun(run_id="r-cap", channel="ch", cell_id="c", protocol="p", n_steps=1, resume=resume)
+            await bus.publish(cmd_topic, start)
+            started = await wait_doc(sub, lambda d: isinstance(d, RunStart) and d.run_id == "r-cap")
+            await bus.publish(cmd_topic, step)
+            ended = await wait_doc(sub, lambda d: isinstance(d, StepEvent) and d.event == "ended")
+            await bus.publish(cmd_topic, StopRun(run_id="r-cap", exit_status="success"))
+    assert started.first_seq == 1
+    assert ended.reason.kind == "end_condition" and ended.reason.name == "capacity_Ah"
+    assert abs(ended.stats.charge_Ah - 20e-6) < 0.5e-6  # the whole step's charge: 12 before + ~8 after

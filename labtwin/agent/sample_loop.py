@@ -108,7 +108,11 @@ class StepLoop:
         batcher = Batcher(run, self.channel, self.host.publish_batch, self.batch_size, self.batch_max_wall_s)
         step_start_s = self.clock.now()
         step_start_run_s = step_start_s - run.start_cell_s
-        charge = ChargeCounter(run, stats, start_Ah=run.capacity_Ah)
+        # A step cut by a crash and run on counts the charge it passed before the crash: its capacity end and
+        # its capacity limit are the whole step's, not this segment's.
+        carried = run.carried.get(cmd.step_index)
+        carried_Ah = carried.charge_Ah - carried.discharge_Ah if carried is not None else 0.0
+        charge = ChargeCounter(run, stats, start_Ah=run.capacity_Ah - carried_Ah)
         reason: EndReason | None = None
         readings: Iterator[Reading] = iter(())
         stop_device: Callable[[], None] = _nothing_to_stop
