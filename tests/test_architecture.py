@@ -30,3 +30,10 @@ def test_the_layers_contract_places_every_room_once():
     placed = [f"labtwin.{name.strip()}" for layer in layers["layers"] for name in layer.split("|")]
     assert layers.get("exhaustive") is True
     assert sorted(placed) == sorted(_rooms())
+
+
+def test_the_lab_files_driver_names_are_the_drivers_the_cli_builds():
+    from labtwin.cli.wiring import REAL_DRIVERS
+    from labtwin.config.lab import DRIVERS
+
+    assert set(DRIVERS) == {"simulated", *REAL_DRIVERS}

@@ -58,8 +58,15 @@ async def run_dryrun(
     )
     store_url = ":memory:" if out is None else str(out / "dryrun.db")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        Path(store_url).unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            Path(store_url).unlink(missing_ok=True)
+        except OSError as exc:
+            from labtwin.cli.errors import UserError
+
+            raise UserError(
+                f"--out {out}: cannot be written ({exc.strerror or exc}): give a writable directory"
+            ) from None
     await start_prefect_api()
     async with LocalLab(config, ["sim"], None, store_url, "config", twin=twin) as local:
         summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)

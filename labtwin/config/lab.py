@@ -25,6 +25,11 @@ class LabConfigError(ValueError):
     """A lab file, or a channel asked of it, that cannot work; the message names the file or lab and the fix."""
 
 
+DRIVERS = ("simulated", "keithley2450", "b2900", "emstat")
+"""The drivers a lab file may name. A new driver is added here and to REAL_DRIVERS in labtwin/cli/wiring.py
+(a test keeps the two equal), so a typo in `driver:` is refused with the lab file's line, not at run time."""
+
+
 class ChannelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +60,13 @@ class ChannelConfig(BaseModel):
     )
     seed: int | None = Field(None, description="random seed of a simulated channel's noise")
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if value not in DRIVERS:
+            raise ValueError(f"unknown driver {value!r}: use one of {', '.join(DRIVERS)}")
+        return value
 
     @field_validator("speed")
     @classmethod

@@ -190,6 +190,8 @@ def current(url: str | Path | None) -> int | None:
     engine = make_engine(where, read_only=where.is_sqlite)
     try:
         return _read(engine, describe_url(where.text))
+    except DBAPIError as exc:
+        raise StoreError(f"cannot read the store {describe_url(where.text)} ({_first_line(exc)})") from None
     finally:
         engine.dispose()
 

@@ -268,3 +268,20 @@ def test_a_campaign_whose_later_protocol_does_not_validate_is_refused_before_any
     )
     refused(["campaign", "run", str(tmp_path / "c.yaml"), "--store", str(tmp_path / "s.db")], "bad.yaml", "c_rate")
     assert not (tmp_path / "s.db").exists()  # nothing ran, nothing was stored
+
+
+def test_a_dryrun_out_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    refused(
+        ["dryrun", "demo-lto-0.1C", "--sim", "lto_bare_thinfilm", "--out", str(tmp_path / "a-file" / "out")], "--out"
+    )
+
+
+def test_db_current_on_a_file_that_is_no_database_is_one_line(tmp_path):
+    (tmp_path / "g.db").write_text("garbage")
+    refused(["db", "current", "--store", str(tmp_path / "g.db")], "g.db", "not a database")
+
+
+def test_a_lab_file_with_an_unknown_driver_is_refused_with_its_field(tmp_path):
+    (tmp_path / "lab.yaml").write_text("lab: t\nchannels:\n  ch1:\n    driver: simulatd\n    cell: lfp\n")
+    refused(["runs", "--lab", str(tmp_path / "lab.yaml")], "lab.yaml", "channels.ch1.driver", "simulatd")
