@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.consoles import results_console
 from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError
 from labtwin.config.lab import DEFAULT_LAB_FILE
 from labtwin.config.settings import Settings
@@ -35,7 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats.",
 )
-console = Console()
+console = results_console()
 err = Console(stderr=True)
 
 from labtwin.cli.options import BrokerOpt, JsonOpt, LabOpt, SpeedOpt, StoreOpt  # noqa: E402
@@ -575,7 +576,8 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
         _print_json([r.__dict__ for r in rows])
         return
     table = Table(title=f"runs in {describe_url(s.url)}")
-    for col in ("run", "channel", "cell", "protocol", "started", "status", "samples", "cell time / h"):
+    table.add_column("run", no_wrap=True)  # a run id is copied into `export` / `analyze`: never cut
+    for col in ("channel", "cell", "protocol", "started", "status", "samples", "cell time / h"):
         table.add_column(col)
     for r in rows:
         table.add_row(

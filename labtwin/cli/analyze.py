@@ -11,10 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.consoles import results_console
 from labtwin.cli.options import LabOpt, StoreOpt
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyse measured or simulated data files.")
-console = Console()
+console = results_console()
 err = Console(stderr=True)
 
 

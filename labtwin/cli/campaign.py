@@ -11,10 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.consoles import results_console
+
 if TYPE_CHECKING:
     from labtwin.config.settings import Settings
 
-console = Console()
+console = results_console()
 err = Console(stderr=True)
 campaign_app = typer.Typer(
     help="Run a campaign (cells x protocols on channels) and see where it stands.", no_args_is_help=True

@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from labtwin.cli.consoles import results_console
 from labtwin.cli.options import LabOpt
 
-console = Console()
+console = results_console()
 err = Console(stderr=True)
 protocol_app = typer.Typer(help="Inspect, check and export protocol files without running them.", no_args_is_help=True)
 schema_app = typer.Typer(
