@@ -72,7 +72,7 @@ def test_errors_name_the_file_the_line_and_the_field(tmp_path):
     assert f"{bad}:6: method[2].cc.wibble: Extra inputs are not permitted (got 3)" in message
     assert f"{bad}:7: method[3]: a step is a mapping with one of rest, cc" in message
     assert f"{bad}:10: method[4].steps[0].rest.duration_s: Input should be greater than 0 (got -5)" in message
-    assert len(message.splitlines()) == 5  # one line per mistake, not one per step kind it is not
+    assert len(message.splitlines()) == 4  # one line per mistake (each naming the file), not one per step kind
 
 
 def test_the_json_schema_accepts_every_library_protocol_and_a_sentence_and_rejects_a_typo():

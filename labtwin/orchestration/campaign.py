@@ -119,11 +119,7 @@ def load_campaign(path: str | Path) -> Campaign:
     try:
         return Campaign.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(
-            format_validation_error(str(path), exc, yaml_lines(text)).replace(
-                "not a valid protocol", "not a valid campaign"
-            )
-        ) from None
+        raise ProtocolError(format_validation_error(str(path), exc, yaml_lines(text))) from None
 
 
 @dataclass(frozen=True)

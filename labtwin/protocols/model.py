@@ -537,13 +537,15 @@ def _line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
 
 
 def format_validation_error(source: str, exc: ValidationError, lines: dict[tuple, int] | None = None) -> str:
+    """One line per mistake, each naming the file (and its line where the YAML says), so a list of mistakes
+    reads as a compiler's does and every line can be clicked to in an editor."""
     seen: set[str] = set()
-    out = [f"{source}: not a valid protocol:"]
+    out: list[str] = []
     for err in exc.errors():
         where = _loc(tuple(err["loc"]))
         line = _line_of(_path(tuple(err["loc"])), lines or {})
         err["msg"] = err["msg"].removeprefix("Value error, ")
-        text = f"  {source}:{line}: {where}: {err['msg']}" if line else f"  {where}: {err['msg']}"
+        text = f"{source}:{line}: {where}: {err['msg']}" if line else f"{source}: {where}: {err['msg']}"
         if err.get("type") not in {"missing"} and "input" in err and not isinstance(err["input"], (dict, list)):
             text += f" (got {err['input']!r})"
         if text not in seen:
