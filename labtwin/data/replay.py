@@ -247,13 +247,13 @@ def read_recording(path: str | Path) -> Recording:
     suffix = path.suffix.lower()
     if suffix == ".mpr":
         return read_mpr(path)
-    if suffix == ".csv":
+    if suffix in (".csv", ".bdf"):  # a BDF file is CSV text; `labtwin export --format bdf` names it .bdf
         return read_csv(path)
     if suffix == ".parquet":
         return read_parquet(path)
     raise RecordingError(
-        f"{path}: unknown recording format {suffix!r}; replay reads .mpr (EC-Lab), labtwin samples.csv or "
-        ".parquet and BDF .csv"
+        f"{path}: unknown recording format {suffix!r}: labtwin reads .mpr (EC-Lab), its own samples.csv or "
+        ".parquet exports, and BDF (.bdf or .csv)"
     )
 
 

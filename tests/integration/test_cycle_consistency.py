@@ -110,7 +110,7 @@ async def test_one_run_gives_the_same_cycle_figures_through_every_output(embedde
     assert_same(analyze(samples_csv), want)
     dry = read_recording(samples_csv)
     assert np.array_equal(dry.cycle, [cycle_of_step[int(s)] for s in dry.step])  # every sample carries its cycle
-    for fmt, name in (("csv", "run.csv"), ("parquet", "run.parquet"), ("bdf", "run.bdf.csv")):
+    for fmt, name in (("csv", "run.csv"), ("parquet", "run.parquet"), ("bdf", "run.bdf")):
         out = tmp_path / "export" / name
         result = runner.invoke(
             app, ["export", summary.run_id, "--format", fmt, "--out", str(out), "--store", str(store)]
