@@ -33,7 +33,7 @@ from labtwin.agent.control import StepControl
 from labtwin.agent.lease import DEFAULT_GRACE_S, Lease, RunContext
 from labtwin.agent.sample_loop import StepLoop
 from labtwin.agent.techniques import Techniques
-from labtwin.bus import Bus
+from labtwin.bus import Bus, Refusal
 from labtwin.devices.clock import Clock
 from labtwin.devices.potentiostat import Potentiostat
 from labtwin.documents import (
@@ -47,12 +47,15 @@ from labtwin.documents import (
     RunStart,
     RunStop,
     SampleBatch,
+    SecurityEvent,
     StartRun,
     StepCommand,
     StepEvent,
     StepStats,
     StopRun,
 )
+from labtwin.security import BrokerConnection, as_identity
+from labtwin.security.profile import agent_identity
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class Agent:
         channel: str,
         driver: Potentiostat,
         clock: Clock,
-        broker_url: str,
+        broker_url: str | BrokerConnection,
         channel_limits: Limits,
         cell_id: str,
         nominal_capacity_Ah: float | None = None,
@@ -101,6 +104,7 @@ class Agent:
         self._queue: asyncio.Queue[BaseModel] = asyncio.Queue()
         self._last_status_wall = 0.0
         self._state = ChannelState.idle
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ topics
 
@@ -119,8 +123,10 @@ class Agent:
         """Run until ``stop`` is set (or forever), reconnecting to the broker as needed."""
         self._loop = asyncio.get_running_loop()
         will = (self._t("status"), busmod.offline_status(self.channel))
-        async with Bus(self.broker_url, f"agent-{self.lab}-{self.channel}", will=will, persistent=True) as bus:
+        connection = as_identity(self.broker_url, agent_identity(self.channel))
+        async with Bus(connection, f"agent-{self.lab}-{self.channel}", will=will, persistent=True) as bus:
             self._bus = bus
+            bus.on_refusal = self._refused
             commands = await bus.subscribe(self._t("cmd"))
             await self._publish_status(force=True)
             self._ready.set()
@@ -153,6 +159,13 @@ class Agent:
         async for message in commands:
             doc = message.document
             run = self.run
+            log.info(
+                "channel %s: %s for run %s from %s",
+                self.channel,
+                getattr(doc, "kind", type(doc).__name__),
+                getattr(doc, "run_id", "-"),
+                message.sender or "an unsigned sender",
+            )
             if isinstance(doc, StopRun) and doc.exit_status != "success" and run and doc.run_id == run.run_id:
                 self.control.abort.set()  # takes effect within one sample of the running step
             if isinstance(doc, EndStep):
@@ -172,6 +185,24 @@ class Agent:
                         await self._publish_status(force=True, state=ChannelState.running, message="resumed")
                 continue
             await self._queue.put(doc)
+
+    def _refused(self, refusal: Refusal) -> None:
+        """A command the bus would not deliver: said on the channel's event topic; the step goes on."""
+        if not refusal.topic.endswith("/cmd"):
+            return
+        log.warning(
+            "channel %s: refused a command from %s: %s",
+            self.channel,
+            refusal.sender or "an unsigned sender",
+            refusal.reason,
+        )
+        event = SecurityEvent(
+            lab=self.lab, channel=self.channel, topic=refusal.topic, sender=refusal.sender, reason=refusal.reason
+        )
+        # Called on the event loop (the bus's receive loop): queue the publish, never wait for it here.
+        task = asyncio.get_running_loop().create_task(self.bus.publish(self._t("event"), event))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _execute_commands(self) -> None:
         while True:

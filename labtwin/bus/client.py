@@ -22,43 +22,19 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import aiomqtt
 from pydantic import BaseModel
 
-from labtwin.bus.topics import DEFAULT_USERNAME
 from labtwin.documents.codec import MalformedPayload, decode, encode
+from labtwin.security.connection import BrokerConnection, resolve_transport
+from labtwin.security.policy import Duplicate, Refused
+from labtwin.security.signing import BadSignature, is_sealed, open_envelope
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in {"mqtt", "tcp"}:
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// (e.g. mqtt://127.0.0.1:1883)")
-        if not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} has no host (e.g. mqtt://127.0.0.1:1883)")
-        return cls(
-            host=parsed.hostname,
-            port=parsed.port or 1883,
-            username=parsed.username or DEFAULT_USERNAME,
-            password=parsed.password,
-        )
-
-    def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
 
 @dataclass
@@ -68,6 +44,8 @@ class BusStats:
     malformed: int = 0
     reconnects: int = 0
     resent: int = 0
+    refused: int = 0  # signed wrongly, unsigned in a lab that requires signing, or from a sender not allowed there
+    duplicates: int = 0  # a command redelivered with a nonce already acted on (QoS 1 is at-least-once)
 
 
 @dataclass(order=True)
@@ -83,6 +61,16 @@ class _Outgoing:
 class Message:
     topic: str
     document: BaseModel
+    sender: str | None = None  # the verified signer; None where the lab does not sign
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A payload this bus would not deliver: where, who it claimed to be from, and why."""
+
+    topic: str
+    sender: str | None
+    reason: str
 
 
 class Subscription:
@@ -116,6 +104,40 @@ class BrokerUnreachable(ConnectionError):
     pass
 
 
+class BrokerRefused(BrokerUnreachable):
+    """The broker answered and said no: credentials, authorisation or TLS. Retrying will not help."""
+
+
+_AUTH_CODES = {
+    4: "bad username or password",
+    5: "not authorised",
+    134: "bad username or password",
+    135: "not authorised",
+}
+
+
+def _refusal(exc: BaseException, conn: BrokerConnection, username: str | None) -> BrokerRefused | None:
+    """A one-line BrokerRefused for a connection the broker refused for credentials or TLS, else None."""
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    who = f"user {username!r}" if username else "labtwin"
+    if isinstance(code, int) and code in _AUTH_CODES:
+        return BrokerRefused(
+            f"the MQTT broker at {conn} refused {who}: {_AUTH_CODES[code]} (LABTWIN_BROKER_USERNAME / "
+            "LABTWIN_BROKER_PASSWORD, or the identity's password file in the lab's security profile)"
+        )
+    text = str(exc)
+    if "SSL" in text or "certificate" in text.lower() or "handshake" in text.lower():
+        reason = text.split("] ", 1)[-1].split(" (_ssl", 1)[0]
+        hint = (
+            "the broker wants a client certificate (LABTWIN_TLS_CERT / LABTWIN_TLS_KEY, or the identity's cert:)"
+            if "CERTIFICATE_REQUIRED" in text or "certificate required" in text
+            else "check LABTWIN_TLS_CA (or the profile's ca:) and that the broker's certificate names this host"
+        )
+        return BrokerRefused(f"TLS with the MQTT broker at {conn} failed: {reason}; {hint}")
+    return None
+
+
 def _matches(filter_: str, topic_name: str) -> bool:
     fparts, tparts = filter_.split("/"), topic_name.split("/")
     for i, part in enumerate(fparts):
@@ -137,7 +159,7 @@ class Bus:
 
     def __init__(
         self,
-        url: str,
+        url: str | BrokerConnection,
         client_id: str | None = None,
         *,
         will: tuple[str, bytes] | None = None,
@@ -149,8 +171,14 @@ class Bus:
         io_timeout_s: float = 30.0,
         keepalive_s: int = 15,
     ) -> None:
-        self.address = BrokerAddress.parse(url)
+        self.connection = BrokerConnection.parse(url)
+        self.address = self.connection  # str() is the URL without its password
+        self._transport = resolve_transport(self.connection)
         self.client_id = client_id or f"labtwin-{uuid.uuid4().hex[:12]}"
+        self.refusals: deque[Refusal] = deque(maxlen=100)
+        self.on_refusal: Callable[[Refusal], None] | None = None
+        self._gave_up: BaseException | None = None
+        self._done = asyncio.Event()
         self.will = will
         self.persistent = persistent
         self.stats = BusStats()
@@ -178,14 +206,36 @@ class Bus:
     async def __aenter__(self) -> Bus:
         self._manager = asyncio.create_task(self._run(), name=f"bus-{self.client_id}")
         try:
-            await asyncio.wait_for(self._connected.wait(), self._connect_timeout_s)
+            await asyncio.wait_for(self._wait_connected_or_refused(), self._connect_timeout_s)
         except TimeoutError:
             await self.close(flush_timeout_s=0)
             raise BrokerUnreachable(
                 f"cannot reach the MQTT broker at {self.address} within {self._connect_timeout_s:.0f} s: "
                 "start it, or omit --broker to use the embedded one"
             ) from None
+        if self._gave_up is not None:
+            await self.close(flush_timeout_s=0)
+            raise self._gave_up
         return self
+
+    async def _wait_connected_or_refused(self) -> None:
+        connected = asyncio.ensure_future(self._connected.wait())
+        done = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait([connected, done], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+            done.cancel()
+
+    @property
+    def identity(self) -> str | None:
+        """Who this bus publishes as (its signing identity), None where the lab does not sign."""
+        return self._transport.signer.sender if self._transport.signer is not None else None
+
+    @property
+    def signed(self) -> bool:
+        """True when this bus signs what it publishes (the lab has a security profile with this identity)."""
+        return self._transport.signer is not None
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
@@ -229,6 +279,8 @@ class Bus:
         """Queue a message; it is sent (and re-sent after a reconnect) until the broker acknowledges it.
         Blocks only when the outbox is full: that is the back-pressure on a fast producer."""
         data = payload if isinstance(payload, (bytes, bytearray)) else encode(payload)
+        if self._transport.signer is not None:
+            data = self._transport.signer.seal(topic_name, bytes(data))
         self._idle.clear()
         await self._outbox.put(_Outgoing(next(self._ids), topic_name, bytes(data), qos, retain))
 
@@ -260,19 +312,30 @@ class Bus:
     # ------------------------------------------------------------------ connection loop
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        finally:
+            self._done.set()
+
+    async def _connection_loop(self) -> None:
         backoff_s = 0.2
         first = True
+        transport = self._transport
         while not self._closing:
             try:
                 will = None
                 if self.will is not None:
-                    will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
+                    payload = self.will[1]
+                    if transport.signer is not None:  # signed afresh at every connect
+                        payload = transport.signer.seal(self.will[0], payload)
+                    will = aiomqtt.Will(self.will[0], payload, qos=1, retain=True)
                 async with aiomqtt.Client(
-                    self.address.host,
-                    self.address.port,
+                    transport.host,
+                    transport.port,
                     identifier=self.client_id,
-                    username=self.address.username,
-                    password=self.address.password,
+                    username=transport.username,
+                    password=transport.password,
+                    tls_context=transport.tls_context,
                     clean_session=not self.persistent,
                     will=will,
                     keepalive=self._keepalive_s,
@@ -303,6 +366,10 @@ class Bus:
                 self._connected.clear()
                 self._client = None
             if self._closing:
+                return
+            refused = _refusal(lost, self.connection, transport.username) if lost is not None else None
+            if refused is not None and first:  # a wrong password or CA: say so once, do not retry
+                self._gave_up = refused
                 return
             log.warning(
                 "bus %s lost the broker at %s (%s); retrying in %.1f s", self.client_id, self.address, lost, backoff_s
@@ -340,13 +407,35 @@ class Bus:
             targets = [s for s in self._subs if any(_matches(f, name) for f in s.filters)]
             if not targets:
                 continue
+            payload = raw.payload if isinstance(raw.payload, (bytes, bytearray)) else str(raw.payload).encode()
+            sender: str | None = None
+            verifier = self._transport.verifier
             try:
-                payload = raw.payload if isinstance(raw.payload, (bytes, bytearray)) else str(raw.payload).encode()
+                if verifier is not None:
+                    trusted = verifier.check(name, bytes(payload))
+                    payload, sender = trusted.body, trusted.sender
+                elif is_sealed(payload):  # a signed lab read by a process without its profile: unverified
+                    payload = open_envelope(bytes(payload)).body
                 doc = decode(name, payload)
-            except MalformedPayload as exc:
+            except Duplicate:
+                self.stats.duplicates += 1
+                continue
+            except Refused as exc:
+                self._refuse(Refusal(name, exc.sender, exc.reason))
+                continue
+            except (MalformedPayload, BadSignature) as exc:
                 self.stats.malformed += 1
                 log.warning("skipped a malformed payload: %s", exc)
                 continue
-            message = Message(name, doc)
+            message = Message(name, doc, sender)
             for sub in targets:
                 sub._offer(message)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self.stats.refused += 1
+        self.refusals.append(refusal)
+        log.warning(
+            "refused a payload on %s from %s: %s", refusal.topic, refusal.sender or "an unsigned sender", refusal.reason
+        )
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)

@@ -6,7 +6,6 @@ import re
 
 ROOT = "labtwin/v1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DEFAULT_USERNAME = "labtwin"
 
 
 def check_name(kind: str, name: str) -> str:

@@ -127,8 +127,9 @@ async def _run(file: Path, campaign, s: Settings):
 
     config = s.lab_config
     await start_prefect_api()
-    if s.broker is not None:
-        return await run_campaign(str(file), s.broker, config.lab, s.store)
+    connection = s.connection("orchestrator")
+    if connection is not None:
+        return await run_campaign(str(file), connection, config.lab, s.store)
     async with LocalLab(config, channels_of(campaign), None, s.store, s.speed_value) as local:
         return await run_campaign(str(file), local.url, config.lab, s.store)
 
@@ -232,7 +233,7 @@ async def _serve(
     from labtwin.orchestration.campaign_flow import serve_campaign
     from labtwin.orchestration.prefect_server import LocalPrefectServer
 
-    config, broker_url = s.lab_config, s.broker
+    config, broker_url = s.lab_config, s.connection("orchestrator")
     # Deployments run in other processes (other working directories): a relative SQLite path is made absolute.
     store_url = s.store if "://" in s.store else str(Path(s.store).resolve())
     async with contextlib.AsyncExitStack() as stack:

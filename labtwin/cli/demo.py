@@ -29,14 +29,17 @@ from labtwin.bus import Bus
 from labtwin.cli.wiring import LocalLab, default_lab
 from labtwin.data.store import describe_url
 from labtwin.documents import RunStart, StepEvent
+from labtwin.security import BrokerConnection, as_identity
 
 # ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
 # ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
 DEMO_PLAN = {"ch1": "demo-lto-0.1C", "ch2": "lco_formation"}
 
 
-async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, TaskID], stop: asyncio.Event) -> None:
-    async with Bus(url, f"demo-progress-{lab}") as bus:
+async def _follow(
+    url: BrokerConnection, lab: str, progress: Progress, bars: dict[str, TaskID], stop: asyncio.Event
+) -> None:
+    async with Bus(as_identity(url, "viewer"), f"demo-progress-{lab}") as bus:
         sub = await bus.subscribe(f"{busmod.ROOT}/{lab}/+/event")
         while not stop.is_set():
             try:
@@ -52,7 +55,14 @@ async def _follow(url: str, lab: str, progress: Progress, bars: dict[str, TaskID
                 progress.update(bar, advance=1, description=f"{doc.channel} cycle {doc.cycle}: {doc.label}")
 
 
-async def run_demo(broker_url: str | None, store_url: str, out: Path, console: Console, quiet: bool = False) -> dict:
+async def run_demo(
+    broker_url: str | BrokerConnection | None,
+    store_url: str,
+    out: Path,
+    console: Console,
+    quiet: bool = False,
+    security: Path | None = None,
+) -> dict:
     from labtwin.orchestration.flows import run_protocol, start_prefect_api  # imports Prefect (~1 s)
 
     wall_start = time.monotonic()
@@ -70,7 +80,7 @@ async def run_demo(broker_url: str | None, store_url: str, out: Path, console: C
         disable=quiet,
         transient=False,
     )
-    async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True) as local:
+    async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True, security=security) as local:
         store, twin_service = local.store, local.twin_service
         assert store is not None and twin_service is not None  # record=True, twin=True
         if not quiet:

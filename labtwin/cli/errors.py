@@ -9,6 +9,8 @@ answer); anything else is a bug and keeps its traceback. Exit codes, the same fo
   ``protocol check`` refused the protocol;
 - 2: a user error: a file, flag or setting that cannot work, a channel nobody serves, a store that cannot
   be written;
+- 3: refused: the broker or the channel's agent did not accept a command (``pause``, ``resume``, ``stop``:
+  credentials or ACL without the right, an unsigned or wrongly signed command, no agent acknowledged it);
 - 130: interrupted by Ctrl-C (a run in progress is stopped and marked interrupted first).
 """
 
@@ -21,8 +23,11 @@ from typing import Any
 import typer
 import typer.core
 
+from labtwin.security.redact import redact
+
 EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
+EXIT_REFUSED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -48,6 +53,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.protocols.strings", ("StepStringError",)),
         ("labtwin.physics.library", ("CellFileError",)),
         ("labtwin.bus.client", ("BrokerUnreachable",)),
+        ("labtwin.security.profile", ("SecurityProfileError",)),
         ("labtwin.instruments.transport", ("InstrumentError",)),  # off, unplugged, wrong address, its own error
         ("labtwin.data.store", ("StoreError",)),
         ("labtwin.data.migrate", ("StoreError",)),
@@ -75,7 +81,7 @@ def one_line(message: str) -> str:
 
 def report(message: str) -> None:
     # Plain text, not rich: rich wraps at the terminal's width and reads "[0]" in a field path as markup.
-    typer.echo(f"error: {one_line(message)}", err=True)
+    typer.echo(f"error: {redact(one_line(message))}", err=True)
 
 
 def store_error(url: str, exc: BaseException) -> UserError:

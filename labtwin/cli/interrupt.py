@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from labtwin.data.store import describe_url
+from labtwin.security import BrokerConnection, as_identity
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -36,12 +37,12 @@ def new_run_id(channel: str) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{channel}-{uuid.uuid4().hex[:6]}"
 
 
-async def _send_stop(url: str, lab: str, channel: str, run_id: str) -> None:
+async def _send_stop(url: str | BrokerConnection, lab: str, channel: str, run_id: str) -> None:
     from labtwin import bus as busmod
     from labtwin.bus import Bus
     from labtwin.documents import StopRun
 
-    async with Bus(url, f"cli-interrupt-{run_id}") as bus:
+    async with Bus(as_identity(url, "orchestrator"), f"cli-interrupt-{run_id}") as bus:
         await bus.publish(
             busmod.topic(lab, channel, "cmd"), StopRun(run_id=run_id, exit_status="aborted", reason=INTERRUPTED_REASON)
         )
@@ -50,7 +51,7 @@ async def _send_stop(url: str, lab: str, channel: str, run_id: str) -> None:
 
 async def stop_on_interrupt(
     flow: Coroutine[Any, Any, T],
-    url: str,
+    url: str | BrokerConnection,
     lab: str,
     channel: str,
     run_id: str,

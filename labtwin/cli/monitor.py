@@ -17,6 +17,7 @@ from rich.table import Table
 from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, StepEvent
+from labtwin.security import BrokerConnection, as_identity
 
 
 class MonitorView:
@@ -96,7 +97,9 @@ class MonitorView:
         return Group(table, twins, events) if self.cells else Group(table, events)
 
 
-async def monitor(broker_url: str, lab: str = "+", seconds: float | None = None, console=None) -> MonitorView:
+async def monitor(
+    broker_url: str | BrokerConnection, lab: str = "+", seconds: float | None = None, console=None
+) -> MonitorView:
     """Show the live view until interrupted (or for ``seconds``); returns what it saw."""
     view = MonitorView()
     filters = [
@@ -105,7 +108,7 @@ async def monitor(broker_url: str, lab: str = "+", seconds: float | None = None,
         f"{busmod.ROOT}/{lab}/cells/+/state",
         f"{busmod.ROOT}/{lab}/cells/+/anomaly",
     ]
-    async with Bus(broker_url) as bus:
+    async with Bus(as_identity(broker_url, "viewer")) as bus:
         sub = await bus.subscribe(filters)
         deadline = None if seconds is None else time.monotonic() + seconds
         with Live(view.render(), console=console, refresh_per_second=4, transient=False) as live:

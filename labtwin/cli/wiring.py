@@ -34,6 +34,7 @@ from labtwin.instruments.transport import AuditTrail
 from labtwin.physics.library import CellDefinition, load_cell
 from labtwin.protocols.compile import CompileContext, compile_program
 from labtwin.protocols.model import Protocol, load_protocol, resolve_protocol_path
+from labtwin.security import BrokerConnection, as_identity
 from labtwin.simulators.potentiostat import SimulatedPotentiostat
 from labtwin.twin.service import TwinService
 
@@ -94,12 +95,12 @@ def channel_capacity_Ah(cfg: ChannelConfig) -> float | None:
     return check_cell(cfg.cell).nominal_capacity_Ah if cfg.cell else None
 
 
-async def check_channel(url: str, lab: str, channel: str, timeout_s: float = 5.0) -> ChannelStatus:
+async def check_channel(url: str | BrokerConnection, lab: str, channel: str, timeout_s: float = 5.0) -> ChannelStatus:
     """The channel's retained status: an agent serves it and it is free, or one line saying what is wrong."""
     from labtwin import bus as busmod
     from labtwin.bus import Bus
 
-    async with Bus(url, f"cli-check-{channel}-{uuid.uuid4().hex[:6]}") as bus:
+    async with Bus(as_identity(url, "orchestrator"), f"cli-check-{channel}-{uuid.uuid4().hex[:6]}") as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
         try:
             status = (await sub.get(timeout_s)).document
@@ -257,12 +258,13 @@ class LocalLab:
 
     config: LabConfig
     channels: list[str]
-    broker_url: str | None = None
+    broker_url: str | BrokerConnection | None = None
     store_url: str | None = None
     speed: float | None | str = "config"
     cells: dict[str, str] = field(default_factory=dict)
     record: bool = True
     twin: bool = False
+    security: Path | None = None  # the lab's security profile, for an embedded broker (a given one carries its own)
 
     async def __aenter__(self) -> LocalLab:
         try:
@@ -280,8 +282,8 @@ class LocalLab:
         url = self.broker_url  # resolved by Settings; None: an embedded broker here
         if url is None:
             self.broker = await EmbeddedBroker().start()
-            url = self.broker.url
-        self.url = url
+            url = BrokerConnection.parse(self.broker.url, self.security)
+        self.url = BrokerConnection.parse(url)
         self.store = None
         self.recorder = None
         if self.record:

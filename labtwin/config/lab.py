@@ -83,7 +83,12 @@ class LabConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lab: str = "default"
-    broker: str | None = Field(None, description="mqtt://host:port; None = embedded broker")
+    broker: str | None = Field(None, description="mqtt://host:port or mqtts://host:8883; None = embedded broker")
+    security: Path | None = Field(
+        None,
+        description="the lab's security profile (labtwin lab secure writes it): identities, TLS, signing keys; "
+        "relative to the lab file",
+    )
     store: str | None = Field(None, description="SQLite path or postgresql:// URL; None = ./labtwin-data/labtwin.db")
     channels: dict[str, ChannelConfig] = Field(min_length=1)
 
@@ -133,7 +138,10 @@ def load_lab(path: str | Path) -> LabConfig:
     if not isinstance(data, dict):
         raise LabConfigError(f"{path}: a lab file is a mapping with `lab:` and `channels:`, got {type(data).__name__}")
     try:
-        return LabConfig.model_validate(data)
+        config = LabConfig.model_validate(data)
     except ValidationError as exc:
         lines = [f"{path}: {'.'.join(str(p) for p in e['loc']) or 'lab'}: {e['msg']}" for e in exc.errors()]
         raise LabConfigError("\n".join(lines)) from None
+    if config.security is not None and not config.security.expanduser().is_absolute():
+        config = config.model_copy(update={"security": path.parent / config.security})
+    return config

@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from labtwin.config.lab import DEFAULT_LAB_FILE, LabConfig, load_lab
 from labtwin.data.store import DEFAULT_SQLITE
 from labtwin.devices.clock import parse_speed
+from labtwin.security import BrokerConnection
 
 
 class LabFileSource(PydanticBaseSettingsSource):
@@ -41,10 +42,11 @@ class LabFileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         chosen = self.current_state
-        if "broker" in chosen and "store" in chosen:
+        if all(name in chosen for name in ("broker", "store", "security")):
             return {}
         config = load_lab(lab_file_of(chosen.get("lab"), chosen.get("fallback_lab")))
-        return {name: value for name, value in (("broker", config.broker), ("store", config.store)) if value}
+        lines = (("broker", config.broker), ("store", config.store), ("security", config.security))
+        return {name: value for name, value in lines if value}
 
 
 def lab_file_of(lab: Path | str | None, fallback_lab: Path | str | None) -> Path:
@@ -60,7 +62,12 @@ class Settings(BaseSettings):
     fallback_lab: Path | None = Field(
         None, description="the lab file named by the file a command runs (a campaign's `lab:`), below LABTWIN_LAB"
     )
-    broker: str | None = Field(None, description="mqtt://host:port (LABTWIN_BROKER); None: embedded or none")
+    broker: str | None = Field(
+        None, description="mqtt://host:port or mqtts://host:8883 (LABTWIN_BROKER); None: embedded or none"
+    )
+    security: Path | None = Field(
+        None, description="the lab's security profile (LABTWIN_SECURITY, the lab file's security:); None: unsigned"
+    )
     store: str = Field(str(DEFAULT_SQLITE), description="SQLite path or postgresql:// URL (LABTWIN_STORE)")
     speed: str | None = Field(None, description="simulated channels: 1 = real time, 1000, or max (LABTWIN_SPEED)")
 
@@ -83,6 +90,13 @@ class Settings(BaseSettings):
         """The settings for these flags; a flag left out or given as None falls through to the next rung."""
         return cls(**{name: value for name, value in flags.items() if value is not None})
 
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        if value is not None:
+            BrokerConnection.parse(value)  # mqtt:// or mqtts://, with a host: one line naming the URL if not
+        return value
+
     @field_validator("speed")
     @classmethod
     def _speed(cls, value: str | None) -> str | None:
@@ -91,6 +105,14 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"--speed / LABTWIN_SPEED: {exc}") from None
         return value
+
+    def connection(self, identity: str | None = None, url: str | None = None) -> BrokerConnection | None:
+        """The broker as a reference (URL without its password, the security profile, who this process is);
+        None where no broker is set (a command that can starts an embedded one)."""
+        url = url or self.broker
+        if url is None:
+            return None
+        return BrokerConnection.parse(url, self.security, identity)
 
     @property
     def lab_file(self) -> Path:

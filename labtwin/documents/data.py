@@ -116,7 +116,21 @@ class RunStop(Document):
     cell_time_s: float = 0.0
 
 
-Event = Annotated[RunStart | StepEvent | RunStop, Field(discriminator="kind")]
+class SecurityEvent(Document):
+    """Agent -> all: a command it refused (unsigned, wrongly signed, replayed, or from a sender not allowed
+    there). The running step goes on; the event names who the command claimed to be from, so a lab sees
+    an attack or a misconfigured client instead of a silent drop."""
+
+    kind: Literal["security"] = "security"
+    lab: str
+    channel: str
+    topic: str
+    sender: str | None = None
+    reason: str
+    time: datetime = Field(default_factory=utc_now)
+
+
+Event = Annotated[RunStart | StepEvent | RunStop | SecurityEvent, Field(discriminator="kind")]
 
 
 class SampleBatch(Document):

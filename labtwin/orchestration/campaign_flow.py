@@ -35,6 +35,7 @@ from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
 from labtwin.orchestration.flows import ChannelBusy, run_protocol
 from labtwin.orchestration.resume import ResumeState, read_run
+from labtwin.security import BrokerConnection, as_identity
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,13 @@ class JobResult:
 
 
 async def wait_channel_free(
-    broker_url: str, lab: str, channel: str, own_run: str, timeout_s: float = 7 * 86400
+    broker_url: str | BrokerConnection, lab: str, channel: str, own_run: str, timeout_s: float = 7 * 86400
 ) -> None:
     """Until the channel's agent is idle, or holds this job's own run: the agent is the channel's lease."""
-    async with Bus(broker_url, f"campaign-wait-{channel}-{own_run[-12:]}-{time.monotonic_ns() % 10**6}") as bus:
+    async with Bus(
+        as_identity(broker_url, "orchestrator"),
+        f"campaign-wait-{channel}-{own_run[-12:]}-{time.monotonic_ns() % 10**6}",
+    ) as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -122,7 +126,7 @@ def default_parallel_runs() -> int:
 
 
 def _job_flow(
-    job: Job, channel: str, broker_url: str, lab: str, resume: ResumeState | None
+    job: Job, channel: str, broker_url: str | BrokerConnection, lab: str, resume: ResumeState | None
 ) -> Callable[[list[Any]], Awaitable[RunSummary]]:
     """How _start_gated starts the job's run_protocol flow run, with the on_running hooks it is given."""
 
@@ -144,7 +148,7 @@ def _job_flow(
 async def _run_job(
     job: Job,
     campaign: Campaign,
-    broker_url: str,
+    broker_url: str | BrokerConnection,
     lab: str,
     store: Store,
     locks: dict[str, asyncio.Lock],
@@ -192,7 +196,9 @@ async def _run_job(
 
 
 @flow(name="campaign", flow_run_name="campaign {campaign_file}", log_prints=False)
-async def run_campaign(campaign_file: str, broker_url: str, lab: str, store_url: str) -> list[JobResult]:
+async def run_campaign(
+    campaign_file: str, broker_url: str | BrokerConnection, lab: str, store_url: str
+) -> list[JobResult]:
     """Run every job of a campaign that has not finished, resuming interrupted ones; returns one result per job."""
     campaign = load_campaign(campaign_file)
     jobs = plan(campaign)
@@ -217,7 +223,13 @@ def scheduled_run_id(campaign: Campaign, cell_id: str, entry: int, protocol: str
 
 @flow(name="campaign-scheduled", flow_run_name="{cell_id}: {protocol} (schedule {entry})", log_prints=False)
 async def scheduled_job(
-    campaign_file: str, cell_id: str, protocol: str, entry: int, broker_url: str, lab: str, store_url: str
+    campaign_file: str,
+    cell_id: str,
+    protocol: str,
+    entry: int,
+    broker_url: str | BrokerConnection,
+    lab: str,
+    store_url: str,
 ) -> JobResult:
     """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job."""
     campaign = load_campaign(campaign_file)
@@ -241,12 +253,14 @@ async def scheduled_job(
     return result
 
 
-async def first_free_channel(broker_url: str, lab: str, channels: list[str], own_run: str) -> str:
+async def first_free_channel(broker_url: str | BrokerConnection, lab: str, channels: list[str], own_run: str) -> str:
     """The first channel of a pool whose agent is idle (or holds this run) now; else the first of the pool,
     where the job will wait its turn."""
     if len(channels) == 1:
         return channels[0]
-    async with Bus(broker_url, f"campaign-pool-{own_run[-12:]}-{time.monotonic_ns() % 10**6}") as bus:
+    async with Bus(
+        as_identity(broker_url, "orchestrator"), f"campaign-pool-{own_run[-12:]}-{time.monotonic_ns() % 10**6}"
+    ) as bus:
         sub = await bus.subscribe([busmod.topic(lab, ch, "status") for ch in channels])
         seen: dict[str, ChannelStatus] = {}
         deadline = time.monotonic() + 5.0
@@ -279,7 +293,7 @@ DRAIN_TIMEOUT_S = 120.0
 
 async def serve_campaign(
     campaign_file: str,
-    broker_url: str,
+    broker_url: str | BrokerConnection,
     lab: str,
     store_url: str,
     run_now: bool = True,

@@ -51,6 +51,7 @@ from labtwin.orchestration.resume import ResumeState
 from labtwin.protocols.compile import CompileContext, compile_program
 from labtwin.protocols.model import load_protocol, resolve_protocol_path
 from labtwin.protocols.program import Interpreter
+from labtwin.security import BrokerConnection, as_identity
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
 async def run_protocol(
     protocol: str,
     channel: str,
-    broker_url: str,
+    broker_url: str | BrokerConnection,
     lab: str = "default",
     run_id: str | None = None,
     cell_id: str | None = None,
@@ -413,7 +414,9 @@ async def run_protocol(
         flow_run_id = str(flow_run.id) if flow_run is not None else None
     except Exception:  # pragma: no cover - outside a flow run
         flow_run_id = None
-    async with Bus(broker_url, f"flow-{run_id}-{uuid.uuid4().hex[:6]}") as bus:  # a resumed run is a new client
+    async with Bus(
+        as_identity(broker_url, "orchestrator"), f"flow-{run_id}-{uuid.uuid4().hex[:6]}"
+    ) as bus:  # a resumed run is a new client
         link = await _connect_channel(bus, lab, channel, own_run=run_id if resume else None)
         status = link.known_status
         program = compile_program(

@@ -187,14 +187,17 @@ def tls_context(ca: str | Path | None, cert: str | Path | None, key: str | Path 
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
     except (OSError, ssl.SSLError) as exc:
-        raise SecurityProfileError(f"TLS CA file {ca} cannot be loaded ({exc}): LABTWIN_TLS_CA or the profile's ca:") from None
+        raise SecurityProfileError(
+            f"TLS CA file {ca} cannot be loaded ({exc}): LABTWIN_TLS_CA or the profile's ca:"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert or key:
         if not (cert and key):
-            raise SecurityProfileError("a client certificate needs both LABTWIN_TLS_CERT and LABTWIN_TLS_KEY (or cert: and key:)")
+            raise SecurityProfileError(
+                "a client certificate needs both LABTWIN_TLS_CERT and LABTWIN_TLS_KEY (or cert: and key:)"
+            )
         try:
             context.load_cert_chain(str(cert), str(key))
         except (OSError, ssl.SSLError) as exc:
             raise SecurityProfileError(f"client certificate {cert} / key {key} cannot be loaded ({exc})") from None
     return context
-

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
 from labtwin.documents import Anomaly, PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
+from labtwin.security import BrokerConnection, as_identity
 from labtwin.twin.cell_twin import CellTwin
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class TwinStats:
 class TwinService:
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | BrokerConnection,
         twin_for: TwinFactory,
         lab: str = "+",
         *,
@@ -72,7 +73,7 @@ class TwinService:
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event"]
-        async with Bus(self.broker_url, self.client_id, persistent=True) as bus:
+        async with Bus(as_identity(self.broker_url, "twin"), self.client_id, persistent=True) as bus:
             sub = await bus.subscribe(filters)
             self._ready.set()
             stopper = asyncio.create_task(stop.wait()) if stop else None

@@ -1,0 +1,94 @@
+"""An operator's hand on a running channel: pause, resume and stop, each confirmed by the agent or refused.
+
+A command is done when the channel's agent says so (its status, or the run's RunStop), not when the broker
+took it: a broker whose ACL denies the operator still acknowledges an MQTT 3.1.1 publish and drops it,
+and an agent in a signed lab refuses a command it cannot verify with a security event. Either way the
+operator reads one line saying the command was refused and the command exits EXIT_REFUSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from labtwin import bus as busmod
+from labtwin.bus import Bus
+from labtwin.cli.errors import EXIT_REFUSED, UserError
+from labtwin.documents import ChannelState, ChannelStatus, RunStop, SecurityEvent
+from labtwin.security import BrokerConnection, as_identity
+
+
+@dataclass(frozen=True)
+class Order:
+    """What to send for the channel's run, and how the agent shows it was done."""
+
+    verb: str  # pause, resume, stop
+    make: Callable[[str], BaseModel]
+    done: Callable[[BaseModel, str], bool]
+
+
+def paused(doc: BaseModel, run_id: str) -> bool:
+    return isinstance(doc, ChannelStatus) and doc.run_id == run_id and doc.state is ChannelState.paused
+
+
+def running(doc: BaseModel, run_id: str) -> bool:
+    return isinstance(doc, ChannelStatus) and doc.run_id == run_id and doc.state is ChannelState.running
+
+
+def stopped(doc: BaseModel, run_id: str) -> bool:
+    if isinstance(doc, RunStop):
+        return doc.run_id == run_id
+    return isinstance(doc, ChannelStatus) and doc.run_id != run_id and doc.state is not ChannelState.offline
+
+
+async def command_channel(
+    url: str | BrokerConnection,
+    lab: str,
+    channel: str,
+    order: Order,
+    timeout_s: float = 10.0,
+    ack_timeout_s: float = 10.0,
+) -> str:
+    """Send ``order`` for the run now on a channel and wait for its agent to carry it out; the run id."""
+    connection = as_identity(url, "operator")
+    async with Bus(connection, f"cli-{order.verb}-{channel}-{os.getpid()}") as bus:
+        status_sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
+        try:
+            status = (await status_sub.get(timeout_s)).document
+        except TimeoutError:
+            raise UserError(
+                f"no status from channel {channel} of lab {lab} on {connection}: is its agent running?"
+            ) from None
+        if not isinstance(status, ChannelStatus) or not status.run_id:
+            raise UserError(f"channel {channel} has no run to {order.verb} (state {getattr(status, 'state', '?')})")
+        run_id = status.run_id
+        answers = await bus.subscribe([busmod.topic(lab, channel, "status"), busmod.topic(lab, channel, "event")])
+        status_sub.close()
+        await bus.publish(busmod.topic(lab, channel, "cmd"), order.make(run_id))
+        await bus.flush()
+        deadline = asyncio.get_running_loop().time() + ack_timeout_s
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await answers.get(max(remaining, 0.0)) if remaining > 0 else None
+            except TimeoutError:
+                message = None
+            if message is None:
+                raise UserError(
+                    f"{order.verb} of run {run_id} on {channel} was not acknowledged by its agent within "
+                    f"{ack_timeout_s:.0f} s: the broker may have refused {connection.identity or 'this user'}'s "
+                    "publish (its ACL lets only an operator or the orchestrator command a channel), or the agent "
+                    "is not running",
+                    EXIT_REFUSED,
+                )
+            doc = message.document
+            if isinstance(doc, SecurityEvent) and doc.topic.endswith("/cmd") and doc.sender in (None, bus.identity):
+                raise UserError(
+                    f"{order.verb} of run {run_id} on {channel} refused by its agent: {doc.reason}", EXIT_REFUSED
+                )
+            if order.done(doc, run_id):
+                return run_id
