@@ -634,6 +634,7 @@ from labtwin.cli.analyze import analyze_app  # noqa: E402
 from labtwin.cli.campaign import campaign_app  # noqa: E402
 from labtwin.cli.db import db_app  # noqa: E402
 from labtwin.cli.emulate import emulate_app  # noqa: E402
+from labtwin.cli.lab import lab_app  # noqa: E402
 from labtwin.cli.protocol import protocol_app, schema_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
@@ -643,6 +644,7 @@ app.add_typer(protocol_app, name="protocol")
 app.add_typer(schema_app, name="schema")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(db_app, name="db")
+app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:
