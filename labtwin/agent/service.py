@@ -133,6 +133,8 @@ class Agent:
             executor = asyncio.create_task(self._execute_commands())
             receiver = asyncio.create_task(self._receive(commands))
             waiters: list[asyncio.Task[Any]] = [executor, receiver]
+            if bus.signed:  # a forged retained status would hide this agent from every new subscriber
+                waiters.append(asyncio.create_task(self._guard_status(await bus.subscribe(self._t("status")))))
             if stop is not None:
                 waiters.append(asyncio.create_task(stop.wait()))
             try:
@@ -186,8 +188,22 @@ class Agent:
                 continue
             await self._queue.put(doc)
 
+    async def _guard_status(self, own: busmod.Subscription) -> None:
+        """Reads back the channel's status (its own, verified); a forged one is answered in ``_refused``."""
+        async for _ in own:
+            pass
+
     def _refused(self, refusal: Refusal) -> None:
-        """A command the bus would not deliver: said on the channel's event topic; the step goes on."""
+        """A command the bus would not deliver: said on the channel's event topic; the step goes on.
+
+        A status on this channel's topic that is not this agent's (a forged retained "offline") is
+        overwritten at once with the true one, so the next `labtwin run` finds the agent."""
+        if refusal.topic == self._t("status"):
+            log.warning("channel %s: a status not signed by this agent was published; re-asserting", self.channel)
+            task = asyncio.get_running_loop().create_task(self._publish_status(force=True, state=self._state))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
         if not refusal.topic.endswith("/cmd"):
             return
         log.warning(

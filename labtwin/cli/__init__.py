@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +28,8 @@ from labtwin.config.lab import DEFAULT_LAB_FILE
 from labtwin.config.settings import Settings
 from labtwin.data.store import describe_url
 from labtwin.orchestration.prefect_env import use_prefect_defaults
+from labtwin.security import BrokerConnection
+from labtwin.security.profile import agent_identity
 
 app = typer.Typer(
     cls=LabtwinGroup,
@@ -72,13 +73,15 @@ def settings(**flags: Any) -> Settings:
         raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
-def _needs_broker(s: Settings, who: str) -> str:
-    if s.broker is None:
+def _needs_broker(s: Settings, who: str, identity: str) -> BrokerConnection:
+    """The lab's broker for a process acting as ``identity`` (its role in the lab's security profile)."""
+    connection = s.connection(identity)
+    if connection is None:
         raise UserError(
             f"{who} needs the lab's broker: --broker mqtt://host:port, LABTWIN_BROKER, the lab file's broker: "
             f"({s.lab_file}), or start one with `labtwin broker`"
         )
-    return s.broker
+    return connection
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -148,7 +151,7 @@ def demo(
 
     # The demo's plan names the packaged lab's channels, so its lab file is that one whatever LABTWIN_LAB says.
     s = settings(lab=DEFAULT_LAB_FILE, broker=broker, store=store)
-    result = asyncio.run(run_demo(s.broker, s.store, out, console, quiet=as_json))
+    result = asyncio.run(run_demo(s.connection(), s.store, out, console, quiet=as_json, security=s.security))
     if as_json:
         _print_json(result)
 
@@ -185,8 +188,9 @@ def run(
     capacity_Ah = channel_capacity_Ah(cfg)
     local = s.broker is None
     check_protocol(protocol, capacity_Ah, cfg.limits, compile=local and capacity_Ah is not None)
-    if s.broker is not None:
-        asyncio.run(check_channel(s.broker, config.lab, channel))
+    connection = s.connection("orchestrator")
+    if connection is not None:
+        asyncio.run(check_channel(connection, config.lab, channel))
     from labtwin.cli.interrupt import RunInterrupted
 
     try:
@@ -210,10 +214,11 @@ async def _run(s: Settings, protocol: str, channel: str):
     config = s.lab_config
     await start_prefect_api()
     run_id = new_run_id(channel)
-    if s.broker is not None:
+    connection = s.connection("orchestrator")
+    if connection is not None:
         return await stop_on_interrupt(
-            run_protocol(protocol, channel, s.broker, lab=config.lab, run_id=run_id),
-            s.broker,
+            run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id),
+            connection,
             config.lab,
             channel,
             run_id,
@@ -335,7 +340,7 @@ def agent(
     s = settings(lab=lab, broker=broker, speed=speed)
     config = s.lab_config
     cfg = config.channel(channel)
-    url = _needs_broker(s, "an agent")
+    url = _needs_broker(s, "an agent", agent_identity(channel))
     built = build_channel(channel, cfg, s.speed_value, config.lab)
     a = Agent(
         lab=config.lab,
@@ -368,7 +373,7 @@ def record(
     from labtwin.data.recorder import Recorder
 
     s = settings(lab=lab, broker=broker, store=store)
-    url = _needs_broker(s, "the recorder")
+    url = _needs_broker(s, "the recorder", "recorder")
     config = s.lab_config
     store_ = open_store(s.store)
     err.print(f"recording lab {config.lab} from {url} into {describe_url(store_.url)}; Ctrl-C stops")
@@ -392,7 +397,7 @@ def twin(
     from labtwin.twin.service import TwinService
 
     s = settings(lab=lab, broker=broker)
-    url = _needs_broker(s, "the twin")
+    url = _needs_broker(s, "the twin", "twin")
     config = s.lab_config
     err.print(
         f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops"
@@ -491,31 +496,14 @@ def broker(
         raise UserError(f"cannot listen on {host}:{port}: {exc}; choose another --port") from None
 
 
-async def _command_channel(url: str, lab: str, channel: str, make, timeout_s: float = 10.0) -> str:
-    """Send a command for the run now on a channel (its run id from the channel's retained status)."""
-    from labtwin import bus as busmod
-    from labtwin.bus import Bus
-    from labtwin.documents import ChannelStatus
+def _channel_command(channel: str, broker: str | None, lab: Path | None, order) -> str:
+    from labtwin.cli.operator import command_channel
 
-    async with Bus(url, f"cli-{channel}-{os.getpid()}") as bus:
-        sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
-        try:
-            status = (await sub.get(timeout_s)).document
-        except TimeoutError:
-            raise UserError(f"no status from channel {channel} of lab {lab} on {url}: is its agent running?") from None
-        if not isinstance(status, ChannelStatus) or not status.run_id:
-            raise UserError(f"channel {channel} has no run to command (state {getattr(status, 'state', '?')})")
-        await bus.publish(busmod.topic(lab, channel, "cmd"), make(status.run_id))
-        await bus.flush()
-        return status.run_id
-
-
-def _channel_command(channel: str, broker: str | None, lab: Path | None, who: str, make) -> str:
     s = settings(lab=lab, broker=broker)
-    url = _needs_broker(s, who)
+    url = _needs_broker(s, order.verb, "operator")
     config = s.lab_config
     config.channel(channel)
-    return asyncio.run(_command_channel(url, config.lab, channel, make))
+    return asyncio.run(command_channel(url, config.lab, channel, order))
 
 
 @app.command()
@@ -525,10 +513,14 @@ def pause(
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
 ) -> None:
-    """Hold the run on a channel: open circuit within one sample, still sampling and checking limits."""
+    """Hold the run on a channel: open circuit within one sample, still sampling and checking limits.
+
+    Exits 3 if the agent does not confirm it (the broker or the agent refused the command)."""
+    from labtwin.cli.operator import Order, paused
     from labtwin.documents import PauseRun
 
-    run_id = _channel_command(channel, broker, lab, "pause", lambda rid: PauseRun(run_id=rid, reason=reason))
+    order = Order("pause", lambda rid: PauseRun(run_id=rid, reason=reason), paused)
+    run_id = _channel_command(channel, broker, lab, order)
     console.print(f"paused run {run_id} on {channel}")
 
 
@@ -538,11 +530,28 @@ def resume(
     broker: str | None = BrokerOpt,
     lab: Path | None = LabOpt,
 ) -> None:
-    """Let a paused run go on where it stopped (the step's source setting is re-applied)."""
+    """Let a paused run go on where it stopped (the step's source setting is re-applied); exits 3 if refused."""
+    from labtwin.cli.operator import Order, running
     from labtwin.documents import ResumeRun
 
-    run_id = _channel_command(channel, broker, lab, "resume", lambda rid: ResumeRun(run_id=rid))
+    run_id = _channel_command(channel, broker, lab, Order("resume", lambda rid: ResumeRun(run_id=rid), running))
     console.print(f"resumed run {run_id} on {channel}")
+
+
+@app.command()
+def stop(
+    channel: str = typer.Option(..., "--channel", "-c"),
+    reason: str = typer.Option("stopped by operator", "--reason"),
+    broker: str | None = BrokerOpt,
+    lab: Path | None = LabOpt,
+) -> None:
+    """Stop the run on a channel (output off, the run marked aborted with the reason); exits 3 if refused."""
+    from labtwin.cli.operator import Order, stopped
+    from labtwin.documents import StopRun
+
+    order = Order("stop", lambda rid: StopRun(run_id=rid, exit_status="aborted", reason=reason), stopped)
+    run_id = _channel_command(channel, broker, lab, order)
+    console.print(f"stopped run {run_id} on {channel} (aborted: {reason})")
 
 
 @app.command()
@@ -555,7 +564,7 @@ def monitor(
     """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
     from labtwin.cli.monitor import monitor as run_monitor
 
-    url = _needs_broker(settings(lab=lab, broker=broker), "monitor")
+    url = _needs_broker(settings(lab=lab, broker=broker), "monitor", "viewer")
     try:
         asyncio.run(run_monitor(url, lab_name, seconds, console))
     except KeyboardInterrupt:
@@ -577,10 +586,14 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
         return
     table = Table(title=f"runs in {describe_url(s.url)}")
     table.add_column("run", no_wrap=True)  # a run id is copied into `export` / `analyze`: never cut
-    for col in ("channel", "cell", "protocol", "started", "status", "samples", "cell time / h"):
+    # A conflict is a batch that reused a stored (run_id, seq) with other samples (a forgery?): the column shows
+    # only when a run has one, so the usual table stays as it was.
+    with_conflicts = any(r.conflicts for r in rows)
+    columns = ("channel", "cell", "protocol", "started", "status", "samples", "cell time / h")
+    for col in columns + (("conflicts",) if with_conflicts else ()):
         table.add_column(col)
     for r in rows:
-        table.add_row(
+        cells = [
             r.run_id,
             r.channel or "",
             r.cell_id or "",
@@ -590,8 +603,14 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
             f"{r.stored_samples}"
             + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
             "" if r.cell_time_s is None else f"{r.cell_time_s / 3600:.2f}",
-        )
+        ]
+        table.add_row(*cells, *([str(r.conflicts or "")] if with_conflicts else []))
     console.print(table)
+    if with_conflicts:
+        console.print(
+            "conflicts: batches that reused a stored sequence number with other samples; the stored ones stay, "
+            "the others are kept in the store's batch_conflicts table"
+        )
 
 
 @app.command()

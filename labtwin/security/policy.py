@@ -7,7 +7,7 @@ misconfigured broker does not hand a cell to whoever reaches it:
 - a channel's ``cmd``: the orchestrator, an operator, or the twin (its anomaly policy pauses and stops);
 - a cell's ``state`` and ``anomaly``: the twin.
 
-Commands also carry freshness: a nonce not above the last one seen from that sender on that topic is a
+Commands (and statuses) also carry freshness: a nonce not above the last one seen from that sender on that topic is a
 replay (the same nonce again is QoS 1's redelivery and is dropped quietly), and one further than the
 profile's ``max_clock_skew_s`` from this machine's clock is refused, which bounds what a replay can do
 after an agent restarts and forgets the nonces it saw.
@@ -109,6 +109,8 @@ class Verifier:
             raise Refused(f"{sender!r} ({entry.role.value}) may not publish on {topic}", sender)
         if kind == "cmd":
             self._fresh(topic, sender, envelope.nonce)
+        elif kind == "status":
+            self._newer(topic, sender, envelope.nonce, "status")
         return Trusted(envelope.body, sender, envelope.nonce)
 
     def _fresh(self, topic: str, sender: str, nonce: int) -> None:
@@ -119,9 +121,15 @@ class Verifier:
                 f"more than {self.profile.max_clock_skew_s:.0f} s)",
                 sender,
             )
+        self._newer(topic, sender, nonce, "command")
+
+    def _newer(self, topic: str, sender: str, nonce: int, what: str) -> None:
+        """A status may be old (it is retained), but never older than one already seen from its agent."""
         last = self._last_command.get((sender, topic), 0)
         if nonce == last:
+            if what == "status":  # the retained status again, for a new subscription on this bus: deliver it
+                return
             raise Duplicate()
         if nonce < last:
-            raise Refused(f"replayed command from {sender!r} (nonce {nonce} is older than {last})", sender)
+            raise Refused(f"replayed {what} from {sender!r} (nonce {nonce} is older than {last})", sender)
         self._last_command[(sender, topic)] = nonce
