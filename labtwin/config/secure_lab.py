@@ -87,23 +87,25 @@ def identities_of(config: LabConfig) -> tuple[Identity, ...]:
 def acl_rules(lab: str, channels: list[str], identity: Identity) -> list[tuple[str, str]]:
     """(access, topic) pairs, least privilege as labtwin.security.policy; every topic under labtwin/v1/<lab>/.
 
-    Reads name the filters the components subscribe with (Mosquitto checks a subscription against the ACL
-    as written, so a ``+`` filter needs a ``+`` rule).
+    Mosquitto 2.0 grants every subscription and checks the read rules on each message it delivers, so the
+    twin's ``+`` rules are what its ``+/data`` and ``+/event`` filters bring it, and no more.
     """
     base = f"{ROOT}/{lab}"
     commands = [("write", f"{base}/{ch}/cmd") for ch in channels]
     role = identity.role
     if role is Role.agent:
         ch = identity.channel
-        return [("write", f"{base}/{ch}/{kind}") for kind in ("data", "event", "status")] + [
-            ("read", f"{base}/{ch}/cmd")
-        ]
+        # It reads back its own retained status (labtwin/agent/service.py guards it against a forged one).
+        return [
+            ("write", f"{base}/{ch}/data"),
+            ("write", f"{base}/{ch}/event"),
+            ("readwrite", f"{base}/{ch}/status"),
+        ] + [("read", f"{base}/{ch}/cmd")]
     if role in (Role.orchestrator, Role.operator):
         return [*commands, ("read", f"{base}/#")]
     if role is Role.twin:
-        return [("write", f"{base}/cells/#"), *commands] + [
-            ("read", f"{base}/+/{kind}") for kind in ("data", "event", "status")
-        ]
+        cells = [("write", f"{base}/cells/+/{kind}") for kind in ("state", "anomaly")]
+        return [*cells, *commands] + [("read", f"{base}/+/{kind}") for kind in ("data", "event", "status")]
     return [("read", f"{base}/#")]  # recorder, viewer
 
 

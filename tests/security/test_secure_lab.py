@@ -9,6 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from cryptography import x509
@@ -18,9 +19,11 @@ from typer.testing import CliRunner
 from labtwin.cli import app
 from labtwin.config.secure_lab import SecuredLab, SecureLabError, acl_rules, mosquitto_hash, secure_lab
 from labtwin.security import load_profile
+from labtwin.security.policy import may_publish, topic_parts
 from labtwin.security.signing import Signer, load_private_key, public_key_b64
 from tests.security.conftest import LAB, LAB_FILE, make_secured_lab
 
+KINDS = ("cmd", "data", "event", "status")
 PRIVATE = ("ca.key", "server.key", "passwd", "acl")
 PRIVATE_PER_IDENTITY = ("password", "client.key", "signing.key")
 
@@ -119,6 +122,25 @@ def test_acl_stays_inside_the_lab(secured_lab: SecuredLab) -> None:
             assert topic.startswith(f"labtwin/v1/{LAB}/"), (ident.name, topic)
             if access == "write" and ident.role.value in ("viewer", "recorder"):
                 pytest.fail(f"{ident.name} may write {topic}")
+
+
+def test_acl_mirrors_the_receivers_policy(secured_lab: SecuredLab) -> None:
+    """Every topic of the lab (and of another): the broker lets write exactly whom labtwin.security.policy trusts."""
+    topics = [f"labtwin/v1/{lab}/{ch}/{kind}" for lab in (LAB, "other") for ch in ("ch1", "ch2") for kind in KINDS]
+    topics += [f"labtwin/v1/{lab}/cells/c1/{kind}" for lab in (LAB, "other") for kind in ("state", "anomaly", "x")]
+    for ident in secured_lab.identities:
+        rules = acl_rules(LAB, ["ch1", "ch2"], ident)
+        for topic in topics:
+            allowed = any(a in ("write", "readwrite") and mqtt.topic_matches_sub(t, topic) for a, t in rules)
+            parts = topic_parts(topic)
+            trusted = parts is not None and parts[0] == LAB and may_publish(ident.role, ident.channel, *parts[1:])
+            assert allowed == trusted, (ident.name, topic)
+
+
+def test_an_agent_reads_only_its_commands_and_status(secured_lab: SecuredLab) -> None:
+    agent = next(i for i in secured_lab.identities if i.name == "agent-ch1")
+    reads = {t for a, t in acl_rules(LAB, ["ch1", "ch2"], agent) if a in ("read", "readwrite")}
+    assert reads == {f"labtwin/v1/{LAB}/ch1/cmd", f"labtwin/v1/{LAB}/ch1/status"}
 
 
 def test_refuses_a_non_empty_out_without_force(tmp_path: Path) -> None:
