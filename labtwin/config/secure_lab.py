@@ -383,6 +383,10 @@ def secure_lab(
     if days < 1:
         raise SecureLabError(f"--days {days}: certificates must be valid for at least one day")
     config, raw = _read_lab(lab_file)
+    if (out / "lab.yaml").resolve() == lab_file.resolve():
+        raise SecureLabError(
+            f"--out {out}: would overwrite the lab file {lab_file} with its copy; give another directory"
+        )
     _prepare_out(out, force)
     tool = find_mosquitto_passwd() if passwd_tool is True else (passwd_tool or None)
     identities = identities_of(config)

@@ -26,6 +26,7 @@ class RecorderStats:
     documents: int = 0
     batches: int = 0
     duplicate_batches: int = 0
+    conflicts: int = 0  # batches under a stored (run_id, seq) with other samples: kept in the store's batch_conflicts
     samples: int = 0
     events: int = 0
     runs_stopped: int = 0
@@ -112,6 +113,14 @@ class Recorder:
         s.documents += len(docs)
         s.batches += counts.batches
         s.duplicate_batches += counts.duplicate_batches
+        s.conflicts += counts.conflicts
+        for run_id, seq in counts.conflicting:
+            log.warning(
+                "run %s: batch %d came again with other samples than the stored one (a forgery, or a publisher that "
+                "re-numbered): the stored batch stays, the new one is kept in batch_conflicts (`labtwin runs`)",
+                run_id,
+                seq,
+            )
         s.samples += counts.samples
         s.events += counts.events
         stopped = {d.run_id: d.last_seq for d in docs if isinstance(d, RunStop)}

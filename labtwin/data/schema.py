@@ -49,14 +49,33 @@ runs = Table(
     Column("stop_doc", Text),
 )
 
-# One row per SampleBatch received: the idempotency key of the samples (QoS 1 delivers at least once).
+# One row per SampleBatch received: the idempotency key of the samples (QoS 1 delivers at least once). Since
+# schema 3 it holds the sha256 of the samples as stored (``labtwin.data.digest``), so a batch that reuses a stored
+# (run_id, seq) with other samples is told from a re-delivery; NULL for batches stored before schema 3.
 batches = Table(
     "batches",
     metadata,
     Column("run_id", Text, nullable=False),
     Column("seq", Integer, nullable=False),
     Column("n", Integer, nullable=False),
+    Column("digest", Text),
     PrimaryKeyConstraint("run_id", "seq"),
+)
+
+# Since schema 3: a batch that arrived with a stored (run_id, seq) but other samples (a forgery, or a publisher
+# that re-numbered after a crash). The stored batch stays; the incoming one is kept here whole, so neither is
+# lost and someone can decide which is true. Keyed on its digest: a re-delivered conflict is recorded once.
+batch_conflicts = Table(
+    "batch_conflicts",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("incoming_digest", Text, nullable=False),
+    Column("stored_digest", Text, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("received_at", Text, nullable=False),
+    Column("doc", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "seq", "incoming_digest"),
 )
 
 # Unique on (run_id, seq, i) since schema 2: a sample is stored once even if a batch row were lost. A unique

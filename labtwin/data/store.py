@@ -4,9 +4,14 @@ One schema for both (``labtwin.data.schema``, SQLAlchemy Core), versioned and
 migrated forward on open (``labtwin.data.migrate``). Writes are idempotent: a
 sample batch is keyed on (run_id, seq) and a step event on (run_id,
 step_index, event), because QoS 1 delivers at least once and a reconnecting
-publisher re-sends. A ``write`` is one transaction, so a crash never leaves
-half a batch; its samples go to the database in one executemany, which is
-what keeps the recorder ahead of a fast channel.
+publisher re-sends. A batch row carries the digest of its samples
+(``labtwin.data.digest``): a batch that comes again with the same samples is a
+duplicate, one that reuses a stored (run_id, seq) with other samples is a
+conflict, kept whole in ``batch_conflicts`` beside the stored batch, which
+stays (the first to arrive is not always the true one, and a forger can send
+first: neither is dropped unseen). A ``write`` is one transaction, so a crash
+never leaves half a batch; its samples go to the database in one executemany,
+which is what keeps the recorder ahead of a fast channel.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +33,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
 from labtwin.data import migrate
+from labtwin.data.digest import FLOAT_COLUMNS, INT_COLUMNS, batch_digest, samples_digest
 from labtwin.data.engine import DEFAULT_SQLITE, WRITE, describe_url, make_engine, parse_url
 from labtwin.data.schema import (
     SAMPLE_FIELDS,
     anomalies,
+    batch_conflicts,
     batches,
     cell_states,
     impedance,
@@ -40,10 +48,12 @@ from labtwin.data.schema import (
 )
 from labtwin.documents import Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent
 
-__all__ = ["DEFAULT_SQLITE", "SAMPLE_FIELDS", "RunRow", "Store", "WriteCounts", "describe_url"]
+__all__ = ["DEFAULT_SQLITE", "SAMPLE_FIELDS", "BatchConflict", "RunRow", "Store", "WriteCounts", "describe_url"]
 
 _SAMPLE_COLUMNS = ("run_id", "seq", "i", *(col for _, col, _ in SAMPLE_FIELDS))
 _IMPEDANCE_COLUMNS = ("run_id", "seq", "i", "frequency_hz", "z_real_ohm", "z_imag_ohm")
+_CONFLICT_COLUMNS = tuple(c.name for c in batch_conflicts.columns)
+_SQL_OF_FIELD = {name: col for name, col, _ in SAMPLE_FIELDS}
 _STEP_EVENT_COLUMNS = tuple(c.name for c in step_events.columns)
 _ANOMALY_COLUMNS = tuple(c.name for c in anomalies.columns)
 _CELL_STATE_COLUMNS = ("cell", "run_id", "time_s", "doc")
@@ -73,6 +83,20 @@ class RunRow:
     reported_samples: int | None
     stored_samples: int
     cell_time_s: float | None
+    conflicts: int = 0  # batches that came with this run's stored (run_id, seq) but other samples
+
+
+@dataclass
+class BatchConflict:
+    """A batch that reused a stored (run_id, seq) with other samples: the stored one stayed, this is the other."""
+
+    run_id: str
+    seq: int
+    stored_digest: str
+    incoming_digest: str
+    n: int
+    received_at: str  # ISO 8601, UTC
+    batch: SampleBatch
 
 
 @dataclass
@@ -81,6 +105,9 @@ class WriteCounts:
     duplicate_batches: int = 0
     samples: int = 0
     events: int = 0
+    conflicts: int = 0
+    # (run_id, seq) of each conflict this write recorded, for the recorder's warning
+    conflicting: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Store:
@@ -97,7 +124,25 @@ class Store:
         def compiled(statement: Any, columns: Sequence[str]) -> _Compiled:
             return _Compiled.of(statement, columns, engine)
 
-        self._insert_batch = compiled(insert(batches).on_conflict_do_nothing(), ("run_id", "seq", "n"))
+        self._insert_batch = compiled(insert(batches).on_conflict_do_nothing(), ("run_id", "seq", "n", "digest"))
+        self._insert_conflict = compiled(insert(batch_conflicts).on_conflict_do_nothing(), _CONFLICT_COLUMNS)
+        b, s, z = batches.c, samples.c, impedance.c
+        self._select_digest = compiled(
+            select(b.digest).where((b.run_id == bindparam("run_id")) & (b.seq == bindparam("seq"))),
+            ("run_id", "seq"),
+        )
+        self._select_batch_samples = compiled(
+            select(*(s[_SQL_OF_FIELD[name]] for name in (*FLOAT_COLUMNS, *INT_COLUMNS)))
+            .where((s.run_id == bindparam("run_id")) & (s.seq == bindparam("seq")))
+            .order_by(s.i),
+            ("run_id", "seq"),
+        )
+        self._select_batch_impedance = compiled(
+            select(z.frequency_hz, z.z_real_ohm, z.z_imag_ohm)
+            .where((z.run_id == bindparam("run_id")) & (z.seq == bindparam("seq")))
+            .order_by(z.i),
+            ("run_id", "seq"),
+        )
         self._insert_samples = compiled(insert(samples).on_conflict_do_nothing(), _SAMPLE_COLUMNS)
         self._insert_impedance = compiled(insert(impedance).on_conflict_do_nothing(), _IMPEDANCE_COLUMNS)
         self._insert_step_event = compiled(insert(step_events).on_conflict_do_nothing(), _STEP_EVENT_COLUMNS)
@@ -109,7 +154,6 @@ class Store:
             .order_by(samples.c.seq, samples.c.i),
             ("run_id",),
         )
-        z, s = impedance.c, samples.c
         self._select_impedance = compiled(
             select(z.frequency_hz, z.z_real_ohm, z.z_imag_ohm, s.step, s.cycle, s.time_s)
             .join_from(impedance, samples, (s.run_id == z.run_id) & (s.seq == z.seq) & (s.i == z.i))
@@ -174,7 +218,7 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     def write(self, documents: Iterable[BaseModel]) -> WriteCounts:
-        """Store documents in one transaction; duplicates (same keys) are ignored."""
+        """Store documents in one transaction; duplicates (same keys) are ignored, conflicting batches recorded."""
         counts = WriteCounts()
         sample_rows: list[tuple[Any, ...]] = []
         impedance_rows: list[tuple[Any, ...]] = []
@@ -211,8 +255,27 @@ class Store:
         impedance_rows: list[tuple[Any, ...]],
     ) -> None:
         n = len(batch.time_s)
-        if self._insert_batch.run(conn, [(batch.run_id, batch.seq, n)]) != 1:
-            counts.duplicate_batches += 1
+        digest = batch_digest(batch)
+        if self._insert_batch.run(conn, [(batch.run_id, batch.seq, n, digest)]) != 1:
+            stored = self._stored_digest(conn, batch.run_id, batch.seq)
+            if stored == digest:
+                counts.duplicate_batches += 1  # a QoS 1 re-delivery
+                return
+            received_at = datetime.now(UTC).isoformat()
+            conflict = {
+                "run_id": batch.run_id,
+                "seq": batch.seq,
+                "incoming_digest": digest,
+                "stored_digest": stored,
+                "n": n,
+                "received_at": received_at,
+                "doc": batch.model_dump_json(),
+            }
+            if self._insert_conflict.run(conn, [tuple(conflict[c] for c in _CONFLICT_COLUMNS)]) == 1:
+                counts.conflicts += 1
+                counts.conflicting.append((batch.run_id, batch.seq))
+            else:
+                counts.duplicate_batches += 1  # a re-delivery of a conflict already recorded
             return
         keys = ([batch.run_id] * n, [batch.seq] * n, range(n))
         sample_rows.extend(zip(*keys, *(getattr(batch, field) for field, _, _ in SAMPLE_FIELDS)))
@@ -223,6 +286,18 @@ class Store:
         counts.batches += 1
         counts.samples += n
 
+    def _stored_digest(self, conn: Connection, run_id: str, seq: int) -> str:
+        """The stored batch's digest; for one stored before schema 3 (NULL), computed from its stored rows."""
+        rows = self._select_digest.fetch(conn, (run_id, seq))
+        if rows and rows[0][0] is not None:
+            return str(rows[0][0])
+        stored = self._select_batch_samples.fetch(conn, (run_id, seq))
+        names = (*FLOAT_COLUMNS, *INT_COLUMNS)
+        columns: dict[str, Sequence[Any]] = {name: [row[k] for row in stored] for k, name in enumerate(names)}
+        points = self._select_batch_impedance.fetch(conn, (run_id, seq))
+        z = ([p[0] for p in points], [p[1] for p in points], [p[2] for p in points]) if points else None
+        return samples_digest(columns, z, len(stored))
+
     # ------------------------------------------------------------------ reading
 
     def _fetch(self, statement: Any) -> Sequence[Any]:
@@ -231,6 +306,7 @@ class Store:
 
     def runs(self) -> list[RunRow]:
         stored = select(func.coalesce(func.sum(batches.c.n), 0)).where(batches.c.run_id == runs.c.run_id)
+        conflicts = select(func.count()).select_from(batch_conflicts).where(batch_conflicts.c.run_id == runs.c.run_id)
         c = runs.c
         rows = self._fetch(
             select(
@@ -246,14 +322,27 @@ class Store:
                 c.reported_samples,
                 stored.scalar_subquery(),
                 c.cell_time_s,
+                conflicts.scalar_subquery(),
             ).order_by(c.started_at.asc().nulls_first(), c.run_id)
         )
         out = []
         for row in rows:
             values = list(row)
-            values[10] = int(values[10])
+            values[10], values[12] = int(values[10]), int(values[12])
             out.append(RunRow(*values))
         return out
+
+    def conflicts(self, run_id: str | None = None) -> list[BatchConflict]:
+        """Batches that came with a stored (run_id, seq) but other samples, in the order they arrived."""
+        c = batch_conflicts.c
+        query = select(c.run_id, c.seq, c.stored_digest, c.incoming_digest, c.n, c.received_at, c.doc)
+        if run_id is not None:
+            query = query.where(c.run_id == run_id)
+        query = query.order_by(c.received_at, c.run_id, c.seq, c.incoming_digest)
+        return [
+            BatchConflict(rid, int(seq), stored, incoming, int(n), received, SampleBatch.model_validate_json(doc))
+            for rid, seq, stored, incoming, n, received, doc in self._fetch(query)
+        ]
 
     def find_run(self, prefix: str) -> str:
         """A run id from its full text or a unique prefix (as git does for commits)."""

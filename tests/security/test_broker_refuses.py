@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from labtwin.config.secure_lab import SecuredLab, write_password_file
+from labtwin.security.connection import tls_context
 from tests.secure_broker import SecureBroker
 from tests.security.conftest import LAB, make_secured_lab
 
@@ -39,6 +40,7 @@ class Probe:
         password: object = OWN,
         ca: Path | None = None,
         cert_dir: Path | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         self.broker = broker
         self.client = mqtt.Client(
@@ -48,11 +50,14 @@ class Probe:
             secret = (out / identity / "password").read_text().strip() if password is OWN else password
             self.client.username_pw_set(f"{LAB}-{identity}", secret if isinstance(secret, str) else None)
         cert = (cert_dir / "client.crt", cert_dir / "client.key") if cert_dir else (None, None)
-        self.client.tls_set(
-            ca_certs=str(ca or out / "ca.crt"),
-            certfile=str(cert[0]) if cert[0] else None,
-            keyfile=str(cert[1]) if cert[1] else None,
-        )
+        if context is not None:
+            self.client.tls_set_context(context)
+        else:
+            self.client.tls_set(
+                ca_certs=str(ca or out / "ca.crt"),
+                certfile=str(cert[0]) if cert[0] else None,
+                keyfile=str(cert[1]) if cert[1] else None,
+            )
         self.connack: int | None = None
         self.disconnected = threading.Event()
         self.answered = threading.Event()
@@ -317,6 +322,17 @@ def test_mtls_needs_a_certificate_of_this_ca(
     # The certificate does not replace the password (use_identity_as_username false).
     with probe(mtls_broker, mtls_lab, "viewer", password="wrong", cert_dir=mtls_lab.out / "viewer") as p:
         assert p.connect() in (BAD_CREDENTIALS, NOT_AUTHORIZED)
+
+
+def test_labtwins_tls_context_with_strict_x509_checks(mtls_broker: SecureBroker, mtls_lab: SecuredLab) -> None:
+    """The context labtwin's own clients use (server name checked), with the strict X.509 checks Python 3.13
+    turns on by default: the generated CA, server and client certificates pass them."""
+    out = mtls_lab.out
+    context = tls_context(out / "ca.crt", out / "operator" / "client.crt", out / "operator" / "client.key")
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    assert context.check_hostname
+    with probe(mtls_broker, mtls_lab, "operator", context=context) as p:
+        assert p.connect() == 0
 
 
 # --------------------------------------------------------------------------- the built-in password hashing

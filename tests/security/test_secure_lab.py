@@ -154,6 +154,13 @@ def test_refuses_a_non_empty_out_without_force(tmp_path: Path) -> None:
     assert stat.S_IMODE((again.out / "ca.key").stat().st_mode) == 0o600
 
 
+def test_never_overwrites_its_own_lab_file(tmp_path: Path) -> None:
+    (tmp_path / "lab.yaml").write_text(LAB_FILE)
+    with pytest.raises(SecureLabError, match="would overwrite the lab file"):
+        secure_lab(tmp_path / "lab.yaml", tmp_path, None, 5, True)
+    assert (tmp_path / "lab.yaml").read_text() == LAB_FILE
+
+
 def test_builtin_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     """The fallback computes what mosquitto_passwd writes, given its salt (the broker test checks Mosquitto reads it)."""
     tool = shutil.which("mosquitto_passwd")
