@@ -25,6 +25,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def _floats(columns: Sequence[Values]) -> bytes:
     The recorder digests every batch, so the common case (no None, NaN or -0.0) is one ``struct.pack`` and two
     checks in C; numpy folds the rest. Both checks may see what is not there (inf - inf sums to NaN, the bytes of
     -0.0 may straddle two values): then numpy looks, and folds only what is there."""
-    flat = list(chain.from_iterable(columns))
+    flat: list[Any] = list(chain.from_iterable(columns))
+    total: float
     try:
         packed = struct.pack(f">{len(flat)}d", *flat)
         total = sum(flat)  # NaN when one is
