@@ -12,10 +12,38 @@ passwords and ACLs instead.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+from pathlib import Path
 
 from amqtt.broker import Broker
+
+LOOPBACK_NOTE = "loopback only, no TLS, any username: for one machine (a lab network: `labtwin lab secure`)"
+
+
+class BrokerSetupError(ValueError):
+    """An embedded broker asked to do what it cannot do safely; the message says what to use instead."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> None:
+    """amqtt's password file (user:argon2-hash per line) for the embedded broker beyond loopback."""
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    hasher = PasswordHash((Argon2Hasher(),))
+    lines = [f"{user}:{hasher.hash(password)}" for user, password in sorted(users.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.chmod(0o600)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,10 +70,28 @@ class _SnapshotDict(dict):
 class EmbeddedBroker:
     """``async with EmbeddedBroker() as broker: broker.url`` -> mqtt://127.0.0.1:<free port>."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, password_file: Path | None = None) -> None:
+        if not is_loopback(host) and password_file is None:
+            raise BrokerSetupError(
+                f"the embedded broker on {host} would let anyone on the network command the cells: give "
+                "--password-file (labtwin lab secure writes passwd.amqtt), or keep it on 127.0.0.1; for TLS and "
+                "per-role ACLs run Mosquitto with the files labtwin lab secure writes"
+            )
+        if password_file is not None and not Path(password_file).is_file():
+            raise BrokerSetupError(
+                f"--password-file {password_file}: no such file (labtwin lab secure writes passwd.amqtt)"
+            )
         self.host = host
         self.port = port or free_port(host)
+        self.password_file = password_file
         self._broker: Broker | None = None
+
+    @property
+    def protection(self) -> str:
+        """What this broker does and does not protect, for its start-up line."""
+        if self.password_file is None:
+            return LOOPBACK_NOTE
+        return f"users of {self.password_file} only; no TLS and no ACL: passwords cross the network in clear"
 
     @property
     def url(self) -> str:
@@ -54,10 +100,12 @@ class EmbeddedBroker:
     async def start(self) -> EmbeddedBroker:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
-        }
+        auth: dict[str, dict] = (
+            {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}}
+            if self.password_file is None
+            else {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(self.password_file)}}
+        )
+        config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": auth}
         self._broker = Broker(config)
         self._broker._subscriptions = _SnapshotDict()
         await self._broker.start()

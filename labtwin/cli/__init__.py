@@ -468,14 +468,24 @@ def replay(
 @app.command()
 def broker(
     port: int = typer.Option(1883, "--port"),
-    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 exposes it to the network (no TLS!)"),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="beyond loopback (0.0.0.0) it needs --password-file, and still has no TLS"
+    ),
+    password_file: Path | None = typer.Option(
+        None, "--password-file", help="amqtt password file (labtwin lab secure writes passwd.amqtt)"
+    ),
 ) -> None:
-    """Run the embedded MQTT broker on its own (for agents in other processes)."""
-    from labtwin.bus.broker import EmbeddedBroker
+    """Run the embedded MQTT broker on its own (for agents in other processes on this machine)."""
+    from labtwin.bus.broker import BrokerSetupError, EmbeddedBroker
+
+    try:
+        embedded = EmbeddedBroker(host, port, password_file)
+    except BrokerSetupError as exc:
+        raise UserError(str(exc)) from None
 
     async def _serve():
-        async with EmbeddedBroker(host, port) as b:
-            err.print(f"embedded broker on {b.url}; Ctrl-C stops")
+        async with embedded as b:
+            err.print(f"embedded broker on {b.url} ({b.protection}); Ctrl-C stops")
             await asyncio.Event().wait()
 
     import socket

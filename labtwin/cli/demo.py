@@ -84,9 +84,11 @@ async def run_demo(
         store, twin_service = local.store, local.twin_service
         assert store is not None and twin_service is not None  # record=True, twin=True
         if not quiet:
-            where = "embedded broker" if local.broker else "broker"
+            where = "broker" if local.broker is None else "embedded broker"
+            note = "" if local.broker is None else f" ({local.broker.protection})"
             console.print(
-                f"[bold]labtwin demo[/]: {where} at {local.url}, lab '{config.lab}', store {describe_url(store.url)}"
+                f"[bold]labtwin demo[/]: {where} at {local.url}{note}, lab '{config.lab}', "
+                f"store {describe_url(store.url)}"
             )
         stop = asyncio.Event()
         with progress:

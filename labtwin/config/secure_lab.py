@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
+from labtwin.bus.broker import write_password_file as write_amqtt_password_file
 from labtwin.bus.topics import ROOT
 from labtwin.config.lab import LabConfig, LabConfigError, load_lab
 from labtwin.security.profile import Role, SecurityProfile, agent_identity
@@ -317,6 +318,9 @@ def readme(lab: str, broker: str, identities: tuple[Identity, ...], mtls: bool) 
         "  operator (pause, resume, stop by hand): operator/",
         "  dashboards and monitors: viewer/",
         "",
+        "Without Mosquitto (one PC, a trial): labtwin broker --host 0.0.0.0 --password-file passwd.amqtt takes",
+        "these users, but has no TLS and no ACL; use Mosquitto with mosquitto.conf for a lab network.",
+        "",
         "Keep ca.key off every machine (it signs new certificates: keep it offline, with this folder's original).",
         "Usernames on the broker are <lab>-<identity>, so several labs can share one broker.",
         f"Client certificates are {'required (--mtls)' if mtls else 'optional (run again with --mtls to require them)'}.",
@@ -441,6 +445,9 @@ def secure_lab(
 
         used = write_password_file(out / "passwd", passwords, tool)
         written.append(out / "passwd")
+        # The same users for `labtwin broker --host 0.0.0.0 --password-file passwd.amqtt` (amqtt's Argon2 format).
+        write_amqtt_password_file(out / "passwd.amqtt", passwords)
+        written.append(out / "passwd.amqtt")
         put("acl", acl_text(config, identities), private=True)
         put("mosquitto.conf", mosquitto_conf(out, config.lab, mtls))
         SecurityProfile.model_validate(profile)  # what load_profile will read: a mistake here is a bug, caught now
