@@ -17,6 +17,7 @@ from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.data.store import Store, WriteCounts
 from labtwin.documents import RunStop
+from labtwin.security import BrokerConnection, as_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class RecorderStats:
 class Recorder:
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | BrokerConnection,
         store: Store,
         lab: str = "+",
         *,
@@ -65,7 +66,7 @@ class Recorder:
             f"{busmod.ROOT}/{self.lab}/cells/+/anomaly",
             f"{busmod.ROOT}/{self.lab}/cells/+/state",
         ]
-        async with Bus(self.broker_url, self.client_id, persistent=True) as bus:
+        async with Bus(as_identity(self.broker_url, "recorder"), self.client_id, persistent=True) as bus:
             self.bus = bus
             sub = await bus.subscribe(filters)
             self._ready.set()
