@@ -36,3 +36,16 @@ def test_monitor_view_shows_channels_twin_states_and_anomalies():
     text = console.export_text()
     assert "paused" in text and "LTO-bare-01" in text and "lto-thin-film" in text and "42%" in text
     assert "ANOMALY oscillation_onset on LTO-bare-01 (pause)" in text
+
+
+def test_monitor_view_shows_a_refused_command_and_who_sent_it():
+    from labtwin.documents import SecurityEvent
+
+    view = MonitorView()
+    view.absorb(
+        "t",
+        SecurityEvent(lab="demo", channel="ch1", topic="labtwin/v1/demo/ch1/cmd", sender="viewer", reason="may not"),
+    )
+    console = Console(record=True, width=200)
+    console.print(view.render())
+    assert "SECURITY ch1 refused a command from viewer: may not" in console.export_text()

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, StepEvent
+from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, SecurityEvent, StepEvent
 from labtwin.security import BrokerConnection, as_identity
 
 
@@ -44,6 +44,10 @@ class MonitorView:
             self.cells[doc.cell] = doc
         elif isinstance(doc, Anomaly):
             self.events.append(f"ANOMALY {doc.kind} on {doc.cell} ({doc.action}): {doc.message}")
+        elif isinstance(doc, SecurityEvent):
+            self.events.append(
+                f"SECURITY {doc.channel} refused a command from {doc.sender or 'an unsigned sender'}: {doc.reason}"
+            )
 
     def render(self):
         table = Table(title="labtwin channels", expand=False)
