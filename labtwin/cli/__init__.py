@@ -78,16 +78,21 @@ def _needs_broker(s: Settings, who: str, identity: str) -> BrokerConnection:
     connection = s.connection(identity)
     if connection is None:
         raise UserError(
-            f"{who} needs the lab's broker: --broker mqtt://host:port, LABTWIN_BROKER, the lab file's broker: "
+            f"{who} needs the lab's broker: --broker mqtt://host:port or mqtts://host:8883, LABTWIN_BROKER, the lab file's broker: "
             f"({s.lab_file}), or start one with `labtwin broker`"
         )
     return connection
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Log lines on stderr (-v: INFO), every record redacted first: no password of a URL or DSN in any line,
+    whichever library logs it, nor in the flow-run logs Prefect stores (labtwin.security.log_redaction)."""
+    from labtwin.security.log_redaction import install_log_redaction
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()
 
 
 def _print_json(obj) -> None:

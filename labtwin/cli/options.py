@@ -2,7 +2,9 @@
 
 import typer
 
-BrokerOpt = typer.Option(None, "--broker", help="mqtt://host:port (default: LABTWIN_BROKER, the lab file's broker:)")
+BrokerOpt = typer.Option(
+    None, "--broker", help="mqtt://host:port or mqtts://host:8883 (default: LABTWIN_BROKER, the lab file's broker:)"
+)
 LabOpt = typer.Option(None, "--lab", help="lab file (default: LABTWIN_LAB, else the packaged demo lab)")
 StoreOpt = typer.Option(
     None,
