@@ -194,3 +194,47 @@ async def test_a_forged_retained_offline_status_is_overwritten_by_the_agent(sign
                 raise
             await asyncio.sleep(0.2)
     assert status.state.value == "idle"
+
+
+async def test_a_forged_run_on_an_idle_channel_never_starts_current(signed_lab):
+    """The finding: a forged start_run plus a cc step at ~8C drove a cell past its limit. Here neither the
+    unsigned StartRun nor the StepCommand (with a run id of its own) is acted on: no RunStart, no current."""
+    local = signed_lab
+    url = local.url
+    cmd_topic = busmod.topic(LAB, "ch1", "cmd")
+    run_id = "r-forged-start"
+    async with Bus(as_identity(url, "viewer"), "test-watcher") as watcher:
+        events = await watcher.subscribe(busmod.topic(LAB, "ch1", "event"))
+        start = StartRun(run_id=run_id, channel="ch1", cell_id="c", protocol="forged", n_steps=1)
+        step = StepCommand(
+            run_id=run_id, step_index=0, step=StepKind.cc, current_A=4e-4, end=EndConditions(time_s=3600)
+        )
+        await _raw_publish(url, cmd_topic, encode(start))
+        await _raw_publish(url, cmd_topic, encode(step))
+        seen = [await wait_doc(events, lambda d: isinstance(d, SecurityEvent), timeout_s=10) for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            await wait_doc(events, lambda d: isinstance(d, (RunStart, StepEvent)), timeout_s=1.5)
+    agent = local.agents["ch1"]
+    assert all(e.sender is None for e in seen)
+    assert agent.run is None and agent.driver.mode == "off"
+
+
+async def test_a_forged_run_stop_on_the_event_topic_is_not_stored(signed_lab):
+    """The finding: a forged RunStop put "success, forged: all fine" in the store. The recorder refuses it."""
+    local = signed_lab
+    url = local.url
+    run_id = "r-forged-stop"
+    async with Bus(as_identity(url, "orchestrator"), "test-orchestrator-3") as orchestrator:
+        events = await orchestrator.subscribe(busmod.topic(LAB, "ch1", "event"))
+        cmd_topic = busmod.topic(LAB, "ch1", "cmd")
+        await orchestrator.publish(
+            cmd_topic, StartRun(run_id=run_id, channel="ch1", cell_id="c", protocol="p", n_steps=1)
+        )
+        await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == run_id)
+        forged = RunStop(run_id=run_id, channel="ch1", exit_status="success", reason="forged: all fine")
+        await _raw_publish(url, busmod.topic(LAB, "ch1", "event"), encode(forged))
+        await orchestrator.publish(cmd_topic, StopRun(run_id=run_id, exit_status="aborted", reason="operator"))
+        stop = await wait_doc(events, lambda d: isinstance(d, RunStop) and d.reason == "operator")
+    await local.wait_stored(run_id)
+    (run,) = [r for r in local.store.runs() if r.run_id == run_id]
+    assert stop.exit_status == "aborted" and run.exit_status == "aborted" and "forged" not in (run.reason or "")
