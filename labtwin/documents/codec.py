@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from labtwin.documents.base import MAX_PAYLOAD_BYTES
 from labtwin.documents.commands import Command
 from labtwin.documents.data import Event, SampleBatch
 from labtwin.documents.status import ChannelState, ChannelStatus
@@ -29,18 +30,33 @@ class MalformedPayload(ValueError):
     """A payload on a labtwin topic that is not the document that topic carries."""
 
 
+def _printable(text: object, limit: int) -> str:
+    """``text`` for a log line: as it is when short and printable, else quoted, escaped and cut. A rejection names
+    the topic and the field, and both come from the sender: a key like "x\\nERROR ..." must not forge a log line."""
+    text = str(text)
+    if len(text) <= limit and text.isprintable():
+        return text
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def decode(topic_name: str, payload: bytes) -> BaseModel:
     """The document a payload carries, chosen by the topic's last level."""
     kind = topic_name.rsplit("/", 1)[-1]
     adapter = _ADAPTERS.get(kind)
+    topic_name = _printable(topic_name, 200)
     if adapter is None:
-        raise MalformedPayload(f"{topic_name}: no labtwin document is defined for topic kind {kind!r}")
+        raise MalformedPayload(f"{topic_name}: no labtwin document is defined for topic kind {kind[:40]!r}")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MalformedPayload(
+            f"{topic_name}: payload of {len(payload)} bytes is over labtwin's {MAX_PAYLOAD_BYTES} "
+            "(send smaller batches)"
+        )
     try:
         return adapter.validate_json(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "(payload)"
-        raise MalformedPayload(f"{topic_name}: {where}: {first.get('msg')}") from None
+        where = ".".join(_printable(p, 40) for p in first.get("loc", ())) or "(payload)"
+        raise MalformedPayload(f"{topic_name}: {where}: {_printable(first.get('msg'), 300)}") from None
 
 
 def encode(document: BaseModel) -> bytes:

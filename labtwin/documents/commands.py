@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from labtwin.documents.base import Document
+from labtwin.documents.base import Count, Document, Finite, StoreInt
 from labtwin.documents.data import StepStats
 from labtwin.documents.limits import Limits
 from labtwin.documents.steps import (
@@ -22,18 +22,18 @@ from labtwin.documents.steps import (
 from labtwin.documents.twin import Action, AnomalyKind
 
 
-class ResumePoint(BaseModel):
+class ResumePoint(Finite):
     """Where a run that was interrupted stands in the store, so a resumed run continues its record:
     sample batches go on numbering after the last one stored (the store drops a repeated seq as a
     duplicate), test time and counted charge go on from their last values."""
 
     model_config = ConfigDict(extra="forbid")
 
-    next_seq: int = Field(ge=0)
+    next_seq: Count
     time_s: float = Field(ge=0)
     capacity_Ah: float = 0.0
-    n_samples: int = Field(0, ge=0)
-    step_index: int | None = Field(None, description="the step the crash interrupted, if one was running")
+    n_samples: Count = 0
+    step_index: StoreInt | None = Field(None, description="the step the crash interrupted, if one was running")
     step_stats: StepStats | None = Field(
         None,
         description="what that step had done before the crash, from the stored samples: the agent adds it to "
@@ -49,7 +49,7 @@ class StartRun(Document):
     channel: str
     cell_id: str
     protocol: str
-    n_steps: int = Field(ge=0)
+    n_steps: Count
     flow_run_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict, description="free-form notes carried to RunStart")
     anomaly_policy: dict[AnomalyKind, Action] = Field(
@@ -65,16 +65,15 @@ class StepCommand(Document):
 
     kind: Literal["step"] = "step"
     run_id: str
-    step_index: int = Field(ge=0, description="position in the compiled step list")
+    step_index: Count = Field(description="position in the compiled step list")
     label: str = ""
-    cycle: int = Field(
+    cycle: Count = Field(
         0,
-        ge=0,
         description="the electrochemical cycle the step belongs to (labtwin.analysis.cycles), set by the "
         "interpreter when it sends the step; the agent stamps it on the step's samples and events",
     )
-    repetition: int = Field(
-        0, ge=0, description="the protocol's loop counter: which repetition of its repeat or loop (0 outside one)"
+    repetition: Count = Field(
+        0, description="the protocol's loop counter: which repetition of its repeat or loop (0 outside one)"
     )
     step: StepKind
     current_A: float | None = Field(None, description="cc setpoint; positive charges")
@@ -149,7 +148,7 @@ class EndStep(Document):
 
     kind: Literal["end_step"] = "end_step"
     run_id: str
-    step_index: int
+    step_index: StoreInt
     reason: EndReason
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from labtwin.documents.base import Document, utc_now
+from labtwin.documents.base import MAX_BATCH_SAMPLES, Count, Document, Finite, MaybeReading, StoreInt, utc_now
 from labtwin.documents.steps import EndReason, StepKind
 from labtwin.documents.twin import Action, AnomalyKind
 
 
-class Column(BaseModel):
+class Column(Finite):
     name: str
     unit: str
     description: str = ""
@@ -38,13 +38,13 @@ class RunStart(Document):
     channel: str
     cell_id: str
     protocol: str
-    n_steps: int
+    n_steps: StoreInt
     time: datetime = Field(default_factory=utc_now)
     columns: list[Column] = Field(default_factory=lambda: list(SAMPLE_COLUMNS))
     sign_convention: str = "positive current charges the cell"
     flow_run_id: str | None = None
-    first_seq: int = Field(
-        0, ge=0, description="seq of this start's first batch: above 0 when a resumed run goes on numbering its record"
+    first_seq: Count = Field(
+        0, description="seq of this start's first batch: above 0 when a resumed run goes on numbering its record"
     )
     metadata: dict[str, str] = Field(default_factory=dict)
     anomaly_policy: dict[AnomalyKind, Action] = Field(
@@ -52,7 +52,7 @@ class RunStart(Document):
     )
 
 
-class StepStats(BaseModel):
+class StepStats(Finite):
     """What a step did, measured by the agent: enough to summarise a run without its samples."""
 
     duration_s: float = 0.0
@@ -60,12 +60,12 @@ class StepStats(BaseModel):
     discharge_Ah: float = Field(0.0, ge=0, description="charge taken out of the cell")
     energy_in_Wh: float = 0.0
     energy_out_Wh: float = 0.0
-    start_voltage_V: float | None = None
-    end_voltage_V: float | None = None
-    end_current_A: float | None = None
-    n_samples: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
+    start_voltage_V: MaybeReading = None
+    end_voltage_V: MaybeReading = None
+    end_current_A: MaybeReading = None
+    n_samples: StoreInt = 0
+    first_seq: StoreInt | None = None
+    last_seq: StoreInt | None = None
 
     def continued_by(self, later: StepStats) -> StepStats:
         """A step interrupted after these statistics (a crash) and run on as ``later``: the whole step's,
@@ -90,9 +90,9 @@ class StepEvent(Document):
     kind: Literal["step_event"] = "step_event"
     run_id: str
     channel: str
-    step_index: int
+    step_index: StoreInt
     label: str = ""
-    cycle: int = Field(0, description="the electrochemical cycle the step belongs to (labtwin.analysis.cycles)")
+    cycle: StoreInt = Field(0, description="the electrochemical cycle the step belongs to (labtwin.analysis.cycles)")
     step: StepKind
     event: Literal["started", "ended"]
     time_s: float = Field(description="cell time since run start")
@@ -110,9 +110,9 @@ class RunStop(Document):
     exit_status: Literal["success", "aborted", "failed"]
     reason: str = ""
     time: datetime = Field(default_factory=utc_now)
-    n_samples: int = 0
-    n_batches: int = 0
-    last_seq: int = -1
+    n_samples: StoreInt = 0
+    n_batches: StoreInt = 0
+    last_seq: StoreInt = -1
     cell_time_s: float = 0.0
 
 
@@ -143,16 +143,16 @@ class SampleBatch(Document):
     kind: Literal["samples"] = "samples"
     run_id: str
     channel: str
-    seq: int = Field(ge=0)
-    time_s: list[float]
+    seq: Count
+    time_s: list[float] = Field(max_length=MAX_BATCH_SAMPLES, description="every column has as many values")
     voltage_V: list[float]
     current_A: list[float]
     capacity_Ah: list[float]
     temperature_C: list[float | None] = Field(
         description="None where the channel has no temperature sensor (JSON has no NaN)"
     )
-    step: list[int]
-    cycle: list[int]
+    step: list[StoreInt]
+    cycle: list[StoreInt]
     frequency_Hz: list[float] | None = Field(None, description="impedance steps only")
     z_real_ohm: list[float] | None = None
     z_imag_ohm: list[float] | None = None

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from labtwin.documents.base import Finite
 
 _T = TypeVar("_T")
 
 
-class Limits(BaseModel):
+class Limits(Finite):
     """Safety limits the agent enforces on every sample, next to the instrument.
 
     A limit that trips ends the step within that sample and puts the

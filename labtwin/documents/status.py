@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from labtwin.documents.base import Document, utc_now
+from labtwin.documents.base import Document, MaybeReading, StoreInt, utc_now
 from labtwin.documents.limits import Limits
 
 
@@ -31,12 +31,12 @@ class ChannelStatus(Document):
     driver: str | None = None
     speed: float | None = Field(None, description="cell seconds per wall second; None = as fast as possible")
     run_id: str | None = None
-    step_index: int | None = None
+    step_index: StoreInt | None = None
     label: str | None = None
-    cycle: int | None = None
-    voltage_V: float | None = None
-    current_A: float | None = None
-    temperature_C: float | None = None
+    cycle: StoreInt | None = None
+    voltage_V: MaybeReading = None
+    current_A: MaybeReading = None
+    temperature_C: MaybeReading = None
     message: str = ""
     limits: Limits | None = Field(None, description="the channel's own safety limits, enforced by its agent")
     nominal_capacity_Ah: float | None = Field(None, description="of the cell on this channel, for C-rates")

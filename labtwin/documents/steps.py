@@ -5,7 +5,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from labtwin.documents.base import Finite
 
 
 class StepKind(str, Enum):
@@ -19,17 +21,17 @@ class StepKind(str, Enum):
     eis = "eis"  # impedance spectroscopy (potentiostatic or galvanostatic), device-run
 
 
-class GittSettings(BaseModel):
+class GittSettings(Finite):
     """Pulse + relaxation, repeated until a pulse ends beyond ``end.voltage_V`` or ``max_pulses``."""
 
     model_config = ConfigDict(extra="forbid")
 
     pulse_s: float = Field(gt=0)
     relax_s: float = Field(gt=0)
-    max_pulses: int = Field(1000, ge=1)
+    max_pulses: int = Field(1000, ge=1, le=1_000_000)
 
 
-class SweepSettings(BaseModel):
+class SweepSettings(Finite):
     """Cyclic voltammetry: start -> vertex_1 -> vertex_2 -> vertex_1 ... for ``cycles``, at ``scan_rate_V_s``,
     in potential steps of ``step_V`` (a staircase, as digital potentiostats apply it)."""
 
@@ -63,7 +65,7 @@ class SweepSettings(BaseModel):
         return len(self.potentials_V()) * self.step_V / self.scan_rate_V_s
 
 
-class EisSettings(BaseModel):
+class EisSettings(Finite):
     """Impedance from ``f_start_Hz`` down (or up) to ``f_end_Hz``, log-spaced, around open circuit."""
 
     model_config = ConfigDict(extra="forbid")
@@ -86,7 +88,7 @@ class EisSettings(BaseModel):
         return sum(max(self.periods / f, 0.1) for f in self.frequencies_Hz())
 
 
-class EndConditions(BaseModel):
+class EndConditions(Finite):
     """When a step has done its job (a normal end, not a safety trip).
 
     ``voltage_V`` for a constant-current step is reached in the direction the
@@ -121,7 +123,7 @@ class EndConditions(BaseModel):
 DVDT_WINDOW_SAMPLES = 10
 
 
-class RecordRule(BaseModel):
+class RecordRule(Finite):
     """Which of a step's samples are recorded: the agent reads the instrument every ``sample_interval_s`` (and
     checks every reading against the limits and end conditions) but records a reading only when this much time
     has passed, or the voltage or current has moved this much, since the last recorded one (a cycler's
@@ -141,7 +143,7 @@ class RecordRule(BaseModel):
         )
 
 
-class EndReason(BaseModel):
+class EndReason(Finite):
     """Why a step ended: a named condition or limit and the value that met it."""
 
     kind: Literal["end_condition", "safety_limit", "aborted", "error"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from labtwin.documents import SCHEMA_VERSION, utc_now
+from labtwin.documents.base import SCHEMA_VERSION, Finite, StoreInt, utc_now
 
 AnomalyKind = Literal[
     "oscillation_onset",
@@ -29,7 +29,7 @@ AnomalyKind = Literal[
 Action = Literal["notify", "pause", "stop"]
 
 
-class Anomaly(BaseModel):
+class Anomaly(Finite):
     model_config = ConfigDict(extra="forbid")
 
     v: Literal[1] = SCHEMA_VERSION
@@ -40,8 +40,8 @@ class Anomaly(BaseModel):
     run_id: str = ""
     time_s: float = Field(description="test time at the onset (cell time since the run started)")
     detected_time_s: float | None = Field(None, description="test time of the sample that completed the evidence")
-    cycle: int | None = None
-    step: int | None = None
+    cycle: StoreInt | None = None
+    step: StoreInt | None = None
     message: str
     figures: dict[str, float] = Field(
         default_factory=dict, description="the detector's numbers, with units in the keys"
@@ -50,7 +50,7 @@ class Anomaly(BaseModel):
     wall_time: datetime = Field(default_factory=utc_now)
 
 
-class CellState(BaseModel):
+class CellState(Finite):
     """The twin's current view of one cell, retained on its state topic."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,8 +62,8 @@ class CellState(BaseModel):
     run_id: str = ""
     model: str = Field("", description="the cell definition the twin runs in the loop")
     time_s: float = 0.0
-    cycle: int = 0
-    step: int | None = None
+    cycle: StoreInt = 0
+    step: StoreInt | None = None
     soc: float | None = Field(None, description="state of charge from the model in the loop, 0..1 of nominal")
     voltage_V: float | None = None
     predicted_voltage_V: float | None = None
@@ -77,5 +77,5 @@ class CellState(BaseModel):
     coulombic_efficiency: float | None = None
     impedance_ohm: dict[str, float] = Field(default_factory=dict, description="resistances of the last EIS fit")
     predicted_step_end_s: float | None = Field(None, description="test time the current step is predicted to end")
-    anomalies: int = 0
+    anomalies: StoreInt = 0
     wall_time: datetime = Field(default_factory=utc_now)
