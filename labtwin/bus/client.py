@@ -25,6 +25,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import aiomqtt
 from pydantic import BaseModel
@@ -129,13 +130,40 @@ def _refusal(exc: BaseException, conn: BrokerConnection, username: str | None) -
     text = str(exc)
     if "SSL" in text or "certificate" in text.lower() or "handshake" in text.lower():
         reason = text.split("] ", 1)[-1].split(" (_ssl", 1)[0]
-        hint = (
-            "the broker wants a client certificate (LABTWIN_TLS_CERT / LABTWIN_TLS_KEY, or the identity's cert:)"
-            if "CERTIFICATE_REQUIRED" in text or "certificate required" in text
-            else "check LABTWIN_TLS_CA (or the profile's ca:) and that the broker's certificate names this host"
-        )
+        if "CERTIFICATE_REQUIRED" in text or "certificate required" in text:
+            hint = "the broker wants a client certificate (LABTWIN_TLS_CERT / LABTWIN_TLS_KEY, or the identity's cert:)"
+        elif "ALERT_UNKNOWN_CA" in text or "ALERT_BAD_CERTIFICATE" in text:
+            hint = (
+                "the broker does not accept this client certificate: LABTWIN_TLS_CERT / LABTWIN_TLS_KEY (or the "
+                "identity's cert: and key:) must be the ones `labtwin lab secure` made for this lab"
+            )
+        else:
+            hint = "check LABTWIN_TLS_CA (or the profile's ca:) and that the broker's certificate names this host"
         return BrokerRefused(f"TLS with the MQTT broker at {conn} failed: {reason}; {hint}")
     return None
+
+
+class _PahoLog(logging.LoggerAdapter):
+    """paho's log lines, passed on to aiomqtt's ``mqtt`` logger, keeping the last TLS error seen on the socket.
+
+    A broker that refuses the client's certificate does so after a TLS 1.3 client has finished its handshake:
+    paho only logs the alert ("failed to receive on socket: [SSL: TLSV1_ALERT_UNKNOWN_CA] ...") and aiomqtt
+    reports the connect as "Operation timed out". Kept here, the alert becomes the one-line refusal; before the
+    first connection it is logged at debug level only, since the refusal says it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("mqtt"), {})
+        self.tls_error: str | None = None
+        self.quiet = True  # until the first connection
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        text = str(msg) % args if args else str(msg)
+        if "[SSL" in text:
+            self.tls_error = text
+            if self.quiet:
+                level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
 
 
 def _matches(filter_: str, topic_name: str) -> bool:
@@ -321,6 +349,7 @@ class Bus:
         backoff_s = 0.2
         first = True
         transport = self._transport
+        paho_log = _PahoLog()
         while not self._closing:
             try:
                 will = None
@@ -329,6 +358,7 @@ class Bus:
                     if transport.signer is not None:  # signed afresh at every connect
                         payload = transport.signer.seal(self.will[0], payload)
                     will = aiomqtt.Will(self.will[0], payload, qos=1, retain=True)
+                paho_log.tls_error = None
                 async with aiomqtt.Client(
                     transport.host,
                     transport.port,
@@ -341,6 +371,7 @@ class Bus:
                     keepalive=self._keepalive_s,
                     timeout=self._attempt_timeout_s,
                     max_queued_outgoing_messages=None,
+                    logger=cast(logging.Logger, paho_log),
                 ) as client:
                     client.pending_calls_threshold = 10 * self._window  # silence per-publish warnings
                     self._client = client
@@ -351,6 +382,7 @@ class Bus:
                         self.stats.reconnects += 1
                         log.info("bus %s reconnected to %s", self.client_id, self.address)
                     first = False
+                    paho_log.quiet = False
                     backoff_s = 0.2
                     self._connected.set()
                     async with asyncio.TaskGroup() as tg:
@@ -360,6 +392,8 @@ class Bus:
                 self._connected.clear()
                 self._client = None
                 lost: BaseException | None = group.exceptions[0]
+                if paho_log.tls_error is not None:  # what the socket said, not aiomqtt's "Operation timed out"
+                    lost = aiomqtt.MqttError(paho_log.tls_error)
             else:
                 lost = None
             finally:
