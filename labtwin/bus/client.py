@@ -261,6 +261,11 @@ class Bus:
         return self._transport.signer.sender if self._transport.signer is not None else None
 
     @property
+    def username(self) -> str | None:
+        """The broker user this bus connects as (its ACL decides what the broker lets through)."""
+        return self._transport.username
+
+    @property
     def signed(self) -> bool:
         """True when this bus signs what it publishes (the lab has a security profile with this identity)."""
         return self._transport.signer is not None

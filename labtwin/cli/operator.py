@@ -80,8 +80,8 @@ async def command_channel(
             if message is None:
                 raise UserError(
                     f"{order.verb} of run {run_id} on {channel} was not acknowledged by its agent within "
-                    f"{ack_timeout_s:.0f} s: the broker may have refused {connection.identity or 'this user'}'s "
-                    "publish (its ACL lets only an operator or the orchestrator command a channel), or the agent "
+                    f"{ack_timeout_s:.0f} s: the broker may have refused the publish of user {bus.username!r} "
+                    "(its ACL lets only an operator or the orchestrator command a channel), or the agent "
                     "is not running",
                     EXIT_REFUSED,
                 )

@@ -294,6 +294,7 @@ def test_agent_recorder_and_run_as_separate_processes_with_a_viewer_and_an_opera
         assert viewer.returncode == 3, viewer.stdout + viewer.stderr
         line = one_line(viewer.stderr)
         assert "not acknowledged" in line or "refused" in line, line
+        assert "'demo-viewer'" in line, line  # the broker user whose publish the ACL dropped
         assert "paused run" not in viewer.stdout
         assert_no_secret(secured, viewer.stdout, viewer.stderr)
         assert run.poll() is None, procs.output("run")[-3000:]
@@ -322,7 +323,11 @@ def test_agent_recorder_and_run_as_separate_processes_with_a_viewer_and_an_opera
         procs.stop_all()
     for name in procs.procs:
         assert_no_secret(secured, procs.output(name))
-    assert "Traceback" not in procs.output("agent") + procs.output("record"), procs.output("agent")
+    services = procs.output("agent") + procs.output("record")
+    assert "Traceback" not in services, services[-3000:]
+    # Every document the agent and the recorder received verified: the operator's and orchestrator's commands,
+    # the agent's own status read back (its ACL line is readwrite), its batches and events.
+    assert "refused a payload" not in services and "not signed by this agent" not in services, services[-3000:]
 
 
 # --------------------------------------------------------------------------- refused connections
