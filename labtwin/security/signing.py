@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 MAGIC = b"LTS1 "
 _CONTEXT = b"labtwin-signature-v1\x00"
 MAX_HEADER_BYTES = 512
+_SENDER = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 
 
 class BadSignature(ValueError):
@@ -91,7 +93,9 @@ def open_envelope(payload: bytes) -> Envelope:
         raise BadSignature("signature header is malformed (by: text, n: integer, sig: 64 bytes)")
     if not 0 < nonce < 2**63:
         raise BadSignature("signature nonce is out of range")
-    return Envelope(sender[:128], nonce, signature, payload[end + 1 :])
+    if not _SENDER.match(sender):  # it reaches log lines and security events: no control characters, bounded
+        raise BadSignature("signature header is malformed (by: 1-128 letters, digits, '_', '.', '-' or '@')")
+    return Envelope(sender, nonce, signature, payload[end + 1 :])
 
 
 def verify(key: Ed25519PublicKey, topic: str, envelope: Envelope) -> None:
