@@ -40,6 +40,40 @@ SpeedOpt = typer.Option(
 )
 
 
+@contextlib.contextmanager
+def _store_secret_for_flows(store: str):
+    """The store URL for the flows' parameters, without its password; the password reaches the flows this
+    process runs (or its Prefect Runner starts) through ``LABTWIN_STORE`` in this process's environment,
+    never through Prefect (docs/decisions/0009-secrets-stay-off-prefect.md). Restored afterwards."""
+    import os
+
+    from labtwin.data.store_secret import split_password
+
+    bare, password = split_password(store)
+    if password is None:
+        yield store
+        return
+    before = os.environ.get("LABTWIN_STORE")
+    os.environ["LABTWIN_STORE"] = store
+    try:
+        yield bare
+    finally:
+        if before is None:
+            os.environ.pop("LABTWIN_STORE", None)
+        else:
+            os.environ["LABTWIN_STORE"] = before
+
+
+def _check_store(store: str) -> None:
+    """The store opens, before Prefect starts: a wrong URL or password is one line naming it (redacted)."""
+    from labtwin.cli.wiring import open_store
+
+    try:
+        open_store(store).close()
+    except ValueError as exc:  # a URL of another database (mysql://...): parse_url names it, redacted
+        _fail(f"{exc} (--store, LABTWIN_STORE or the lab file's store:)")
+
+
 def _fail(message: str) -> None:
     from labtwin.cli.errors import UserError
 
@@ -91,14 +125,18 @@ def run(
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
     import os
 
+    from labtwin.security.log_redaction import install_log_redaction
+
+    install_log_redaction()
     campaign, s = _load(file, lab=lab, broker=broker, store=store, speed=speed)
     if prefect_db and os.environ.get("PREFECT_API_URL"):
         _fail("--prefect-db: PREFECT_API_URL names a Prefect server, which has its own database; drop one of them")
+    _check_store(s.store)
     from labtwin.orchestration.prefect_server import ephemeral_database
 
     try:
-        with ephemeral_database(prefect_db):
-            results = asyncio.run(_run(file, campaign, s))
+        with ephemeral_database(prefect_db), _store_secret_for_flows(s.store) as store_param:
+            results = asyncio.run(_run(file, campaign, s, store_param))
     except (ConnectionError, ValueError, TimeoutError) as exc:
         _fail(str(exc))
     table = Table(title=f"campaign {campaign.campaign}")
@@ -119,7 +157,8 @@ def run(
         raise typer.Exit(1)
 
 
-async def _run(file: Path, campaign, s: Settings):
+async def _run(file: Path, campaign, s: Settings, store_param: str):
+    """``store_param``: the store URL without its password, what the flows get (the recorder here gets it all)."""
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.campaign import channels_of
     from labtwin.orchestration.campaign_flow import run_campaign
@@ -128,10 +167,11 @@ async def _run(file: Path, campaign, s: Settings):
     config = s.lab_config
     await start_prefect_api()
     connection = s.connection("orchestrator")
+    lab_file = str(s.lab_file.resolve())
     if connection is not None:
-        return await run_campaign(str(file), connection, config.lab, s.store)
+        return await run_campaign(str(file), connection, config.lab, store_param, lab_file=lab_file)
     async with LocalLab(config, channels_of(campaign), None, s.store, s.speed_value) as local:
-        return await run_campaign(str(file), local.url, config.lab, s.store)
+        return await run_campaign(str(file), local.url, config.lab, store_param, lab_file=lab_file)
 
 
 @campaign_app.command("serve")
@@ -173,7 +213,9 @@ def serve(
     import os
 
     from labtwin.orchestration.campaign import interval_s
+    from labtwin.security.log_redaction import install_log_redaction
 
+    install_log_redaction()
     campaign, s = _load(file, lab=lab, broker=broker, store=store, speed=speed)
     if work_pool and not os.environ.get("PREFECT_API_URL"):
         _fail(
@@ -184,6 +226,7 @@ def serve(
         duration_s = interval_s(duration) if duration else None
     except ValueError as exc:
         _fail(f"--for: {exc}")
+    _check_store(s.store)
     try:
         served = asyncio.run(
             _serve(
@@ -257,8 +300,17 @@ async def _serve(
         )
         where = f"; work pool {work_pool} runs them (`prefect worker start --pool {work_pool}`)" if work_pool else ""
         err.print(f"serving campaign {campaign.campaign} ({schedule or 'no schedule'}){where}; Ctrl-C stops")
+        # The deployments' store_url has no password; the Runner's flow-run processes inherit LABTWIN_STORE.
+        stack.enter_context(_store_secret_for_flows(store_url))
         return await serve_campaign(
-            str(file), broker_url, config.lab, store_url, run_now, duration_s, work_pool=work_pool
+            str(file),
+            broker_url,
+            config.lab,
+            store_url,
+            run_now,
+            duration_s,
+            work_pool=work_pool,
+            lab_file=str(s.lab_file.resolve()),
         )
 
 

@@ -30,6 +30,7 @@ from labtwin.cli.wiring import LocalLab, default_lab
 from labtwin.data.store import describe_url
 from labtwin.documents import RunStart, StepEvent
 from labtwin.security import BrokerConnection, as_identity
+from labtwin.security.redact import redact_url
 
 # ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
 # ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
@@ -87,7 +88,7 @@ async def run_demo(
             where = "broker" if local.broker is None else "embedded broker"
             note = "" if local.broker is None else f" ({local.broker.protection})"
             console.print(
-                f"[bold]labtwin demo[/]: {where} at {local.url}{note}, lab '{config.lab}', "
+                f"[bold]labtwin demo[/]: {where} at {redact_url(local.url)}{note}, lab '{config.lab}', "
                 f"store {describe_url(store.url)}"
             )
         stop = asyncio.Event()

@@ -9,6 +9,7 @@ instead of failing half way when another process got there first.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
 # Execution option of a connection whose next transaction writes: on SQLite it begins IMMEDIATE.
 WRITE = {"labtwin_write": True}
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,20 @@ def parse_url(url: str | Path | None) -> StoreURL:
 
 
 def describe_url(url: str | Path | None) -> str:
-    """The URL with any password hidden, for messages."""
+    """The URL for a message, a log line or ``--json``: its user and password hidden (``postgresql://***@host``),
+    and a ``password=`` query parameter too (libpq takes one); a SQLite path as it is."""
     text = str(url) if url is not None else str(DEFAULT_SQLITE)
-    if "@" in text and "://" in text:
+    if "://" in text:
         scheme, rest = text.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        end = re.search(r"[/?#]", rest)  # the authority, as libpq reads it: its userinfo ends at its last '@'
+        authority, tail = (rest[: end.start()], rest[end.start() :]) if end else (rest, "")
+        if "@" in authority:
+            authority = "***@" + authority.rpartition("@")[2]
+        elif ":" in authority and "@" in tail:
+            # An unencoded '/' in a password ends the authority early: hide everything up to the last '@'.
+            authority, tail = "***@" + tail.rpartition("@")[2], ""
+        tail = _QUERY_PASSWORD.sub(r"\g<1>***", tail)
+        text = f"{scheme}://{authority}{tail}"
     return text
 
 

@@ -16,6 +16,7 @@ programming manual) and gives three things for free:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -23,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
+
+from labtwin.security.redact import redact
 
 if TYPE_CHECKING:
     from pyvisa.resources import MessageBasedResource
@@ -96,6 +99,12 @@ def scpi_output_off(transport: Transport, suffix: str = "") -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _shown(resource: str) -> str:
+    """The resource as an audit line or log shows it: a password in it replaced by *** (once per resource)."""
+    return redact(resource)
+
+
 class AuditTrail:
     """Appends one JSON line per exchange (``>`` sent, ``<`` received) to a file, and logs it."""
 
@@ -106,6 +115,7 @@ class AuditTrail:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(self, resource: str, direction: str, text: str) -> None:
+        resource = _shown(resource)  # a resource may be a URL with a password (rfc2217://user:pw@host)
         audit_log.debug("%s %s %s", resource, direction, text)
         if self.path is None:
             return

@@ -31,11 +31,14 @@ from labtwin import bus as busmod
 from labtwin.analysis.summary import RunSummary
 from labtwin.bus import Bus
 from labtwin.data.store import Store
+from labtwin.data.store_secret import resolve_password, store_line_of, without_password
 from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
 from labtwin.orchestration.flows import ChannelBusy, run_protocol
 from labtwin.orchestration.resume import ResumeState, read_run
 from labtwin.security import BrokerConnection, as_identity
+from labtwin.security.log_redaction import install_log_redaction
+from labtwin.security.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -188,22 +191,57 @@ async def _run_job(
                     await asyncio.sleep(5.0 * api_failures)
         except Exception as exc:  # one job's failure does not stop the campaign
             log.exception("campaign %s: job %s failed", campaign.campaign, job.run_id)
-            result.outcome = f"error: {type(exc).__name__}: {exc}"
+            result.outcome = redact(f"error: {type(exc).__name__}: {exc}")  # a flow's result: no secret
             return result
     result.outcome, result.reason = summary.exit_status, summary.reason
     result.resumed, result.steps_run = record.resume is not None, summary.steps_run
     return result
 
 
+def store_where_it_runs(store_url: str, lab_file: str | None = None, campaign_lab: str | None = None) -> Store:
+    """The campaign's store, opened with its password resolved in this process (docs/decisions/0009).
+
+    ``store_url`` is a Prefect parameter, so it comes without a password (``without_password``; one given
+    anyway is used, but never put one there: Prefect stores parameters in clear). Here, on the machine that
+    runs the flow, the password is the first found of: ``LABTWIN_STORE`` (what an in-process ``campaign
+    run`` or ``serve`` hands its flows through its environment), the ``store:`` of the lab file (``lab_file``,
+    else ``LABTWIN_LAB``, else the campaign's ``lab:``), each only if it names the same database; else none,
+    and psycopg's libpq reads PGPASSWORD, PGPASSFILE or ~/.pgpass natively, as for any URL without one.
+    Log redaction is installed first: a flow run started by a Prefect Runner or worker is a process of its own."""
+    import os
+
+    install_log_redaction()
+    lab_path = lab_file or os.environ.get("LABTWIN_LAB") or campaign_lab
+    candidates = (
+        ("LABTWIN_STORE", os.environ.get("LABTWIN_STORE")),
+        ("the lab file's store:", store_line_of(lab_path) if lab_path else None),
+    )
+    resolved = resolve_password(store_url, candidates)
+    log.info("campaign store %s: password from %s", without_password(store_url), resolved.source)
+    try:
+        return Store.open(resolved.url)
+    except Exception as exc:
+        # Prefect stores a failed flow run's exception in its database: it names the URL without the password.
+        raise ConnectionError(f"store {without_password(store_url)}: {redact(str(exc))}") from None
+
+
+# _BY_VALUE: a Prefect Runner hands a deployment's flow to its flow-run process pickled by value (cloudpickle, for
+# a module installed editable), and a function pickled by value keeps only the globals its code uses, not the ones
+# its annotations name (strings, `from __future__ import annotations`). Without a use of BrokerConnection in the
+# body, the flow-run process could not build the parameter model ("`Run_CampaignModel` is not fully defined; you
+# should define `BrokerConnection`") and every served run failed before it started.
 @flow(name="campaign", flow_run_name="campaign {campaign_file}", log_prints=False)
 async def run_campaign(
-    campaign_file: str, broker_url: str | BrokerConnection, lab: str, store_url: str
+    campaign_file: str, broker_url: str | BrokerConnection, lab: str, store_url: str, lab_file: str | None = None
 ) -> list[JobResult]:
-    """Run every job of a campaign that has not finished, resuming interrupted ones; returns one result per job."""
+    """Run every job of a campaign that has not finished, resuming interrupted ones; returns one result per job.
+
+    ``store_url`` and ``lab_file`` are references: the store's password is resolved here (store_where_it_runs)."""
+    broker_url = BrokerConnection.parse(broker_url)  # see _BY_VALUE
     campaign = load_campaign(campaign_file)
     jobs = plan(campaign)
     locks = {ch: asyncio.Lock() for ch in channels_of(campaign)}
-    store = Store.open(store_url)
+    store = store_where_it_runs(store_url, lab_file, campaign.lab)
     try:
         gate = asyncio.Semaphore(START_CONCURRENCY)
         running = asyncio.Semaphore(campaign.max_parallel_runs or default_parallel_runs())
@@ -230,8 +268,12 @@ async def scheduled_job(
     broker_url: str | BrokerConnection,
     lab: str,
     store_url: str,
+    lab_file: str | None = None,
 ) -> JobResult:
-    """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job."""
+    """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job.
+
+    ``store_url`` comes without its password, resolved here like run_campaign's."""
+    broker_url = BrokerConnection.parse(broker_url)  # see _BY_VALUE
     campaign = load_campaign(campaign_file)
     cell = next(c for c in campaign.cells if c.id == cell_id)
     try:
@@ -241,7 +283,7 @@ async def scheduled_job(
         when = None
     when = when or datetime.now(UTC)
     run_id = scheduled_run_id(campaign, cell_id, entry, protocol, when)
-    store = Store.open(store_url)
+    store = store_where_it_runs(store_url, lab_file, campaign.lab)
     try:
         channel = await first_free_channel(broker_url, lab, cell.channels, run_id)
         job = Job(run_id, cell, protocol, channel, order=0)
@@ -301,6 +343,7 @@ async def serve_campaign(
     ready: asyncio.Event | None = None,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     work_pool: str | None = None,
+    lab_file: str | None = None,
 ) -> list[ServedRun]:
     """Serve the campaign through Prefect deployments: its jobs (run once now) and each schedule entry per cell.
 
@@ -317,7 +360,12 @@ async def serve_campaign(
     cancelled) pauses the deployments, which deletes their future occurrences, and lets the runs in progress
     finish for up to ``drain_timeout_s``; the Runner then cancels the rest (their run ids are fixed, so a
     later run of the same occurrence resumes them), a pool's workers carry on with theirs. Returns every
-    flow run the deployments made, from the API."""
+    flow run the deployments made, from the API.
+
+    The deployments' parameters are stored by the Prefect server: ``store_url`` goes there without its
+    password (a password given is dropped here) and each flow run resolves it where it runs: a Runner's flow
+    runs inherit this process's environment (``LABTWIN_STORE``); a pool's workers need it in theirs, in the
+    lab file ``lab_file`` names on their machine, or in libpq's PGPASSWORD / ~/.pgpass."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -330,7 +378,8 @@ async def serve_campaign(
         "campaign_file": str(Path(campaign_file).resolve()),
         "broker_url": broker_url,
         "lab": lab,
-        "store_url": store_url,
+        "store_url": without_password(store_url),
+        "lab_file": lab_file,
     }
     module = EntrypointType.MODULE_PATH  # the package is installed: no dependence on the working directory
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
