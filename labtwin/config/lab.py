@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from labtwin.bus import check_name
 from labtwin.devices.clock import parse_speed
 from labtwin.documents import Limits
+from labtwin.protocols.safe_yaml import YamlError, read_yaml_file
 
 DEFAULT_LAB_FILE = Path(__file__).parent / "lab.yaml"
 """The demo lab: what the CLI uses when neither --lab nor LABTWIN_LAB names one (labtwin.config.settings)."""
@@ -122,19 +122,13 @@ def load_lab(path: str | Path) -> LabConfig:
     if not path.is_file():
         what = "is a directory, not" if path.is_dir() else "does not exist: give"
         raise LabConfigError(f"lab file {path} {what} a YAML lab file (--lab or LABTWIN_LAB)")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LabConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8): a lab file is YAML") from None
-    except OSError as exc:
-        raise LabConfigError(f"lab file {path}: cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise LabConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    try:  # the protocols' bounded reader: size, aliases, nesting, duplicate keys, finite numbers (issue 14)
+        data = read_yaml_file(path, "a lab file").data
+    except YamlError as exc:
+        if not exc.syntax:
+            raise LabConfigError(str(exc)) from None
+        where = f":{exc.line}" if exc.line else ""
+        raise LabConfigError(f"{path}{where}: not valid YAML: {exc.problem}") from None
     if not isinstance(data, dict):
         raise LabConfigError(f"{path}: a lab file is a mapping with `lab:` and `channels:`, got {type(data).__name__}")
     try:

@@ -30,16 +30,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from labtwin.protocols.model import ProtocolError, format_validation_error, resolve_protocol_path, yaml_lines
+from labtwin.protocols.model import ProtocolError, format_validation_error, resolve_protocol_path
+from labtwin.protocols.safe_yaml import YamlError, read_yaml_file
 
 INTERVAL_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CampaignCell(_Strict):
@@ -111,15 +111,14 @@ def load_campaign(path: str | Path) -> Campaign:
     path = Path(path)
     if not path.exists():
         raise ProtocolError(f"campaign file {path} does not exist")
-    text = path.read_text()
+    try:  # the bounded reader: size, aliases, nesting, duplicate keys, finite numbers (issue 14)
+        document = read_yaml_file(path, "a campaign file")
+    except YamlError as exc:
+        raise ProtocolError(str(exc)) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProtocolError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return Campaign.model_validate(data)
+        return Campaign.model_validate(document.data)
     except ValidationError as exc:
-        raise ProtocolError(format_validation_error(str(path), exc, yaml_lines(text))) from None
+        raise ProtocolError(format_validation_error(str(path), exc, document.lines)) from None
 
 
 @dataclass(frozen=True)

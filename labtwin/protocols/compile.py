@@ -9,7 +9,10 @@ is what the agent enforces; asking for more is an error, not a clip).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from pydantic import ValidationError
 
 from labtwin.documents import (
     EisSettings,
@@ -37,6 +40,9 @@ from labtwin.protocols.model import (
     Repeat,
     Rest,
     Voltammetry,
+    compiled_steps,
+    in_file,
+    sweep_points,
 )
 
 # A cc step ending on voltage alone may take at most this multiple of the
@@ -115,7 +121,18 @@ def compile_protocol(protocol: Protocol, ctx: CompileContext) -> list[StepComman
 
 
 def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
-    """The program a run executes (labtwin.protocols.program.Interpreter): steps, loops, tags, stops."""
+    """The program a run executes (labtwin.protocols.program.Interpreter): steps, loops, tags, stops.
+
+    Every refusal is a ProtocolError naming the field (and, for a protocol read from a file, the file and line);
+    the size of what is compiled is checked from the parameters first (compiled_steps), so a refusal is quick."""
+    try:
+        compiled_steps(protocol.method)
+        return _compile(protocol, ctx)
+    except ProtocolError as exc:
+        raise ProtocolError(in_file(protocol, str(exc))) from None
+
+
+def _compile(protocol: Protocol, ctx: CompileContext) -> Program:
     if ctx.nominal_capacity_Ah is None and protocol.metadata.nominal_capacity_Ah is not None:
         ctx = CompileContext(ctx.run_id, protocol.metadata.nominal_capacity_Ah, ctx.channel_limits)
     limits = protocol.safety
@@ -163,6 +180,25 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
         instructions.append(StepInstr(cmd, then, loops))
 
     def emit(item, repetition: int, where: str, loops: tuple[int, ...]) -> None:
+        try:
+            emit_item(item, repetition, where, loops)
+        except ValidationError as exc:  # a document's own bound (labtwin.documents), met by what the step asks for
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            got = first.get("input")
+            raise ProtocolError(
+                f"{where}: compiles to a {exc.title} whose {field or 'value'} is refused: "
+                f"{first['msg'].removeprefix('Value error, ')}"
+                + (f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else "")
+            ) from None
+        except ProtocolError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ProtocolError(f"{where}: {exc}") from None
+        except (ZeroDivisionError, OverflowError):
+            raise ProtocolError(f"{where}: its numbers are too small or too large to compute a time bound") from None
+
+    def emit_item(item, repetition: int, where: str, loops: tuple[int, ...]) -> None:
         index = step_count[0]
         step_model = next(iter(item.__dict__.values()))
         add_tag(getattr(step_model, "tag", None), where)
@@ -306,8 +342,11 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
             _check_voltage(gitt_step.until_voltage_V, limits, f"{where}.gitt.until_voltage_V")
             charge = ctx.nominal_capacity_Ah
             pulses = gitt_step.max_pulses
-            if charge is not None:
-                pulses = min(pulses, int(CC_TIME_MARGIN * charge / (abs(current) * gitt_step.pulse_s / 3600.0)) + 1)
+            per_pulse_Ah = abs(current) * gitt_step.pulse_s / 3600.0
+            if charge is not None and per_pulse_Ah > 0:
+                enough = CC_TIME_MARGIN * charge / per_pulse_Ah
+                if math.isfinite(enough):
+                    pulses = min(pulses, int(enough) + 1)
             cmd = StepCommand(
                 run_id=ctx.run_id,
                 step_index=index,
@@ -364,7 +403,7 @@ def compile_program(protocol: Protocol, ctx: CompileContext) -> Program:
                         or f"CV {rate * 1e3:g} mV/s {sweep_step.vertex_1_V:g}-{sweep_step.vertex_2_V:g} V",
                         # A backstop, not a schedule: a device-run sweep on a loaded host or a slow link reports late.
                         sweep=sweep,
-                        limits=_step_limits(limits, sweep.duration_s() * 1.5 + 30),
+                        limits=_step_limits(limits, _sweep_duration_s(sweep) * 1.5 + 30),
                         sample_interval_s=sweep_step.step_V / rate,
                     ),
                     sweep_step if rate == rates[-1] else None,
@@ -447,9 +486,20 @@ def _check_gotos(instructions: list, tags: dict[str, int]) -> None:
                 )
 
 
+def _sweep_duration_s(sweep) -> float:
+    """SweepSettings.duration_s from the count of its potentials, without making the list of them."""
+    points = sweep_points(sweep.start_V, sweep.vertex_1_V, sweep.vertex_2_V, sweep.cycles, sweep.step_V)
+    return points * sweep.step_V / sweep.scan_rate_V_s
+
+
 def _step_limits(limits: Limits, step_time_max_s: float | None) -> Limits:
     if step_time_max_s is None:
         return limits
+    if not math.isfinite(step_time_max_s):
+        raise ProtocolError(
+            "its time bound is not a finite number (a rate, current or power too small for its end): "
+            "give until.time_s or a larger setpoint"
+        )
     return limits.tighten(Limits(step_time_max_s=step_time_max_s))
 
 

@@ -24,18 +24,42 @@ Example::
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from labtwin.documents import AnomalyKind, Limits
+from labtwin.protocols.safe_yaml import YamlError, dotted, parse_yaml, read_yaml_file
 from labtwin.protocols.strings import StepStringError, parse_step_string
+
+# Bounds on what one protocol may ask for (issue 14: each of these once hung labtwin or exhausted its memory).
+# They are checked from the parameters, before anything is generated or expanded.
+MAX_NESTING = 32  # repeats, loops and groups inside one another
+MAX_COMPILED_STEPS = 100_000  # steps after every repeat is expanded (about 3 s and 200 MB to compile)
+MAX_SWEEP_POINTS = 1_000_000  # potentials in one cyclic voltammetry sweep (per scan rate)
+MAX_SCAN_RATES = 100
+MAX_EIS_POINTS = 10_000  # frequencies in one spectrum
+MAX_GITT_PULSES = 100_000
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere in a protocol (``.inf``, or ``1e400`` which a float reads as one): a time bound
+    # of infinity is no bound, and NaN compares false with every limit.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Until(_Strict):
@@ -90,6 +114,11 @@ def _action_from_string(value):
 
 
 Action = Annotated[Literal["next", "stop", "pause"] | Goto, BeforeValidator(_action_from_string)]
+
+
+def _zero(current_A: float | None, c_rate: float | None) -> bool:
+    """The setpoint given (current_A or c_rate) is zero: ``current_A or c_rate`` would read a 0 A as "not given"."""
+    return (current_A if current_A is not None else c_rate) == 0
 
 
 class _StepBase(_Strict):
@@ -148,7 +177,7 @@ class CCStep(_StepBase):
     def _setpoint(self) -> CCStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a cc step needs exactly one of current_A or c_rate (negative discharges)")
-        if (self.current_A or self.c_rate) == 0:
+        if _zero(self.current_A, self.c_rate):
             raise ValueError("a cc step with zero current is a rest: use rest")
         if self.until.voltage_V is None and self.until.time_s is None and self.until.capacity_Ah is None:
             raise ValueError("a cc step needs until.voltage_V, until.time_s or until.capacity_Ah")
@@ -202,6 +231,8 @@ class CCCVStep(_StepBase):
     def _setpoint(self) -> CCCVStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a cccv step needs exactly one of current_A or c_rate")
+        if _zero(self.current_A, self.c_rate):
+            raise ValueError("a cccv step with zero current never reaches its voltage: give a current")
         if self.until.current_A is None and self.until.c_rate is None and self.until.time_s is None:
             raise ValueError("a cccv step needs until.current_A, until.c_rate or until.time_s")
         return self
@@ -216,12 +247,14 @@ class GittStep(_StepBase):
     pulse_s: float = Field(gt=0)
     relax_s: float = Field(gt=0)
     until_voltage_V: float = Field(gt=0)
-    max_pulses: int = Field(1000, ge=1)
+    max_pulses: int = Field(1000, ge=1, le=MAX_GITT_PULSES)
 
     @model_validator(mode="after")
     def _setpoint(self) -> GittStep:
         if (self.current_A is None) == (self.c_rate is None):
             raise ValueError("a gitt step needs exactly one of current_A or c_rate (negative discharges)")
+        if _zero(self.current_A, self.c_rate):
+            raise ValueError("a gitt step with zero current titrates nothing: give a current (negative discharges)")
         return self
 
 
@@ -232,13 +265,47 @@ class VoltammetryStep(_StepBase):
     vertex_1_V: float
     vertex_2_V: float
     scan_rate_V_s: float | list[float] = Field(description="one rate, or a list: one step per rate")
-    cycles: int = Field(1, ge=1)
-    step_V: float = Field(0.001, gt=0)
+    cycles: int = Field(1, ge=1, le=1000)
+    step_V: float = Field(0.001, gt=0, le=0.1)
     hold_start_s: float = Field(
         0.0,
         ge=0,
         description="hold start_V this long before each sweep, so every rate starts from an equilibrated film",
     )
+
+    @field_validator("scan_rate_V_s")
+    @classmethod
+    def _positive_rates(cls, value: float | list[float]) -> float | list[float]:
+        rates = value if isinstance(value, list) else [value]
+        if not 1 <= len(rates) <= MAX_SCAN_RATES:
+            raise ValueError(f"give one scan rate, or a list of 1 to {MAX_SCAN_RATES}")
+        if any(rate <= 0 for rate in rates):
+            raise ValueError("a scan rate is above 0 V/s")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded_sweep(self) -> VoltammetryStep:
+        points = sweep_points(self.start_V, self.vertex_1_V, self.vertex_2_V, self.cycles, self.step_V)
+        if points > MAX_SWEEP_POINTS:
+            raise ValueError(
+                f"step_V {self.step_V:g} V over these vertices and {self.cycles} cycle(s) makes more than "
+                f"{MAX_SWEEP_POINTS} potentials per sweep: raise step_V or narrow the window"
+            )
+        return self
+
+
+def sweep_points(start_V: float, vertex_1_V: float, vertex_2_V: float, cycles: int, step_V: float) -> int:
+    """How many potentials SweepSettings.potentials_V would make, computed without making them (a huge count is
+    returned as MAX_SWEEP_POINTS + 1, never computed to its end)."""
+    too_many = MAX_SWEEP_POINTS + 1
+
+    def leg(a: float, b: float) -> int:
+        ratio = abs(b - a) / step_V
+        return too_many if not math.isfinite(ratio) or ratio > too_many else max(1, int(round(ratio)))
+
+    first = leg(start_V, vertex_1_V) + leg(vertex_1_V, vertex_2_V)
+    again = leg(vertex_2_V, vertex_1_V) + leg(vertex_1_V, vertex_2_V)
+    return min(too_many, first + (cycles - 1) * again + leg(vertex_2_V, start_V))
 
 
 class EisStep(_StepBase):
@@ -247,8 +314,18 @@ class EisStep(_StepBase):
     mode: Literal["potentiostatic", "galvanostatic"] = "potentiostatic"
     f_start_Hz: float = Field(1e5, gt=0)
     f_end_Hz: float = Field(0.1, gt=0)
-    points_per_decade: int = Field(10, ge=1)
+    points_per_decade: int = Field(10, ge=1, le=100)
     amplitude: float = Field(0.005, gt=0, description="V (potentiostatic) or A (galvanostatic)")
+
+    @model_validator(mode="after")
+    def _bounded_spectrum(self) -> EisStep:
+        decades = abs(math.log10(self.f_end_Hz) - math.log10(self.f_start_Hz))
+        if decades * self.points_per_decade + 1 > MAX_EIS_POINTS:
+            raise ValueError(
+                f"{decades:.3g} decades at {self.points_per_decade} points per decade is more than "
+                f"{MAX_EIS_POINTS} frequencies: narrow f_start_Hz..f_end_Hz or lower points_per_decade"
+            )
+        return self
 
 
 class Rest(_Strict):
@@ -423,6 +500,10 @@ class Record(_Strict):
 
 
 class Protocol(_Strict):
+    # Where it was read from, for compile errors to name the file and line (not part of the protocol's data).
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
     metadata: Metadata
     record: Record = Field(default_factory=Record)
     safety: Limits
@@ -506,27 +587,12 @@ def _loc(loc: tuple) -> str:
 
 
 def yaml_lines(text: str) -> dict[tuple, int]:
-    """Line (1-based) of every mapping key and list item in a YAML document, by its path."""
-    lines: dict[tuple, int] = {}
+    """Line (1-based) of every mapping key and list item in a YAML document, by its path (none if the text is not
+    YAML the bounded reader accepts)."""
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                here = (*path, key.value)
-                lines[here] = key.start_mark.line + 1
-                walk(value, here)
-        elif isinstance(node, yaml.SequenceNode):
-            for k, value in enumerate(node.value):
-                lines[(*path, k)] = value.start_mark.line + 1
-                walk(value, (*path, k))
-
-    if root is not None:
-        walk(root, ())
-    return lines
+        return parse_yaml(text).lines
+    except YamlError:
+        return {}
 
 
 def _line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
@@ -557,10 +623,120 @@ def format_validation_error(source: str, exc: ValidationError, lines: dict[tuple
 def parse_protocol(data: dict, source: str = "<protocol>", lines: dict[tuple, int] | None = None) -> Protocol:
     if not isinstance(data, dict):
         raise ProtocolError(f"{source}: a protocol is a mapping with metadata, safety and method sections")
+    check_raw(data, source, lines or {})
     try:
-        return Protocol.model_validate(data)
+        protocol = Protocol.model_validate(data)
     except ValidationError as exc:
         raise ProtocolError(format_validation_error(source, exc, lines)) from None
+    except RecursionError:  # pragma: no cover - check_raw bounds the nesting first
+        raise ProtocolError(f"{source}: method: nested too deeply to read") from None
+    if source != "<protocol>":
+        protocol._source = source
+        protocol._lines = dict(lines or {})
+    try:  # the loader bounds the expansion too, so no reader of the model (an export, say) expands it unbounded
+        compiled_steps(protocol.method)
+    except ProtocolError as exc:
+        raise ProtocolError(in_file(protocol, str(exc)) if source != "<protocol>" else f"{source}: {exc}") from None
+    return protocol
+
+
+def check_raw(data: Any, source: str, lines: dict[tuple, int]) -> None:
+    """Before pydantic sees the data: no non-finite number anywhere (the safety limits' model included) and
+    repeats, loops and groups nested at most MAX_NESTING deep. Iterative, and visits each value once, so a
+    mapping handed in from Python (not through the YAML reader, which bounds its own) costs its size, no more."""
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    while stack:
+        value, path, nesting = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(_at(source, path, lines, f"{value} is not a finite number: give a finite value"))
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                here = (*path, key)
+                deeper = nesting + 1 if key == "steps" and isinstance(inner, list) else nesting
+                if deeper > MAX_NESTING:
+                    raise ProtocolError(
+                        _at(
+                            source,
+                            here,
+                            lines,
+                            f"repeats, loops and groups nest at most {MAX_NESTING} deep: flatten the inner ones",
+                        )
+                    )
+                stack.append((inner, here, deeper))
+        elif isinstance(value, list):
+            stack.extend((inner, (*path, k), nesting) for k, inner in enumerate(value))
+
+
+def _at(source: str, path: tuple, lines: dict[tuple, int], problem: str) -> str:
+    line = _line_of(path, lines)
+    return f"{source}:{line}: {dotted(path)}: {problem}" if line else f"{source}: {dotted(path)}: {problem}"
+
+
+_FIELD = re.compile(r"^(method(?:\[\d+\]|\.[A-Za-z_]+)*)")
+
+
+def in_file(protocol: Protocol, message: str) -> str:
+    """A compile error as the loader's errors read: ``file:line: field: problem`` when the protocol came from a file."""
+    source = protocol._source
+    if source is None or message.startswith(source):
+        return message
+    match = _FIELD.match(message)
+    line = None
+    if match:
+        path: list = []
+        for part in re.findall(r"\[(\d+)\]|([A-Za-z_]+)", match.group(1)):
+            path.append(int(part[0]) if part[0] else part[1])
+        for n in range(len(path), 0, -1):
+            if tuple(path[:n]) in protocol._lines:
+                line = protocol._lines[tuple(path[:n])]
+                break
+    return f"{source}:{line}: {message}" if line else f"{source}: {message}"
+
+
+def compiled_steps(method: list) -> int:
+    """How many steps the method compiles to, every repeat expanded, computed without expanding it: refused above
+    MAX_COMPILED_STEPS (repeat counts multiply: 100 000 x 100 000 is ten billion) or MAX_NESTING levels deep."""
+    depth_stack: list[tuple[list, tuple, int]] = [(method, ("method",), 0)]
+    while depth_stack:  # the depth first, without recursion, so the count below recurses at most MAX_NESTING deep
+        items, path, depth = depth_stack.pop()
+        if depth > MAX_NESTING:
+            raise ProtocolError(
+                f"{dotted(path)}: repeats, loops and groups nest at most {MAX_NESTING} deep: flatten the inner ones"
+            )
+        for k, item in enumerate(items):
+            if isinstance(item, (Repeat, Loop, Group)):
+                depth_stack.append((item.steps, (*path, k, "steps"), depth + 1))
+
+    def count(items: list, path: tuple) -> int:
+        total = 0
+        for k, item in enumerate(items):
+            here = (*path, k)
+            if isinstance(item, Repeat):
+                inner = count(item.steps, (*here, "steps"))
+                n = item.repeat * inner
+                if n > MAX_COMPILED_STEPS:
+                    raise ProtocolError(
+                        f"{dotted(here)}.repeat: {item.repeat} repetitions of {inner} step(s) is {n} steps, more "
+                        f"than the {MAX_COMPILED_STEPS} a protocol compiles to: use a loop (its steps are listed "
+                        "once and run as it goes) or fewer repetitions"
+                    )
+            elif isinstance(item, (Loop, Group)):
+                n = count(item.steps, (*here, "steps"))
+            elif isinstance(item, Voltammetry):
+                sweep = item.cyclic_voltammetry
+                rates = sweep.scan_rate_V_s if isinstance(sweep.scan_rate_V_s, list) else [sweep.scan_rate_V_s]
+                n = len(rates) * (2 if sweep.hold_start_s > 0 else 1)
+            else:
+                n = 1
+            total += n
+            if total > MAX_COMPILED_STEPS:
+                raise ProtocolError(
+                    f"{dotted(here)}: the method compiles to more than {MAX_COMPILED_STEPS} steps here: use a loop "
+                    "(its steps are listed once and run as it goes) or fewer repetitions"
+                )
+        return total
+
+    return count(method, ("method",))
 
 
 LIBRARY = Path(__file__).parent / "library"
@@ -579,10 +755,11 @@ def resolve_protocol_path(name_or_path: str | Path) -> Path:
 
 
 def load_protocol(name_or_path: str | Path) -> Protocol:
+    """A protocol file read by the bounded YAML reader (labtwin.protocols.safe_yaml) and validated: every refusal
+    is a ProtocolError of one line per mistake naming the file, line and field."""
     path = resolve_protocol_path(name_or_path)
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProtocolError(f"{path}: not valid YAML: {exc}") from None
-    return parse_protocol(data, str(path), yaml_lines(text))
+        document = read_yaml_file(path, "a protocol file")
+    except YamlError as exc:
+        raise ProtocolError(str(exc)) from None
+    return parse_protocol(document.data, str(path), document.lines)

@@ -42,6 +42,9 @@ TIME_UNITS = {
 }
 
 
+MAX_SENTENCE = 500
+
+
 class StepStringError(ValueError):
     pass
 
@@ -57,6 +60,8 @@ def _current(text: str) -> dict:
     """``{"current_A": x}`` or ``{"c_rate": x}`` (magnitudes)."""
     t = text.strip()
     if m := re.fullmatch(r"C\s*/\s*(" + NUMBER + ")", t):
+        if float(m.group(1)) == 0:
+            raise StepStringError(f"{t!r}: C/0 is no current: write e.g. 'C/10'")
         return {"c_rate": 1.0 / float(m.group(1))}
     if m := re.fullmatch(rf"({NUMBER})\s*C", t):
         return {"c_rate": float(m.group(1))}
@@ -86,7 +91,14 @@ def _conditions(rest: str) -> tuple[str | None, str | None]:
 
 
 def parse_step_string(text: str) -> dict:
-    """One sentence into the mapping a typed step is made from (the sentence is kept as the label)."""
+    """One sentence into the mapping a typed step is made from (the sentence is kept as the label).
+
+    At most MAX_SENTENCE characters: the patterns below backtrack, so their cost grows with the square of the
+    length, and a sentence of a megabyte would take hours (issue 14: the loader never hangs)."""
+    if len(text) > MAX_SENTENCE:
+        raise StepStringError(
+            f"a step sentence of {len(text)} characters: at most {MAX_SENTENCE}; write a long step as a mapping"
+        )
     s = " ".join(text.split())
     if m := re.fullmatch(r"(?i)rest\s+for\s+(.+)", s):
         return {"rest": {"duration_s": _time_s(m.group(1)), "label": s}}
