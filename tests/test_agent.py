@@ -287,3 +287,35 @@ async def test_a_resumed_step_ends_on_its_capacity_counting_the_charge_before_th
     assert started.first_seq == 1
     assert ended.reason.kind == "end_condition" and ended.reason.name == "capacity_Ah"
     assert abs(ended.stats.charge_Ah - 20e-6) < 0.5e-6  # the whole step's charge: 12 before + ~8 after
+
+
+async def test_a_nan_reading_trips_the_step_and_is_stored_as_a_missing_value(broker_url, unique_lab, tmp_path):
+    """An instrument that returns no number: the agent trips on it, and the batch that carries the tripping
+    sample reaches the store (the reading as NULL) instead of being refused for its NaN, so no seq is lost."""
+    import math
+
+    from labtwin.devices.potentiostat import Reading
+
+    lab = sim_lab(unique_lab, {"ch": "lto_bare_thinfilm"}, Limits(voltage_min_V=0.5, voltage_max_V=3.0))
+    async with LocalLab(lab, ["ch"], broker_url, str(tmp_path / "s.db")) as local:
+        driver = local.agents["ch"].driver
+        real_read = driver.read
+        reads = 0
+
+        def read() -> Reading:
+            nonlocal reads
+            reads += 1
+            reading = real_read()
+            return Reading(math.nan, reading.current_A, reading.temperature_C) if reads == 30 else reading
+
+        driver.read = read
+        cmd = StepCommand(
+            run_id="r-nan", step_index=0, step=StepKind.rest, end=EndConditions(time_s=3600), sample_interval_s=10
+        )
+        ended, stop = await run_steps_by_hand(local.url, unique_lab, "ch", "r-nan", [cmd])
+        await local.wait_stored("r-nan")
+        samples = local.store.samples("r-nan")
+    assert ended[0].reason.kind == "safety_limit" and ended[0].reason.name == "invalid_reading"
+    assert len(samples["voltage_V"]) == stop.n_samples
+    assert math.isnan(samples["voltage_V"][-1]) and not any(math.isnan(v) for v in samples["voltage_V"][:-1])
+    assert local.recorder.bus.stats.malformed == 0

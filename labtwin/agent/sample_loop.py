@@ -11,6 +11,7 @@ an exception), the instrument is put in its safe state here, within that sample.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -72,6 +73,11 @@ class ChargeCounter:
 
     def add(self, time_s: float, voltage_V: float, current_A: float) -> None:
         stats = self.stats
+        if not (math.isfinite(voltage_V) and math.isfinite(current_A)):
+            # A reading with no number (the check trips on it) carries no charge: the trapezoid bridges it,
+            # so the run's capacity and the step's energy stay numbers every document can carry.
+            stats.duration_s = time_s
+            return
         if stats.n_samples:
             dq = 0.5 * (current_A + self.prev_current_A) * (time_s - self.prev_time_s) / 3600.0
         else:

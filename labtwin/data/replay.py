@@ -32,6 +32,7 @@ one, so its figures are the agent's own, however sparsely it was recorded.
 from __future__ import annotations
 
 import csv
+import math
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -357,10 +358,10 @@ def documents(
                 channel=channel,
                 seq=seq,
                 time_s=time_s[chunk].tolist(),
-                voltage_V=rec.voltage_V[chunk].tolist(),
-                current_A=rec.current_A[chunk].tolist(),
+                voltage_V=_readings(rec.voltage_V[chunk]),
+                current_A=_readings(rec.current_A[chunk]),
                 capacity_Ah=rec.capacity_Ah[chunk].tolist(),
-                temperature_C=rec.temperature_C[chunk].tolist(),
+                temperature_C=_readings(rec.temperature_C[chunk]),
                 step=[index] * len(chunk),
                 cycle=[cycle] * len(chunk),
                 frequency_Hz=rec.frequency_Hz[chunk].tolist() if is_z else None,
@@ -396,3 +397,8 @@ def documents(
         last_seq=seq - 1,
         cell_time_s=float(time_s[-1]),
     )
+
+
+def _readings(values: np.ndarray) -> list[float | None]:
+    """A recorded column as a batch carries it: a missing or invalid reading (NaN in the file) is None."""
+    return [None if not math.isfinite(x) else x for x in values.tolist()]

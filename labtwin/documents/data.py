@@ -145,8 +145,10 @@ class SampleBatch(Document):
     channel: str
     seq: Count
     time_s: list[float] = Field(max_length=MAX_BATCH_SAMPLES, description="every column has as many values")
-    voltage_V: list[float]
-    current_A: list[float]
+    voltage_V: list[float | None] = Field(
+        description="None where the instrument returned no number (NaN): the reading the agent tripped on, kept"
+    )
+    current_A: list[float | None] = Field(description="None where the instrument returned no number (NaN)")
     capacity_Ah: list[float]
     temperature_C: list[float | None] = Field(
         description="None where the channel has no temperature sensor (JSON has no NaN)"

@@ -262,6 +262,8 @@ class CellTwin:
             self._last_t = batch.time_s[-1]
             return found
         for t, v, i, q in zip(batch.time_s, batch.voltage_V, batch.current_A, batch.capacity_Ah):
+            if v is None or i is None:  # the instrument returned no number (the agent tripped on it): no data
+                continue
             found += self._sample(t, v, i, q)
         return found
 
