@@ -59,6 +59,9 @@ def _root(
     ),
 ) -> None:
     """labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats."""
+    from labtwin.security.log_redaction import install_log_redaction
+
+    install_log_redaction()  # every command: no URL or DSN password in any log line, whoever logs it
     # Before any command imports Prefect (it reads its settings once, at import): labtwin's defaults.
     use_prefect_defaults(quiet_logging=True)
 

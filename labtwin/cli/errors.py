@@ -56,6 +56,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.security.profile", ("SecurityProfileError",)),
         ("labtwin.instruments.transport", ("InstrumentError",)),  # off, unplugged, wrong address, its own error
         ("labtwin.data.store", ("StoreError",)),
+        ("labtwin.data.engine", ("StoreURLError",)),
         ("labtwin.data.migrate", ("StoreError",)),
         ("labtwin.orchestration.flows", ("ChannelUnavailable", "StepTimeout")),
         ("labtwin.data.replay", ("RecordingError",)),

@@ -27,6 +27,10 @@ WRITE = {"labtwin_write": True}
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
+class StoreURLError(ValueError):
+    """A store URL of a database labtwin does not store into; the message names it (password hidden)."""
+
+
 @dataclass(frozen=True)
 class StoreURL:
     """Where a store lives: ``path`` for SQLite, ``sqlalchemy_url`` for PostgreSQL."""
@@ -49,7 +53,10 @@ def parse_url(url: str | Path | None) -> StoreURL:
     if text.startswith("sqlite:///"):
         text = text[len("sqlite:///") :]
     elif "://" in text:
-        raise ValueError(f"store {describe_url(text)}: labtwin stores into a SQLite file or postgresql://user@host/db")
+        raise StoreURLError(
+            f"store {describe_url(text)}: labtwin stores into a SQLite file or postgresql://user@host/db "
+            "(--store, LABTWIN_STORE or the lab file's store:)"
+        )
     return StoreURL(text, path=Path(text))
 
 

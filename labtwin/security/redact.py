@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import re
 
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*):(?P<secret>[^\s@/]*)@")
-_KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd|sslpassword)\s*=\s*)(?P<secret>'[^']*'|\S+)", re.I)
+# The password runs to the URL's last '@': a typed "p@ss" or "a/b" is often not percent-encoded, and hiding
+# too much of a URL is the safe mistake.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*):(?P<secret>\S*)@(?=[^\s@]*(?:\s|$))")
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\b(?:password|passwd|pwd|sslpassword)\s*=\s*)(?P<secret>'[^']*'|[^\s&;]+)", re.I
+)
 MASK = "***"
 
 
