@@ -208,7 +208,7 @@ def test_a_batch_stored_without_a_digest_is_compared_by_its_stored_rows(store):
     assert _sql(store, "SELECT digest FROM batches") == [(None,), (None,)]  # old rows are left as they were
 
 
-def test_labtwin_runs_counts_a_runs_conflicts_in_the_table_and_in_json(url):
+def test_labtwin_runs_counts_a_runs_conflicts_in_the_table_and_in_json(url, monkeypatch):
     from labtwin.documents import RunStart
 
     store = Store.open(url)
@@ -227,6 +227,11 @@ def test_labtwin_runs_counts_a_runs_conflicts_in_the_table_and_in_json(url):
     listed = runner.invoke(app, ["runs", "--store", url, "--json"])
     assert listed.exit_code == 0, listed.output
     assert {r["run_id"]: r["conflicts"] for r in json.loads(listed.output)} == {"clean": 0, "forged": 1}
+    # Wide enough that no header wraps, whichever width the CLI's console took when it was imported
+    # (rich fixes it then, from COLUMNS or the terminal).
+    import labtwin.cli
+
+    monkeypatch.setattr(labtwin.cli.console, "width", 220)
     table = runner.invoke(app, ["runs", "--store", url])
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
