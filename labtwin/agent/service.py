@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -105,6 +106,8 @@ class Agent:
         self._last_status_wall = 0.0
         self._state = ChannelState.idle
         self._background: set[asyncio.Task[None]] = set()
+        self._last_reassert_s = -1.0
+        self._stopping = False
 
     # ------------------------------------------------------------------ topics
 
@@ -124,7 +127,11 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         will = (self._t("status"), busmod.offline_status(self.channel))
         connection = as_identity(self.broker_url, agent_identity(self.channel))
-        async with Bus(connection, f"agent-{self.lab}-{self.channel}", will=will, persistent=True) as bus:
+        # The commands seen within the clock-skew window, on disk: a restart must not let a captured one replay.
+        replay_state = Path("labtwin-data") / "security" / f"{self.lab}-{self.channel}-commands.json"
+        async with Bus(
+            connection, f"agent-{self.lab}-{self.channel}", will=will, persistent=True, replay_state=replay_state
+        ) as bus:
             self._bus = bus
             bus.on_refusal = self._refused
             commands = await bus.subscribe(self._t("cmd"))
@@ -144,6 +151,7 @@ class Agent:
                     if exc is not None:
                         raise exc
             finally:
+                self._stopping = True
                 self.control.abort.set()
                 for task in waiters:
                     task.cancel()
@@ -189,9 +197,23 @@ class Agent:
             await self._queue.put(doc)
 
     async def _guard_status(self, own: busmod.Subscription) -> None:
-        """Reads back the channel's status (its own, verified); a forged one is answered in ``_refused``."""
-        async for _ in own:
-            pass
+        """Reads back the channel's status: a forged one is answered in ``_refused``; an "offline" one while
+        this agent is alive (its own will or status replayed) is answered here, by re-asserting."""
+        async for message in own:
+            doc = message.document
+            if isinstance(doc, ChannelStatus) and doc.state is ChannelState.offline and not self._stopping:
+                self._reassert_status()
+
+    def _reassert_status(self) -> None:
+        """Publish the true status again, at most once a second however many forgeries arrive."""
+        now = time.monotonic()
+        if now - self._last_reassert_s < 1.0:
+            return
+        self._last_reassert_s = now
+        log.warning("channel %s: a status that is not this agent's was published; re-asserting", self.channel)
+        task = asyncio.get_running_loop().create_task(self._publish_status(force=True, state=self._state))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _refused(self, refusal: Refusal) -> None:
         """A command the bus would not deliver: said on the channel's event topic; the step goes on.
@@ -199,10 +221,7 @@ class Agent:
         A status on this channel's topic that is not this agent's (a forged retained "offline") is
         overwritten at once with the true one, so the next `labtwin run` finds the agent."""
         if refusal.topic == self._t("status"):
-            log.warning("channel %s: a status not signed by this agent was published; re-asserting", self.channel)
-            task = asyncio.get_running_loop().create_task(self._publish_status(force=True, state=self._state))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._reassert_status()
             return
         if not refusal.topic.endswith("/cmd"):
             return

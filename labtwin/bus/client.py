@@ -25,15 +25,17 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import aiomqtt
 from pydantic import BaseModel
 
+from labtwin.documents.base import MAX_PAYLOAD_BYTES
 from labtwin.documents.codec import MalformedPayload, decode, encode
 from labtwin.security.connection import BrokerConnection, resolve_transport
 from labtwin.security.policy import Duplicate, Refused
-from labtwin.security.signing import BadSignature, is_sealed, open_envelope
+from labtwin.security.signing import MAGIC, MAX_HEADER_BYTES, BadSignature, is_sealed, open_envelope
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,9 @@ def _matches(filter_: str, topic_name: str) -> bool:
 class Bus:
     """One MQTT connection with an outbox, a reconnect loop and decoded subscriptions.
 
+    ``replay_state``: a file where the commands seen within the lab's clock-skew window are kept (an agent's),
+    so a restart does not let a captured command be replayed to it.
+
     ``persistent=True`` asks the broker to keep this client's session (and its
     QoS 1 messages) while it is briefly away; it needs a stable client_id.
     """
@@ -198,6 +203,7 @@ class Bus:
         attempt_timeout_s: float = 2.0,
         io_timeout_s: float = 30.0,
         keepalive_s: int = 15,
+        replay_state: Path | None = None,
     ) -> None:
         self.connection = BrokerConnection.parse(url)
         self.address = self.connection  # str() is the URL without its password
@@ -206,6 +212,10 @@ class Bus:
         self.refusals: deque[Refusal] = deque(maxlen=100)
         self.on_refusal: Callable[[Refusal], None] | None = None
         self._gave_up: BaseException | None = None
+        self._warned_unverified = False
+        if replay_state is not None and self._transport.verifier is not None:
+            self._transport.verifier.state_file = replay_state
+            self._transport.verifier.load_state()
         self._done = asyncio.Event()
         self.will = will
         self.persistent = persistent
@@ -450,12 +460,24 @@ class Bus:
             sender: str | None = None
             verifier = self._transport.verifier
             try:
+                if len(payload) > MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES + len(MAGIC):  # before any signature work
+                    raise MalformedPayload(f"{name}: payload of {len(payload)} bytes is over labtwin's limit")
                 if verifier is not None:
                     trusted = verifier.check(name, bytes(payload))
                     payload, sender = trusted.body, trusted.sender
-                elif is_sealed(payload):  # a signed lab read by a process without its profile: unverified
-                    payload = open_envelope(bytes(payload)).body
-                doc = decode(name, payload)
+                    doc = decode(name, payload)
+                    verifier.admit(name, trusted, doc)
+                else:
+                    if is_sealed(payload):  # a signed lab read by a process without its profile: unverified
+                        if not self._warned_unverified:
+                            self._warned_unverified = True
+                            log.warning(
+                                "bus %s reads signed documents without the lab's security profile: nothing it "
+                                "receives is verified (give --lab or LABTWIN_SECURITY)",
+                                self.client_id,
+                            )
+                        payload = open_envelope(bytes(payload)).body
+                    doc = decode(name, payload)
             except Duplicate:
                 self.stats.duplicates += 1
                 continue

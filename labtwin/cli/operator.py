@@ -86,7 +86,9 @@ async def command_channel(
                     EXIT_REFUSED,
                 )
             doc = message.document
-            if isinstance(doc, SecurityEvent) and doc.topic.endswith("/cmd") and doc.sender in (None, bus.identity):
+            # Only a refusal of this process's own signed command counts: an unsigned one may be anyone's.
+            mine = bus.identity is not None and doc.sender == bus.identity if isinstance(doc, SecurityEvent) else False
+            if isinstance(doc, SecurityEvent) and doc.topic.endswith("/cmd") and mine:
                 raise UserError(
                     f"{order.verb} of run {run_id} on {channel} refused by its agent: {doc.reason}", EXIT_REFUSED
                 )

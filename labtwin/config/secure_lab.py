@@ -102,12 +102,17 @@ def acl_rules(lab: str, channels: list[str], identity: Identity) -> list[tuple[s
             ("write", f"{base}/{ch}/event"),
             ("readwrite", f"{base}/{ch}/status"),
         ] + [("read", f"{base}/{ch}/cmd")]
-    if role in (Role.orchestrator, Role.operator):
+    # What everyone but the orchestrator reads: never a channel's commands (a captured command is what a
+    # replay needs; the agent refuses replays, and this keeps the capture from starting).
+    observed = [("read", f"{base}/+/{kind}") for kind in ("data", "event", "status")] + [("read", f"{base}/cells/#")]
+    if role is Role.orchestrator:
         return [*commands, ("read", f"{base}/#")]
+    if role is Role.operator:
+        return [*commands, *observed]
     if role is Role.twin:
         cells = [("write", f"{base}/cells/+/{kind}") for kind in ("state", "anomaly")]
         return [*cells, *commands] + [("read", f"{base}/+/{kind}") for kind in ("data", "event", "status")]
-    return [("read", f"{base}/#")]  # recorder, viewer
+    return observed  # recorder, viewer
 
 
 def acl_text(config: LabConfig, identities: tuple[Identity, ...]) -> str:
@@ -283,6 +288,8 @@ acl_file {o / "acl"}
 # An agent's sample batches to a recorder that is down are what fills it: raise it (or set max_queued_bytes)
 # if the recorder may be away longer than 1000 batches.
 max_queued_messages 1000
+# labtwin refuses payloads over 4 MiB (labtwin/documents/base.py); the broker need not carry bigger ones.
+max_packet_size 4500000
 
 listener {TLS_PORT}
 cafile {o / "ca.crt"}
@@ -290,7 +297,7 @@ certfile {o / "server.crt"}
 keyfile {o / "server.key"}
 tls_version tlsv1.2
 require_certificate {"true" if mtls else "false"}
-{"use_identity_as_username false" if mtls else "# --mtls: require_certificate true (every client shows its client.crt)"}
+{"use_identity_as_username true" if mtls else "# --mtls: require_certificate true (every client shows its client.crt)"}
 """
 
 

@@ -16,6 +16,7 @@ which is what keeps the recorder ahead of a fast channel.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -68,6 +69,8 @@ _RUN_STOP_COLUMNS = (
     "stop_doc",
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RunRow:
@@ -108,6 +111,8 @@ class WriteCounts:
     conflicts: int = 0
     # (run_id, seq) of each conflict this write recorded, for the recorder's warning
     conflicting: list[tuple[str, int]] = field(default_factory=list)
+    refused: int = 0  # documents naming a run of another channel
+    refusing: list[tuple[str, str]] = field(default_factory=list)  # (run_id, the channel the document named)
 
 
 class Store:
@@ -116,6 +121,7 @@ class Store:
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = url
+        self._run_channels: dict[str, str] = {}  # run_id -> the channel of its first RunStart (never changes)
         self._shared: AbstractContextManager[Any] = (
             threading.Lock() if isinstance(engine.pool, StaticPool) else nullcontext()
         )
@@ -226,6 +232,12 @@ class Store:
             conn.execution_options(**WRITE)
             with conn.begin():
                 for doc in documents:
+                    if isinstance(doc, (SampleBatch, StepEvent, RunStart, RunStop)) and not self._own_channel(
+                        conn, doc
+                    ):
+                        counts.refused += 1
+                        counts.refusing.append((doc.run_id, doc.channel))
+                        continue
                     if isinstance(doc, SampleBatch):
                         self._write_batch(conn, doc, counts, sample_rows, impedance_rows)
                     elif isinstance(doc, StepEvent):
@@ -245,6 +257,26 @@ class Store:
                 self._insert_samples.run(conn, sample_rows)
                 self._insert_impedance.run(conn, impedance_rows)
         return counts
+
+    def _own_channel(self, conn: Connection, doc: SampleBatch | StepEvent | RunStart | RunStop) -> bool:
+        """A run's documents come from the channel its first RunStart named: one channel's agent cannot
+        write into another channel's run (its own topic is all a signature proves)."""
+        channel = self._run_channels.get(doc.run_id)
+        if channel is None:
+            channel = conn.execute(select(runs.c.channel).where(runs.c.run_id == doc.run_id)).scalar()
+            if channel is None:
+                return True  # no run yet (a batch overtook its RunStart): nothing to hold it to
+            self._run_channels[doc.run_id] = channel
+        if channel != doc.channel:
+            log.warning(
+                "refused a %s for run %s from channel %s: the run is channel %s's",
+                doc.kind,
+                doc.run_id,
+                doc.channel,
+                channel,
+            )
+            return False
+        return True
 
     def _write_batch(
         self,

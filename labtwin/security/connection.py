@@ -14,6 +14,7 @@ then the identity's entries in the security profile; TLS files from ``LABTWIN_TL
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -111,6 +112,15 @@ class Transport:
     identity: str | None
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None
@@ -144,6 +154,11 @@ def resolve_transport(connection: str | BrokerConnection) -> Transport:
         if entry.password_file.exists() or conn.tls:
             password = _read_secret(entry.password_file, f"identity {conn.identity}'s password file")
 
+    if password is not None and not conn.tls and not _loopback(conn.host) and not _env("LABTWIN_INSECURE_BROKER"):
+        raise SecurityProfileError(
+            f"broker {conn}: a password would cross the network in clear over mqtt://: use mqtts:// (labtwin lab "
+            "secure writes the TLS files), or set LABTWIN_INSECURE_BROKER=1 on a network you trust"
+        )
     context = None
     if conn.tls:
         ca = _env("LABTWIN_TLS_CA") or (profile.ca if profile else None)

@@ -11,8 +11,11 @@ import re
 # The password runs to the URL's last '@': a typed "p@ss" or "a/b" is often not percent-encoded, and hiding
 # too much of a URL is the safe mistake.
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*):(?P<secret>\S*)@(?=[^\s@]*(?:\s|$))")
+# key=value (libpq DSNs, LABTWIN_BROKER_PASSWORD=..., PGPASSWORD=...), key: value (YAML), "key": "value" (JSON);
+# not password_file: a path is no secret.
 _KV_PASSWORD = re.compile(
-    r"(?P<head>\b(?:password|passwd|pwd|sslpassword)\s*=\s*)(?P<secret>'[^']*'|[^\s&;]+)", re.I
+    r"""(?P<head>(?:\b|_|(?<=PG))(?:password|passwd|pwd|sslpassword)["']?\s*[=:]\s*)(?P<secret>"[^"]*"|'[^']*'|[^\s&;,}]+)""",
+    re.I,
 )
 MASK = "***"
 

@@ -226,7 +226,7 @@ def test_denied_publishes_never_reach_a_subscriber(secure_broker: SecureBroker, 
         ("twin", f"{BASE}/ch1/status"),
         ("operator", f"{BASE}/cells/c1/state"),
     ]
-    with probe(secure_broker, secured_lab, "recorder") as watcher:
+    with probe(secure_broker, secured_lab, "orchestrator") as watcher:  # the one role that reads commands too
         assert watcher.connect() == 0
         assert watcher.subscribe(f"{BASE}/#") == [1]
         for identity, topic in forged:
@@ -272,9 +272,11 @@ def test_reads_follow_the_acl(secure_broker: SecureBroker, secured_lab: SecuredL
         probe(secure_broker, secured_lab, "twin") as twin,
         probe(secure_broker, secured_lab, "agent-ch2") as agent2,
         probe(secure_broker, secured_lab, "recorder") as recorder,
+        probe(secure_broker, secured_lab, "viewer") as viewer,
     ):
-        for p in (nosy, twin, agent2, recorder):
+        for p in (nosy, twin, agent2, recorder, viewer):
             assert p.connect() == 0
+        assert viewer.subscribe(f"{BASE}/#") == [1]  # a viewer reads the lab, but never a command to capture
         nosy.subscribe("#", f"{BASE}/#", f"{BASE}/ch2/cmd")
         assert twin.subscribe(f"{BASE}/+/data", f"{BASE}/+/event", f"{BASE}/#") == [1, 1, 1]  # twin/service.py's
         assert agent2.subscribe(f"{BASE}/ch2/cmd") == [1]
@@ -291,6 +293,10 @@ def test_reads_follow_the_acl(secure_broker: SecureBroker, secured_lab: SecuredL
         time.sleep(0.3)
         assert nosy.messages == []
         assert set(twin.messages) == {(f"{BASE}/ch2/data", b"data " + mark)}
+        assert set(viewer.messages) == {
+            (f"{BASE}/ch2/data", b"data " + mark),
+            (f"{BASE}/cells/LCO-1/state", b"state " + mark),
+        }
 
 
 # --------------------------------------------------------------------------- mutual TLS
@@ -319,9 +325,11 @@ def test_mtls_needs_a_certificate_of_this_ca(
         assert refused_in_tls(p)
     log = mtls_broker.log_text()
     assert "peer did not return a certificate" in log and "certificate verify failed" in log
-    # The certificate does not replace the password (use_identity_as_username false).
-    with probe(mtls_broker, mtls_lab, "viewer", password="wrong", cert_dir=mtls_lab.out / "viewer") as p:
-        assert p.connect() in (BAD_CREDENTIALS, NOT_AUTHORIZED)
+    # The certificate is the identity (use_identity_as_username true): the viewer's certificate with the
+    # operator's name and password is still the viewer, who may not command.
+    with probe(mtls_broker, mtls_lab, "operator", cert_dir=mtls_lab.out / "viewer") as p:
+        assert p.connect() == 0
+        assert p.publish(f"{BASE}/ch1/cmd", b"as the operator?") == NOT_AUTHORIZED
 
 
 def test_labtwins_tls_context_with_strict_x509_checks(mtls_broker: SecureBroker, mtls_lab: SecuredLab) -> None:

@@ -699,15 +699,18 @@ def test_verifier_refuses_or_trusts_and_what_it_trusts_decodes_or_is_malformed(l
     assert_decodes_safely(kind, trusted.body)
 
 
-def test_a_valid_signed_document_is_trusted_once_and_its_replay_refused(lab_keys):
+def test_a_valid_signed_document_is_trusted_once_and_its_replay_refused(lab_keys, monkeypatch):
+    from labtwin.security import policy
+
     profile, signers = lab_keys
     verifier = Verifier(profile)
     topic, payload = _sealed(signers, "cmd", 0)
     assert verifier.check(topic, payload).sender == "orchestrator"
-    with pytest.raises(Duplicate):
+    with pytest.raises(Duplicate):  # again at once: a resend
         verifier.check(topic, payload)
     newer_topic, newer = _sealed(signers, "cmd", 1)
     verifier.check(newer_topic, newer)
+    monkeypatch.setattr(policy, "RESEND_WINDOW_NS", -1)  # again later: a replay
     with pytest.raises(Refused, match="replayed"):
         verifier.check(topic, payload)
     with pytest.raises(Refused, match="does not verify"):

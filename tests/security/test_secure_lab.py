@@ -113,7 +113,7 @@ def test_conf_fragment(tmp_path: Path, secured_lab: SecuredLab) -> None:
     assert any(line.startswith("max_queued_messages") for line in conf)
     mtls = make_secured_lab(tmp_path, mtls=True)
     conf = (mtls.out / "mosquitto.conf").read_text().splitlines()
-    assert "require_certificate true" in conf and "use_identity_as_username false" in conf
+    assert "require_certificate true" in conf and "use_identity_as_username true" in conf
 
 
 def test_acl_stays_inside_the_lab(secured_lab: SecuredLab) -> None:

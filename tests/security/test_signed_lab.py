@@ -108,7 +108,8 @@ async def test_forged_unsigned_wrong_key_viewer_and_replayed_commands_are_refuse
         profile = load_profile(_profile_path(secured_lab))
         viewer = Signer.from_file("viewer", profile.identity("viewer").signing_key)
         await _raw_publish(url, cmd_topic, viewer.seal(cmd_topic, encode(PauseRun(run_id=run_id, reason="forged"))))
-        # (d) a replay of the orchestrator's own StartRun, captured off the wire
+        # (d) a replay of the orchestrator's own StartRun, captured off the wire (within the resend window it is
+        # dropped as a resend; later it is refused as a replay: tests/security/test_policy.py)
         await asyncio.sleep(0.2)
         start_run = next(c for c in captured if c.startswith(b'LTS1 {"by":"orchestrator"') and b"start_run" in c)
         await _raw_publish(url, cmd_topic, start_run)
@@ -117,7 +118,6 @@ async def test_forged_unsigned_wrong_key_viewer_and_replayed_commands_are_refuse
             "unsigned": lambda e: e.sender is None and "unsigned" in e.reason,
             "wrong key": lambda e: e.sender == "orchestrator" and "does not verify" in e.reason,
             "viewer": lambda e: e.sender == "viewer" and "may not publish" in e.reason,
-            "replay": lambda e: e.sender == "orchestrator" and "replayed" in e.reason,
         }
         seen: set[str] = set()
         while seen != set(expected):
@@ -130,7 +130,9 @@ async def test_forged_unsigned_wrong_key_viewer_and_replayed_commands_are_refuse
 
     assert ended.reason.kind == "end_condition" and ended.stats.duration_s == pytest.approx(1200, abs=10)
     assert stop.exit_status == "success"
-    assert local.agents["ch1"].bus.stats.refused >= 4
+    agent_bus = local.agents["ch1"].bus
+    assert agent_bus.stats.refused >= 3
+    assert agent_bus.stats.duplicates >= 1  # the replayed StartRun: seen seconds ago, dropped, not acted on again
 
 
 async def test_a_forged_batch_is_not_stored_and_the_real_one_is(signed_lab, secured_lab):
@@ -238,3 +240,68 @@ async def test_a_forged_run_stop_on_the_event_topic_is_not_stored(signed_lab):
     await local.wait_stored(run_id)
     (run,) = [r for r in local.store.runs() if r.run_id == run_id]
     assert stop.exit_status == "aborted" and run.exit_status == "aborted" and "forged" not in (run.reason or "")
+
+
+@pytest.mark.parametrize("identity", ["twin", "operator"])
+async def test_only_the_orchestrator_starts_runs_and_sources_current(signed_lab, secured_lab, identity):
+    """The review's finding: a twin or operator key is a commander's key, but may only pause, resume or stop."""
+    local = signed_lab
+    url = local.url
+    cmd_topic = busmod.topic(LAB, "ch1", "cmd")
+    profile = load_profile(_profile_path(secured_lab))
+    signer = Signer.from_file(identity, profile.identity(identity).signing_key)
+    run_id = f"r-{identity}-start"
+    start = StartRun(run_id=run_id, channel="ch1", cell_id="c", protocol="x", n_steps=1)
+    step = StepCommand(run_id=run_id, step_index=0, step=StepKind.cc, current_A=4e-4, end=EndConditions(time_s=60))
+    async with Bus(as_identity(url, "viewer"), f"test-watch-{identity}") as watcher:
+        events = await watcher.subscribe(busmod.topic(LAB, "ch1", "event"))
+        for doc in (start, step):
+            await _raw_publish(url, cmd_topic, signer.seal(cmd_topic, encode(doc)))
+        refusals = [await wait_doc(events, lambda d: isinstance(d, SecurityEvent), timeout_s=10) for _ in range(2)]
+    assert all(r.sender == identity and "may not give a" in r.reason for r in refusals)
+    assert local.agents["ch1"].run is None and local.agents["ch1"].driver.mode == "off"
+
+
+async def test_an_agent_speaks_only_for_its_own_channel(signed_lab, secured_lab):
+    """agent-ch2's key, on its own topic, writing a batch that names ch1 (the review's cross-channel forgery):
+    refused by the receiver; and one that names ch2 but a run of ch1: refused by the store."""
+    local = signed_lab
+    url = local.url
+    profile = load_profile(_profile_path(secured_lab))
+    ch2 = Signer.from_file("agent-ch2", profile.identity("agent-ch2").signing_key)
+    run_id = "r-cross-channel"
+    async with Bus(as_identity(url, "orchestrator"), "test-orchestrator-4") as orchestrator:
+        events = await orchestrator.subscribe(busmod.topic(LAB, "ch1", "event"))
+        cmd_topic = busmod.topic(LAB, "ch1", "cmd")
+        await orchestrator.publish(
+            cmd_topic, StartRun(run_id=run_id, channel="ch1", cell_id="c", protocol="p", n_steps=1)
+        )
+        await wait_doc(events, lambda d: isinstance(d, RunStart) and d.run_id == run_id)
+        await local.recorder.wait_ready()
+        ch2_topic = busmod.topic(LAB, "ch2", "data")
+        for channel in ("ch1", "ch2"):
+            forged = SampleBatch(
+                run_id=run_id,
+                channel=channel,
+                seq=0,
+                step=[0],
+                cycle=[0],
+                time_s=[1.0],
+                voltage_V=[9.99],
+                current_A=[1.0],
+                capacity_Ah=[0.0],
+                temperature_C=[99.0],
+            )
+            await _raw_publish(url, ch2_topic, ch2.seal(ch2_topic, encode(forged)))
+        step = StepCommand(
+            run_id=run_id, step_index=0, step=StepKind.rest, end=EndConditions(time_s=300), sample_interval_s=1
+        )
+        await orchestrator.publish(cmd_topic, step)
+        await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended", timeout_s=60)
+        await orchestrator.publish(cmd_topic, StopRun(run_id=run_id, exit_status="success"))
+        stop = await wait_doc(events, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
+    await local.wait_stored(run_id)
+    samples = local.store.samples(run_id)
+    assert len(samples["voltage_V"]) == stop.n_samples and samples["voltage_V"].max() < 3.0
+    assert local.store.conflicts(run_id) == []
+    assert local.recorder.bus.stats.refused >= 1  # the batch naming ch1 on ch2's topic
