@@ -33,6 +33,7 @@ def secure(
     ),
     days: int = typer.Option(825, "--days", help="validity of the CA and every certificate, in days"),
     mtls: bool = typer.Option(False, "--mtls", help="the broker requires every client's certificate (mutual TLS)"),
+    port: int = typer.Option(8883, "--port", min=1, max=65535, help="the broker's TLS port (listener and broker: URL)"),
     force: bool = typer.Option(False, "--force", help="overwrite the files of a non-empty --out"),
 ) -> None:
     """Write a CA, server and client certificates, passwords, signing keys, Mosquitto's passwd, acl and conf."""
@@ -45,7 +46,7 @@ def secure(
         )
     started = time.perf_counter()
     try:
-        result = secure_lab(lab_file, out, hosts or None, days, force, mtls=mtls)
+        result = secure_lab(lab_file, out, hosts or None, days, force, mtls=mtls, port=port)
     except (SecureLabError, LabConfigError) as exc:
         raise UserError(str(exc)) from None
     took_s = time.perf_counter() - started
@@ -65,8 +66,7 @@ def secure(
         typer.echo(f"  chown mosquitto {o / 'server.key'} {o / 'passwd'} {o / 'acl'}")
     typer.echo(f"  mosquitto -c {o / 'mosquitto.conf'}")
     typer.echo(
-        f"  mosquitto_sub -h {result.broker.split('//')[1].rsplit(':', 1)[0].strip('[]')} -p 8883 --cafile {o / 'ca.crt'} "
-        f"-u {result.lab}-viewer -P \"$(cat {o / 'viewer' / 'password'})\" -t 'labtwin/v1/{result.lab}/#' -v"
+        f"  labtwin monitor --lab {o / 'lab.yaml'} --seconds 10   # as the viewer: no password on a command line"
     )
     for ident in agents:
         typer.echo(f"  labtwin agent --channel {ident.channel} --lab {o / 'lab.yaml'}")

@@ -64,7 +64,9 @@ async def command_channel(
                 f"no status from channel {channel} of lab {lab} on {connection}: is its agent running?"
             ) from None
         if not isinstance(status, ChannelStatus) or not status.run_id:
-            raise UserError(f"channel {channel} has no run to {order.verb} (state {getattr(status, 'state', '?')})")
+            raise UserError(
+                f"channel {channel} has no run to {order.verb} (state {getattr(getattr(status, 'state', None), 'value', '?')})"
+            )
         run_id = status.run_id
         answers = await bus.subscribe([busmod.topic(lab, channel, "status"), busmod.topic(lab, channel, "event")])
         status_sub.close()

@@ -270,11 +270,11 @@ def _write_public(path: Path, data: str | bytes) -> None:
     os.chmod(path, 0o644)
 
 
-def broker_url(host: str) -> str:
-    return f"mqtts://[{host}]:{TLS_PORT}" if ":" in host.strip("[]") else f"mqtts://{host}:{TLS_PORT}"
+def broker_url(host: str, port: int = TLS_PORT) -> str:
+    return f"mqtts://[{host}]:{port}" if ":" in host.strip("[]") else f"mqtts://{host}:{port}"
 
 
-def mosquitto_conf(out: Path, lab: str, mtls: bool) -> str:
+def mosquitto_conf(out: Path, lab: str, mtls: bool, port: int = TLS_PORT) -> str:
     """The conf fragment: one TLS listener on 8883, no anonymous clients, the password and ACL files."""
     o = out.resolve()
     return f"""# Mosquitto 2 configuration for lab {lab}, written by `labtwin lab secure` (include it, or copy its lines).
@@ -291,7 +291,7 @@ max_queued_messages 1000
 # labtwin refuses payloads over 4 MiB (labtwin/documents/base.py); the broker need not carry bigger ones.
 max_packet_size 4500000
 
-listener {TLS_PORT}
+listener {port}
 cafile {o / "ca.crt"}
 certfile {o / "server.crt"}
 keyfile {o / "server.key"}
@@ -381,6 +381,7 @@ def secure_lab(
     force: bool = False,
     mtls: bool = False,
     passwd_tool: str | None | bool = True,
+    port: int = TLS_PORT,
 ) -> SecuredLab:
     """Write everything lab ``lab_file`` needs for a secured Mosquitto into ``out`` (see the module docstring).
 
@@ -401,7 +402,7 @@ def secure_lab(
     _prepare_out(out, force)
     tool = find_mosquitto_passwd() if passwd_tool is True else (passwd_tool or None)
     identities = identities_of(config)
-    broker = broker_url(hosts[0])
+    broker = broker_url(hosts[0], port)
     written: list[Path] = []
 
     def put(rel: str, data: str | bytes, private: bool = False) -> None:
@@ -456,7 +457,7 @@ def secure_lab(
         write_amqtt_password_file(out / "passwd.amqtt", passwords)
         written.append(out / "passwd.amqtt")
         put("acl", acl_text(config, identities), private=True)
-        put("mosquitto.conf", mosquitto_conf(out, config.lab, mtls))
+        put("mosquitto.conf", mosquitto_conf(out, config.lab, mtls, port))
         SecurityProfile.model_validate(profile)  # what load_profile will read: a mistake here is a bug, caught now
         header = f"# Security profile of lab {config.lab}, written by `labtwin lab secure`; paths are relative to this file.\n"
         put("security.yaml", header + yaml.safe_dump(profile, sort_keys=False, width=200))

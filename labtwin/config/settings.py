@@ -112,7 +112,9 @@ class Settings(BaseSettings):
         url = url or self.broker
         if url is None:
             return None
-        return BrokerConnection.parse(url, self.security, identity)
+        # Absolute: the reference travels (a Prefect parameter) to processes started in other directories.
+        security = self.security.expanduser().resolve() if self.security is not None else None
+        return BrokerConnection.parse(url, security, identity)
 
     @property
     def lab_file(self) -> Path:

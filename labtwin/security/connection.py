@@ -57,7 +57,10 @@ class BrokerConnection(BaseModel):
         try:
             port = parts.port or SCHEMES[parts.scheme]
         except ValueError:
-            raise ValueError(f"broker URL {redact_url(url)!r}: the port is not a number") from None
+            raise ValueError(
+                f"broker URL {redact_url(url)!r}: the port is not a number (a password with '/', ':' or '@' must be "
+                "percent-encoded, e.g. %2F; better, leave it out and set LABTWIN_BROKER_PASSWORD)"
+            ) from None
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         user = f"{quote(unquote(parts.username), safe='')}@" if parts.username else ""
         scheme = "mqtts" if parts.scheme in {"mqtts", "ssl"} else "mqtt"
@@ -142,13 +145,16 @@ def resolve_transport(connection: str | BrokerConnection) -> Transport:
     profile = conn.profile()
     entry = profile.identity(conn.identity) if profile and conn.identity else None
 
-    username = conn.username or _env("LABTWIN_BROKER_USERNAME") or (entry.username if entry else None)
+    # A user named by the URL or the environment brings its password from there too: it is never paired with
+    # the profile identity's password (that is another user's).
+    named = conn.username or _env("LABTWIN_BROKER_USERNAME")
+    username = named or (entry.username if entry else None)
     password: str | None = conn.password.get_secret_value() if conn.password else None
     if password is None:
         password = _env("LABTWIN_BROKER_PASSWORD")
     if password is None and (file := _env("LABTWIN_BROKER_PASSWORD_FILE")):
         password = _read_secret(Path(file), "LABTWIN_BROKER_PASSWORD_FILE")
-    if password is None and entry is not None and entry.password_file is not None:
+    if password is None and not named and entry is not None and entry.password_file is not None:
         # A secured broker needs it; the embedded loopback broker takes any password, so a machine without
         # the file still runs a dry-run against it.
         if entry.password_file.exists() or conn.tls:
