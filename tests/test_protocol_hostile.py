@@ -312,7 +312,7 @@ def _load_compile_or_refuse(data: dict, channel: Limits | None) -> None:
 
 
 @settings(
-    max_examples=2000,
+    max_examples=1000,
     derandomize=True,
     deadline=timedelta(seconds=TIME_BOUND_S),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -338,7 +338,7 @@ def test_any_protocol_mapping_loads_and_compiles_or_is_one_protocol_error(data, 
             assert str(exc).startswith("fuzz.yaml")
 
 
-@settings(max_examples=1500, derandomize=True, deadline=timedelta(seconds=TIME_BOUND_S), database=None)
+@settings(max_examples=800, derandomize=True, deadline=timedelta(seconds=TIME_BOUND_S), database=None)
 @given(text=st.text(alphabet=st.sampled_from(list("[]{}&*!:-,'\"#|>.\n 0123456789abeinfx<")), max_size=200))
 def test_any_text_is_a_document_or_one_yaml_error(text):
     try:
