@@ -52,6 +52,34 @@ async def _raw_publish(url, topic: str, payload: bytes, retain: bool = False) ->
         await c.publish(topic, payload, qos=1, retain=retain)
 
 
+def _forged_batch(run_id: str, channel: str, seq: int) -> SampleBatch:
+    """The issue's forgery: 9.99 V, 1 A, 99 degC."""
+    return SampleBatch(
+        run_id=run_id,
+        channel=channel,
+        seq=seq,
+        step=[0],
+        cycle=[0],
+        time_s=[1.0],
+        voltage_V=[9.99],
+        current_A=[1.0],
+        capacity_Ah=[0.0],
+        temperature_C=[99.0],
+    )
+
+
+async def _rest_then_stop(orchestrator: Bus, events, run_id: str, time_s: float) -> RunStop:
+    """One rest step at 1 s sampling, then StopRun: the run the forgeries try to spoil."""
+    cmd_topic = busmod.topic(LAB, "ch1", "cmd")
+    step = StepCommand(
+        run_id=run_id, step_index=0, step=StepKind.rest, end=EndConditions(time_s=time_s), sample_interval_s=1
+    )
+    await orchestrator.publish(cmd_topic, step)
+    await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended", timeout_s=60)
+    await orchestrator.publish(cmd_topic, StopRun(run_id=run_id, exit_status="success"))
+    return await wait_doc(events, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
+
+
 @pytest.fixture
 async def signed_lab(secured_lab: SecuredLab, tmp_path):
     profile = _profile_path(secured_lab)
@@ -142,18 +170,7 @@ async def test_a_forged_batch_is_not_stored_and_the_real_one_is(signed_lab, secu
     profile = load_profile(_profile_path(secured_lab))
     other_agent = Signer.from_file("agent-ch2", profile.identity("agent-ch2").signing_key)
     run_id = "r-forged-data"
-    forged = SampleBatch(
-        run_id=run_id,
-        channel="ch1",
-        seq=1,
-        step=[0],
-        cycle=[0],
-        time_s=[1.0],
-        voltage_V=[9.99],
-        current_A=[1.0],
-        capacity_Ah=[0.0],
-        temperature_C=[99.0],
-    )
+    forged = _forged_batch(run_id, "ch1", seq=1)
     async with Bus(as_identity(url, "orchestrator"), "test-orchestrator-2") as orchestrator:
         events = await orchestrator.subscribe(busmod.topic(LAB, "ch1", "event"))
         cmd_topic = busmod.topic(LAB, "ch1", "cmd")
@@ -164,13 +181,7 @@ async def test_a_forged_batch_is_not_stored_and_the_real_one_is(signed_lab, secu
         # Ahead of the agent: the forgery takes seq 1 before the real batch 1 exists.
         await _raw_publish(url, data_topic, encode(forged))  # unsigned
         await _raw_publish(url, data_topic, other_agent.seal(data_topic, encode(forged)))  # ch2's agent on ch1
-        step = StepCommand(
-            run_id=run_id, step_index=0, step=StepKind.rest, end=EndConditions(time_s=600), sample_interval_s=1
-        )
-        await orchestrator.publish(cmd_topic, step)
-        await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended", timeout_s=60)
-        await orchestrator.publish(cmd_topic, StopRun(run_id=run_id, exit_status="success"))
-        stop = await wait_doc(events, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
+        stop = await _rest_then_stop(orchestrator, events, run_id, 600)
     await local.wait_stored(run_id)
     samples = local.store.samples(run_id)
     assert len(samples["voltage_V"]) == stop.n_samples > 1
@@ -280,26 +291,9 @@ async def test_an_agent_speaks_only_for_its_own_channel(signed_lab, secured_lab)
         await local.recorder.wait_ready()
         ch2_topic = busmod.topic(LAB, "ch2", "data")
         for channel in ("ch1", "ch2"):
-            forged = SampleBatch(
-                run_id=run_id,
-                channel=channel,
-                seq=0,
-                step=[0],
-                cycle=[0],
-                time_s=[1.0],
-                voltage_V=[9.99],
-                current_A=[1.0],
-                capacity_Ah=[0.0],
-                temperature_C=[99.0],
-            )
+            forged = _forged_batch(run_id, channel, seq=0)
             await _raw_publish(url, ch2_topic, ch2.seal(ch2_topic, encode(forged)))
-        step = StepCommand(
-            run_id=run_id, step_index=0, step=StepKind.rest, end=EndConditions(time_s=300), sample_interval_s=1
-        )
-        await orchestrator.publish(cmd_topic, step)
-        await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended", timeout_s=60)
-        await orchestrator.publish(cmd_topic, StopRun(run_id=run_id, exit_status="success"))
-        stop = await wait_doc(events, lambda d: isinstance(d, RunStop) and d.run_id == run_id)
+        stop = await _rest_then_stop(orchestrator, events, run_id, 300)
     await local.wait_stored(run_id)
     samples = local.store.samples(run_id)
     assert len(samples["voltage_V"]) == stop.n_samples and samples["voltage_V"].max() < 3.0
