@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from labtwin import bus as busmod
+from labtwin.agent.admission import admit
 from labtwin.agent.control import StepControl
 from labtwin.agent.lease import DEFAULT_GRACE_S, Lease, RunContext
 from labtwin.agent.sample_loop import StepLoop
@@ -370,15 +371,23 @@ class Agent:
         limits = self.channel_limits.tighten(cmd.limits)
         started = self._step_event(cmd, "started", run.last_time_s)
         if run.tripped is not None:
-            reason = EndReason(
-                kind="error", name="run_tripped", message=f"run stopped by safety limit {run.tripped.name}"
-            )
+            why = run.tripped.message if run.tripped.name == "refused" else f"by safety limit {run.tripped.name}"
+            reason = EndReason(kind="error", name="run_tripped", message=f"run stopped {why}")
             await self.bus.publish(self._t("event"), started)
             await self._publish_step_end(cmd, run, reason, StepStats())
             return
         if self.control.abort.is_set():
             reason = EndReason(kind="aborted", name="abort", message="run was aborted")
             await self._publish_step_end(cmd, run, reason, StepStats())
+            return
+        refused = admit(cmd, limits)
+        if refused is not None:  # beyond the channel: nothing reaches the instrument, the run fails as on a trip
+            log.warning("channel %s: step %d of run %s %s", self.channel, cmd.step_index, run.run_id, refused.message)
+            self._safe_state()
+            run.tripped = refused
+            await self.bus.publish(self._t("event"), started)
+            await self._publish_step_end(cmd, run, refused, StepStats())
+            await self._publish_status(force=True, state=ChannelState.fault, message=refused.message)
             return
         if self.control.pause.is_set():  # paused between steps (or during a device-run technique): hold here
             self._safe_state()

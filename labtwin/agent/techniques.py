@@ -24,13 +24,29 @@ MAX_SPEED_PAUSE_WALL_S = 0.02
 """At max speed a pause must not spin out rest samples as fast as the CPU allows."""
 
 
+COMPLIANCE_MARGIN = 0.02
+"""How far beyond the checked voltage limit a current source's own voltage limit sits (relative, at least 2 mV)."""
+
+NO_LIMIT = 1e3
+"""The compliance when the channel sets no limit of that kind (V or A): the instrument's own range then bounds it."""
+
+
 def compliance_V(limits: Limits, current_A: float) -> float:
-    """The source's hardware voltage limit: a backstop 2 % beyond the safety limit, so the agent's own
-    check trips first (and records why) while the instrument still clamps."""
+    """A current source's own voltage limit: the backstop, COMPLIANCE_MARGIN beyond the limit the agent checks.
+
+    Decided (issue 14): the channel's limit is the check and the compliance the backstop. The agent trips on
+    the first sample beyond the limit and records why (voltage_max_V, the value, the run failed); were the
+    compliance at the limit itself, the source would regulate there and the cell would sit at the limit with
+    a tapering current and no trip. ``limits`` is the channel's tightened by the step's own, so the backstop
+    is never more than the margin beyond the channel's envelope, and a dead agent leaves the instrument
+    bounded there: within 2 % of the channel's voltage limit in the direction the current drives the cell.
+    Every setpoint was admitted inside the envelope before (admission.py): a cccv's setpoint, the voltage
+    limit of its CC phase, is inside the window. A voltage source's current limit is current_max_A itself,
+    no margin (``current_limit_A`` in Techniques.readings)."""
     v = limits.voltage_max_V if current_A > 0 else limits.voltage_min_V
     if v is None:
-        return math.copysign(1e3, current_A)
-    return v + math.copysign(0.02 * max(abs(v), 0.1), current_A)
+        return math.copysign(NO_LIMIT, current_A)
+    return v + math.copysign(COMPLIANCE_MARGIN * max(abs(v), 0.1), current_A)
 
 
 def clamp_at_end_voltage(compliance: float, current_A: float, end_voltage_V: float | None) -> float:
@@ -66,7 +82,7 @@ class Techniques:
         self.pausing = False
         if isinstance(driver, RunsTechniques) and driver.supports(cmd.step):
             return driver.run_technique(cmd), driver.abort
-        current_limit_A = limits.current_max_A if limits.current_max_A else 1e3
+        current_limit_A = limits.current_max_A if limits.current_max_A else NO_LIMIT
         if cmd.step in HOST_TIMED_HOLDS:
             self._apply_setting(cmd, limits, current_limit_A)
             return self._every_interval(cmd, limits, current_limit_A), lambda: None

@@ -11,6 +11,12 @@ from labtwin.documents.base import Finite
 
 _T = TypeVar("_T")
 
+DEFAULT_SAMPLE_INTERVAL_MAX_S = 10.0
+"""The longest time between two readings (and so between two safety checks) of a step when neither the channel
+nor the step sets ``sample_interval_max_s``. Ten seconds at 1C moves the state of charge by 0.3 %: a cut-off or
+a limit is met within a few mV. The issue-14 probe read a cell every 600 s and pushed 69 % of its capacity in
+before the first check (4.745 V on a 3.8 V channel)."""
+
 
 class Limits(Finite):
     """Safety limits the agent enforces on every sample, next to the instrument.
@@ -40,6 +46,13 @@ class Limits(Finite):
         description="a voltage, current or temperature limit trips only once exceeded this long (cell "
         "time, every sample in between over it): rides through a one-sample spike; NaN readings and the step "
         "time limit trip at once",
+    )
+    sample_interval_max_s: float | None = Field(
+        None,
+        gt=0,
+        description="the longest sample interval a step may ask for on this channel: the agent reads and checks "
+        "the cell at least this often, and refuses a step that asks for less (None: "
+        f"{DEFAULT_SAMPLE_INTERVAL_MAX_S:g} s; record less often with record: {{interval_s, poll_interval_s}})",
     )
     action: Literal["stop", "safe_state", "pause"] | None = Field(
         None,
@@ -84,6 +97,7 @@ class Limits(Finite):
             step_time_max_s=pick(self.step_time_max_s, other.step_time_max_s, min),
             capacity_max_Ah=pick(self.capacity_max_Ah, other.capacity_max_Ah, min),
             trip_delay_s=pick(self.trip_delay_s, other.trip_delay_s, min),
+            sample_interval_max_s=pick(self.sample_interval_max_s, other.sample_interval_max_s, min),
             # The safer action wins: a channel that stops on a trip is not paused by a protocol.
             action=pick(self.action, other.action, lambda a, b: a if a != "pause" else b),
         )
@@ -101,4 +115,11 @@ class Limits(Finite):
         mine, theirs = self.current_max_A, other.current_max_A
         if mine is not None and theirs is not None and theirs > mine:
             out.append(f"current_max_A {theirs} is above the channel's {mine}")
+        mine, theirs = self.sample_interval_max_s, other.sample_interval_max_s
+        if mine is not None and theirs is not None and theirs > mine:
+            out.append(f"sample_interval_max_s {theirs} is above the channel's {mine}")
         return out
+
+    def sample_interval_bound_s(self) -> float:
+        """The longest sample interval these limits allow (the default when none is set)."""
+        return self.sample_interval_max_s if self.sample_interval_max_s is not None else DEFAULT_SAMPLE_INTERVAL_MAX_S
