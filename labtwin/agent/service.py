@@ -14,6 +14,11 @@ by the command's own, in this process: the network is never inside the safety lo
 
 Documents out: RunStart on a StartRun command, StepEvent started/ended per step, SampleBatch as the
 batcher flushes them, RunStop on StopRun. Sequence numbers run per run without gaps.
+
+Every batch and event is written to the channel's spool (spool.py) before the bus sees it, and a task on
+the event loop hands the spool to the bus in order: the step thread never waits on the network, so with
+the broker away for hours the cell is still read and checked at its interval. The recorder asks for what
+it misses with a ResendRequest, answered from the spool (issue 14).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from labtwin.agent.admission import admit
 from labtwin.agent.control import StepControl
 from labtwin.agent.lease import DEFAULT_GRACE_S, Lease, RunContext
 from labtwin.agent.sample_loop import StepLoop
+from labtwin.agent.spool import Spool
 from labtwin.agent.techniques import Techniques
 from labtwin.bus import Bus, Refusal
 from labtwin.devices.clock import Clock
@@ -45,6 +51,7 @@ from labtwin.documents import (
     EndStep,
     Limits,
     PauseRun,
+    ResendRequest,
     ResumeRun,
     RunStart,
     RunStop,
@@ -56,6 +63,7 @@ from labtwin.documents import (
     StepStats,
     StopRun,
 )
+from labtwin.documents.codec import encode
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.profile import agent_identity
 
@@ -83,6 +91,8 @@ class Agent:
         batch_max_wall_s: float = 0.1,
         status_every_wall_s: float = 1.0,
         lease_grace_s: float = DEFAULT_GRACE_S,
+        spool_dir: Path | None = None,
+        outbox_size: int = 10_000,
     ) -> None:
         self.lab = busmod.check_name("lab", lab)
         self.channel = busmod.check_name("channel", channel)
@@ -109,6 +119,13 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self._last_reassert_s = -1.0
         self._stopping = False
+        self.spool_dir = spool_dir
+        self.outbox_size = outbox_size  # the bus's memory; past it the spool (disk) holds what waits
+        self.spool: Spool | None = None
+        self._spooled_bus: _SpooledBus | None = None
+        self._spool_wake = asyncio.Event()
+        self._drain_lock = asyncio.Lock()
+        self._status_pending: Any = None  # the step thread's last status publish, until the event loop takes it
 
     # ------------------------------------------------------------------ topics
 
@@ -117,9 +134,10 @@ class Agent:
 
     @property
     def bus(self) -> Bus:
-        if self._bus is None:
+        """The bus as the agent's code publishes on it: batches and events through the spool (_SpooledBus)."""
+        if self._bus is None or self._spooled_bus is None:
             raise RuntimeError(f"channel {self.channel}: the agent is not serving (no bus)")
-        return self._bus
+        return self._spooled_bus  # type: ignore[return-value]  # the publish and attributes of a Bus
 
     # ------------------------------------------------------------------ service
 
@@ -130,17 +148,38 @@ class Agent:
         connection = as_identity(self.broker_url, agent_identity(self.channel))
         # The commands seen within the clock-skew window, on disk: a restart must not let a captured one replay.
         replay_state = Path("labtwin-data") / "security" / f"{self.lab}-{self.channel}-commands.json"
+        self.spool = spool = Spool.for_channel(self.lab, self.channel, self.spool_dir)
+        try:
+            await self._serve_on_bus(connection, will, replay_state, stop)
+        finally:
+            spool.close()
+
+    async def _serve_on_bus(
+        self,
+        connection: BrokerConnection,
+        will: tuple[str, bytes],
+        replay_state: Path,
+        stop: asyncio.Event | None,
+    ) -> None:
         async with Bus(
-            connection, f"agent-{self.lab}-{self.channel}", will=will, persistent=True, replay_state=replay_state
+            connection,
+            f"agent-{self.lab}-{self.channel}",
+            will=will,
+            persistent=True,
+            replay_state=replay_state,
+            outbox_size=self.outbox_size,
         ) as bus:
             self._bus = bus
+            self._spooled_bus = _SpooledBus(self, bus)
             bus.on_refusal = self._refused
             commands = await bus.subscribe(self._t("cmd"))
             await self._publish_status(force=True)
             self._ready.set()
             executor = asyncio.create_task(self._execute_commands())
             receiver = asyncio.create_task(self._receive(commands))
-            waiters: list[asyncio.Task[Any]] = [executor, receiver]
+            pump = asyncio.create_task(self._pump_spool())
+            self._spool_wake.set()  # what an earlier run of this agent journalled and never handed over
+            waiters: list[asyncio.Task[Any]] = [executor, receiver, pump]
             if bus.signed:  # a forged retained status would hide this agent from every new subscriber
                 waiters.append(asyncio.create_task(self._guard_status(await bus.subscribe(self._t("status")))))
             if stop is not None:
@@ -159,6 +198,11 @@ class Agent:
                 await asyncio.gather(*waiters, return_exceptions=True)
                 self._safe_state()
                 self._step_thread.shutdown(wait=False)
+                if bus.connected:  # what the spool holds goes out now; otherwise at the next start
+                    try:
+                        await asyncio.wait_for(self._drain_spool(), 5.0)
+                    except TimeoutError:
+                        log.warning("channel %s: stopped with documents in the spool; sent at next start", self.channel)
                 await bus.publish(self._t("status"), self._status(ChannelState.offline, "agent stopped"), retain=True)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -179,6 +223,10 @@ class Agent:
             )
             if isinstance(doc, StopRun) and doc.exit_status != "success" and run and doc.run_id == run.run_id:
                 self.control.abort.set()  # takes effect within one sample of the running step
+            if isinstance(doc, ResendRequest):
+                if doc.channel == self.channel:  # answered beside the running step, never queued behind it
+                    self._background_task(self._resend(doc))
+                continue
             if isinstance(doc, EndStep):
                 if run is None or doc.run_id == run.run_id:  # none yet: its StartRun may still be queued
                     self.control.request_end(doc.run_id, doc.step_index, doc.reason)
@@ -197,6 +245,59 @@ class Agent:
                 continue
             await self._queue.put(doc)
 
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ the spool
+
+    def _journal(self, topic: str, payload: bytes, run_id: str | None, seq: int | None = None) -> None:
+        """Into the spool, then wake the pump. Any thread: the step thread journals its batches here."""
+        assert self.spool is not None and self._loop is not None
+        self.spool.append(topic, payload, run_id, seq)
+        self._loop.call_soon_threadsafe(self._spool_wake.set)
+
+    async def _pump_spool(self) -> None:
+        """Hands the spool to the bus in the order it was written; blocks (here, not in the step) on a full outbox."""
+        while True:
+            await self._spool_wake.wait()
+            self._spool_wake.clear()
+            await self._drain_spool()
+
+    async def _drain_spool(self) -> None:
+        assert self.spool is not None and self._bus is not None
+        async with self._drain_lock:
+            while True:
+                entries = self.spool.unhanded()
+                if not entries:
+                    return
+                handed: list[int] = []
+                try:
+                    for entry in entries:
+                        await self._bus.publish(entry.topic, entry.payload)
+                        handed.append(entry.ident)
+                finally:
+                    self.spool.mark_handed(handed)
+
+    async def _resend(self, req: ResendRequest) -> None:
+        """A recorder's ResendRequest, from the spool: the batches it names (and the run's events), or, when it
+        holds the whole run, the run's entries dropped."""
+        assert self.spool is not None and self._bus is not None
+        if req.complete:
+            if self.run is None or self.run.run_id != req.run_id:
+                gone = self.spool.forget_run(req.run_id)
+                log.info("channel %s: run %s is stored whole; %d spool entries dropped", self.channel, req.run_id, gone)
+            return
+        entries = [e for first, last in req.ranges for e in self.spool.batches(req.run_id, first, last)]
+        if req.events:
+            entries += self.spool.events(req.run_id)
+        log.info(
+            "channel %s: resending %d documents of run %s the recorder misses", self.channel, len(entries), req.run_id
+        )
+        for entry in entries:
+            await self._bus.publish(entry.topic, entry.payload)
+
     async def _guard_status(self, own: busmod.Subscription) -> None:
         """Reads back the channel's status: a forged one is answered in ``_refused``; an "offline" one while
         this agent is alive (its own will or status replayed) is answered here, by re-asserting."""
@@ -212,9 +313,7 @@ class Agent:
             return
         self._last_reassert_s = now
         log.warning("channel %s: a status that is not this agent's was published; re-asserting", self.channel)
-        task = asyncio.get_running_loop().create_task(self._publish_status(force=True, state=self._state))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background_task(self._publish_status(force=True, state=self._state))
 
     def _refused(self, refusal: Refusal) -> None:
         """A command the bus would not deliver: said on the channel's event topic; the step goes on.
@@ -438,19 +537,26 @@ class Agent:
 
     # ------------------------------------------------------------------ the sample loop's host (step thread)
 
-    def _emit(self, coro: Coroutine[Any, Any, None]) -> None:
-        """From the step thread: hand a publish to the event loop and wait until it is queued
-        (back-pressure: a full outbox slows the step loop instead of dropping samples)."""
+    def _emit(self, coro: Coroutine[Any, Any, None], force: bool = False) -> None:
+        """From the step thread: hand a status publish to the event loop and never wait for it (the network is
+        not in the safety loop). While the last one is still waiting (a full outbox, the broker away), a
+        periodic one is dropped: a status is latest-wins, and the retained one is rewritten at the next."""
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        pending = self._status_pending
+        if pending is not None and not pending.done() and not force:
+            coro.close()
+            return
+        self._status_pending = asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def publish_batch(self, batch: SampleBatch) -> None:
-        self._emit(self.bus.publish(self._t("data"), batch))
+        """From the step thread: into the spool (a local disk write), published by the event loop's pump."""
+        self._journal(self._t("data"), encode(batch), batch.run_id, batch.seq)
 
     def publish_step_status(self, cmd: StepCommand, paused_message: str | None = None) -> None:
         """A live status from the step thread: at most every status_every_wall_s, at once when a limit paused."""
         if paused_message is not None:
-            self._emit(self._publish_status(force=True, state=ChannelState.paused, cmd=cmd, message=paused_message))
+            status = self._publish_status(force=True, state=ChannelState.paused, cmd=cmd, message=paused_message)
+            self._emit(status, force=True)
         elif time.monotonic() - self._last_status_wall > self.status_every_wall_s:
             self._emit(self._publish_status(cmd=cmd))
 
@@ -507,3 +613,26 @@ class Agent:
             return
         self._last_status_wall = now
         await self.bus.publish(self._t("status"), self._status(self._state, message, cmd), retain=True)
+
+
+class _SpooledBus:
+    """The agent's view of its bus: a batch or event goes into the spool (and out through the pump, in order);
+    anything else (a retained status) waits until the spool is handed over, then goes straight to the bus, so
+    a status never overtakes the events before it."""
+
+    _SPOOLED_KINDS = frozenset({"data", "event"})
+
+    def __init__(self, agent: Agent, bus: Bus) -> None:
+        self._agent = agent
+        self._bus = bus
+
+    async def publish(self, topic_name: str, payload: BaseModel | bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if topic_name.rsplit("/", 1)[-1] in self._SPOOLED_KINDS and not retain and qos == 1:
+            data = payload if isinstance(payload, (bytes, bytearray)) else encode(payload)
+            self._agent._journal(topic_name, bytes(data), getattr(payload, "run_id", None))
+            return
+        await self._agent._drain_spool()
+        await self._bus.publish(topic_name, payload, qos=qos, retain=retain)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)

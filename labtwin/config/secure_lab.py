@@ -112,7 +112,9 @@ def acl_rules(lab: str, channels: list[str], identity: Identity) -> list[tuple[s
     if role is Role.twin:
         cells = [("write", f"{base}/cells/+/{kind}") for kind in ("state", "anomaly")]
         return [*cells, *commands] + [("read", f"{base}/+/{kind}") for kind in ("data", "event", "status")]
-    return observed  # recorder, viewer
+    if role is Role.recorder:  # its one command is a ResendRequest (policy.COMMANDS_OF); it reads no command
+        return [*commands, *observed]
+    return observed  # viewer
 
 
 def acl_text(config: LabConfig, identities: tuple[Identity, ...]) -> str:

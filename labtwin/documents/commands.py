@@ -152,4 +152,29 @@ class EndStep(Document):
     reason: EndReason
 
 
-Command = Annotated[StartRun | StepCommand | StopRun | PauseRun | ResumeRun | EndStep, Field(discriminator="kind")]
+MAX_RESEND_RANGES = 1000
+
+
+class ResendRequest(Document):
+    """Recorder -> agent: publish these batches of a run again from the spool (inclusive seq ranges), and with
+    ``events`` the run's events too. ``complete``: the store holds the whole run (its RunStop and every batch up
+    to its last_seq), so the agent may drop the run from its spool."""
+
+    kind: Literal["resend"] = "resend"
+    run_id: str
+    channel: str
+    ranges: list[tuple[Count, Count]] = Field(default_factory=list, max_length=MAX_RESEND_RANGES)
+    events: bool = False
+    complete: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ResendRequest:
+        for first, last in self.ranges:
+            if first > last:
+                raise ValueError(f"resend range {first}-{last}: first seq after last")
+        return self
+
+
+Command = Annotated[
+    StartRun | StepCommand | StopRun | PauseRun | ResumeRun | EndStep | ResendRequest, Field(discriminator="kind")
+]

@@ -4,7 +4,8 @@ The table is the ACL ``labtwin lab secure`` gives Mosquitto, checked again at ev
 misconfigured broker does not hand a cell to whoever reaches it:
 
 - a channel's ``data``, ``event`` and ``status``: only that channel's agent;
-- a channel's ``cmd``: the orchestrator, an operator, or the twin (its anomaly policy pauses and stops);
+- a channel's ``cmd``: the orchestrator, an operator, or the twin (its anomaly policy pauses and stops), and
+  the recorder, whose only command is a ResendRequest (the batches its store misses, from the agent's spool);
 - a cell's ``state`` and ``anomaly``: the twin.
 
 Commands also carry freshness: one further than the profile's ``max_clock_skew_s`` from this machine's
@@ -30,7 +31,7 @@ from labtwin.security.signing import BadSignature, is_sealed, load_public_key, o
 
 log = logging.getLogger(__name__)
 _ROOT = ("labtwin", "v1")
-COMMANDERS = frozenset({Role.orchestrator, Role.operator, Role.twin})
+COMMANDERS = frozenset({Role.orchestrator, Role.operator, Role.twin, Role.recorder})
 RESEND_WINDOW_NS = 30 * 10**9
 """A command seen again within this long is a resend (after a reconnect, or QoS 1's redelivery): dropped
 quietly. Later it is a replay: refused and reported."""
@@ -82,6 +83,7 @@ COMMANDS_OF: dict[Role, frozenset[str]] = {
     Role.orchestrator: frozenset({"start_run", "step", "stop_run", "pause_run", "resume_run", "end_step"}),
     Role.operator: frozenset({"stop_run", "pause_run", "resume_run", "end_step"}),
     Role.twin: frozenset({"stop_run", "pause_run"}),  # an anomaly policy's actions, never current
+    Role.recorder: frozenset({"resend"}),  # gap filling from the agent's spool: never moves the cell
 }
 """Which commands each commanding role may give: only the orchestrator starts runs and sources current."""
 

@@ -212,7 +212,7 @@ def test_plain_mqtt_on_the_tls_port_refused(secure_broker: SecureBroker, secured
 
 
 def test_denied_publishes_never_reach_a_subscriber(secure_broker: SecureBroker, secured_lab: SecuredLab) -> None:
-    """A viewer's command, agent-ch1 writing ch2's data and status, a recorder's command, anyone writing outside
+    """A viewer's command, agent-ch1 writing ch2's data and status, a recorder's data, anyone writing outside
     the lab: Mosquitto answers "not authorised" and the recorder sees none of it; agent-ch1's own data arrives."""
     mark = uuid.uuid4().hex[:8].encode()
     forged = [
@@ -220,7 +220,7 @@ def test_denied_publishes_never_reach_a_subscriber(secure_broker: SecureBroker, 
         ("agent-ch1", f"{BASE}/ch2/data"),
         ("agent-ch1", f"{BASE}/ch2/status"),
         ("agent-ch1", f"{BASE}/ch1/cmd"),
-        ("recorder", f"{BASE}/ch1/cmd"),
+        ("recorder", f"{BASE}/ch1/data"),  # its one write is a ResendRequest on cmd (policy.COMMANDS_OF)
         ("orchestrator", f"{BASE}/ch1/data"),
         ("orchestrator", "labtwin/v1/otherlab/ch1/cmd"),
         ("twin", f"{BASE}/ch1/status"),
