@@ -9,6 +9,7 @@ are fed by the bus, like any other subscriber.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from labtwin.documents import RunStart, StepEvent
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.redact import redact_url
 
+log = logging.getLogger(__name__)
+
 # ch1: bare LTO thin film at 0.1C (seed 000): its plateau oscillates and the twin flags the onset.
 # ch2: glassy/ceramic-coated LCO (seed 003), a healthy cell: the twin follows it and stays quiet.
 DEMO_PLAN = {"ch1": "demo-lto-0.1C", "ch2": "lco_formation"}
@@ -47,13 +50,20 @@ async def _follow(
                 doc = (await sub.get(0.2)).document
             except TimeoutError:
                 continue
-            bar = bars.get(getattr(doc, "channel", ""))
-            if bar is None:
-                continue
-            if isinstance(doc, RunStart):
-                progress.update(bar, total=doc.n_steps, description=f"{doc.channel} {doc.protocol}")
-            elif isinstance(doc, StepEvent) and doc.event == "ended":
-                progress.update(bar, advance=1, description=f"{doc.channel} cycle {doc.cycle}: {doc.label}")
+            try:
+                _advance(progress, bars, doc)
+            except Exception as exc:  # a progress bar is not worth the demo: skip what it cannot show
+                log.error("demo progress: %s skipped: %s: %s", type(doc).__name__, type(exc).__name__, exc)
+
+
+def _advance(progress: Progress, bars: dict[str, TaskID], doc) -> None:
+    bar = bars.get(getattr(doc, "channel", ""))
+    if bar is None:
+        return
+    if isinstance(doc, RunStart):
+        progress.update(bar, total=doc.n_steps, description=f"{doc.channel} {doc.protocol}")
+    elif isinstance(doc, StepEvent) and doc.event == "ended":
+        progress.update(bar, advance=1, description=f"{doc.channel} cycle {doc.cycle}: {doc.label}")
 
 
 async def run_demo(

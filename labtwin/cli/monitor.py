@@ -7,17 +7,27 @@ and the twin's cell states (retained) and anomalies show what it sees.
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 from collections import deque
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, SecurityEvent, StepEvent
 from labtwin.security import BrokerConnection, as_identity
+
+log = logging.getLogger(__name__)
+
+
+def _row(table: Table, *cells: str) -> None:
+    """A row of plain text: a label or reason such as "[/bold]" shows as sent, never parsed as rich markup."""
+    table.add_row(*(Text(c) for c in cells))
 
 
 class MonitorView:
@@ -25,6 +35,23 @@ class MonitorView:
         self.channels: dict[str, ChannelStatus] = {}
         self.cells: dict[str, CellState] = {}
         self.events: deque[str] = deque(maxlen=max_events)
+        self.bad_documents = 0  # decoded, but the view could not take or show them: logged, counted, skipped
+
+    def take(self, topic_name: str, doc) -> bool:
+        """``absorb`` that survives any document: one the view cannot take or render is logged, counted in
+        ``bad_documents`` and undone, so the view shows what it showed before and the next message is taken."""
+        before = (dict(self.channels), dict(self.cells), list(self.events))
+        try:
+            self.absorb(topic_name, doc)
+            Console(file=io.StringIO(), width=200).print(self.render())  # what Live will draw must draw
+        except Exception as exc:
+            self.channels, self.cells = before[0], before[1]
+            self.events.clear()
+            self.events.extend(before[2])
+            self.bad_documents += 1
+            log.error("monitor: %s on %s skipped: %s: %s", type(doc).__name__, topic_name, type(exc).__name__, exc)
+            return False
+        return True
 
     def absorb(self, topic_name: str, doc) -> None:
         if isinstance(doc, ChannelStatus):
@@ -55,7 +82,8 @@ class MonitorView:
             table.add_column(col)
         for name in sorted(self.channels):
             s = self.channels[name]
-            table.add_row(
+            _row(
+                table,
                 name,
                 s.state.value,
                 s.cell_id or "",
@@ -82,7 +110,8 @@ class MonitorView:
             twins.add_column(col)
         for name in sorted(self.cells):
             c = self.cells[name]
-            twins.add_row(
+            _row(
+                twins,
                 name,
                 c.model,
                 str(c.cycle),
@@ -97,7 +126,7 @@ class MonitorView:
         events = Table(title="latest events", show_header=False, expand=False)
         events.add_column("event")
         for line in self.events:
-            events.add_row(line)
+            events.add_row(Text(line))
         return Group(table, twins, events) if self.cells else Group(table, events)
 
 
@@ -119,8 +148,9 @@ async def monitor(
             while deadline is None or time.monotonic() < deadline:
                 try:
                     msg = await sub.get(0.25)
-                    view.absorb(msg.topic, msg.document)
                 except TimeoutError:
                     pass
+                else:
+                    view.take(msg.topic, msg.document)
                 live.update(view.render())
     return view

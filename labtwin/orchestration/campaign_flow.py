@@ -35,6 +35,7 @@ from labtwin.data.store_secret import resolve_password, store_line_of, without_p
 from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
 from labtwin.orchestration.flows import ChannelBusy, run_protocol
+from labtwin.orchestration.leash import leash_spawned_process
 from labtwin.orchestration.resume import ResumeState, read_run
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.log_redaction import install_log_redaction
@@ -237,6 +238,7 @@ async def run_campaign(
     """Run every job of a campaign that has not finished, resuming interrupted ones; returns one result per job.
 
     ``store_url`` and ``lab_file`` are references: the store's password is resolved here (store_where_it_runs)."""
+    leash_spawned_process()  # a Runner's flow-run process ends with the Runner (ADR 0010)
     broker_url = BrokerConnection.parse(broker_url)  # see _BY_VALUE
     campaign = load_campaign(campaign_file)
     jobs = plan(campaign)
@@ -273,6 +275,7 @@ async def scheduled_job(
     """One occurrence of a campaign's schedule on one cell: waits its turn on the cell's channel like any job.
 
     ``store_url`` comes without its password, resolved here like run_campaign's."""
+    leash_spawned_process()  # a Runner's flow-run process ends with the Runner (ADR 0010)
     broker_url = BrokerConnection.parse(broker_url)  # see _BY_VALUE
     campaign = load_campaign(campaign_file)
     cell = next(c for c in campaign.cells if c.id == cell_id)

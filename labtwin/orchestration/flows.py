@@ -137,7 +137,10 @@ async def start_prefect_api() -> None:
     """
     from prefect.client.orchestration import get_client
 
+    from labtwin.orchestration.prefect_server import leash_ephemeral_api
+
     use_prefect_defaults()
+    leash_ephemeral_api()  # the ephemeral API ends with this process, SIGKILL included (ADR 0010)
 
     async with get_client() as client:
         await client.hello()

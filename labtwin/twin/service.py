@@ -41,6 +41,10 @@ class TwinStats:
     anomalies: int = 0
     stops_requested: int = 0
     pauses_requested: int = 0
+    # Documents that decoded but could not be handled (a twin factory or model that raised, a policy it could not
+    # apply) and outputs that could not be published: each logged once and skipped, the next one handled.
+    bad_documents: int = 0
+    unpublished: int = 0
     latencies_s: list[float] = field(default_factory=list)
 
 
@@ -90,27 +94,7 @@ class TwinService:
                         docs.append((await sub.get()).document)
                     received = time.perf_counter()
                     published = await asyncio.to_thread(self._handle, docs)
-                    for lab, cell, anomaly in published["anomalies"]:
-                        await bus.publish(cell_topic(lab, cell, "anomaly"), anomaly)
-                        self.stats.latencies_s.append(time.perf_counter() - received)
-                        if anomaly.action == "stop" and anomaly.run_id:
-                            await bus.publish(
-                                topic(lab, anomaly.channel, "cmd"),
-                                StopRun(
-                                    run_id=anomaly.run_id,
-                                    exit_status="aborted",
-                                    reason=f"twin: {anomaly.kind}: {anomaly.message}",
-                                ),
-                            )
-                            self.stats.stops_requested += 1
-                        elif anomaly.action == "pause" and anomaly.run_id:
-                            await bus.publish(
-                                topic(lab, anomaly.channel, "cmd"),
-                                PauseRun(run_id=anomaly.run_id, reason=f"twin: {anomaly.kind}: {anomaly.message}"),
-                            )
-                            self.stats.pauses_requested += 1
-                    for lab, cell, state in published["states"]:
-                        await bus.publish(cell_topic(lab, cell, "state"), state, retain=True)
+                    await self._publish(bus, published, received)
                     if published["anomalies"] or published["finished"]:
                         async with self._anomaly_seen:
                             self._anomaly_seen.notify_all()
@@ -118,47 +102,103 @@ class TwinService:
                 if stopper:
                     stopper.cancel()
 
+    async def _publish(self, bus: Bus, published: dict, received: float) -> None:
+        """Anomalies (and the StopRun or PauseRun their policy asks for), then cell states; one that cannot be
+        published (a state the codec refuses) is logged, counted and skipped, never the end of the service."""
+        for lab, cell, anomaly in published["anomalies"]:
+            try:
+                await bus.publish(cell_topic(lab, cell, "anomaly"), anomaly)
+                self.stats.latencies_s.append(time.perf_counter() - received)
+                if anomaly.action == "stop" and anomaly.run_id:
+                    await bus.publish(
+                        topic(lab, anomaly.channel, "cmd"),
+                        StopRun(
+                            run_id=anomaly.run_id,
+                            exit_status="aborted",
+                            reason=f"twin: {anomaly.kind}: {anomaly.message}",
+                        ),
+                    )
+                    self.stats.stops_requested += 1
+                elif anomaly.action == "pause" and anomaly.run_id:
+                    await bus.publish(
+                        topic(lab, anomaly.channel, "cmd"),
+                        PauseRun(run_id=anomaly.run_id, reason=f"twin: {anomaly.kind}: {anomaly.message}"),
+                    )
+                    self.stats.pauses_requested += 1
+            except (ValueError, TypeError) as exc:
+                self.stats.unpublished += 1
+                log.error("twin of %s: anomaly %s not published, skipped: %s", cell, anomaly.kind, exc)
+        for lab, cell, state in published["states"]:
+            try:
+                await bus.publish(cell_topic(lab, cell, "state"), state, retain=True)
+            except (ValueError, TypeError) as exc:
+                self.stats.unpublished += 1
+                log.error("twin of %s: state not published, skipped: %s", cell, exc)
+
     def _handle(self, docs: list) -> dict[str, list]:
+        """Each document on its own: one that raises anywhere in its handling (the twin factory, its policy, the
+        model) is logged once, counted in ``stats.bad_documents`` and skipped; the rest of the batch goes on."""
         out: dict = {"anomalies": [], "states": [], "finished": False}
         touched: dict[str, bool] = {}
         for doc in docs:
             self.stats.documents += 1
-            if isinstance(doc, RunStart):
-                twin = self.twins.get(doc.cell_id)
-                if twin is None:
-                    twin = self.twins[doc.cell_id] = self.twin_for(doc)
-                    twin.lab = doc.lab
-                # The run's own policy (its protocol's `anomalies:`), also when the cell's twin outlives a run.
-                twin.settings.policy = {kind: action for kind, action in doc.anomaly_policy.items()}
-                self._cell_of_run[doc.run_id] = doc.cell_id
-            run_id = getattr(doc, "run_id", None)
-            cell = self._cell_of_run.get(run_id or "")
-            if cell is None:
-                continue
-            twin = self.twins[cell]
-            if isinstance(doc, SampleBatch):
-                self.stats.samples += len(doc)
             try:
-                found = twin.feed(doc)
-            except Exception:  # a twin's bug must not take the service (and every other cell's twin) down
-                log.exception("twin %s failed on %s", cell, type(doc).__name__)
+                cell = self._handle_one(doc, out)
+            except Exception as exc:  # a bad document (or a twin's bug) must not stop every cell's twin
+                self.stats.bad_documents += 1
+                log.error(
+                    "twin: %s of run %s skipped: %s: %s",
+                    type(doc).__name__,
+                    getattr(doc, "run_id", "?"),
+                    type(exc).__name__,
+                    str(exc)[:300],
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
                 continue
-            for anomaly in found:
-                self.anomalies.append(anomaly)
-                self.stats.anomalies += 1
-                out["anomalies"].append((twin.lab, cell, anomaly))
-            if twin.finished_run_ids - self.finished_runs:
-                self.finished_runs |= twin.finished_run_ids
-                out["finished"] = True
-            force = isinstance(doc, (StepEvent, RunStop, RunStart)) or bool(found)
-            touched[cell] = touched.get(cell, False) or force
+            if cell is not None:
+                force = isinstance(doc, (StepEvent, RunStop, RunStart)) or cell[1]
+                touched[cell[0]] = touched.get(cell[0], False) or force
         now = time.monotonic()
-        for cell, force in touched.items():
-            if force or now - self._last_state.get(cell, 0.0) >= self.state_interval_s:
-                self._last_state[cell] = now
-                twin = self.twins[cell]
-                out["states"].append((twin.lab, cell, twin.state))
+        for cell_id, force in touched.items():
+            if force or now - self._last_state.get(cell_id, 0.0) >= self.state_interval_s:
+                twin = self.twins[cell_id]
+                try:
+                    state = twin.state
+                except Exception as exc:  # a model whose state cannot be read this time: skip this state
+                    self.stats.unpublished += 1
+                    log.error("twin of %s: state skipped: %s: %s", cell_id, type(exc).__name__, str(exc)[:300])
+                    continue
+                self._last_state[cell_id] = now
+                out["states"].append((twin.lab, cell_id, state))
         return out
+
+    def _handle_one(self, doc, out: dict) -> tuple[str, bool] | None:
+        """Feed one document to its cell's twin; the cell and whether it found anything, or None (no twin)."""
+        if isinstance(doc, RunStart):
+            twin = self.twins.get(doc.cell_id)
+            if twin is None:
+                twin = self.twin_for(doc)
+                twin.lab = doc.lab
+                self.twins[doc.cell_id] = twin
+            # The run's own policy (its protocol's `anomalies:`), also when the cell's twin outlives a run.
+            twin.settings.policy = {kind: action for kind, action in doc.anomaly_policy.items()}
+            self._cell_of_run[doc.run_id] = doc.cell_id
+        run_id = getattr(doc, "run_id", None)
+        cell = self._cell_of_run.get(run_id or "")
+        if cell is None:
+            return None
+        twin = self.twins[cell]
+        if isinstance(doc, SampleBatch):
+            self.stats.samples += len(doc)
+        found = twin.feed(doc)
+        for anomaly in found:
+            self.anomalies.append(anomaly)
+            self.stats.anomalies += 1
+            out["anomalies"].append((twin.lab, cell, anomaly))
+        if twin.finished_run_ids - self.finished_runs:
+            self.finished_runs |= twin.finished_run_ids
+            out["finished"] = True
+        return cell, bool(found)
 
     async def wait_run_followed(self, run_id: str, timeout_s: float = 60.0) -> None:
         """Until the twin has applied a run's RunStop, i.e. every document of the run."""
