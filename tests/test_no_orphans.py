@@ -3,7 +3,7 @@
 Each test starts a labtwin command that starts Prefect (its local server, or Prefect's ephemeral API) in a session
 of its own, waits until that server answers, SIGKILLs the labtwin process alone (not its group: a power cut or the
 OOM killer takes one process), and then finds, within a few seconds, no process of its former family or process
-group alive (the leash, labtwin/orchestration/leash.py, ADR 0010)."""
+group alive (the leash, labtwin/orchestration/leash.py, ADR 0010). Two fast tests check the leash itself."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ import pytest
 import yaml
 
 from tests import leftovers
-
-pytestmark = pytest.mark.slow
 
 LABTWIN = str(Path(sys.executable).parent / "labtwin")
 ENDED_WITHIN_S = 15.0  # the leash polls every 0.25 s, then SIGTERM and at most 5 s to SIGKILL
@@ -138,6 +136,7 @@ def _report(left: list[psutil.Process]) -> str:
     return "still running after labtwin was SIGKILLed:\n  " + "\n  ".join(leftovers.describe(p) for p in left)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_campaign_serve_takes_its_prefect_server_and_flow_runs_with_it(tmp_path):
     lab = _lab_file(tmp_path, "max")
     campaign = tmp_path / "campaign.yaml"
@@ -171,6 +170,7 @@ def test_a_sigkilled_campaign_serve_takes_its_prefect_server_and_flow_runs_with_
         family.close()
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_takes_prefects_ephemeral_api_with_it(tmp_path):
     lab = _lab_file(tmp_path, "1")  # real time: the run lasts hours, so labtwin is mid-run when it is killed
     family = Family(
@@ -191,3 +191,51 @@ def test_a_sigkilled_run_takes_prefects_ephemeral_api_with_it(tmp_path):
         assert apis and all("labtwin.orchestration.leash" in c for c in apis)
     finally:
         family.close()
+
+
+# A parent that starts a leashed sleeper (a script, as `prefect server start` is), prints its pid, then sleeps.
+PARENT = """
+import subprocess, sys, time
+from labtwin.orchestration.leash import leashed
+child = subprocess.Popen(leashed([sys.executable, sys.argv[1]]))
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_leashed_child_ends_when_its_parent_is_sigkilled(tmp_path):
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ntime.sleep(120)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(sleeper)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    child: psutil.Process | None = None
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        time.sleep(1.0)
+        assert _alive(child) and "sleeper.py" in _cmdline(child)
+        parent.kill()
+        parent.wait(10)
+        started = time.monotonic()
+        child.wait(ENDED_WITHIN_S)  # SIGTERM ends a plain sleeper at once: the leash fired
+        assert time.monotonic() - started < 2.0
+    finally:
+        parent.kill()
+        parent.wait(10)
+        leftovers.kill([child] if child is not None and _alive(child) else [])
+
+
+def test_a_leashed_program_whose_parent_has_gone_does_not_start(tmp_path):
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("print('started')\n")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(10)
+    done = subprocess.run(
+        [sys.executable, "-m", "labtwin.orchestration.leash", str(gone.pid), str(sleeper)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1 and "started" not in done.stdout
+    assert f"parent {gone.pid} has gone" in done.stderr
