@@ -176,6 +176,11 @@ def _compile(protocol: Protocol, ctx: CompileContext) -> Program:
                     ),
                 }
             )
+        bound = limits.sample_interval_bound_s()
+        if cmd.sample_interval_s > bound and cmd.step in (*HOST_TIMED, StepKind.gitt):
+            # Read (and check) at least as often as the channel allows, record at the protocol's interval.
+            rule = cmd.record or RecordRule(interval_s=cmd.sample_interval_s)
+            cmd = cmd.model_copy(update={"sample_interval_s": bound, "record": rule})
         then = {("current_A" if k == "c_rate" else k): v for k, v in (step.then if step is not None else {}).items()}
         instructions.append(StepInstr(cmd, then, loops))
 
