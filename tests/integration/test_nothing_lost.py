@@ -1,0 +1,103 @@
+"""Gap filling (issue 14): what the broker never delivered to the recorder comes from the agent's spool.
+
+A recorder that goes away and comes back under a new (non-persistent, for the broker) session misses
+everything published meanwhile; before the spool those samples were lost for good. Now the recorder sees
+the gap in the run's seqs (or, at its start, a stored run with no RunStop), publishes a ResendRequest on
+the channel's cmd topic, and the agent answers from its spool: every seq is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+from labtwin.agent import Agent
+from labtwin.cli.wiring import build_channel
+from labtwin.data.recorder import Recorder
+from labtwin.data.store import Store
+from labtwin.documents import EndConditions, Limits, StepCommand, StepKind
+from tests.helpers import run_steps_by_hand, sim_lab
+
+SPEED = 1000
+CELL_S = 3000  # 3 s of wall time at 1 s sampling
+
+
+def _agent(lab: str, url: str, spool: Path) -> Agent:
+    config = sim_lab(lab, {"ch": "lco_lgps_glassy"}, Limits(voltage_min_V=1.9, voltage_max_V=3.8), speed=SPEED)
+    built = build_channel("ch", config.channel("ch"), SPEED, lab)
+    return Agent(
+        lab=lab,
+        channel="ch",
+        driver=built.driver,
+        clock=built.clock,
+        broker_url=url,
+        channel_limits=config.channel("ch").limits,
+        cell_id="c",
+        batch_size=5,
+        spool_dir=spool,
+    )
+
+
+async def _until(predicate, timeout_s: float = 20.0) -> None:
+    async def _wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(_wait(), timeout_s)
+
+
+async def _record_with_a_gap(broker_url: str, lab: str, tmp_path: Path, *, back_after_run: bool) -> None:
+    """Recorder A stores the start of the run and stops; recorder B, a new session, comes back mid-run (or once
+    the run is over) with the same store. Every seq ends up stored exactly once."""
+    store = Store.open(tmp_path / "store.db")
+    agent_stop, a_stop, b_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    agent = _agent(lab, broker_url, tmp_path / "spool")
+    rec_a = Recorder(broker_url, store, lab, client_id=f"rec-a-{lab}", resend_every_s=0.3)
+    rec_b = Recorder(broker_url, store, lab, client_id=f"rec-b-{uuid.uuid4().hex[:8]}", resend_every_s=0.3)
+    tasks = [asyncio.create_task(agent.serve(agent_stop)), asyncio.create_task(rec_a.serve(a_stop))]
+    cmd = StepCommand(run_id="gap", step_index=0, step=StepKind.rest, end=EndConditions(time_s=CELL_S))
+    try:
+        await agent.wait_ready()
+        await rec_a.wait_ready()
+        driving = asyncio.create_task(run_steps_by_hand(broker_url, lab, "ch", "gap", [cmd]))
+        await _until(lambda: rec_a.stats.batches >= 20)
+        a_stop.set()
+        await asyncio.wait_for(tasks.pop(), 10)
+        stored_by_a = set(store.seqs("gap"))
+        if back_after_run:
+            _, run_stop = await asyncio.wait_for(driving, 30)
+        else:
+            await asyncio.sleep(0.5)  # batches go by with nobody subscribed for them
+        tasks.append(asyncio.create_task(rec_b.serve(b_stop)))
+        await rec_b.wait_ready()
+        if not back_after_run:
+            _, run_stop = await asyncio.wait_for(driving, 30)
+        await _until(lambda: rec_b.stats.runs_complete >= 1, 30)
+        seqs = store.seqs("gap")
+        samples = store.sample_count("gap")
+        _, stored_stop = store.run_documents("gap")
+        ended = store.step_events("gap")
+        await _until(lambda: not agent.spool or not agent.spool.batches("gap", 0, 10**6), 10)
+    finally:
+        agent_stop.set()
+        b_stop.set()
+        a_stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        store.close()
+    assert run_stop.n_samples == CELL_S
+    assert stored_stop is not None and stored_stop.last_seq == run_stop.last_seq
+    assert seqs == list(range(run_stop.last_seq + 1)), "every seq exactly once"
+    assert samples == CELL_S
+    assert len(ended) == 1
+    assert len(stored_by_a) < len(seqs), "recorder A must not have had the whole run (no gap was made)"
+    assert rec_b.stats.resend_requests >= 1
+
+
+async def test_a_recorder_back_mid_run_under_a_new_session_fills_the_gap(broker_url, unique_lab, tmp_path) -> None:
+    await _record_with_a_gap(broker_url, unique_lab, tmp_path, back_after_run=False)
+
+
+async def test_a_recorder_back_after_the_run_gets_its_tail_and_its_runstop(broker_url, unique_lab, tmp_path) -> None:
+    """Nothing arrives to show the gap: the stored run without a RunStop is probed for its tail at the start."""
+    await _record_with_a_gap(broker_url, unique_lab, tmp_path, back_after_run=True)
