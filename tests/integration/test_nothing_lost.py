@@ -101,3 +101,50 @@ async def test_a_recorder_back_mid_run_under_a_new_session_fills_the_gap(broker_
 async def test_a_recorder_back_after_the_run_gets_its_tail_and_its_runstop(broker_url, unique_lab, tmp_path) -> None:
     """Nothing arrives to show the gap: the stored run without a RunStop is probed for its tail at the start."""
     await _record_with_a_gap(broker_url, unique_lab, tmp_path, back_after_run=True)
+
+
+async def test_a_recorder_behind_its_store_sheds_batches_and_fetches_them_again(unique_lab, tmp_path) -> None:
+    """Back-pressure without unbounded memory: past max_pending waiting documents the recorder drops batches
+    (aiomqtt 2.5 cannot delay the acknowledgement), and gap filling fetches every one of them again."""
+    from labtwin.bus.broker import EmbeddedBroker
+
+    async with EmbeddedBroker() as broker:
+        store = Store.open(tmp_path / "store.db")
+        write = store.write
+
+        def slow_write(documents):  # a store slower than the agent at max speed (PostgreSQL far away)
+            import time
+
+            time.sleep(0.1)
+            return write(documents)
+
+        store.write = slow_write  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        config = sim_lab(unique_lab, {"ch": "lco_lgps_glassy"}, Limits(voltage_min_V=1.9, voltage_max_V=3.8))
+        built = build_channel("ch", config.channel("ch"), "config", unique_lab)
+        agent = Agent(
+            lab=unique_lab,
+            channel="ch",
+            driver=built.driver,
+            clock=built.clock,
+            broker_url=broker.url,
+            channel_limits=config.channel("ch").limits,
+            cell_id="c",
+            batch_size=1,
+            spool_dir=tmp_path / "spool",
+        )
+        recorder = Recorder(broker.url, store, unique_lab, max_batch=10, max_pending=100, resend_every_s=0.3)
+        tasks = [asyncio.create_task(agent.serve(stop)), asyncio.create_task(recorder.serve(stop))]
+        cmd = StepCommand(run_id="shed", step_index=0, step=StepKind.rest, end=EndConditions(time_s=300))
+        try:
+            await agent.wait_ready()
+            await recorder.wait_ready()
+            _, run_stop = await run_steps_by_hand(broker.url, unique_lab, "ch", "shed", [cmd])
+            await _until(lambda: recorder.stats.runs_complete >= 1, 40)
+            seqs = store.seqs("shed")
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+            store.close()
+    assert recorder.stats.shed > 0
+    assert seqs == list(range(run_stop.last_seq + 1)) and run_stop.n_samples == 300
