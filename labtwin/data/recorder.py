@@ -25,6 +25,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import sqlalchemy.exc
+
 from labtwin import bus as busmod
 from labtwin.bus import Bus
 from labtwin.data.store import Store, WriteCounts
@@ -35,6 +37,15 @@ from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.policy import topic_parts
 
 log = logging.getLogger(__name__)
+
+BAD_DATA: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.DataError,
+    sqlalchemy.exc.IntegrityError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+"""What a store raises for a document it cannot take, as opposed to a store that is not there."""
 
 
 @dataclass
@@ -49,6 +60,7 @@ class RecorderStats:
     resend_requests: int = 0  # ResendRequests published (gap filling from the agents' spools)
     runs_complete: int = 0  # runs confirmed whole to their agent
     shed: int = 0  # batches dropped while the store was behind (fetched again by gap filling)
+    bad_documents: int = 0  # documents the store refused (logged and skipped; the rest of their write stored)
 
 
 @dataclass
@@ -221,7 +233,13 @@ class Recorder:
             await self._request(run_id, self.tracks[run_id], now=True)
 
     async def _write(self, docs: list) -> WriteCounts:
-        counts: WriteCounts = await asyncio.to_thread(self.store.write, docs)
+        try:
+            counts: WriteCounts = await asyncio.to_thread(self.store.write, docs)
+        except BAD_DATA:
+            # One document the database refuses (a NUL in a label, a value out of its range) must not take the
+            # others, or the recorder, with it: each alone, the refused ones logged, counted and skipped. A store
+            # that is down (OperationalError) is not this: it propagates, and gap filling refetches after.
+            counts = await asyncio.to_thread(self._write_each, docs)
         s = self.stats
         s.documents += len(docs)
         s.batches += counts.batches
@@ -243,6 +261,26 @@ class Recorder:
                 s.runs_stopped += len(stopped)
                 self._run_stopped.notify_all()
         return counts
+
+    def _write_each(self, docs: list) -> WriteCounts:
+        total = WriteCounts()
+        for doc in docs:
+            try:
+                counts = self.store.write([doc])
+            except BAD_DATA as exc:
+                self.stats.bad_documents += 1
+                log.warning(
+                    "skipped a %s of run %s that the store refuses: %s",
+                    getattr(doc, "kind", type(doc).__name__),
+                    getattr(doc, "run_id", "?"),
+                    str(exc).splitlines()[0][:200],
+                )
+                continue
+            for name in ("batches", "duplicate_batches", "samples", "events", "conflicts", "refused"):
+                setattr(total, name, getattr(total, name) + getattr(counts, name))
+            total.conflicting += counts.conflicting
+            total.refusing += counts.refusing
+        return total
 
     # ------------------------------------------------------------------ gap filling
 
