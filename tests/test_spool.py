@@ -35,6 +35,7 @@ def test_entries_survive_a_reopen_in_order_and_are_handed_once(tmp_path: Path) -
     assert again.forget_run("r1") == 6
     assert again.unhanded() == []
     again.close()
+    assert not (tmp_path / "s.db").exists(), "an empty spool leaves no file behind"
 
 
 def test_old_entries_are_pruned_and_a_large_spool_warns(tmp_path: Path, caplog) -> None:
@@ -131,18 +132,24 @@ async def test_broker_down_past_the_outbox_the_step_reads_on_and_every_batch_is_
         await recorder.wait_stored("out", 30)
         seqs = store.seqs("out")
         samples = store.sample_count("out")
+        for _ in range(250):  # the recorder's confirmation reaches the agent, which drops the run from its spool
+            if agent.spool is not None and not agent.spool.batches("out", 0, 10**6):
+                break
+            await asyncio.sleep(0.02)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
         await broker.stop()
         store.close()
     during = [t for t in driver.reads_at if down_at + 0.1 < t < up_at - 0.1]
-    # 200 readings per wall second at 1 s of cell time each; allow a slow CI a factor of 4.
-    assert len(during) > 1.3 * 200 / 4, len(during)
+    # 200 readings per wall second at 1 s of cell time each (a full outbox used to stop them within ms of the
+    # broker going); a loaded machine is allowed a factor of 10 and half-second stalls.
+    assert len(during) > 1.3 * 200 / 10, len(during)
     gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
-    assert max(gaps) < 0.25, max(gaps)
+    assert max(gaps) < 0.5, max(gaps)
     assert samples == 1800
     assert seqs == list(range(len(seqs))) and len(seqs) == 1800
     if run_stop is not None:
         assert run_stop.n_samples == 1800
     assert recorder.stats.runs_complete == 1  # confirmed to the agent, which dropped the run from its spool
+    assert list((tmp_path / "spool").iterdir()) == [], "the confirmed run left nothing in the spool"

@@ -81,8 +81,13 @@ class Spool:
         return cls((directory or DEFAULT_SPOOL_DIR) / f"{lab}-{channel}.db", **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        """Closes the file; an empty spool (every run confirmed) is removed, so the directory holds only what waits."""
         with self._lock:
+            empty = self._db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
             self._db.close()
+        if empty:
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ writing
 
