@@ -120,11 +120,11 @@ async def test_broker_down_past_the_outbox_the_step_reads_on_and_every_batch_is_
         await agent.wait_ready()
         driving = asyncio.create_task(run_steps_by_hand(broker.url, unique_lab, "ch", "out", [cmd]))
         await asyncio.sleep(2.0)
-        await broker.stop()
+        await asyncio.wait_for(broker.stop(), 10)  # bounded: a hang is a failure, not a stuck suite
         down_at = time.monotonic()
         await asyncio.sleep(1.5)
         up_at = time.monotonic()
-        await broker.start()
+        await asyncio.wait_for(broker.start(), 10)
         try:
             _, run_stop = await asyncio.wait_for(driving, 30)
         except TimeoutError:  # the hand driver's own subscription may miss an event across the restart
@@ -139,7 +139,7 @@ async def test_broker_down_past_the_outbox_the_step_reads_on_and_every_batch_is_
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        await broker.stop()
+        await asyncio.wait_for(broker.stop(), 10)
         store.close()
     during = [t for t in driver.reads_at if down_at + 0.1 < t < up_at - 0.1]
     # 200 readings per wall second at 1 s of cell time each (a full outbox used to stop them within ms of the

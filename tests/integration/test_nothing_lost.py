@@ -12,27 +12,32 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import pytest
+
 from labtwin.agent import Agent
+from labtwin.bus.broker import EmbeddedBroker
 from labtwin.cli.wiring import build_channel
 from labtwin.data.recorder import Recorder
 from labtwin.data.store import Store
 from labtwin.documents import EndConditions, Limits, StepCommand, StepKind
+from labtwin.security import BrokerConnection, as_identity
 from tests.helpers import run_steps_by_hand, sim_lab
+from tests.security.conftest import secured_lab  # noqa: F401  # a fixture: the signed lab's profile
 
 SPEED = 1000
 CELL_S = 3000  # 3 s of wall time at 1 s sampling
 
 
-def _agent(lab: str, url: str, spool: Path) -> Agent:
-    config = sim_lab(lab, {"ch": "lco_lgps_glassy"}, Limits(voltage_min_V=1.9, voltage_max_V=3.8), speed=SPEED)
-    built = build_channel("ch", config.channel("ch"), SPEED, lab)
+def _agent(lab: str, url: str | BrokerConnection, spool: Path, channel: str = "ch") -> Agent:
+    config = sim_lab(lab, {channel: "lco_lgps_glassy"}, Limits(voltage_min_V=1.9, voltage_max_V=3.8), speed=SPEED)
+    built = build_channel(channel, config.channel(channel), SPEED, lab)
     return Agent(
         lab=lab,
-        channel="ch",
+        channel=channel,
         driver=built.driver,
         clock=built.clock,
         broker_url=url,
-        channel_limits=config.channel("ch").limits,
+        channel_limits=config.channel(channel).limits,
         cell_id="c",
         batch_size=5,
         spool_dir=spool,
@@ -47,12 +52,15 @@ async def _until(predicate, timeout_s: float = 20.0) -> None:
     await asyncio.wait_for(_wait(), timeout_s)
 
 
-async def _record_with_a_gap(broker_url: str, lab: str, tmp_path: Path, *, back_after_run: bool) -> None:
+async def _record_with_a_gap(
+    broker_url: str | BrokerConnection, lab: str, tmp_path: Path, *, back_after_run: bool, channel: str = "ch"
+) -> None:
     """Recorder A stores the start of the run and stops; recorder B, a new session, comes back mid-run (or once
     the run is over) with the same store. Every seq ends up stored exactly once."""
     store = Store.open(tmp_path / "store.db")
     agent_stop, a_stop, b_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    agent = _agent(lab, broker_url, tmp_path / "spool")
+    agent = _agent(lab, broker_url, tmp_path / "spool", channel)
+    flow_url = as_identity(broker_url, "orchestrator") if isinstance(broker_url, BrokerConnection) else broker_url
     rec_a = Recorder(broker_url, store, lab, client_id=f"rec-a-{lab}", resend_every_s=0.3)
     rec_b = Recorder(broker_url, store, lab, client_id=f"rec-b-{uuid.uuid4().hex[:8]}", resend_every_s=0.3)
     tasks = [asyncio.create_task(agent.serve(agent_stop)), asyncio.create_task(rec_a.serve(a_stop))]
@@ -60,7 +68,7 @@ async def _record_with_a_gap(broker_url: str, lab: str, tmp_path: Path, *, back_
     try:
         await agent.wait_ready()
         await rec_a.wait_ready()
-        driving = asyncio.create_task(run_steps_by_hand(broker_url, lab, "ch", "gap", [cmd]))
+        driving = asyncio.create_task(run_steps_by_hand(flow_url, lab, channel, "gap", [cmd]))  # type: ignore[arg-type]
         await _until(lambda: rec_a.stats.batches >= 20)
         a_stop.set()
         await asyncio.wait_for(tasks.pop(), 10)
@@ -103,11 +111,21 @@ async def test_a_recorder_back_after_the_run_gets_its_tail_and_its_runstop(broke
     await _record_with_a_gap(broker_url, unique_lab, tmp_path, back_after_run=True)
 
 
+@pytest.mark.parametrize("back_after_run", [False, True])
+async def test_in_a_signed_lab_the_agent_takes_the_recorders_resend_request(
+    secured_lab,  # noqa: F811
+    tmp_path,
+    back_after_run: bool,
+) -> None:
+    """The ResendRequest is signed by the recorder identity, which policy lets give that one command."""
+    async with EmbeddedBroker() as broker:
+        conn = BrokerConnection.parse(broker.url, secured_lab.out / "security.yaml")
+        await _record_with_a_gap(conn, "seclab", tmp_path, back_after_run=back_after_run, channel="ch1")
+
+
 async def test_a_recorder_behind_its_store_sheds_batches_and_fetches_them_again(unique_lab, tmp_path) -> None:
     """Back-pressure without unbounded memory: past max_pending waiting documents the recorder drops batches
     (aiomqtt 2.5 cannot delay the acknowledgement), and gap filling fetches every one of them again."""
-    from labtwin.bus.broker import EmbeddedBroker
-
     async with EmbeddedBroker() as broker:
         store = Store.open(tmp_path / "store.db")
         write = store.write
