@@ -431,19 +431,19 @@ def _kind_ok(kind: str, payload: bytes) -> None:
         assert_decodes_safely(kind, payload)
 
 
-@fuzz(1500)
+@fuzz(800)
 @given(kind=kinds, payload=st.binary(max_size=600))
 def test_arbitrary_bytes_decode_or_are_malformed(kind: str, payload: bytes) -> None:
     _kind_ok(kind, payload)
 
 
-@fuzz(800)
+@fuzz(500)
 @given(kind=kinds, value=json_values)
 def test_arbitrary_json_decodes_or_is_malformed(kind: str, value: Any) -> None:
     _kind_ok(kind, _dumps(value))
 
 
-@fuzz(2500)
+@fuzz(1200)
 @given(
     kind=st.sampled_from(KINDS),
     which=st.integers(min_value=0, max_value=100),
@@ -474,7 +474,7 @@ def documents_of_hostile_fields(draw: st.DrawFn) -> tuple[str, bytes]:
     return kind, _dumps(tree)
 
 
-@fuzz(1000)
+@fuzz(600)
 @given(case=documents_of_hostile_fields())
 def test_documents_with_hostile_fields_decode_or_are_malformed(case: tuple[str, bytes]) -> None:
     assert_decodes_safely(*case)
@@ -670,7 +670,7 @@ def garbled_envelopes(draw: st.DrawFn, signers: dict[str, Signer]) -> tuple[str,
     return topic, payload
 
 
-@fuzz(1000)
+@fuzz(600)
 @given(data=st.data())
 def test_open_envelope_raises_only_bad_signature(lab_keys, data: st.DataObject) -> None:
     _, signers = lab_keys
@@ -682,7 +682,7 @@ def test_open_envelope_raises_only_bad_signature(lab_keys, data: st.DataObject) 
     assert isinstance(envelope, Envelope) and 0 < envelope.nonce < 2**63 and len(envelope.signature) == 64
 
 
-@fuzz(1000)
+@fuzz(600)
 @given(data=st.data())
 def test_verifier_refuses_or_trusts_and_what_it_trusts_decodes_or_is_malformed(lab_keys, data: st.DataObject) -> None:
     """The whole receive path of a signed lab: Refused, Duplicate or MalformedPayload, and nothing else."""
