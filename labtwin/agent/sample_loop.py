@@ -184,6 +184,7 @@ class StepLoop:
                     rule is None
                     or last_rec is None
                     or reason is not None
+                    or paused_now  # a pause is always on the record: open circuit inside a current step
                     or rule.due(step_t - last_rec[0], v - last_rec[1], i - last_rec[2])
                 ):
                     last_rec = (step_t, v, i)
