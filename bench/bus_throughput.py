@@ -24,11 +24,9 @@ from labtwin.documents import EndConditions, Limits, StepCommand, StepKind  # no
 from tests.helpers import run_steps_by_hand, sim_lab  # noqa: E402
 
 
-async def main(broker: str | None, channels: int, hours: float) -> None:
-    names = [f"ch{i:02d}" for i in range(channels)]
-    lab = sim_lab("bench", {n: "lco_lgps_glassy" for n in names})
-    db = Path(tempfile.mkdtemp()) / "bench.db"
-    steps = [
+def charge_and_rest(hours: float) -> list[StepCommand]:
+    """The bench's run on every channel: a cc charge to 3.6 V (at most ``hours``), then ``hours`` of rest, 1 s sampling."""
+    return [
         StepCommand(
             run_id="",
             step_index=0,
@@ -42,6 +40,13 @@ async def main(broker: str | None, channels: int, hours: float) -> None:
             run_id="", step_index=1, step=StepKind.rest, end=EndConditions(time_s=hours * 3600), sample_interval_s=1
         ),
     ]
+
+
+async def main(broker: str | None, channels: int, hours: float) -> None:
+    names = [f"ch{i:02d}" for i in range(channels)]
+    lab = sim_lab("bench", {n: "lco_lgps_glassy" for n in names})
+    db = Path(tempfile.mkdtemp()) / "bench.db"
+    steps = charge_and_rest(hours)
     async with LocalLab(lab, names, broker, str(db)) as local:
         t0 = time.perf_counter()
         results = await asyncio.gather(

@@ -34,10 +34,12 @@ from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bus_throughput import charge_and_rest  # noqa: E402  (bench/ is on sys.path when this script runs)
+
 from labtwin import bus as busmod  # noqa: E402
 from labtwin.cli.wiring import LocalLab  # noqa: E402
 from labtwin.config.secure_lab import secure_lab  # noqa: E402
-from labtwin.documents import EndConditions, Limits, SampleBatch, StepCommand, StepKind, StopRun  # noqa: E402
+from labtwin.documents import SampleBatch, StopRun  # noqa: E402
 from labtwin.documents.codec import decode, encode  # noqa: E402
 from labtwin.security import as_identity, load_profile  # noqa: E402
 from labtwin.security.policy import Verifier  # noqa: E402
@@ -135,20 +137,7 @@ async def end_to_end(channels: list[str], hours: float, security: Path | None) -
     """(produced, stored, wall s) of one run of every channel, agents to store."""
     lab = sim_lab(LAB, {n: CELL for n in channels})
     db = Path(tempfile.mkdtemp(prefix="labtwin-bench-")) / "bench.db"
-    steps = [
-        StepCommand(
-            run_id="",
-            step_index=0,
-            step=StepKind.cc,
-            current_A=2.4e-4,
-            end=EndConditions(voltage_V=3.6),
-            limits=Limits(step_time_max_s=hours * 3600),
-            sample_interval_s=1,
-        ),
-        StepCommand(
-            run_id="", step_index=1, step=StepKind.rest, end=EndConditions(time_s=hours * 3600), sample_interval_s=1
-        ),
-    ]
+    steps = charge_and_rest(hours)
     async with LocalLab(lab, channels, None, str(db), security=security) as local:
         orchestrator = as_identity(local.url, "orchestrator")
         t0 = time.perf_counter()
