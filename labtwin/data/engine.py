@@ -19,12 +19,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
+from labtwin.security.redact import redact
+
 DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
 # Execution option of a connection whose next transaction writes: on SQLite it begins IMMEDIATE.
 WRITE = {"labtwin_write": True}
-
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 class StoreURLError(ValueError):
@@ -61,19 +61,15 @@ def parse_url(url: str | Path | None) -> StoreURL:
 
 
 def describe_url(url: str | Path | None) -> str:
-    """The URL for a message, a log line or ``--json``: its user and password hidden (``postgresql://***@host``),
-    and a ``password=`` query parameter too (libpq takes one); a SQLite path as it is."""
-    text = str(url) if url is not None else str(DEFAULT_SQLITE)
+    """The URL for a message, a log line or ``--json``: its secrets redacted as everywhere in labtwin
+    (labtwin.security.redact), and its user hidden too (``postgresql://***@host``); a SQLite path as it is."""
+    text = redact(str(url) if url is not None else str(DEFAULT_SQLITE))
     if "://" in text:
         scheme, rest = text.split("://", 1)
-        end = re.search(r"[/?#]", rest)  # the authority, as libpq reads it: its userinfo ends at its last '@'
+        end = re.search(r"[/?#]", rest)
         authority, tail = (rest[: end.start()], rest[end.start() :]) if end else (rest, "")
         if "@" in authority:
             authority = "***@" + authority.rpartition("@")[2]
-        elif ":" in authority and "@" in tail:
-            # An unencoded '/' in a password ends the authority early: hide everything up to the last '@'.
-            authority, tail = "***@" + tail.rpartition("@")[2], ""
-        tail = _QUERY_PASSWORD.sub(r"\g<1>***", tail)
         text = f"{scheme}://{authority}{tail}"
     return text
 
