@@ -126,6 +126,7 @@ class Agent:
         self._spool_wake = asyncio.Event()
         self._drain_lock = asyncio.Lock()
         self._status_pending: Any = None  # the step thread's last status publish, until the event loop takes it
+        self._last_stop: RunStop | None = None  # answered again to a flow that lost it across a reconnect
 
     # ------------------------------------------------------------------ topics
 
@@ -172,6 +173,8 @@ class Agent:
             self._bus = bus
             self._spooled_bus = _SpooledBus(self, bus)
             bus.on_refusal = self._refused
+            # After a broker restart its retained status may be gone or be this agent's last will: say it again.
+            bus.on_reconnect = lambda: self._background_task(self._publish_status(force=True))
             commands = await bus.subscribe(self._t("cmd"))
             await self._publish_status(force=True)
             self._ready.set()
@@ -180,8 +183,9 @@ class Agent:
             pump = asyncio.create_task(self._pump_spool())
             self._spool_wake.set()  # what an earlier run of this agent journalled and never handed over
             waiters: list[asyncio.Task[Any]] = [executor, receiver, pump]
-            if bus.signed:  # a forged retained status would hide this agent from every new subscriber
-                waiters.append(asyncio.create_task(self._guard_status(await bus.subscribe(self._t("status")))))
+            # Its own retained status read back: after a broker restart (or a network drop) the broker holds
+            # this agent's last will, "offline", and a forged one would hide the agent from every new subscriber.
+            waiters.append(asyncio.create_task(self._guard_status(await bus.subscribe(self._t("status")))))
             if stop is not None:
                 waiters.append(asyncio.create_task(stop.wait()))
             try:
@@ -393,6 +397,10 @@ class Agent:
     async def _stop_run(self, cmd: StopRun) -> None:
         run = self.run
         if run is None or run.run_id != cmd.run_id:
+            last = self._last_stop
+            if last is not None and last.run_id == cmd.run_id:
+                # A flow that lost the RunStop across a reconnect asks again: say again how the run ended.
+                await self.bus.publish(self._t("event"), last)
             return
         status = cmd.exit_status
         if run.tripped is not None and status == "success":
@@ -402,19 +410,18 @@ class Agent:
     async def _finish_run(self, run: RunContext, status: str, reason: str) -> None:
         self.control.pause.clear()
         self._safe_state()
-        await self.bus.publish(
-            self._t("event"),
-            RunStop(
-                run_id=run.run_id,
-                channel=self.channel,
-                exit_status=status,
-                reason=reason,
-                n_samples=run.n_samples,
-                n_batches=run.n_batches,
-                last_seq=run.next_seq - 1,
-                cell_time_s=run.last_time_s,
-            ),
+        stop = RunStop(
+            run_id=run.run_id,
+            channel=self.channel,
+            exit_status=status,
+            reason=reason,
+            n_samples=run.n_samples,
+            n_batches=run.n_batches,
+            last_seq=run.next_seq - 1,
+            cell_time_s=run.last_time_s,
         )
+        self._last_stop = stop
+        await self.bus.publish(self._t("event"), stop)
         self.run = None
         await self._publish_status(force=True, state=ChannelState.idle)
 

@@ -211,6 +211,8 @@ class Bus:
         self.client_id = client_id or f"labtwin-{uuid.uuid4().hex[:12]}"
         self.refusals: deque[Refusal] = deque(maxlen=100)
         self.on_refusal: Callable[[Refusal], None] | None = None
+        self.on_reconnect: Callable[[], None] | None = None
+        """Called on the event loop after every reconnect (once re-subscribed), e.g. to publish a status afresh."""
         self._gave_up: BaseException | None = None
         self._warned_unverified = False
         if replay_state is not None and self._transport.verifier is not None:
@@ -393,13 +395,19 @@ class Bus:
                     filters = sorted({f for s in self._subs for f in s.filters})
                     for f in filters:
                         await client.subscribe(f, qos=1, timeout=self._io_timeout_s)
-                    if not first:
+                    reconnected = not first
+                    if reconnected:
                         self.stats.reconnects += 1
                         log.info("bus %s reconnected to %s", self.client_id, self.address)
                     first = False
                     paho_log.quiet = False
                     backoff_s = 0.2
                     self._connected.set()
+                    if reconnected and self.on_reconnect is not None:
+                        try:
+                            self.on_reconnect()
+                        except Exception:  # a hook must not take the connection down
+                            log.exception("bus %s: its reconnect hook failed", self.client_id)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._send_loop(client, tg))
                         tg.create_task(self._receive_loop(client))

@@ -34,7 +34,7 @@ from labtwin.data.store import Store
 from labtwin.data.store_secret import resolve_password, store_line_of, without_password
 from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
-from labtwin.orchestration.flows import ChannelBusy, run_protocol
+from labtwin.orchestration.flows import OFFLINE_GRACE_S, ChannelBusy, run_protocol
 from labtwin.orchestration.leash import leash_spawned_process
 from labtwin.orchestration.resume import ResumeState, read_run
 from labtwin.security import BrokerConnection, as_identity
@@ -68,17 +68,22 @@ async def wait_channel_free(
     ) as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "status"))
         deadline = time.monotonic() + timeout_s
+        offline_since: float | None = None  # an agent gone offline has the flows' grace to come back
         while time.monotonic() < deadline:
+            if offline_since is not None and time.monotonic() - offline_since > OFFLINE_GRACE_S:
+                raise ConnectionError(
+                    f"channel {channel} is offline: start its agent (`labtwin agent --channel {channel}`)"
+                )
             try:
-                doc = (await sub.get(min(30.0, deadline - time.monotonic()))).document
+                doc = (await sub.get(min(5.0, deadline - time.monotonic()))).document
             except TimeoutError:
                 continue
             if not isinstance(doc, ChannelStatus):
                 continue
             if doc.state is ChannelState.offline:
-                raise ConnectionError(
-                    f"channel {channel} is offline: start its agent (`labtwin agent --channel {channel}`)"
-                )
+                offline_since = offline_since or time.monotonic()
+                continue
+            offline_since = None
             if doc.run_id is None or doc.run_id == own_run:
                 return
             log.info("campaign: channel %s busy with run %s; %s waits", channel, doc.run_id, own_run)

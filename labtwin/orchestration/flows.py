@@ -5,8 +5,14 @@ channel's cmd topic and waits for the agent's StepEvent "ended"; the agent
 enforces safety on every sample whatever the flow does (Prefect's
 cancellation hooks are not reliable enough to carry safety: Prefect issues
 #15912, #17259). A step's timeout derives from its own time bound at the
-channel's speed, and a channel that goes silent or offline fails the step
-at once instead of waiting that long.
+channel's speed, and a channel that stays silent or offline past a grace period fails the step
+instead of waiting that long.
+
+A broker restart ends no run (issue 14): an agent's "offline" (its last will, sent when the broker or the
+network drops it) starts a grace period instead of failing the step, and whenever the flow's own
+connection comes back, or the agent comes back online, or the agent's status says the awaited step is
+over, the flow asks the agent where the step stands by sending the step again. The agent never runs a
+step index twice: it answers with how the step ended, or runs it on if it is still running.
 
 Flows are ``async def``: further async flow runs in one process cost ~0.15 s,
 sync ones ~1.1 s (DESIGN.md).
@@ -58,6 +64,9 @@ log = logging.getLogger(__name__)
 STATUS_WAIT_S = 10.0
 STALL_MIN_S = 60.0
 TIMEOUT_GRACE_S = 30.0
+OFFLINE_GRACE_S = 120.0
+"""How long an agent may be offline before its step fails: a broker restart, a supervised agent's restart or
+a network drop of the agent's PC is back within seconds; a dead PC is not back in two minutes."""
 
 
 class ChannelUnavailable(RuntimeError):
@@ -84,6 +93,13 @@ class ChannelLink:
     last_heard: float = field(default_factory=time.monotonic)
     events: list[StepEvent] = field(default_factory=list)
     cell_id: str = ""
+    offline_since: float | None = None
+    """When the agent's status last turned offline (monotonic), until it comes back."""
+    resync_wanted: bool = False
+    """Something happened after which the agent should be asked where the awaited step stands."""
+    reconnects_seen: int = 0
+    resyncs: int = 0
+    """How often this link asked the agent again (a figure for tests and logs)."""
 
     def topic(self, kind: str) -> str:
         return busmod.topic(self.lab, self.channel, kind)
@@ -101,25 +117,69 @@ class ChannelLink:
         self.last_heard = time.monotonic()
         doc = msg.document
         if isinstance(doc, ChannelStatus):
+            was_offline = self.status is not None and self.status.state is ChannelState.offline
             self.status = doc
             if doc.state is ChannelState.offline:
-                raise ChannelUnavailable(f"channel {self.channel} went offline: {doc.message or 'agent gone'}")
+                if self.offline_since is None:
+                    self.offline_since = time.monotonic()
+                    log.warning(
+                        "channel %s went offline (%s): waiting up to %.0f s for its agent",
+                        self.channel,
+                        doc.message or "agent gone",
+                        OFFLINE_GRACE_S,
+                    )
+            elif was_offline or self.offline_since is not None:
+                log.info("channel %s is back (%s)", self.channel, doc.state.value)
+                self.offline_since = None
+                self.resync_wanted = True
         return doc
 
-    async def wait_for(self, predicate, timeout_s: float, stall_s: float, what: str):
+    def _check_offline(self, what: str) -> None:
+        if self.offline_since is not None and time.monotonic() - self.offline_since > OFFLINE_GRACE_S:
+            message = self.status.message if self.status is not None else ""
+            raise ChannelUnavailable(
+                f"channel {self.channel} went offline ({message or 'agent gone'}) and was not back within "
+                f"{OFFLINE_GRACE_S:.0f} s while waiting for {what}: start its agent (`labtwin agent --channel "
+                f"{self.channel}`) and resume the run (`labtwin run --resume RUN_ID`)"
+            )
+
+    async def wait_for(self, predicate, timeout_s: float, stall_s: float, what: str, ask=None):
+        """The first document ``predicate`` accepts, reading status updates on the way.
+
+        ``ask`` (a command) is sent again whenever the agent should be asked where things stand: after this
+        flow's connection came back (events are not retained: one sent while it was away is gone), after the
+        agent came back online, or when the agent's status says the step is no longer running. Time spent
+        paused or offline does not count against ``timeout_s``: a paused run waits for a person, an offline
+        agent has OFFLINE_GRACE_S to come back."""
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()
+        asked_in_silence = False
         while True:
             now = time.monotonic()
-            if self.status is not None and self.status.state is ChannelState.paused:
-                deadline += now - last  # a paused run is waiting for a person, not late
+            waiting = self.status is not None and self.status.state in (ChannelState.paused, ChannelState.offline)
+            if waiting:
+                deadline += now - last  # a paused run is waiting for a person, an offline one for its agent
             last = now
+            self._check_offline(what)
             if now >= deadline:
                 raise StepTimeout(f"channel {self.channel}: no {what} within {timeout_s:.0f} s")
-            if now - self.last_heard > stall_s:
+            if self.offline_since is None and now - self.last_heard > stall_s:
                 raise StepTimeout(f"channel {self.channel}: silent for {stall_s:.0f} s while waiting for {what}")
+            if now - self.last_heard > stall_s / 2 and self.offline_since is None and not asked_in_silence:
+                asked_in_silence = self.resync_wanted = True  # half the stall bound with no word: ask once
+            elif now - self.last_heard <= stall_s / 2:
+                asked_in_silence = False
+            reconnects = self.bus.stats.reconnects
+            if reconnects != self.reconnects_seen:
+                self.reconnects_seen = reconnects
+                self.resync_wanted = True
+            if ask is not None and self.resync_wanted and self.offline_since is None:
+                self.resync_wanted = False
+                self.resyncs += 1
+                log.info("channel %s: asking its agent where things stand (%s)", self.channel, what)
+                await self.bus.publish(self.topic("cmd"), ask)
             try:
-                doc = await self.next_document(min(deadline - now, stall_s, 1.0))
+                doc = await self.next_document(min(max(deadline - now, 0.01), stall_s, 1.0))
             except TimeoutError:
                 continue
             if predicate(doc):
@@ -164,18 +224,34 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
     if command.end.twin_soc is not None:
         watcher = asyncio.create_task(_watch_twin_soc(link, command))
         await asyncio.sleep(0)  # subscribed before the step starts
+    seen_running = False
+
+    def ended_here(d) -> bool:
+        nonlocal seen_running
+        if isinstance(d, ChannelStatus) and d.run_id == command.run_id:
+            on_step = d.step_index == command.step_index and d.state in (ChannelState.running, ChannelState.paused)
+            if on_step:
+                seen_running = True
+            elif seen_running and d.state is not ChannelState.offline:
+                link.resync_wanted = True  # the step is over but its end never reached this flow: ask again
+                seen_running = False
+        return (
+            isinstance(d, StepEvent)
+            and d.event == "ended"
+            and d.run_id == command.run_id
+            and d.step_index == command.step_index
+        )
+
     try:
+        link.reconnects_seen = link.bus.stats.reconnects  # this publish is the first ask
+        link.resync_wanted = False
         await link.bus.publish(link.topic("cmd"), command)
         ended = await link.wait_for(
-            lambda d: (
-                isinstance(d, StepEvent)
-                and d.event == "ended"
-                and d.run_id == command.run_id
-                and d.step_index == command.step_index
-            ),
+            ended_here,
             step_timeout_s(command, speed),
             stall_s,
             f"end of step {command.step_index} ({command.label})",
+            ask=command,
         )
     finally:
         if watcher is not None:
@@ -431,31 +507,33 @@ async def run_protocol(
         link.cell_id = cell
         agent_holds_run = status.run_id == run_id
         if not agent_holds_run:
-            await bus.publish(
-                link.topic("cmd"),
-                StartRun(
-                    run_id=run_id,
-                    channel=channel,
-                    cell_id=cell,
-                    protocol=proto.metadata.name,
-                    n_steps=len(program.steps),
-                    flow_run_id=flow_run_id,
-                    resume=resume.point if resume else None,
-                    anomaly_policy=proto.anomalies,
-                ),
+            start = StartRun(
+                run_id=run_id,
+                channel=channel,
+                cell_id=cell,
+                protocol=proto.metadata.name,
+                n_steps=len(program.steps),
+                flow_run_id=flow_run_id,
+                resume=resume.point if resume else None,
+                anomaly_policy=proto.anomalies,
             )
+            link.reconnects_seen = bus.stats.reconnects
+            await bus.publish(link.topic("cmd"), start)
             refusal = f"refused run {run_id}:"
             started = await link.wait_for(
                 lambda d: (
                     (isinstance(d, RunStart) and d.run_id == run_id)
                     or (isinstance(d, ChannelStatus) and d.message.startswith(refusal))
+                    # its RunStart lost across a reconnect: the agent's status says it holds the run
+                    or (isinstance(d, ChannelStatus) and d.run_id == run_id and d.state is not ChannelState.offline)
                 ),
                 30,
                 30,
                 "run start",
+                ask=start,
             )
-            if isinstance(started, ChannelStatus):  # another flow's run got the channel first
-                raise ChannelBusy(f"channel {channel}: {started.message}")
+            if isinstance(started, ChannelStatus) and started.message.startswith(refusal):
+                raise ChannelBusy(f"channel {channel}: {started.message}")  # another flow's run got it first
         exit_status, reason = "success", ""
         try:
             if resume is not None:
@@ -489,8 +567,12 @@ async def run_protocol(
             await bus.publish(link.topic("cmd"), StopRun(run_id=run_id, exit_status="aborted", reason=reason))
             await bus.flush(5)
             raise
-        await bus.publish(link.topic("cmd"), StopRun(run_id=run_id, exit_status=exit_status, reason=reason))
-        stop = await link.wait_for(lambda d: isinstance(d, RunStop) and d.run_id == run_id, 30, 30, "run stop")
+        stop_cmd = StopRun(run_id=run_id, exit_status=exit_status, reason=reason)
+        link.reconnects_seen = bus.stats.reconnects
+        await bus.publish(link.topic("cmd"), stop_cmd)
+        stop = await link.wait_for(
+            lambda d: isinstance(d, RunStop) and d.run_id == run_id, 30, 30, "run stop", ask=stop_cmd
+        )
     return summarize_run(
         run_id,
         channel,
