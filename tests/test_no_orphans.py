@@ -160,11 +160,14 @@ def test_a_sigkilled_campaign_serve_takes_its_prefect_server_and_flow_runs_with_
         family.wait_until("Prefect server answering", lambda _: _answers(f"http://127.0.0.1:{port}/api"))
         # and a flow run in progress: the Runner's flow-run process (multiprocessing spawn) is a child too
         family.wait_until("flow-run process", lambda procs: any("spawn_main" in _cmdline(p) for p in procs))
-        time.sleep(3.0)  # inside its flow by now
+        # Killed at once: the flow-run process is still importing Prefect, long before the flow's own first line
+        # (the window in which it used to outlive its Runner, retrying the dead API, with the resource tracker).
         servers = [_cmdline(p) for p in family.look() if "server start" in _cmdline(p)]
+        spawned = [_cmdline(p) for p in family.look() if "multiprocessing" in _cmdline(p)]
         left = family.kill_labtwin_only()
         assert left == [], _report(left)
         assert servers and all("labtwin.orchestration.leash" in c for c in servers)
+        assert spawned and all("labtwin.orchestration.leash" in c for c in spawned), spawned
         assert not _answers(f"http://127.0.0.1:{port}/api")
     finally:
         family.close()

@@ -35,7 +35,7 @@ from labtwin.data.store_secret import resolve_password, store_line_of, without_p
 from labtwin.documents import ChannelState, ChannelStatus
 from labtwin.orchestration.campaign import Campaign, Job, channels_of, interval_s, load_campaign, plan, protocol_stem
 from labtwin.orchestration.flows import OFFLINE_GRACE_S, ChannelBusy, run_protocol
-from labtwin.orchestration.leash import leash_spawned_process
+from labtwin.orchestration.leash import leash_multiprocessing, leash_spawned_process
 from labtwin.orchestration.resume import ResumeState, read_run
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.log_redaction import install_log_redaction
@@ -415,6 +415,7 @@ async def serve_campaign(
         # its interval, so it looks at least twice per shortest interval (cron schedules are minutes apart).
         intervals = [interval_s(e.every) for e in campaign.schedule if e.every]
         poll_s = max(1.0, min([10.0, *(i / 2 for i in intervals)]))
+        leash_multiprocessing()  # its flow-run processes end with this one from their first instruction (ADR 0010)
         runner = Runner(name=f"labtwin-{campaign.campaign}", limit=None, pause_on_shutdown=True, query_seconds=poll_s)
         deployment_ids = [await runner.aadd_flow(f, **kw, entrypoint_type=module) for f, kw in wanted]
     else:

@@ -64,14 +64,65 @@ def leash_spawned_process() -> None:
         start_watchdog(parent.pid)  # a spawner that died already (re-parented now) ends this process at once
 
 
+_SPAWN_WRAPPER = """#!/bin/sh
+# labtwin: every process multiprocessing spawns from {parent} runs on the leash of its spawner (ADR 0010).
+exec "{python}" -m labtwin.orchestration.leash "$PPID" "$@"
+"""
+
+
+def leash_multiprocessing() -> None:
+    """Every process ``multiprocessing`` spawns from now on (a Prefect Runner's flow-run processes, and the
+    resource tracker they share) starts on the leash of the process that spawned it, from its first instruction.
+
+    ``leash_spawned_process`` in the flow covers a flow-run process only once the flow runs; one that its Runner's
+    death caught while it was still importing Prefect (seconds on a loaded machine) retried the dead API for
+    minutes, and the resource tracker it shares lived on with it. multiprocessing lets the interpreter it starts be
+    chosen (``set_executable``) but not its arguments, so the executable is a two-line shell script, private to
+    this process, that execs this interpreter under the leash with the spawner's pid (the script's parent)."""
+    import atexit
+    import multiprocessing
+    import shutil
+    import stat
+    import tempfile
+
+    if sys.platform == "win32":
+        return
+    folder = tempfile.mkdtemp(prefix="labtwin-leash-")
+    wrapper = os.path.join(folder, "python")
+    with open(wrapper, "w", encoding="utf-8") as f:
+        f.write(_SPAWN_WRAPPER.format(parent=os.getpid(), python=sys.executable))
+    os.chmod(wrapper, stat.S_IRWXU)
+    multiprocessing.set_executable(wrapper)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_FLAGS_WITH_VALUE = frozenset({"-W", "-X"})
+
+
+def _skip_interpreter_flags(argv: list[str]) -> list[str]:
+    """multiprocessing puts the spawner's interpreter flags (-W from PYTHONWARNINGS, -X ..., -O, -B) before its
+    ``-c``; this interpreter was started with the same environment, so they are dropped here."""
+    rest = list(argv)
+    while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+        flag = rest.pop(0)
+        if flag in _FLAGS_WITH_VALUE and rest:
+            rest.pop(0)
+    return rest
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
-        raise SystemExit("usage: python -m labtwin.orchestration.leash PARENT_PID (-m MODULE | SCRIPT) [ARGS...]")
+        raise SystemExit("usage: python -m labtwin.orchestration.leash PARENT_PID (-m MODULE | -c CODE | SCRIPT) ...")
     parent_pid = int(argv[0])
     if sys.platform != "win32" and os.getppid() != parent_pid:
         raise SystemExit(f"labtwin leash: parent {parent_pid} has gone; not starting {argv[1:]}")
     start_watchdog(parent_pid)
-    if argv[1] == "-m":
+    argv = [argv[0], *_skip_interpreter_flags(argv[1:])]
+    if argv[1] == "-c":  # multiprocessing's spawn: ``-c 'from multiprocessing.spawn import spawn_main; ...'``
+        code, args = argv[2], argv[3:]
+        sys.argv = ["-c", *args]
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    elif argv[1] == "-m":
         module, args = argv[2], argv[3:]
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
