@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -46,6 +47,7 @@ class BusStats:
     received: int = 0
     malformed: int = 0
     reconnects: int = 0
+    short_sessions: int = 0  # connections in a row that the broker closed within SHORT_SESSION_S
     resent: int = 0
     refused: int = 0  # signed wrongly, unsigned in a lab that requires signing, or from a sender not allowed there
     duplicates: int = 0  # a command redelivered with a nonce already acted on (QoS 1 is at-least-once)
@@ -110,6 +112,9 @@ class BrokerUnreachable(ConnectionError):
 class BrokerRefused(BrokerUnreachable):
     """The broker answered and said no: credentials, authorisation or TLS. Retrying will not help."""
 
+
+SHORT_SESSION_S = 5.0
+SHORT_SESSIONS_WARN = 3
 
 _AUTH_CODES = {
     4: "bad username or password",
@@ -365,6 +370,7 @@ class Bus:
     async def _connection_loop(self) -> None:
         backoff_s = 0.2
         first = True
+        connected_at: float | None = None
         transport = self._transport
         paho_log = _PahoLog()
         while not self._closing:
@@ -403,6 +409,7 @@ class Bus:
                     paho_log.quiet = False
                     backoff_s = 0.2
                     self._connected.set()
+                    connected_at = time.monotonic()
                     if reconnected and self.on_reconnect is not None:
                         try:
                             self.on_reconnect()
@@ -424,6 +431,9 @@ class Bus:
                 self._client = None
             if self._closing:
                 return
+            if connected_at is not None:
+                self._note_session_length(time.monotonic() - connected_at)
+                connected_at = None
             refused = _refusal(lost, self.connection, transport.username) if lost is not None else None
             if refused is not None and first:  # a wrong password or CA: say so once, do not retry
                 self._gave_up = refused
@@ -433,6 +443,24 @@ class Bus:
             )
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
+
+    def _note_session_length(self, lasted_s: float) -> None:
+        """A broker closes a connection when another client connects with the same client id (MQTT 3.1.1 says
+        nothing more): connections that keep ending within seconds are said so, once, loudly."""
+        if lasted_s >= SHORT_SESSION_S:
+            self.stats.short_sessions = 0
+            return
+        self.stats.short_sessions += 1
+        if self.stats.short_sessions == SHORT_SESSIONS_WARN:
+            log.error(
+                "bus %s: the broker at %s closed this connection %d times within %.0f s of connecting: another "
+                "client may be using client id %r and taking its session over (see the broker's log)",
+                self.client_id,
+                self.address,
+                SHORT_SESSIONS_WARN,
+                SHORT_SESSION_S,
+                self.client_id,
+            )
 
     async def _send_loop(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
         window = asyncio.Semaphore(self._window)

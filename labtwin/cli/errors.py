@@ -53,6 +53,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.protocols.strings", ("StepStringError",)),
         ("labtwin.physics.library", ("CellFileError",)),
         ("labtwin.bus.client", ("BrokerUnreachable",)),
+        ("labtwin.bus.sessions", ("SessionInUse",)),  # another recorder/twin of this lab runs from this directory
         ("labtwin.security.profile", ("SecurityProfileError",)),
         ("labtwin.instruments.transport", ("InstrumentError",)),  # off, unplugged, wrong address, its own error
         ("labtwin.data.store", ("StoreError",)),

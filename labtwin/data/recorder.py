@@ -29,6 +29,7 @@ import sqlalchemy.exc
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
+from labtwin.bus.sessions import claim_session
 from labtwin.data.store import Store, WriteCounts
 from labtwin.documents import ResendRequest, RunStart, RunStop, SampleBatch
 from labtwin.documents.base import INT_MAX
@@ -121,7 +122,10 @@ class Recorder:
         self.broker_url = broker_url
         self.store = store
         self.lab = lab
-        self.client_id = client_id or f"recorder-{lab if lab != '+' else 'all'}"
+        # None: a persistent session of its own in this working directory (labtwin/bus/sessions.py), claimed
+        # when it serves: a fixed, guessable id let any client take the session over.
+        self.client_id = client_id
+        self.session_name = f"recorder-{lab if lab != '+' else 'all'}"
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.stats = RecorderStats()
@@ -139,13 +143,22 @@ class Recorder:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set, under the given client id or this directory's own session for it."""
+        session = claim_session(self.session_name) if self.client_id is None else None
+        try:
+            await self._serve(session.client_id if session else str(self.client_id), stop)
+        finally:
+            if session is not None:
+                session.release()
+
+    async def _serve(self, client_id: str, stop: asyncio.Event | None) -> None:
         filters = [
             f"{busmod.ROOT}/{self.lab}/+/data",
             f"{busmod.ROOT}/{self.lab}/+/event",
             f"{busmod.ROOT}/{self.lab}/cells/+/anomaly",
             f"{busmod.ROOT}/{self.lab}/cells/+/state",
         ]
-        async with Bus(as_identity(self.broker_url, "recorder"), self.client_id, persistent=True) as bus:
+        async with Bus(as_identity(self.broker_url, "recorder"), client_id, persistent=True) as bus:
             self.bus = bus
             sub = await bus.subscribe(filters)
             await self._track_unfinished()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
+from labtwin.bus.sessions import claim_session
 from labtwin.documents import Anomaly, PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.twin.cell_twin import CellTwin
@@ -62,7 +63,10 @@ class TwinService:
         self.twin_for = twin_for
         self.lab = lab
         self.state_interval_s = state_interval_s
-        self.client_id = client_id or f"twin-{lab if lab != '+' else 'all'}"
+        # None: a persistent session of its own in this working directory (labtwin/bus/sessions.py), claimed
+        # when it serves: a fixed, guessable id let any client take the session over.
+        self.client_id = client_id
+        self.session_name = f"twin-{lab if lab != '+' else 'all'}"
         self.twins: dict[str, CellTwin] = {}
         self._cell_of_run: dict[str, str] = {}
         self._last_state: dict[str, float] = {}
@@ -76,8 +80,17 @@ class TwinService:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set, under the given client id or this directory's own session for it."""
+        session = claim_session(self.session_name) if self.client_id is None else None
+        try:
+            await self._serve(session.client_id if session else str(self.client_id), stop)
+        finally:
+            if session is not None:
+                session.release()
+
+    async def _serve(self, client_id: str, stop: asyncio.Event | None) -> None:
         filters = [f"{busmod.ROOT}/{self.lab}/+/data", f"{busmod.ROOT}/{self.lab}/+/event"]
-        async with Bus(as_identity(self.broker_url, "twin"), self.client_id, persistent=True) as bus:
+        async with Bus(as_identity(self.broker_url, "twin"), client_id, persistent=True) as bus:
             sub = await bus.subscribe(filters)
             self._ready.set()
             stopper = asyncio.create_task(stop.wait()) if stop else None
