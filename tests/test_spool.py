@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from labtwin.agent import Agent
-from labtwin.agent.spool import Spool
+from labtwin.agent.spool import Spool, SpoolBusy
 from labtwin.bus.broker import EmbeddedBroker
 from labtwin.cli.wiring import build_channel
 from labtwin.config.secure_lab import Identity, acl_rules
@@ -17,6 +22,8 @@ from labtwin.documents import EndConditions, Limits, ResendRequest, StepCommand,
 from labtwin.security.policy import may_command, may_publish
 from labtwin.security.profile import Role
 from tests.helpers import run_steps_by_hand, sim_lab
+
+LABTWIN = str(Path(sys.executable).parent / "labtwin")
 
 # ------------------------------------------------------------------ the journal
 
@@ -153,3 +160,63 @@ async def test_broker_down_past_the_outbox_the_step_reads_on_and_every_batch_is_
         assert run_stop.n_samples == 1800
     assert recorder.stats.runs_complete == 1  # confirmed to the agent, which dropped the run from its spool
     assert list((tmp_path / "spool").iterdir()) == [], "the confirmed run left nothing in the spool"
+
+
+# ------------------------------------------------------------------ one agent per spool
+
+
+def test_a_second_spool_of_the_same_file_is_refused_naming_the_file_and_the_holder(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "s.db")
+    first.append("t/event", b"x", "r")
+    with pytest.raises(SpoolBusy) as refused:
+        Spool(tmp_path / "s.db")  # flock is per open file: a second one in the same process is refused too
+    assert str(tmp_path / "s.db") in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
+    assert [e.payload for e in first.unhanded()] == [b"x"], "the refused one did not touch the holder's spool"
+    first.close()
+    again = Spool(tmp_path / "s.db")  # released at close
+    again.forget_run("r")
+    again.close()
+    assert list(tmp_path.iterdir()) == [], "an empty spool leaves neither its file nor its lock file"
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from labtwin.agent.spool import Spool
+spool = Spool(Path(sys.argv[1]))
+spool.append("t/event", b"held", "r")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_agent_process_is_refused_in_one_line_and_a_killed_holder_frees_the_spool(tmp_path: Path) -> None:
+    """Two real processes: one holds the channel's spool, `labtwin agent` of the same lab and channel in the same
+    directory exits 2 with one line naming the file and the holder's pid; kill -9 of the holder frees it."""
+    lab = f"lock{os.getpid()}"
+    (tmp_path / "lab.yaml").write_text(
+        f"lab: {lab}\nchannels:\n  ch: {{driver: simulated, cell: lto_bare_thinfilm, "
+        "limits: {voltage_min_V: 0.5, voltage_max_V: 3.0}}\n"
+    )
+    path = tmp_path / "labtwin-data" / "spool" / f"{lab}-ch.db"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        second = subprocess.run(
+            [LABTWIN, "agent", "--channel", "ch", "--lab", "lab.yaml", "--broker", "mqtt://127.0.0.1:9"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, second.stderr
+        assert lines[0].startswith("error: spool ") and f"{lab}-ch.db" in lines[0], lines[0]
+        assert f"pid {holder.pid}" in lines[0], lines[0]
+    finally:
+        holder.kill()  # SIGKILL: no close, no unlock; the kernel drops the flock with the process
+        holder.wait(10)
+    again = Spool(path)
+    assert [e.payload for e in again.unhanded()] == [b"held"], "the dead holder's entries are the next agent's"
+    again.close()

@@ -9,12 +9,20 @@ One SQLite file per channel (WAL: the step thread appends while the event loop r
 ./labtwin-data/spool/<lab>-<channel>.db by default. Entries are kept until the recorder says the run is
 complete (its RunStop and every batch up to its last_seq are stored), or for ``keep_days``. The file is
 bounded by disk: past ``warn_bytes`` it says so once per crossing, and it never drops an entry itself.
+
+A spool is one agent's: it is held with an exclusive ``flock`` on a sidecar ``<file>.lock`` (holding the
+holder's pid) from open to close. A second agent of the same lab and channel in the same directory would
+otherwise pump the first's entries; it is refused (``SpoolBusy``: the file and the holder's pid) before it
+touches the instrument. The kernel drops the lock when its holder dies, ``kill -9`` included, so a stale lock
+file never blocks a restart (docs/decisions/0011).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -42,6 +50,82 @@ CREATE INDEX IF NOT EXISTS entries_unhanded ON entries (handed, id);
 """
 
 
+class SpoolBusy(OSError):
+    """Another live process holds this spool (an agent of the same lab and channel in the same directory)."""
+
+
+class SpoolLock:
+    """An exclusive, non-blocking lock on ``<spool>.lock``, held for the spool's life; the file names the holder.
+
+    POSIX: ``fcntl.flock`` (per open file, so a second Spool of the same file in one process is refused too). The
+    lock is taken on the file the path names at that moment: after locking, the path is checked to still be that
+    file (a closing holder unlinks it), else the lock is taken again. Windows: ``msvcrt.locking`` on the file's
+    first byte (not exercised by the test suite, which runs on Linux)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        for _ in range(20):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise SpoolBusy(
+                    f"spool {path.with_suffix('')} is held by another agent (pid {holder}): one agent per lab and "
+                    "channel in a working directory; stop that one, or start this one in another directory"
+                )
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+        raise SpoolBusy(f"spool {path.with_suffix('')}: its lock file keeps changing; is another agent restarting?")
+
+    def release(self, remove: bool = False) -> None:
+        """Unlocks; ``remove`` unlinks the lock file first (while still held, so no one holds a lock on a file
+        that is gone without seeing it gone)."""
+        if self._fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None
+
+    def __del__(self) -> None:  # a Spool dropped without close (a test's last look) does not hold its lock on
+        self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - not run here
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if hasattr(os, "pread") else ""
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
 @dataclass(frozen=True)
 class SpoolEntry:
     ident: int
@@ -49,6 +133,7 @@ class SpoolEntry:
     payload: bytes
     run_id: str | None
     seq: int | None  # a batch's seq; None for an event
+    created_s: float = 0.0  # wall time (epoch seconds) it was journalled
 
 
 class Spool:
@@ -68,11 +153,18 @@ class Spool:
         self._warned = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._held = SpoolLock(Path(str(path) + ".lock"))
+        except SpoolBusy:
+            raise
+        except OSError as exc:
+            raise OSError(f"spool {path}: cannot open ({exc}): give the agent a writable spool directory") from None
+        try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
+            self._held.release()
             raise OSError(f"spool {path}: cannot open ({exc}): give the agent a writable spool directory") from None
         self.prune()
 
@@ -88,6 +180,7 @@ class Spool:
         if empty:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
+        self._held.release(remove=empty)
 
     # ------------------------------------------------------------------ writing
 
@@ -149,6 +242,23 @@ class Spool:
                 (run_id,),
             ).fetchall()
         return [SpoolEntry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+
+    def run_ids(self) -> list[str]:
+        """The runs the spool holds entries of, oldest first (by their first entry)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id FROM entries WHERE run_id IS NOT NULL GROUP BY run_id ORDER BY MIN(id)"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def entries(self, run_id: str) -> list[SpoolEntry]:
+        """Every entry of a run, batches and events, in the order they were written."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, run_id, seq, created_s FROM entries WHERE run_id = ? ORDER BY id",
+                (run_id,),
+            ).fetchall()
+        return [SpoolEntry(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def size_bytes(self) -> int:
         total = 0

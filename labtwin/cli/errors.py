@@ -56,6 +56,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.bus.sessions", ("SessionInUse",)),  # another recorder/twin of this lab runs from this directory
         ("labtwin.security.profile", ("SecurityProfileError",)),
         ("labtwin.instruments.transport", ("InstrumentError",)),  # off, unplugged, wrong address, its own error
+        ("labtwin.agent.spool", ("SpoolBusy",)),  # another agent of this channel holds its spool
         ("labtwin.data.store", ("StoreError",)),
         ("labtwin.data.engine", ("StoreURLError",)),
         ("labtwin.data.migrate", ("StoreError",)),
