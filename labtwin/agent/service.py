@@ -19,6 +19,12 @@ Every batch and event is written to the channel's spool (spool.py) before the bu
 the event loop hands the spool to the bus in order: the step thread never waits on the network, so with
 the broker away for hours the cell is still read and checked at its interval. The recorder asks for what
 it misses with a ResendRequest, answered from the spool (issue 14).
+
+On start, before the broker or anything else, the instrument is put in its safe state (output off): an agent
+that died mid-step left it sourcing (issue 14: 1.2 mA on a 2450 until someone restarted the agent by hand). Then
+a run the previous agent died in is rebuilt from the spool (recovery.py): its counters go on where they were,
+the step it was cut in is ended as ``error:agent_restart``, and an ``Outage`` document puts the stretch nobody
+read the instrument on the record. ``labtwin agent --supervise`` (labtwin/cli/supervise.py) restarts a dead agent.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +45,7 @@ from labtwin import bus as busmod
 from labtwin.agent.admission import admit
 from labtwin.agent.control import StepControl
 from labtwin.agent.lease import DEFAULT_GRACE_S, Lease, RunContext
+from labtwin.agent.recovery import RecoveredRun, rebuild_runs
 from labtwin.agent.sample_loop import StepLoop
 from labtwin.agent.spool import Spool
 from labtwin.agent.techniques import Techniques
@@ -50,6 +58,7 @@ from labtwin.documents import (
     EndReason,
     EndStep,
     Limits,
+    Outage,
     PauseRun,
     ResendRequest,
     ResumeRun,
@@ -93,6 +102,7 @@ class Agent:
         lease_grace_s: float = DEFAULT_GRACE_S,
         spool_dir: Path | None = None,
         outbox_size: int = 10_000,
+        spool: Spool | None = None,
     ) -> None:
         self.lab = busmod.check_name("lab", lab)
         self.channel = busmod.check_name("channel", channel)
@@ -121,7 +131,9 @@ class Agent:
         self._stopping = False
         self.spool_dir = spool_dir
         self.outbox_size = outbox_size  # the bus's memory; past it the spool (disk) holds what waits
-        self.spool: Spool | None = None
+        self.spool: Spool | None = spool  # given: opened (and locked) by the caller before the driver was built
+        self._start_message = ""
+        self.safe_at_wall: float | None = None  # when serve put the instrument in its safe state (time.time())
         self._spooled_bus: _SpooledBus | None = None
         self._spool_wake = asyncio.Event()
         self._drain_lock = asyncio.Lock()
@@ -149,8 +161,14 @@ class Agent:
         connection = as_identity(self.broker_url, agent_identity(self.channel))
         # The commands seen within the clock-skew window, on disk: a restart must not let a captured one replay.
         replay_state = Path("labtwin-data") / "security" / f"{self.lab}-{self.channel}-commands.json"
-        self.spool = spool = Spool.for_channel(self.lab, self.channel, self.spool_dir)
+        self.spool = spool = self.spool or Spool.for_channel(self.lab, self.channel, self.spool_dir)
         try:
+            # First, before the broker and before any document: whatever the last agent left on (it may have been
+            # killed mid-step), the output goes off. The spool is opened (and locked) before this on purpose: a
+            # second agent of this channel is refused there without touching the first one's instrument.
+            self._safe_state()
+            self.safe_at_wall = time.time()
+            self._recover()
             await self._serve_on_bus(connection, will, replay_state, stop)
         finally:
             spool.close()
@@ -176,7 +194,7 @@ class Agent:
             # After a broker restart its retained status may be gone or be this agent's last will: say it again.
             bus.on_reconnect = lambda: self._background_task(self._publish_status(force=True))
             commands = await bus.subscribe(self._t("cmd"))
-            await self._publish_status(force=True)
+            await self._publish_status(force=True, message=self._start_message)
             self._ready.set()
             executor = asyncio.create_task(self._execute_commands())
             receiver = asyncio.create_task(self._receive(commands))
@@ -301,6 +319,93 @@ class Agent:
         )
         for entry in entries:
             await self._bus.publish(entry.topic, entry.payload)
+
+    # ------------------------------------------------------------------ a run the last agent died in
+
+    def _journal_event(self, doc: Outage | StepEvent | RunStop) -> None:
+        self._journal(self._t("event"), encode(doc), doc.run_id)
+
+    def _recover(self) -> None:
+        """Rebuild the run(s) a killed agent left in the spool: put each outage on the record, end each cut step
+        as ``error:agent_restart``; the latest run holds the channel again if its flow spoke within the lease's
+        grace (counted from the dead agent's last record), the others are closed as aborted."""
+        assert self.spool is not None and self.safe_at_wall is not None
+        found = rebuild_runs(self.spool)
+        for k, recovered in enumerate(found):
+            run = self._resume_recovered(recovered)
+            latest = k == len(found) - 1
+            if latest and Lease(self.lease_grace_s).holds(run):
+                self.run = run
+                self.control.begin_run(run.run_id)
+                self._state = ChannelState.fault if run.tripped else ChannelState.running
+                cut = f"; step {recovered.cut.step_index} was cut (agent_restart)" if recovered.cut else ""
+                self._start_message = f"agent restarted: run {run.run_id} resumed from the spool{cut}"
+                log.warning("channel %s: %s", self.channel, self._start_message)
+                continue
+            why = "a later run followed" if not latest else f"its flow silent for {run.quiet_s():.0f} s"
+            self._journal_event(
+                RunStop(
+                    run_id=run.run_id,
+                    channel=self.channel,
+                    exit_status="aborted",
+                    reason=f"abandoned: the agent stopped mid-run and restarted; {why}",
+                    n_samples=run.n_samples,
+                    n_batches=run.n_batches,
+                    last_seq=run.next_seq - 1,
+                    cell_time_s=run.last_time_s,
+                )
+            )
+            log.warning(
+                "channel %s: run %s left by the last agent closed as aborted (%s)", self.channel, run.run_id, why
+            )
+
+    def _resume_recovered(self, recovered: RecoveredRun) -> RunContext:
+        """The run's context going on after the outage, with the outage (and the cut step's end) journalled."""
+        assert self.safe_at_wall is not None
+        run = recovered.run
+        wall_span_s = max(0.0, self.safe_at_wall - recovered.last_wall_s)
+        # A clock does not outlive its process: cell time across the restart is the wall gap at the channel's
+        # speed (an as-fast-as-possible virtual clock has no such relation: none of its time is known to pass).
+        span_s = wall_span_s * self.clock.speed if self.clock.speed else 0.0
+        from_s, to_s = recovered.last_sample_time_s, recovered.last_sample_time_s + span_s
+        run.last_time_s = to_s
+        run.start_cell_s = self.clock.now() - to_s  # the next reading's run time goes on from the outage's end
+        run.last_command_wall = time.monotonic() - wall_span_s  # its flow had no agent to speak to since then
+        cut = recovered.cut
+        outage = Outage(
+            run_id=run.run_id,
+            channel=self.channel,
+            step_index=cut.step_index if cut is not None else None,
+            from_time_s=from_s,
+            to_time_s=to_s,
+            span_s=span_s,
+            wall_from=datetime.fromtimestamp(recovered.last_wall_s, UTC),
+            wall_to=datetime.fromtimestamp(self.safe_at_wall, UTC),
+            wall_span_s=wall_span_s,
+            charge_Ah=None,  # no labtwin driver integrates charge on its own (a 2450 cannot): unknown, not zero
+            charge_known=False,
+            message=(
+                f"agent restart: no reading from {from_s:.1f} s to {to_s:.1f} s of run time ({span_s:.1f} s of cell "
+                f"time, {wall_span_s:.1f} s wall); charge passed meanwhile unknown ({self.driver_name or 'driver'} "
+                "cannot report it); output off at restart"
+            ),
+        )
+        self._journal_event(outage)
+        log.warning("channel %s: run %s: %s", self.channel, run.run_id, outage.message)
+        if cut is not None:
+            reason = EndReason(kind="error", name="agent_restart", message=outage.message)
+            ended = cut.model_copy(
+                update={
+                    "event": "ended",
+                    "time_s": to_s,
+                    "reason": reason,
+                    "stats": recovered.cut_stats,
+                    "wall_time": datetime.now(UTC),
+                }
+            )
+            run.ended[cut.step_index] = ended
+            self._journal_event(ended)
+        return run
 
     async def _guard_status(self, own: busmod.Subscription) -> None:
         """Reads back the channel's status: a forged one is answered in ``_refused``; an "offline" one while

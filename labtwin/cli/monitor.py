@@ -19,7 +19,16 @@ from rich.text import Text
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
-from labtwin.documents import Anomaly, CellState, ChannelStatus, RunStart, RunStop, SecurityEvent, StepEvent
+from labtwin.documents import (
+    Anomaly,
+    CellState,
+    ChannelStatus,
+    Outage,
+    RunStart,
+    RunStop,
+    SecurityEvent,
+    StepEvent,
+)
 from labtwin.security import BrokerConnection, as_identity
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,12 @@ class MonitorView:
             self.cells[doc.cell] = doc
         elif isinstance(doc, Anomaly):
             self.events.append(f"ANOMALY {doc.kind} on {doc.cell} ({doc.action}): {doc.message}")
+        elif isinstance(doc, Outage):
+            charge = f"{doc.charge_Ah * 1e3:.4g} mAh" if doc.charge_Ah is not None else "charge unknown"
+            self.events.append(
+                f"OUTAGE {doc.channel} run {doc.run_id}: no agent for {doc.span_s:.0f} s of cell time "
+                f"({doc.wall_span_s:.1f} s wall), {charge}"
+            )
         elif isinstance(doc, SecurityEvent):
             self.events.append(
                 f"SECURITY {doc.channel} refused a command from {doc.sender or 'an unsigned sender'}: {doc.reason}"

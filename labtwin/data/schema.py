@@ -148,3 +148,22 @@ cell_states = Table(
     Column("doc", Text, nullable=False),
     PrimaryKeyConstraint("cell", "run_id", "time_s"),
 )
+
+# Since schema 4: the stretches of a run in which no agent read the instrument (labtwin.documents.Outage), so a
+# resumed run's record says where it has a hole instead of reading as seamless. Keyed on the run and the time the
+# outage began: a re-delivered Outage is stored once. ``charge_ah`` NULL: the instrument could not say.
+outages = Table(
+    "outages",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("from_time_s", DOUBLE_PRECISION, nullable=False),
+    Column("channel", Text),
+    Column("cause", Text),
+    Column("step_index", Integer),
+    Column("to_time_s", DOUBLE_PRECISION),
+    Column("span_s", DOUBLE_PRECISION),
+    Column("wall_span_s", DOUBLE_PRECISION),
+    Column("charge_ah", DOUBLE_PRECISION),
+    Column("doc", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "from_time_s"),
+)

@@ -43,11 +43,12 @@ from labtwin.data.schema import (
     batches,
     cell_states,
     impedance,
+    outages,
     runs,
     samples,
     step_events,
 )
-from labtwin.documents import Anomaly, CellState, RunStart, RunStop, SampleBatch, StepEvent
+from labtwin.documents import Anomaly, CellState, Outage, RunStart, RunStop, SampleBatch, StepEvent
 
 __all__ = ["DEFAULT_SQLITE", "SAMPLE_FIELDS", "BatchConflict", "RunRow", "Store", "WriteCounts", "describe_url"]
 
@@ -58,6 +59,7 @@ _SQL_OF_FIELD = {name: col for name, col, _ in SAMPLE_FIELDS}
 _STEP_EVENT_COLUMNS = tuple(c.name for c in step_events.columns)
 _ANOMALY_COLUMNS = tuple(c.name for c in anomalies.columns)
 _CELL_STATE_COLUMNS = ("cell", "run_id", "time_s", "doc")
+_OUTAGE_COLUMNS = tuple(c.name for c in outages.columns)
 _RUN_START_COLUMNS = ("lab", "channel", "cell_id", "protocol", "n_steps", "started_at", "flow_run_id", "start_doc")
 _RUN_STOP_COLUMNS = (
     "stopped_at",
@@ -87,6 +89,8 @@ class RunRow:
     stored_samples: int
     cell_time_s: float | None
     conflicts: int = 0  # batches that came with this run's stored (run_id, seq) but other samples
+    outages: int = 0  # stretches in which no agent read the instrument (an agent restart)
+    outage_s: float = 0.0  # their cell time in total
 
 
 @dataclass
@@ -154,6 +158,7 @@ class Store:
         self._insert_step_event = compiled(insert(step_events).on_conflict_do_nothing(), _STEP_EVENT_COLUMNS)
         self._insert_anomaly = compiled(insert(anomalies).on_conflict_do_nothing(), _ANOMALY_COLUMNS)
         self._insert_cell_state = compiled(insert(cell_states).on_conflict_do_nothing(), _CELL_STATE_COLUMNS)
+        self._insert_outage = compiled(insert(outages).on_conflict_do_nothing(), _OUTAGE_COLUMNS)
         self._select_samples = compiled(
             select(*(samples.c[col] for _, col, _ in SAMPLE_FIELDS))
             .where(samples.c.run_id == bindparam("run_id"))
@@ -232,7 +237,7 @@ class Store:
             conn.execution_options(**WRITE)
             with conn.begin():
                 for doc in documents:
-                    if isinstance(doc, (SampleBatch, StepEvent, RunStart, RunStop)) and not self._own_channel(
+                    if isinstance(doc, (SampleBatch, StepEvent, RunStart, RunStop, Outage)) and not self._own_channel(
                         conn, doc
                     ):
                         counts.refused += 1
@@ -248,6 +253,8 @@ class Store:
                     elif isinstance(doc, RunStop):
                         self._upsert_run_stop.run(conn, [_run_stop_row(doc)])
                         counts.events += 1
+                    elif isinstance(doc, Outage):
+                        counts.events += self._insert_outage.run(conn, [_outage_row(doc)]) == 1
                     elif isinstance(doc, Anomaly):
                         self._insert_anomaly.run(conn, [_anomaly_row(doc)])
                         counts.events += 1
@@ -258,7 +265,7 @@ class Store:
                 self._insert_impedance.run(conn, impedance_rows)
         return counts
 
-    def _own_channel(self, conn: Connection, doc: SampleBatch | StepEvent | RunStart | RunStop) -> bool:
+    def _own_channel(self, conn: Connection, doc: SampleBatch | StepEvent | RunStart | RunStop | Outage) -> bool:
         """A run's documents come from the channel its first RunStart named: one channel's agent cannot
         write into another channel's run (its own topic is all a signature proves)."""
         channel = self._run_channels.get(doc.run_id)
@@ -339,6 +346,8 @@ class Store:
     def runs(self) -> list[RunRow]:
         stored = select(func.coalesce(func.sum(batches.c.n), 0)).where(batches.c.run_id == runs.c.run_id)
         conflicts = select(func.count()).select_from(batch_conflicts).where(batch_conflicts.c.run_id == runs.c.run_id)
+        n_outages = select(func.count()).select_from(outages).where(outages.c.run_id == runs.c.run_id)
+        outage_s = select(func.coalesce(func.sum(outages.c.span_s), 0.0)).where(outages.c.run_id == runs.c.run_id)
         c = runs.c
         rows = self._fetch(
             select(
@@ -355,12 +364,15 @@ class Store:
                 stored.scalar_subquery(),
                 c.cell_time_s,
                 conflicts.scalar_subquery(),
+                n_outages.scalar_subquery(),
+                outage_s.scalar_subquery(),
             ).order_by(c.started_at.asc().nulls_first(), c.run_id)
         )
         out = []
         for row in rows:
             values = list(row)
-            values[10], values[12] = int(values[10]), int(values[12])
+            values[10], values[12], values[13] = int(values[10]), int(values[12]), int(values[13])
+            values[14] = float(values[14])
             out.append(RunRow(*values))
         return out
 
@@ -442,6 +454,11 @@ class Store:
             query = query.where(step_events.c.event == event).order_by(step_events.c.step_index)
         return [StepEvent.model_validate_json(r[0]) for r in self._fetch(query)]
 
+    def outages(self, run_id: str) -> list[Outage]:
+        """A run's outages (stretches no agent read the instrument), in the order they began."""
+        query = select(outages.c.doc).where(outages.c.run_id == run_id).order_by(outages.c.from_time_s)
+        return [Outage.model_validate_json(r[0]) for r in self._fetch(query)]
+
     def run_documents(self, run_id: str) -> tuple[RunStart | None, RunStop | None]:
         rows = self._fetch(select(runs.c.start_doc, runs.c.stop_doc).where(runs.c.run_id == run_id))
         if not rows:
@@ -520,6 +537,22 @@ def _step_event_row(ev: StepEvent) -> tuple[Any, ...]:
         "doc": ev.model_dump_json(),
     }
     return tuple(row[c] for c in _STEP_EVENT_COLUMNS)
+
+
+def _outage_row(doc: Outage) -> tuple[Any, ...]:
+    row = {
+        "run_id": doc.run_id,
+        "from_time_s": doc.from_time_s,
+        "channel": doc.channel,
+        "cause": doc.cause,
+        "step_index": doc.step_index,
+        "to_time_s": doc.to_time_s,
+        "span_s": doc.span_s,
+        "wall_span_s": doc.wall_span_s,
+        "charge_ah": doc.charge_Ah,
+        "doc": doc.model_dump_json(),
+    }
+    return tuple(row[c] for c in _OUTAGE_COLUMNS)
 
 
 def _run_start_row(doc: RunStart) -> tuple[Any, ...]:

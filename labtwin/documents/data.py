@@ -130,7 +130,42 @@ class SecurityEvent(Document):
     time: datetime = Field(default_factory=utc_now)
 
 
-Event = Annotated[RunStart | StepEvent | RunStop | SecurityEvent, Field(discriminator="kind")]
+class Outage(Document):
+    """Agent -> all: a stretch of a run in which no agent read the instrument (the agent died and was restarted).
+
+    Never a seamless record: what the instrument did while nobody watched is unknown unless the instrument
+    itself can tell (an integrating coulometer could; a Keithley 2450 cannot, so ``charge_Ah`` is None and
+    ``charge_known`` False). ``from_time_s`` is the run time of the last sample before the outage, ``to_time_s``
+    the run time at which the restarted agent had the instrument again (its safe state, before any reading: a 2450
+    with its output off cannot measure). Cell time across a restart is the wall-clock gap at the channel's speed
+    (a clock does not survive its process); ``wall_span_s`` is the gap itself."""
+
+    kind: Literal["outage"] = "outage"
+    run_id: str
+    channel: str
+    cause: Literal["agent_restart"] = "agent_restart"
+    step_index: StoreInt | None = Field(None, description="the step the outage cut, if one was running")
+    from_time_s: float = Field(ge=0, le=1e10, description="cell time since run start of the last sample before it")
+    to_time_s: float = Field(ge=0, le=1e10, description="cell time since run start when the agent was back")
+    span_s: float = Field(ge=0, le=1e10, description="to_time_s - from_time_s, cell seconds")
+    wall_from: datetime = Field(description="wall time of the agent's last record before the outage")
+    wall_to: datetime = Field(description="wall time at which the restarted agent had the instrument again")
+    wall_span_s: float = Field(ge=0, le=1e10)
+    charge_Ah: float | None = Field(None, description="charge the instrument passed in the outage, if it reports it")
+    charge_known: bool = False
+    message: str = Field("", max_length=500)
+    time: datetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Outage:
+        if self.to_time_s < self.from_time_s:
+            raise ValueError(f"to_time_s {self.to_time_s} is before from_time_s {self.from_time_s}")
+        if self.charge_known != (self.charge_Ah is not None):
+            raise ValueError("charge_known says whether charge_Ah is given")
+        return self
+
+
+Event = Annotated[RunStart | StepEvent | RunStop | SecurityEvent | Outage, Field(discriminator="kind")]
 
 
 class SampleBatch(Document):

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
@@ -50,6 +51,7 @@ from labtwin.documents import (
     GittSettings,
     Limits,
     MalformedPayload,
+    Outage,
     PauseRun,
     RecordRule,
     ResumePoint,
@@ -169,6 +171,18 @@ VALID: dict[str, list[BaseModel]] = {
         ),
         RunStop(run_id="r1", channel="ch1", exit_status="success", n_samples=10, n_batches=2, last_seq=1),
         SecurityEvent(lab=LAB, channel="ch1", topic="labtwin/v1/seclab/ch1/cmd", sender="x", reason="unsigned"),
+        Outage(
+            run_id="r1",
+            channel="ch1",
+            step_index=1,
+            from_time_s=10.0,
+            to_time_s=70.0,
+            span_s=60.0,
+            wall_from=datetime(2026, 12, 2, 10, 0, tzinfo=UTC),
+            wall_to=datetime(2026, 12, 2, 10, 1, tzinfo=UTC),
+            wall_span_s=60.0,
+            message="agent restart",
+        ),
     ],
     "data": [
         SampleBatch(
