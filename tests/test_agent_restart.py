@@ -8,14 +8,20 @@ batches of both; no RunStop), then a real agent serves on it through a real brok
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
+
+from typer.testing import CliRunner
 
 from labtwin import bus as busmod
 from labtwin.agent import Agent
 from labtwin.agent.recovery import step_stats_from_samples
 from labtwin.agent.spool import Spool
 from labtwin.bus import Bus
+from labtwin.cli import app
+from labtwin.cli.supervise import Backoff
 from labtwin.cli.wiring import build_channel
+from labtwin.data.store import Store
 from labtwin.documents import (
     ChannelState,
     ChannelStatus,
@@ -176,3 +182,31 @@ def test_a_cut_steps_statistics_come_from_its_recorded_samples() -> None:
     assert abs(stats.discharge_Ah - 3e-3) < 1e-12 and stats.charge_Ah == 0
     assert (stats.n_samples, stats.first_seq, stats.last_seq, stats.duration_s) == (2, 2, 3, 3.0)
     assert (stats.start_voltage_V, stats.end_voltage_V, stats.end_current_A) == (3.0, 2.0, -3.6)
+
+
+def test_the_supervisors_back_off_doubles_to_its_bound_and_resets_after_a_healthy_run() -> None:
+    b = Backoff()
+    assert [b.after(2.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert b.after(61.0) == 1 and b.after(0.5) == 2
+
+
+def test_labtwin_runs_shows_a_runs_outages(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    start = RunStart(run_id="r-out", lab="l", channel="ch", cell_id="c", protocol="p", n_steps=1)
+    when = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    outage = Outage(
+        run_id="r-out",
+        channel="ch",
+        from_time_s=5.0,
+        to_time_s=65.0,
+        span_s=60.0,
+        wall_from=when,
+        wall_to=when,
+        wall_span_s=60.0,
+    )
+    store.write([start, outage, outage])  # a re-delivered outage is stored once
+    assert [o.span_s for o in store.outages("r-out")] == [60.0]
+    store.close()
+    shown = CliRunner().invoke(app, ["runs", "--store", str(tmp_path / "s.db")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "outages" in shown.output and "1 (60 s)" in shown.output, shown.output

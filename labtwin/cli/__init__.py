@@ -10,8 +10,10 @@ Prefect is imported, so a mistake in them is reported before anything starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -339,17 +341,42 @@ def agent(
     lab: Path | None = LabOpt,
     speed: str | None = SpeedOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    supervise: bool = typer.Option(
+        False,
+        "--supervise",
+        help="run the agent as a child process and start it again whenever it dies (back-off 1 s doubling to "
+        "30 s); Ctrl-C or SIGTERM stops both",
+    ),
 ) -> None:
     """Serve one channel: run its steps and enforce its limits next to the instrument."""
     _setup_logging(verbose)
+    if supervise:
+        from labtwin.cli.supervise import supervise as run_supervised
+
+        args = ["agent", "--channel", channel]
+        for flag, value in (("--broker", broker), ("--lab", lab), ("--speed", speed)):
+            if value is not None:
+                args += [flag, str(value)]
+        if verbose:
+            args.append("--verbose")
+        err.print(f"supervising the agent for channel {channel}: restarted whenever it dies; Ctrl-C stops both")
+        raise typer.Exit(run_supervised(args))
     from labtwin.agent.service import Agent
+    from labtwin.agent.spool import Spool
     from labtwin.cli.wiring import build_channel
 
     s = settings(lab=lab, broker=broker, speed=speed)
     config = s.lab_config
     cfg = config.channel(channel)
     url = _needs_broker(s, "an agent", agent_identity(channel))
-    built = build_channel(channel, cfg, s.speed_value, config.lab)
+    # The spool first: a second agent of this channel here is refused (SpoolBusy, one line) before its driver is
+    # built, since opening a driver already talks to the instrument the first agent is driving.
+    spool = Spool.for_channel(config.lab, channel)
+    try:
+        built = build_channel(channel, cfg, s.speed_value, config.lab)
+    except BaseException:
+        spool.close()
+        raise
     a = Agent(
         lab=config.lab,
         channel=channel,
@@ -360,10 +387,18 @@ def agent(
         cell_id=built.cell_id,
         nominal_capacity_Ah=built.nominal_capacity_Ah,
         driver_name=built.driver_name,
+        spool=spool,
     )
     err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
+
+    async def _serve() -> None:
+        stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError):  # SIGTERM (a supervisor, systemd, the leash): a clean stop
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await a.serve(stop)
+
     try:
-        asyncio.run(a.serve())
+        asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
 
@@ -607,8 +642,10 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
     # A conflict is a batch that reused a stored (run_id, seq) with other samples (a forgery?): the column shows
     # only when a run has one, so the usual table stays as it was.
     with_conflicts = any(r.conflicts for r in rows)
+    # An outage (an agent restart mid-run: no one read the instrument) is on the record; shown when a run has one.
+    with_outages = any(r.outages for r in rows)
     columns = ("channel", "cell", "protocol", "started", "status", "samples", "cell time / h")
-    for col in columns + (("conflicts",) if with_conflicts else ()):
+    for col in columns + (("conflicts",) if with_conflicts else ()) + (("outages",) if with_outages else ()):
         table.add_column(col)
     for r in rows:
         cells = [
@@ -622,12 +659,21 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
             + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
             "" if r.cell_time_s is None else f"{r.cell_time_s / 3600:.2f}",
         ]
-        table.add_row(*cells, *([str(r.conflicts or "")] if with_conflicts else []))
+        if with_conflicts:
+            cells.append(str(r.conflicts or ""))
+        if with_outages:
+            cells.append(f"{r.outages} ({r.outage_s:.0f} s)" if r.outages else "")
+        table.add_row(*cells)
     console.print(table)
     if with_conflicts:
         console.print(
             "conflicts: batches that reused a stored sequence number with other samples; the stored ones stay, "
             "the others are kept in the store's batch_conflicts table"
+        )
+    if with_outages:
+        console.print(
+            "outages: stretches of cell time in which no agent read the instrument (an agent restarted mid-run); "
+            "the samples have a hole there"
         )
 
 
