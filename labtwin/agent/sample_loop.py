@@ -4,8 +4,11 @@ This is the safety loop, next to the instrument: the network is never inside it.
 the channel's hard limits and the step's own limits (safety.py, with their trip delays; a limit whose
 action is ``pause`` holds the cell at open circuit instead of stopping), the step's charge bookkeeping,
 its end conditions, an EndStep from the flow, an abort; then the record rule decides whether the
-reading is kept, and the batcher whether a batch goes out. Whatever ends the step (a limit, an abort,
-an exception), the instrument is put in its safe state here, within that sample.
+reading is kept, and the batcher whether a batch goes out. Last, for a host-timed hold, the check
+planner (check_interval.py) says when to read next: sooner than the step's sample interval when the
+cell nears an end condition or a limit, so a cut-off is met within a few mV whatever the record
+interval. Whatever ends the step (a limit, an abort, an exception), the instrument is put in its safe
+state here, within that sample.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from labtwin.agent.batching import Batcher
+from labtwin.agent.check_interval import CheckPlanner, min_read_interval_s
 from labtwin.agent.control import StepControl
 from labtwin.agent.lease import RunContext
 from labtwin.agent.safety import IMMEDIATE, TripDelay, VoltageSlope, check_end, check_limits
@@ -27,6 +31,7 @@ from labtwin.documents import (
     DVDT_WINDOW_SAMPLES,
     EndReason,
     Limits,
+    RecordRule,
     SampleBatch,
     StepCommand,
     StepKind,
@@ -123,7 +128,24 @@ class StepLoop:
         readings: Iterator[Reading] = iter(())
         stop_device: Callable[[], None] = _nothing_to_stop
         slope = VoltageSlope(DVDT_WINDOW_SAMPLES) if cmd.end.dvdt_V_per_h is not None else None
+        slope_t: float | None = None  # active time of the last reading the slope took
+        # A host-timed hold is read at an interval its dynamics choose (check_interval.py): faster than its
+        # sample interval near a threshold, never slower. What is recorded stays the command's: its record
+        # rule, else one reading per sample interval (plus the step's first and last, as always).
+        planner = (
+            CheckPlanner(
+                cmd.step,
+                cmd.end,
+                (limits, self.channel_limits),
+                cmd.sample_interval_s,
+                min_read_interval_s(self.driver),
+            )
+            if cmd.step in HOST_TIMED_HOLDS and not self.techniques.device_runs(cmd.step)
+            else None
+        )
         rule = cmd.record
+        if rule is None and planner is not None:
+            rule = RecordRule(interval_s=cmd.sample_interval_s)
         last_rec: tuple[float, float, float] | None = None  # (step time, V, I) of the last recorded reading
         trip = TripDelay(limits.trip_delay_s)
         hard_trip = TripDelay(self.channel_limits.trip_delay_s)
@@ -167,7 +189,10 @@ class StepLoop:
                 t_run = run.last_time_s = step_start_run_s + step_t
                 self.control.last_reading = reading
                 if reason is None and not paused_now:
-                    if slope is not None:
+                    # dV/dt over the step's own sample interval: readings taken faster near a threshold would
+                    # shrink the slope's window in time and read noise as a slope.
+                    if slope is not None and (slope_t is None or active_t - slope_t >= cmd.sample_interval_s - 1e-9):
+                        slope_t = active_t
                         dvdt = slope.add(active_t, v)
                     setpoint = cmd.current_A if cmd.current_A is not None else cmd.power_W
                     reason = check_end(cmd.step, cmd.end, setpoint, v, i, active_t, abs(charge.step_Ah), dvdt)
@@ -196,6 +221,12 @@ class StepLoop:
                     self.host.publish_step_status(cmd)
                 if reason is not None:
                     break
+                if planner is not None:
+                    if paused_now:
+                        planner.forget()  # open circuit: its readings say nothing of the source's dynamics
+                    else:
+                        due_in = rule.interval_s - (step_t - last_rec[0]) if rule is not None and last_rec else None
+                        self.techniques.next_interval_s = planner.next_s(active_t, v, i, abs(charge.step_Ah), due_in)
             if reason is None:
                 reason = EndReason(kind="end_condition", name="technique_complete")
         except Exception as exc:

@@ -1,6 +1,7 @@
 """The readings of one step: host-timed techniques generated here, or a technique the device runs itself.
 
-Host-timed (the agent sets the source and reads it every sample interval): rest, cc, cv, cccv, cp,
+Host-timed (the agent sets the source and reads it every sample interval, sooner near a threshold: the
+sample loop's check planner sets ``next_interval_s``): rest, cc, cv, cccv, cp,
 GITT pulses and relaxations, and cyclic-voltammetry staircases. A driver that runs a technique on the
 instrument (RunsTechniques, e.g. an EmStat's MethodSCRIPT) streams its own readings instead. Either
 way the sample loop sees one iterator of readings and checks every one of them.
@@ -70,6 +71,9 @@ class Techniques:
         self.channel = channel
         self.driver_name = driver_name
         self.pausing = False  # the reading just yielded was taken while paused (read by the sample loop)
+        # The wait before the next reading of a hold, set by the sample loop after each reading from its check
+        # planner (check_interval.py); None: the command's sample interval.
+        self.next_interval_s: float | None = None
 
     def device_runs(self, step: StepKind) -> bool:
         return isinstance(self.driver, RunsTechniques) and self.driver.supports(step)
@@ -80,6 +84,7 @@ class Techniques:
         # A step aborted while paused leaves its generator suspended inside the pause (it never clears the
         # flag): without this the next step would count all its time as paused and never end on time.
         self.pausing = False
+        self.next_interval_s = None
         if isinstance(driver, RunsTechniques) and driver.supports(cmd.step):
             return driver.run_technique(cmd), driver.abort
         current_limit_A = limits.current_max_A if limits.current_max_A else NO_LIMIT
@@ -140,10 +145,12 @@ class Techniques:
                     self.pausing = True
                     yield driver.read()
                 self.pausing = False
+                self.next_interval_s = None  # the dynamics before the pause say nothing about after it
                 if control.abort.is_set():
                     return
                 self._apply_setting(cmd, limits, current_limit_A)
-            clock.sleep(cmd.sample_interval_s)
+            wait = self.next_interval_s
+            clock.sleep(wait if wait is not None else cmd.sample_interval_s)
             reading = driver.read()
             yield reading
             if cmd.step is StepKind.cp and not control.pause.is_set():
