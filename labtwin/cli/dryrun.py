@@ -38,8 +38,13 @@ async def run_dryrun(
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
     cell = load_cell(sim)
+    stands_for: str | None = None
     if channel is not None:
-        limits = default_lab(lab_file).channel(channel).limits
+        lab_channel = default_lab(lab_file).channel(channel)
+        limits = lab_channel.limits
+        # The simulated channel stands for that channel's instrument: a 2450's compliance, not a clamp at the
+        # cut-off, so the dry-run ends the steps the bench will end, for the same reasons (issue 14).
+        stands_for = lab_channel.driver if lab_channel.driver != "simulated" else lab_channel.stands_for
     else:
         # A simulated channel's hard limits: the cell's operating window plus 5 % of its span each side,
         # so a protocol's own safety limits (just outside the window) are the ones that act.
@@ -52,7 +57,13 @@ async def run_dryrun(
         lab="dryrun",
         channels={
             "sim": ChannelConfig(
-                driver="simulated", cell=sim, cell_id=f"dryrun-{cell.name}", speed=speed, seed=0, limits=limits
+                driver="simulated",
+                cell=sim,
+                cell_id=f"dryrun-{cell.name}",
+                speed=speed,
+                seed=0,
+                limits=limits,
+                stands_for=stands_for,
             )
         },
     )

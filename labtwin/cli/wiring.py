@@ -28,7 +28,7 @@ from labtwin.config.settings import Settings
 from labtwin.data.recorder import Recorder
 from labtwin.data.store import Store
 from labtwin.devices.clock import Clock, ScaledWallClock, VirtualClock
-from labtwin.devices.potentiostat import Potentiostat
+from labtwin.devices.potentiostat import Potentiostat, voltage_limit_kind
 from labtwin.documents import Action, ChannelState, ChannelStatus, Limits, RunStart
 from labtwin.instruments.transport import AuditTrail
 from labtwin.physics.library import CellDefinition, load_cell
@@ -138,7 +138,7 @@ def build_channel(
             raise ValueError(f"channel {name}: a simulated channel needs `cell:` (a file in labtwin/physics/cells)")
         cell = load_cell(cfg.cell)
         clock: Clock = VirtualClock(cfg.speed_value if isinstance(speed, str) else speed)  # "config": the channel's
-        driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed))
+        driver = SimulatedPotentiostat(cell, clock, np.random.default_rng(cfg.seed), **stand_in_for(cfg))
         return BuiltChannel(
             name,
             driver,
@@ -163,6 +163,38 @@ def build_channel(
     )
 
 
+def _voltage_ceiling_V(cfg: ChannelConfig) -> float:
+    """An SMU's voltage limit when the current discharges (its limit is a magnitude): just above the channel's."""
+    return cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
+
+
+def _driver_class(driver: str) -> type:
+    if driver == "keithley2450":
+        from labtwin.instruments.keithley2450 import Keithley2450
+
+        return Keithley2450
+    if driver == "b2900":
+        from labtwin.instruments.b2900 import KeysightB2900
+
+        return KeysightB2900
+    from labtwin.instruments.emstat import EmStat
+
+    return EmStat
+
+
+def stand_in_for(cfg: ChannelConfig) -> dict:
+    """What a simulated channel takes of the instrument it stands for (``stands_for``): the kind of its voltage
+    limit (a 2450's is a magnitude: no clamp at a discharge's cut-off), the ceiling its driver would set, and its
+    fastest reading. Nothing for a channel that stands for no instrument: the simulator's own clamp."""
+    if cfg.stands_for is None:
+        return {}
+    real = _driver_class(cfg.stands_for)
+    out: dict = {"voltage_limit_kind": voltage_limit_kind(real), "voltage_ceiling_V": _voltage_ceiling_V(cfg)}
+    if getattr(real, "min_read_interval_s", None) is not None:
+        out["min_read_interval_s"] = real.min_read_interval_s  # type: ignore[attr-defined]
+    return out
+
+
 def _resource(name: str, cfg: ChannelConfig) -> str:
     if not cfg.resource:
         raise UserError(
@@ -180,8 +212,7 @@ def _keithley2450(name: str, cfg: ChannelConfig, lab_name: str):
     from labtwin.instruments.transport import VisaTransport
 
     transport = VisaTransport(_resource(name, cfg), timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
-    ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
-    return Keithley2450(transport, voltage_ceiling_V=ceiling)
+    return Keithley2450(transport, voltage_ceiling_V=_voltage_ceiling_V(cfg))
 
 
 def _emstat(name: str, cfg: ChannelConfig, lab_name: str):
@@ -196,8 +227,7 @@ def _b2900(name: str, cfg: ChannelConfig, lab_name: str):
     from labtwin.instruments.transport import VisaTransport
 
     transport = VisaTransport(_resource(name, cfg), timeout_s=cfg.timeout_s, audit=_audit(name, cfg, lab_name))
-    ceiling = cfg.limits.voltage_max_V * 1.02 if cfg.limits.voltage_max_V else 5.0
-    return KeysightB2900(transport, smu_channel=cfg.smu_channel or 1, voltage_ceiling_V=ceiling)
+    return KeysightB2900(transport, smu_channel=cfg.smu_channel or 1, voltage_ceiling_V=_voltage_ceiling_V(cfg))
 
 
 REAL_DRIVERS = {"keithley2450": _keithley2450, "emstat": _emstat, "b2900": _b2900}
@@ -302,7 +332,11 @@ class LocalLab:
         for name in self.channels:
             cfg = self.config.channel(name)
             if name in self.cells:
-                cfg = cfg.model_copy(update={"cell": self.cells[name], "driver": "simulated", "cell_id": None})
+                # A real channel simulated: the stand-in behaves as its instrument (compliance, fastest reading).
+                stands_for = cfg.driver if cfg.driver != "simulated" else cfg.stands_for
+                cfg = cfg.model_copy(
+                    update={"cell": self.cells[name], "driver": "simulated", "cell_id": None, "stands_for": stands_for}
+                )
             built = build_channel(name, cfg, self.speed, self.config.lab)
             agent = Agent(
                 lab=self.config.lab,

@@ -59,6 +59,12 @@ class ChannelConfig(BaseModel):
         "max", description="simulated channels: cell s per wall s, or 'max'; real drivers: 1 (or an emulator's --speed)"
     )
     seed: int | None = Field(None, description="random seed of a simulated channel's noise")
+    stands_for: str | None = Field(
+        None,
+        description="simulated channels: the real driver whose instrument this channel stands for (its compliance: "
+        "a 2450's voltage limit is a magnitude, so a discharge is not clamped at its cut-off; its fastest reading). "
+        "`labtwin dryrun --channel` sets it to that channel's driver",
+    )
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("driver")
@@ -66,6 +72,14 @@ class ChannelConfig(BaseModel):
     def _known_driver(cls, value: str) -> str:
         if value not in DRIVERS:
             raise ValueError(f"unknown driver {value!r}: use one of {', '.join(DRIVERS)}")
+        return value
+
+    @field_validator("stands_for")
+    @classmethod
+    def _real_driver(cls, value: str | None) -> str | None:
+        if value is not None and (value not in DRIVERS or value == "simulated"):
+            real = ", ".join(d for d in DRIVERS if d != "simulated")
+            raise ValueError(f"stands_for {value!r}: a simulated channel stands for a real driver, one of {real}")
         return value
 
     @field_validator("speed")

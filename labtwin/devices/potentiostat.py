@@ -20,9 +20,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from labtwin.documents import StepCommand, StepKind
+
+VoltageLimitKind = Literal["clamp", "magnitude"]
+"""What a current source's voltage limit does, a property of each driver's instrument (``voltage_limit_kind``):
+
+- ``clamp``: the limit bounds the voltage in the direction the current drives the cell, either way: a
+  discharge with its limit at the cut-off is held there (a cycler's CC step with an E limit). The
+  simulated potentiostat does this unless it stands for an instrument that does not.
+- ``magnitude``: the limit bounds |V| (a Keithley 2450's ``:SOUR:CURR:VLIM``, a B2900's
+  ``:SENS:VOLT:PROT``). Charging it is the upper voltage; discharging it cannot be a lower bound, so the
+  driver sets the channel's ceiling and the current goes on until the agent ends the step, past the cut-off
+  into the negative voltages if the agent does not. A simulated channel that stands for such an instrument
+  does the same, so a dry-run predicts what the bench does (issue 14).
+"""
+
+
+def voltage_limit_kind(driver: object) -> VoltageLimitKind:
+    """The driver's ``voltage_limit_kind``; a driver that does not say clamps (the simulated potentiostat's)."""
+    return "magnitude" if getattr(driver, "voltage_limit_kind", "clamp") == "magnitude" else "clamp"
 
 
 @dataclass(slots=True)

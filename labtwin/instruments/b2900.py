@@ -40,6 +40,8 @@ class KeysightB2900:
     """Implements labtwin.devices.potentiostat.Potentiostat on one channel of a Keysight B2900 SMU."""
 
     model = "b2900"
+    voltage_limit_kind = "magnitude"  # labtwin.devices.potentiostat.VoltageLimitKind: a discharge runs to the ceiling
+    min_read_interval_s = 0.05  # one :MEAS? at 1 PLC and the round trip (check_interval.py)
 
     def __init__(
         self,

@@ -54,6 +54,8 @@ class Keithley2450:
     """Implements labtwin.devices.potentiostat.Potentiostat on a Keithley 2450 over any ``Transport``."""
 
     model = "keithley2450"
+    voltage_limit_kind = "magnitude"  # labtwin.devices.potentiostat.VoltageLimitKind: a discharge runs to the ceiling
+    min_read_interval_s = 0.05  # one :READ? at 1 PLC with autozero, and the round trip (check_interval.py)
 
     def __init__(
         self, transport: Transport, *, voltage_ceiling_V: float = 5.0, four_wire: bool = True, reset: bool = True

@@ -4,7 +4,12 @@ It behaves like a source-measure unit with a frequency response analyser:
 between calls the cell evolves under the last setting for exactly the cell
 time the clock says has passed, and the instrument's own compliance (voltage
 limit in current mode, current limit in voltage mode) takes over the way an
-SMU's does. Impedance is a device-run technique (``RunsTechniques``): the cell
+SMU's does: by default its voltage limit in current mode clamps either way (a
+discharge limited at its cut-off is held there, as a cycler's CC step is); a
+stand-in for an instrument whose limit is a magnitude (``voltage_limit_kind``
+"magnitude", a Keithley 2450 or B2900) bounds a discharge only at
+``voltage_ceiling_V`` below zero, as that instrument under its driver does, so
+a dry-run on it predicts the bench. Impedance is a device-run technique (``RunsTechniques``): the cell
 rests at open circuit while each frequency is measured, for ``periods / f``
 seconds, and Z comes from the cell model linearised around its state at that
 moment, plus measurement noise. Sensor faults from the cell file (noise,
@@ -22,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from labtwin.devices.clock import Clock
-from labtwin.devices.potentiostat import Reading
+from labtwin.devices.potentiostat import Reading, VoltageLimitKind
 from labtwin.documents import StepCommand, StepKind
 from labtwin.physics.library import CellDefinition
 
@@ -40,6 +45,9 @@ class SimulatedPotentiostat:
         *,
         max_substep_s: float = 10.0,
         initial_soc: float | None = None,
+        voltage_limit_kind: VoltageLimitKind = "clamp",
+        voltage_ceiling_V: float = 5.0,
+        min_read_interval_s: float | None = None,
     ) -> None:
         self.cell = cell
         self.model = cell.build_model()
@@ -49,6 +57,10 @@ class SimulatedPotentiostat:
         self.clock = clock
         self.rng = rng or np.random.default_rng()
         self.max_substep_s = max_substep_s
+        self.voltage_limit_kind: VoltageLimitKind = voltage_limit_kind
+        self.voltage_ceiling_V = abs(voltage_ceiling_V)
+        # The shortest time between two readings (check_interval.py): the instrument's it stands for.
+        self.min_read_interval_s = min_read_interval_s if min_read_interval_s is not None else 0.05
         self.mode: Mode = "off"
         self._setpoint = 0.0
         self._compliance = math.inf
@@ -60,7 +72,12 @@ class SimulatedPotentiostat:
 
     def set_current(self, current_A: float, voltage_limit_V: float) -> None:
         self._advance()
-        self.mode, self._setpoint, self._compliance = "current", float(current_A), float(voltage_limit_V)
+        limit = float(voltage_limit_V)
+        if self.voltage_limit_kind == "magnitude":
+            # |V| is what the instrument limits: charging up to the limit; discharging its driver has to set the
+            # ceiling (a lower cut-off cannot be a magnitude), and the cell may go down to minus that.
+            limit = abs(limit) if current_A > 0 else -self.voltage_ceiling_V
+        self.mode, self._setpoint, self._compliance = "current", float(current_A), limit
 
     def set_voltage(self, voltage_V: float, current_limit_A: float) -> None:
         self._advance()
