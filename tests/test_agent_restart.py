@@ -29,12 +29,15 @@ from labtwin.documents import (
     EndReason,
     Limits,
     Outage,
+    ResumePoint,
     RunStart,
     RunStop,
     SampleBatch,
+    StartRun,
     StepCommand,
     StepEvent,
     StepKind,
+    StepStats,
     StopRun,
     encode,
 )
@@ -131,8 +134,10 @@ async def test_a_restarted_agent_resumes_the_run_from_its_spool_and_puts_the_out
     assert (cut.reason.kind, cut.reason.name) == ("error", "agent_restart") and "unknown" in cut.reason.message
     assert cut.stats is not None and cut.stats.n_samples == 15 and cut.stats.first_seq == 2 and cut.stats.last_seq == 4
     assert cut.time_s == outage.to_time_s
-    assert isinstance(first, ChannelStatus) and first.state is ChannelState.running and first.run_id == "r"
-    assert "resumed" in first.message
+    # Between steps, output off, waiting for its flow: the status names no run until the flow speaks (a flow that
+    # resumes the run from the store then sends StartRun with its resume point, not only its next step).
+    assert isinstance(first, ChannelStatus) and first.state is ChannelState.idle and first.run_id is None
+    assert "run r resumed from the spool" in first.message and "step 1 cut" in first.message
     assert [(e.step_index, e.event, e.reason.name if e.reason else None) for e in answered] == [
         (0, "ended", "time_s"),
         (1, "ended", "agent_restart"),
@@ -146,7 +151,7 @@ async def test_a_restarted_agent_resumes_the_run_from_its_spool_and_puts_the_out
     )
 
 
-async def test_a_run_whose_agent_died_long_ago_is_closed_as_aborted_and_the_channel_is_free(
+async def test_a_run_whose_agent_died_long_ago_gives_way_to_a_new_run_and_is_closed_as_aborted(
     embedded_broker, unique_lab, tmp_path
 ):
     spool = _killed_agents_spool(unique_lab, tmp_path / "spool")
@@ -156,19 +161,66 @@ async def test_a_run_whose_agent_died_long_ago_is_closed_as_aborted_and_the_chan
     stop = asyncio.Event()
     async with Bus(embedded_broker.url) as bus:
         events = await bus.subscribe(busmod.topic(unique_lab, "ch", "event"))
-        status = await bus.subscribe(busmod.topic(unique_lab, "ch", "status"))
         serving = asyncio.create_task(agent.serve(stop))
         try:
             outage = await wait_doc(events, lambda d: isinstance(d, Outage))
+            await bus.publish(
+                busmod.topic(unique_lab, "ch", "cmd"),
+                StartRun(run_id="r2", channel="ch", cell_id="c", protocol="p", n_steps=1),
+            )
             run_stop = await wait_doc(events, lambda d: isinstance(d, RunStop))
-            first = await wait_doc(status, lambda d: isinstance(d, ChannelStatus))
+            new_start = await wait_doc(events, lambda d: isinstance(d, RunStart))
         finally:
             stop.set()
             await asyncio.wait_for(serving, 20)
     assert isinstance(outage, Outage) and outage.wall_span_s >= 3600
-    assert isinstance(run_stop, RunStop) and run_stop.exit_status == "aborted" and "abandoned" in run_stop.reason
+    assert isinstance(run_stop, RunStop) and run_stop.run_id == "r" and run_stop.exit_status == "aborted"
+    assert "abandoned" in run_stop.reason
     assert (run_stop.n_samples, run_stop.n_batches, run_stop.last_seq) == (25, 5, 4)
-    assert isinstance(first, ChannelStatus) and first.state is ChannelState.idle and first.run_id is None
+    assert isinstance(new_start, RunStart) and new_start.run_id == "r2" and new_start.first_seq == 0
+
+
+async def test_a_flow_that_resumes_the_run_runs_the_cut_step_again_and_the_store_keeps_its_real_end(
+    embedded_broker, unique_lab, tmp_path
+):
+    """The flow's decision: StartRun with a resume point (what `campaign run` sends after reading the store) takes
+    the rebuilt run on; the cut step runs again with its charge so far carried, and its end replaces the cut one
+    in the store (the outage, naming the step, stays)."""
+    _killed_agents_spool(unique_lab, tmp_path / "spool").close()
+    agent = _agent(unique_lab, embedded_broker.url, tmp_path / "spool")
+    store = Store.open(tmp_path / "store.db")
+    stop = asyncio.Event()
+    cmd = busmod.topic(unique_lab, "ch", "cmd")
+    async with Bus(embedded_broker.url) as bus:
+        events = await bus.subscribe(busmod.topic(unique_lab, "ch", "event"))
+        serving = asyncio.create_task(agent.serve(stop))
+        try:
+            outage = await wait_doc(events, lambda d: isinstance(d, Outage))
+            cut = await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "ended")
+            store.write([outage, cut])
+            carried = StepStats(duration_s=14.0, discharge_Ah=4e-6, n_samples=15, first_seq=2, last_seq=4)
+            point = ResumePoint(next_seq=3, time_s=24.0, n_samples=25, step_index=1, step_stats=carried)
+            await bus.publish(
+                cmd, StartRun(run_id="r", channel="ch", cell_id="c", protocol="p", n_steps=3, resume=point)
+            )
+            start = await wait_doc(events, lambda d: isinstance(d, RunStart))
+            step = StepCommand(run_id="r", step_index=1, step=StepKind.cc, current_A=-1e-4, end=EndConditions(time_s=5))
+            await bus.publish(cmd, step)
+            started = await wait_doc(events, lambda d: isinstance(d, StepEvent))
+            ended = await wait_doc(events, lambda d: isinstance(d, StepEvent))
+            store.write([started, ended])
+            stored = store.step_events("r")
+            stored_outages = store.outages("r")
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 20)
+            store.close()
+    assert isinstance(start, RunStart) and start.first_seq == 5, "the higher of the spool's and the store's"
+    assert isinstance(started, StepEvent) and started.event == "started" and started.step_index == 1
+    assert isinstance(ended, StepEvent) and ended.reason is not None and ended.reason.name == "time_s"
+    assert ended.stats is not None and ended.stats.first_seq == 2 and ended.stats.n_samples > 15, "carried"
+    assert [(e.step_index, e.reason.name if e.reason else None) for e in stored] == [(1, "time_s")]
+    assert [o.step_index for o in stored_outages] == [1]
 
 
 def test_a_cut_steps_statistics_come_from_its_recorded_samples() -> None:

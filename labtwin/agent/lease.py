@@ -35,6 +35,9 @@ class RunContext:
     step_running: bool = False
     ended: dict[int, StepEvent] = field(default_factory=dict)  # how each step of this run ended, by index
     carried: dict[int, StepStats] = field(default_factory=dict)  # a resumed step's statistics from before the crash
+    # Rebuilt from the spool by a restarted agent, and its flow has not spoken to this agent yet: the channel's
+    # status names no run (a flow resuming it sends StartRun with its resume point) until it does.
+    restarted: bool = False
 
     @classmethod
     def start(cls, cmd: StartRun, now_cell_s: float) -> RunContext:

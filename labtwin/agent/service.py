@@ -327,22 +327,26 @@ class Agent:
 
     def _recover(self) -> None:
         """Rebuild the run(s) a killed agent left in the spool: put each outage on the record, end each cut step
-        as ``error:agent_restart``; the latest run holds the channel again if its flow spoke within the lease's
-        grace (counted from the dead agent's last record), the others are closed as aborted."""
+        as ``error:agent_restart``. The latest is the agent's run again, waiting for its flow: a re-sent step is
+        answered from it, a StartRun of it (with a resume point: the flow resumes it) takes it on, and a new run
+        supersedes it only once the lease's grace (counted from the dead agent's last record) is over. Older ones
+        (a later run followed them) are closed as aborted."""
         assert self.spool is not None and self.safe_at_wall is not None
         found = rebuild_runs(self.spool)
         for k, recovered in enumerate(found):
             run = self._resume_recovered(recovered)
-            latest = k == len(found) - 1
-            if latest and Lease(self.lease_grace_s).holds(run):
+            if k == len(found) - 1:
+                run.restarted = True
                 self.run = run
                 self.control.begin_run(run.run_id)
-                self._state = ChannelState.fault if run.tripped else ChannelState.running
-                cut = f"; step {recovered.cut.step_index} was cut (agent_restart)" if recovered.cut else ""
-                self._start_message = f"agent restarted: run {run.run_id} resumed from the spool{cut}"
+                self._state = ChannelState.fault if run.tripped else ChannelState.idle
+                cut = f", step {recovered.cut.step_index} cut (error:agent_restart)" if recovered.cut else ""
+                self._start_message = (
+                    f"agent restarted: run {run.run_id} resumed from the spool{cut}; waits for its flow"
+                )
                 log.warning("channel %s: %s", self.channel, self._start_message)
                 continue
-            why = "a later run followed" if not latest else f"its flow silent for {run.quiet_s():.0f} s"
+            why = "a later run followed"
             self._journal_event(
                 RunStop(
                     run_id=run.run_id,
@@ -467,6 +471,8 @@ class Agent:
 
     async def _start_run(self, cmd: StartRun) -> None:
         if self.run is not None and self.run.run_id == cmd.run_id:
+            if self.run.restarted:
+                await self._take_on_restarted(self.run, cmd)
             return  # a repeated StartRun (QoS 1 duplicate): already started
         if self.run is not None:
             if Lease(self.lease_grace_s).holds(self.run):
@@ -498,6 +504,38 @@ class Agent:
         )
         await self.bus.publish(self._t("event"), doc)
         await self._publish_status(force=True, state=ChannelState.running)
+
+    async def _take_on_restarted(self, run: RunContext, cmd: StartRun) -> None:
+        """The flow of a run rebuilt after an agent restart starts it again. With a resume point it resumes it
+        (read from the store): that is the flow's decision, so the steps the restart cut run again with what is
+        left of them (their charge so far carried), and the sequence numbers go on from the higher of the
+        spool's and the store's. Without one it is a StartRun repeated across the restart. Either way the run
+        is the flow's again, and its RunStart is published for the flow that waits for it."""
+        run.restarted = False
+        run.heard_from_flow()
+        if cmd.resume is not None:
+            r = cmd.resume
+            cut = [i for i, e in run.ended.items() if e.reason is not None and e.reason.name == "agent_restart"]
+            for index in cut:
+                del run.ended[index]
+            run.next_seq = max(run.next_seq, r.next_seq)
+            if r.step_index is not None and r.step_stats is not None:
+                run.carried[r.step_index] = r.step_stats
+            log.warning("channel %s: run %s resumed by its flow; steps %s run again", self.channel, run.run_id, cut)
+        doc = RunStart(
+            run_id=run.run_id,
+            lab=self.lab,
+            channel=self.channel,
+            cell_id=cmd.cell_id or run.cell_id or self.cell_id,
+            protocol=cmd.protocol,
+            n_steps=cmd.n_steps,
+            flow_run_id=cmd.flow_run_id,
+            first_seq=run.next_seq,
+            metadata=cmd.metadata,
+            anomaly_policy=cmd.anomaly_policy,
+        )
+        await self.bus.publish(self._t("event"), doc)
+        await self._publish_status(force=True, state=ChannelState.fault if run.tripped else ChannelState.running)
 
     async def _stop_run(self, cmd: StopRun) -> None:
         run = self.run
@@ -571,6 +609,7 @@ class Agent:
                 return
             run = self.run
         run.heard_from_flow()
+        run.restarted = False  # its flow speaks to this agent again
         if cmd.step_index in run.ended:
             # A step this run already ran: a QoS 1 redelivery, or a flow that sent it again after losing track
             # (a Prefect API error around the task run). Say again how it ended; never run a step twice.
@@ -703,7 +742,7 @@ class Agent:
             cell_id=self.cell_id,
             driver=self.driver_name,
             speed=self.clock.speed,
-            run_id=self.run.run_id if self.run else None,
+            run_id=self.run.run_id if self.run and not self.run.restarted else None,
             step_index=cmd.step_index if cmd else None,
             label=cmd.label if cmd else None,
             cycle=cmd.cycle if cmd else None,

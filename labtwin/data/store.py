@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import Engine, Select, bindparam, func, select
+from sqlalchemy import Engine, Select, bindparam, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
@@ -57,6 +57,8 @@ _IMPEDANCE_COLUMNS = ("run_id", "seq", "i", "frequency_hz", "z_real_ohm", "z_ima
 _CONFLICT_COLUMNS = tuple(c.name for c in batch_conflicts.columns)
 _SQL_OF_FIELD = {name: col for name, col, _ in SAMPLE_FIELDS}
 _STEP_EVENT_COLUMNS = tuple(c.name for c in step_events.columns)
+_STEP_EVENT_KEY = ("run_id", "step_index", "event")
+CUT_BY_RESTART = "agent_restart"  # EndReason.name of a step an agent restart cut (labtwin.agent.recovery)
 _ANOMALY_COLUMNS = tuple(c.name for c in anomalies.columns)
 _CELL_STATE_COLUMNS = ("cell", "run_id", "time_s", "doc")
 _OUTAGE_COLUMNS = tuple(c.name for c in outages.columns)
@@ -155,7 +157,20 @@ class Store:
         )
         self._insert_samples = compiled(insert(samples).on_conflict_do_nothing(), _SAMPLE_COLUMNS)
         self._insert_impedance = compiled(insert(impedance).on_conflict_do_nothing(), _IMPEDANCE_COLUMNS)
-        self._insert_step_event = compiled(insert(step_events).on_conflict_do_nothing(), _STEP_EVENT_COLUMNS)
+        # A step's end is stored once, except the end an agent gave a step its restart cut (error:agent_restart):
+        # a flow that resumes the run runs that step again, and its later end replaces the cut one (the cut stays
+        # on the record as the run's outage, which names the step).
+        new_event = insert(step_events)
+        self._insert_step_event = compiled(
+            new_event.on_conflict_do_update(
+                index_elements=[step_events.c.run_id, step_events.c.step_index, step_events.c.event],
+                set_={c: new_event.excluded[c] for c in _STEP_EVENT_COLUMNS if c not in _STEP_EVENT_KEY},
+                # inline literals: the statement is run with plain rows of its columns (_Compiled), no other binds
+                where=(step_events.c.reason_name == literal_column(f"'{CUT_BY_RESTART}'"))
+                & (step_events.c.event == literal_column("'ended'")),
+            ),
+            _STEP_EVENT_COLUMNS,
+        )
         self._insert_anomaly = compiled(insert(anomalies).on_conflict_do_nothing(), _ANOMALY_COLUMNS)
         self._insert_cell_state = compiled(insert(cell_states).on_conflict_do_nothing(), _CELL_STATE_COLUMNS)
         self._insert_outage = compiled(insert(outages).on_conflict_do_nothing(), _OUTAGE_COLUMNS)
