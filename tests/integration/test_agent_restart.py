@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from labtwin import bus as busmod
@@ -262,3 +263,73 @@ async def test_a_killed_supervised_agent_is_restarted_output_off_and_the_run_res
     assert [e.reason.name for e in ends if e.reason] == ["agent_restart", "time_s"]
     assert runs["rr"].outages == 1
     assert rc == 0 and any("supervisor stopping" in line for line in err.lines), err.lines
+
+
+async def test_a_killed_supervisor_takes_its_agent_with_it_and_the_output_goes_off(
+    embedded_broker, unique_lab, tmp_path
+):
+    """kill -9 of the supervisor itself: its child is on the leash (ADR 0010), gets SIGTERM within a poll and
+    stops as on any SIGTERM, output off; no agent is left serving the channel without a supervisor."""
+    url = embedded_broker.url
+    emulator = Keithley2450Emulator(load_cell("lfp"), speed=SPEED, seed=3)
+    cmd_topic = busmod.topic(unique_lab, "k1", "cmd")
+    with ScpiEmulatorThread(emulator) as running:
+        path = lab_file(tmp_path, unique_lab, running.port)
+        async with Bus(url) as bus:
+            events = await bus.subscribe(busmod.topic(unique_lab, "k1", "event"))
+            status = await bus.subscribe(busmod.topic(unique_lab, "k1", "status"))
+            supervisor = subprocess.Popen(
+                [LABTWIN, "agent", "--supervise", "--channel", "k1", "--lab", str(path), "--broker", url],
+                cwd=tmp_path,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            err = Stderr(supervisor)
+            try:
+                await first_live_status(status, 60)
+                child = psutil.Process(err.child_pids()[0])
+                await bus.publish(
+                    cmd_topic, StartRun(run_id="rk", channel="k1", cell_id="LFP-on-2450", protocol="p", n_steps=1)
+                )
+                await bus.publish(
+                    cmd_topic,
+                    StepCommand(
+                        run_id="rk",
+                        step_index=0,
+                        step=StepKind.cc,
+                        current_A=-1.2e-3,
+                        end=EndConditions(time_s=3600),
+                        sample_interval_s=0.1,
+                    ),
+                )
+                await wait_doc(events, lambda d: isinstance(d, StepEvent) and d.event == "started")
+                for _ in range(500):
+                    if emulator.output:
+                        break
+                    await asyncio.sleep(0.01)
+                assert emulator.output, "the discharge is sourcing"
+                supervisor.kill()
+                killed = time.monotonic()
+                await asyncio.to_thread(supervisor.wait, 10)
+                while time.monotonic() - killed < 20 and (emulator.output or _alive(child)):
+                    await asyncio.sleep(0.01)
+                gone_s = time.monotonic() - killed
+                offline = await wait_doc(
+                    status, lambda d: isinstance(d, ChannelStatus) and d.state is ChannelState.offline, 10
+                )
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(supervisor.pid, signal.SIGKILL)  # the whole session, if the leash did not end it
+    print(f"\nsupervisor SIGKILL -> its agent gone and the output off: {gone_s:.2f} s")
+    assert not _alive(child), "the agent outlived its supervisor"
+    assert emulator.output is False
+    assert gone_s < 10
+    assert isinstance(offline, ChannelStatus) and offline.state is ChannelState.offline
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
