@@ -40,9 +40,15 @@ async def wait_doc(sub, predicate, timeout_s: float = 30.0):
 
 
 async def run_steps_by_hand(
-    url: str, lab: str, channel: str, run_id: str, commands: list[StepCommand], stop_status: str = "success"
+    url: str,
+    lab: str,
+    channel: str,
+    run_id: str,
+    commands: list[StepCommand],
+    stop_status: str = "success",
+    step_timeout_s: float = 30.0,
 ) -> tuple[list[StepEvent], RunStop]:
-    """Drive an agent without Prefect: StartRun, the steps one by one, StopRun."""
+    """Drive an agent without Prefect: StartRun, the steps one by one (each within ``step_timeout_s``), StopRun."""
     async with Bus(url) as bus:
         sub = await bus.subscribe(busmod.topic(lab, channel, "event"))
         cmd_topic = busmod.topic(lab, channel, "cmd")
@@ -54,7 +60,9 @@ async def run_steps_by_hand(
         for cmd in commands:
             await bus.publish(cmd_topic, cmd)
             ev = await wait_doc(
-                sub, lambda d, i=cmd.step_index: isinstance(d, StepEvent) and d.event == "ended" and d.step_index == i
+                sub,
+                lambda d, i=cmd.step_index: isinstance(d, StepEvent) and d.event == "ended" and d.step_index == i,
+                step_timeout_s,
             )
             ended.append(ev)
         await bus.publish(cmd_topic, StopRun(run_id=run_id, exit_status=stop_status))

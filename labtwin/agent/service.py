@@ -72,13 +72,16 @@ from labtwin.documents import (
     StepStats,
     StopRun,
 )
-from labtwin.documents.codec import encode
+from labtwin.documents.codec import MalformedPayload, decode, encode
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.security.profile import agent_identity
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "RunContext"]
+
+ANNOUNCE_EVERY_S = 60.0
+"""How often a spooled, finished run no recorder has confirmed whole is announced again (its RunStop)."""
 
 
 class Agent:
@@ -139,6 +142,7 @@ class Agent:
         self._drain_lock = asyncio.Lock()
         self._status_pending: Any = None  # the step thread's last status publish, until the event loop takes it
         self._last_stop: RunStop | None = None  # answered again to a flow that lost it across a reconnect
+        self._announce_wake = asyncio.Event()
 
     # ------------------------------------------------------------------ topics
 
@@ -192,7 +196,7 @@ class Agent:
             self._spooled_bus = _SpooledBus(self, bus)
             bus.on_refusal = self._refused
             # After a broker restart its retained status may be gone or be this agent's last will: say it again.
-            bus.on_reconnect = lambda: self._background_task(self._publish_status(force=True))
+            bus.on_reconnect = self._on_reconnect
             commands = await bus.subscribe(self._t("cmd"))
             await self._publish_status(force=True, message=self._start_message)
             self._ready.set()
@@ -200,7 +204,9 @@ class Agent:
             receiver = asyncio.create_task(self._receive(commands))
             pump = asyncio.create_task(self._pump_spool())
             self._spool_wake.set()  # what an earlier run of this agent journalled and never handed over
-            waiters: list[asyncio.Task[Any]] = [executor, receiver, pump]
+            self._announce_wake.set()  # and the finished runs it holds that no recorder confirmed whole
+            announcer = asyncio.create_task(self._announce_unconfirmed())
+            waiters: list[asyncio.Task[Any]] = [executor, receiver, pump, announcer]
             # Its own retained status read back: after a broker restart (or a network drop) the broker holds
             # this agent's last will, "offline", and a forged one would hide the agent from every new subscriber.
             waiters.append(asyncio.create_task(self._guard_status(await bus.subscribe(self._t("status")))))
@@ -410,6 +416,33 @@ class Agent:
             run.ended[cut.step_index] = ended
             self._journal_event(ended)
         return run
+
+    def _on_reconnect(self) -> None:
+        """After a broker restart its retained status may be gone or be this agent's last will: say it again; and
+        a recorder that restarted meanwhile may not know of the runs this spool still holds: announce them."""
+        self._background_task(self._publish_status(force=True))
+        self._announce_wake.set()
+
+    async def _announce_unconfirmed(self) -> None:
+        """Every ANNOUNCE_EVERY_S (and after a reconnect), publish again the RunStop of every finished run the spool
+        still holds: no recorder has confirmed it whole. A recorder that received a run's documents but crashed
+        before committing them never heard of it after its restart and cannot ask; this RunStop tells it what
+        to ask for (ADR 0013). The spool, not the broker's acknowledgement, is the durable copy."""
+        assert self.spool is not None and self._bus is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._announce_wake.wait(), ANNOUNCE_EVERY_S)
+            except TimeoutError:
+                pass
+            self._announce_wake.clear()
+            current = self.run.run_id if self.run is not None else None
+            for run_id in self.spool.run_ids():
+                if run_id == current:
+                    continue
+                for entry in self.spool.events(run_id):
+                    if isinstance(_decoded(entry.topic, entry.payload), RunStop):
+                        log.info("channel %s: run %s is not yet confirmed stored; announcing it", self.channel, run_id)
+                        await self._bus.publish(entry.topic, entry.payload)
 
     async def _guard_status(self, own: busmod.Subscription) -> None:
         """Reads back the channel's status: a forged one is answered in ``_refused``; an "offline" one while
@@ -764,6 +797,13 @@ class Agent:
             return
         self._last_status_wall = now
         await self.bus.publish(self._t("status"), self._status(self._state, message, cmd), retain=True)
+
+
+def _decoded(topic_name: str, payload: bytes) -> object:
+    try:
+        return decode(topic_name, payload)
+    except MalformedPayload:  # a spool entry this version cannot read: not a RunStop to announce
+        return None
 
 
 class _SpooledBus:

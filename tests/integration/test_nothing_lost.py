@@ -166,3 +166,37 @@ async def test_a_recorder_behind_its_store_sheds_batches_and_fetches_them_again(
             store.close()
     assert recorder.stats.shed > 0
     assert seqs == list(range(run_stop.last_seq + 1)) and run_stop.n_samples == 300
+
+
+async def test_a_run_no_recorder_ever_heard_of_is_announced_by_its_agent_and_stored_whole(
+    embedded_broker, unique_lab, tmp_path, monkeypatch
+) -> None:
+    """The case a recorder cannot ask about: it received a run's every document, RunStop included, and died before
+    committing any (here: no recorder at all while the run ran). Its agent announces the spooled run's RunStop
+    again until a recorder confirms the run whole (ADR 0013)."""
+    monkeypatch.setattr("labtwin.agent.service.ANNOUNCE_EVERY_S", 0.5)
+    store = Store.open(tmp_path / "store.db")
+    agent_stop, rec_stop = asyncio.Event(), asyncio.Event()
+    agent = _agent(unique_lab, embedded_broker.url, tmp_path / "spool")
+    tasks = [asyncio.create_task(agent.serve(agent_stop))]
+    cmd = StepCommand(run_id="unheard", step_index=0, step=StepKind.rest, end=EndConditions(time_s=CELL_S))
+    try:
+        await agent.wait_ready()
+        _, run_stop = await asyncio.wait_for(
+            run_steps_by_hand(embedded_broker.url, unique_lab, "ch", "unheard", [cmd]), 30
+        )
+        recorder = Recorder(embedded_broker.url, store, unique_lab, client_id=f"rec-{unique_lab}", resend_every_s=0.3)
+        tasks.append(asyncio.create_task(recorder.serve(rec_stop)))
+        await recorder.wait_ready()
+        assert store.runs() == []  # the recorder starts knowing nothing of the run
+        await _until(lambda: recorder.stats.runs_complete >= 1, 30)
+        seqs = store.seqs("unheard")
+        _, stored_stop = store.run_documents("unheard")
+        await _until(lambda: agent.spool is not None and "unheard" not in agent.spool.run_ids(), 10)
+    finally:
+        agent_stop.set()
+        rec_stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        store.close()
+    assert stored_stop is not None and stored_stop.last_seq == run_stop.last_seq
+    assert seqs == list(range(run_stop.last_seq + 1))
