@@ -333,3 +333,37 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_ctrl_c_stops_the_supervisor_and_its_agent_with_exit_130(embedded_broker, unique_lab, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the agent stops cleanly, the supervisor does not
+    start it again and exits 130."""
+    (tmp_path / "lab.yaml").write_text(
+        f"lab: {unique_lab}\nchannels:\n  ch: {{driver: simulated, cell: lto_bare_thinfilm, "
+        "limits: {voltage_min_V: 0.5, voltage_max_V: 3.0}}\n"
+    )
+    async with Bus(embedded_broker.url) as bus:
+        status = await bus.subscribe(busmod.topic(unique_lab, "ch", "status"))
+        supervisor = subprocess.Popen(
+            [LABTWIN, "agent", "--supervise", "--channel", "ch", "--lab", "lab.yaml", "--broker", embedded_broker.url],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        err = Stderr(supervisor)
+        try:
+            await first_live_status(status, 60)
+            child = psutil.Process(err.child_pids()[0])
+            os.killpg(supervisor.pid, signal.SIGINT)
+            rc = await asyncio.to_thread(supervisor.wait, 30)
+            offline = await wait_doc(
+                status, lambda d: isinstance(d, ChannelStatus) and d.state is ChannelState.offline, 10
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(supervisor.pid, signal.SIGKILL)
+    assert rc == 130, err.lines
+    assert not _alive(child)
+    assert len(err.child_pids()) == 1, "not started again after Ctrl-C"
+    assert isinstance(offline, ChannelStatus) and offline.message == "agent stopped"
