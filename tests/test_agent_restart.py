@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from labtwin import bus as busmod
 from labtwin.agent import Agent
-from labtwin.agent.recovery import step_stats_from_samples
+from labtwin.agent.recovery import rebuild_runs, step_stats_from_samples
 from labtwin.agent.spool import Spool
 from labtwin.bus import Bus
 from labtwin.cli import app
@@ -262,3 +262,18 @@ def test_labtwin_runs_shows_a_runs_outages(tmp_path: Path) -> None:
     shown = CliRunner().invoke(app, ["runs", "--store", str(tmp_path / "s.db")], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "outages" in shown.output and "1 (60 s)" in shown.output, shown.output
+
+
+def test_only_runs_without_a_run_stop_are_rebuilt(tmp_path: Path) -> None:
+    spool = _killed_agents_spool("l", tmp_path)
+    ev = busmod.topic("l", "ch", "event")
+    spool.append(
+        ev, encode(RunStart(run_id="done", lab="l", channel="ch", cell_id="c", protocol="p", n_steps=1)), "done"
+    )
+    spool.append(ev, encode(RunStop(run_id="done", channel="ch", exit_status="success", reason="run_stop")), "done")
+    found = rebuild_runs(spool)
+    spool.close()
+    assert [r.run.run_id for r in found] == ["r"]
+    r = found[0]
+    assert (r.run.next_seq, r.run.n_samples, r.run.n_batches, r.last_sample_time_s) == (5, 25, 5, 24.0)
+    assert sorted(r.run.ended) == [0] and r.cut is not None and r.cut.step_index == 1

@@ -89,6 +89,8 @@ def _rebuild(spool: Spool, run_id: str) -> RecoveredRun | None:
     ended: dict[int, StepEvent] = {}
     last_event_time_s = 0.0
     last_wall_s = 0.0
+    if any(b'"kind":"run_stop"' in e.payload for e in spool.events(run_id)):
+        return None  # stopped (the recorder has yet to confirm it): nothing to resume, and no batch to decode
     for entry in spool.entries(run_id):
         last_wall_s = max(last_wall_s, entry.created_s)
         try:
