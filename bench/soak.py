@@ -27,6 +27,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labtwin.cli.wiring import LocalLab  # noqa: E402
+from labtwin.data.store import Store  # noqa: E402
 from labtwin.documents import EndConditions, Limits, StepCommand, StepKind  # noqa: E402
 from tests.helpers import run_steps_by_hand, sim_lab  # noqa: E402
 
@@ -72,11 +73,20 @@ async def main(broker: str, channels: int, days: float, store: str | None) -> in
         async with LocalLab(lab, names, broker, store_url) as local:
             assert local.store is not None
 
+            def count_stored() -> int:
+                # Its own read-only connection, in a thread: a count over millions of rows must not stall the
+                # event loop the agents and the recorder share here (it did: every client missed its keepalive).
+                reader = Store.open(store_url, read_only=True)
+                try:
+                    return sum(reader.sample_count(f"soak-{n}") for n in names)
+                finally:
+                    reader.close()
+
             async def watch() -> None:
                 nonlocal spool_max
                 while True:
-                    await asyncio.sleep(5.0)
-                    stored = sum(local.store.sample_count(f"soak-{n}") for n in names)
+                    await asyncio.sleep(10.0)
+                    stored = await asyncio.to_thread(count_stored)
                     rates.append((time.perf_counter(), stored))
                     rss.append((time.perf_counter(), me.memory_info().rss))
                     spool_max = max(spool_max, _spool_bytes(work / "labtwin-data"))
@@ -89,7 +99,12 @@ async def main(broker: str, channels: int, days: float, store: str | None) -> in
             results = await asyncio.gather(
                 *(
                     run_steps_by_hand(
-                        local.url, lab_name, n, f"soak-{n}", [step.model_copy(update={"run_id": f"soak-{n}"})]
+                        local.url,
+                        lab_name,
+                        n,
+                        f"soak-{n}",
+                        [step.model_copy(update={"run_id": f"soak-{n}"})],
+                        step_timeout_s=24 * 3600,
                     )
                     for n in names
                 )
@@ -124,7 +139,7 @@ async def main(broker: str, channels: int, days: float, store: str | None) -> in
         peak = max(r for _, r in rss)
         print(
             f"memory (agents + recorder, one process): end {end / 2**20:.0f} MiB beside {start / 2**20:.0f} MiB at "
-            f"5 s in ({end / start:.2f}x); peak {peak / 2**20:.0f} MiB"
+            f"10 s in ({end / start:.2f}x); peak {peak / 2**20:.0f} MiB"
         )
     print(f"largest spool total on disk during the run: {spool_max / 2**20:.1f} MiB")
     return 0 if produced == stored else 1

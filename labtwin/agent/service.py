@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "RunContext"]
 
+MAX_RESEND_BATCHES = 2_000
+"""Batches one ResendRequest is answered with at most: a recorder far behind is served in rounds, not at once."""
 ANNOUNCE_EVERY_S = 60.0
 """How often a spooled, finished run no recorder has confirmed whole is announced again (its RunStop)."""
 
@@ -143,6 +145,7 @@ class Agent:
         self._status_pending: Any = None  # the step thread's last status publish, until the event loop takes it
         self._last_stop: RunStop | None = None  # answered again to a flow that lost it across a reconnect
         self._announce_wake = asyncio.Event()
+        self._resending = False  # an answer to a ResendRequest is being published
 
     # ------------------------------------------------------------------ topics
 
@@ -312,14 +315,39 @@ class Agent:
         """A recorder's ResendRequest, from the spool: the batches it names (and the run's events), or, when it
         holds the whole run, the run's entries dropped."""
         assert self.spool is not None and self._bus is not None
+        spool = self.spool
         if req.complete:
             if self.run is None or self.run.run_id != req.run_id:
-                gone = self.spool.forget_run(req.run_id)
+                gone = await asyncio.to_thread(spool.forget_run, req.run_id)
                 log.info("channel %s: run %s is stored whole; %d spool entries dropped", self.channel, req.run_id, gone)
             return
-        entries = [e for first, last in req.ranges for e in self.spool.batches(req.run_id, first, last)]
-        if req.events:
-            entries += self.spool.events(req.run_id)
+        if self._resending:
+            # The last answer is still on its way (in the outbox): asking again now would queue the same batches
+            # twice and feed the backlog that made them go missing. The recorder asks again for what stays missing.
+            log.debug("channel %s: a resend is in progress; request for run %s skipped", self.channel, req.run_id)
+            return
+        self._resending = True
+        try:
+            await self._resend_from_spool(spool, req)
+        finally:
+            self._resending = False
+
+    async def _resend_from_spool(self, spool: Spool, req: ResendRequest) -> None:
+        assert self._bus is not None
+
+        def read() -> list[Any]:
+            # In a thread: over a week-long run's spool (a million rows) these reads took seconds, and on the event
+            # loop they stalled every keepalive of the process (bench/soak.py: all 33 clients timed out at once).
+            found: list[Any] = []
+            for first, last in req.ranges:  # at most MAX_RESEND_BATCHES: the rest at the recorder's next request
+                found += spool.batches(req.run_id, first, last, limit=MAX_RESEND_BATCHES - len(found))
+                if len(found) >= MAX_RESEND_BATCHES:
+                    break
+            if req.events:
+                found += spool.events(req.run_id)
+            return found
+
+        entries = await asyncio.to_thread(read)
         log.info(
             "channel %s: resending %d documents of run %s the recorder misses", self.channel, len(entries), req.run_id
         )
@@ -436,13 +464,11 @@ class Agent:
                 pass
             self._announce_wake.clear()
             current = self.run.run_id if self.run is not None else None
-            for run_id in self.spool.run_ids():
-                if run_id == current:
-                    continue
-                for entry in self.spool.events(run_id):
-                    if isinstance(_decoded(entry.topic, entry.payload), RunStop):
-                        log.info("channel %s: run %s is not yet confirmed stored; announcing it", self.channel, run_id)
-                        await self._bus.publish(entry.topic, entry.payload)
+            # In a thread: the spool may hold a week of samples.
+            found = await asyncio.to_thread(_finished_runs, self.spool, current)
+            for run_id, entry in found:
+                log.info("channel %s: run %s is not yet confirmed stored; announcing it", self.channel, run_id)
+                await self._bus.publish(entry.topic, entry.payload)
 
     async def _guard_status(self, own: busmod.Subscription) -> None:
         """Reads back the channel's status: a forged one is answered in ``_refused``; an "offline" one while
@@ -797,6 +823,17 @@ class Agent:
             return
         self._last_status_wall = now
         await self.bus.publish(self._t("status"), self._status(self._state, message, cmd), retain=True)
+
+
+def _finished_runs(spool: Spool, current: str | None) -> list[tuple[str, Any]]:
+    """The RunStop entries of the runs the spool holds, but the current one."""
+    return [
+        (run_id, entry)
+        for run_id in spool.run_ids()
+        if run_id != current
+        for entry in spool.events(run_id)
+        if isinstance(_decoded(entry.topic, entry.payload), RunStop)
+    ]
 
 
 def _decoded(topic_name: str, payload: bytes) -> object:

@@ -225,13 +225,13 @@ class Spool:
             ).fetchall()
         return [SpoolEntry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
-    def batches(self, run_id: str, first_seq: int, last_seq: int) -> list[SpoolEntry]:
-        """A run's batches with first_seq <= seq <= last_seq (each once, the first written)."""
+    def batches(self, run_id: str, first_seq: int, last_seq: int, limit: int = -1) -> list[SpoolEntry]:
+        """A run's batches with first_seq <= seq <= last_seq (each once, the first written), at most ``limit``."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT MIN(id), topic, payload, run_id, seq FROM entries WHERE run_id = ? AND seq BETWEEN ? AND ? "
-                "GROUP BY seq ORDER BY seq",
-                (run_id, first_seq, last_seq),
+                "GROUP BY seq ORDER BY seq LIMIT ?",
+                (run_id, first_seq, last_seq, limit),
             ).fetchall()
         return [SpoolEntry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
