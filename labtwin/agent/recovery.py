@@ -83,48 +83,61 @@ def rebuild_runs(spool: Spool) -> list[RecoveredRun]:
 
 
 def _rebuild(spool: Spool, run_id: str) -> RecoveredRun | None:
+    """One run from its entries in the order written. Memory stays bounded over a weeks-long run: of each batch
+    only its length is kept, its samples only while their step is open (started, not ended), and the last one."""
     start: RunStart | None = None
-    batches: dict[int, SampleBatch] = {}
+    lengths: dict[int, int] = {}  # seq -> samples, of the first batch written under it (as a resend picks it)
+    last: SampleBatch | None = None  # the batch of the highest seq
     started: dict[int, StepEvent] = {}
     ended: dict[int, StepEvent] = {}
+    open_rows: dict[int, list[tuple[float, float | None, float | None, int]]] = {}  # an open step's samples
     last_event_time_s = 0.0
     last_wall_s = 0.0
     if any(b'"kind":"run_stop"' in e.payload for e in spool.events(run_id)):
         return None  # stopped (the recorder has yet to confirm it): nothing to resume, and no batch to decode
     for entry in spool.entries(run_id):
         last_wall_s = max(last_wall_s, entry.created_s)
+        if entry.seq is not None and entry.seq in lengths:
+            continue  # a batch written again (a resend journalled twice): the first one counts
         try:
             doc = decode(entry.topic, entry.payload)
         except MalformedPayload as exc:  # a spool written by another labtwin version: skip what cannot be read
             log.warning("spool %s: an entry of run %s cannot be read (%s); skipped", spool.path, run_id, exc)
             continue
         if isinstance(doc, RunStop):
-            return None  # stopped: the recorder has yet to confirm it, nothing to resume
+            return None
         if isinstance(doc, RunStart):
             start = doc  # the latest start counts (a resumed run's)
         elif isinstance(doc, SampleBatch):
-            batches.setdefault(doc.seq, doc)  # the first written, as a resend does
+            lengths[doc.seq] = len(doc)
+            if last is None or doc.seq > last.seq:
+                last = doc
+            for k, step_index in enumerate(doc.step):
+                rows = open_rows.get(step_index)
+                if rows is not None:
+                    rows.append((doc.time_s[k], doc.voltage_V[k], doc.current_A[k], doc.seq))
         elif isinstance(doc, Outage):  # an earlier restart: the run's time went on to its end
             last_event_time_s = max(last_event_time_s, doc.to_time_s)
         elif isinstance(doc, StepEvent):
             last_event_time_s = max(last_event_time_s, doc.time_s)
             if doc.event == "started":
+                if doc.step_index not in started and doc.step_index not in ended:
+                    open_rows[doc.step_index] = []
                 started.setdefault(doc.step_index, doc)
             else:
                 ended.setdefault(doc.step_index, doc)
+                open_rows.pop(doc.step_index, None)
     if start is None:
         return None
     run = RunContext(start.run_id, start.cell_id, start.protocol, start.n_steps, start_cell_s=0.0)
     run.ended = dict(ended)
-    run.next_seq = max(start.first_seq, max(batches, default=-1) + 1)
-    run.n_batches = len(batches)
-    run.n_samples = sum(len(b) for b in batches.values())
+    run.next_seq = max(start.first_seq, max(lengths, default=-1) + 1)
+    run.n_batches = len(lengths)
+    run.n_samples = sum(lengths.values())
     last_sample_time_s = last_event_time_s
-    if batches:
-        last = batches[max(batches)]
-        if len(last):
-            run.capacity_Ah = last.capacity_Ah[-1]
-            last_sample_time_s = max(last_sample_time_s, last.time_s[-1])
+    if last is not None and len(last):
+        run.capacity_Ah = last.capacity_Ah[-1]
+        last_sample_time_s = max(last_sample_time_s, last.time_s[-1])
     run.last_time_s = last_sample_time_s
     tripped = [e for e in ended.values() if _tripped(e)]
     if tripped:
@@ -133,12 +146,5 @@ def _rebuild(spool: Spool, run_id: str) -> RecoveredRun | None:
     cut = max(open_steps, key=lambda e: e.time_s) if open_steps else None
     cut_stats = StepStats()
     if cut is not None:
-        rows = [
-            (b.time_s[k], b.voltage_V[k], b.current_A[k], b.seq)
-            for seq in sorted(batches)
-            for b in (batches[seq],)
-            for k in range(len(b))
-            if b.step[k] == cut.step_index
-        ]
-        cut_stats = step_stats_from_samples(rows, cut.time_s)
+        cut_stats = step_stats_from_samples(open_rows.get(cut.step_index, []), cut.time_s)
     return RecoveredRun(start, run, cut, cut_stats, last_sample_time_s, last_wall_s)
