@@ -1,19 +1,23 @@
 """Checks faster than records (issue 14): the overshoot past a cut-off before and after, and readings per record.
 
-One protocol, a 1C discharge of the bare LTO thin film (lto-thin-film) to 1.0 V with ``record: {interval_s: 5}``,
-run through the whole path (Prefect flow, MQTT, agent, driver) four ways in one go:
+One protocol, a 1C discharge of an LTO thin film to 1.0 V with ``record: {interval_s: 5}``, run through the
+whole path (Prefect flow, MQTT, agent, driver) five ways in one go:
 
-- the Keithley 2450 emulator over its socket, the agent reading only at the record interval: the reference,
-  what issue 14 measured (the driver's fastest reading set to the record interval, so the check planner
-  cannot read sooner);
+- the Keithley 2450 emulator over its socket, the agent reading at the step's fixed sample interval: the
+  reference, what issue 14 measured (the driver's fastest reading set beyond the sample interval, so the check
+  planner cannot read sooner);
 - the same with the agent's check interval (check_interval.py): the "after";
-- the dry-run's simulated channel as it was (it clamps a cc step at its cut-off), read at the record interval;
-- the dry-run's simulated channel standing for the 2450 (its compliance, no clamp), with the check interval.
+- the dry-run's simulated channel as it was (it clamps a cc step at its cut-off), fixed reading;
+- the simulated channel standing for the 2450 (its compliance, no clamp), fixed reading and check interval.
+
+``--cell lto-thin-film`` is the many-particle film of the issue's probe, whose voltage falls at 1.4 V/s once
+the host is full; ``--check-bound S`` sets the channel's sample_interval_max_s (the compiler then reads every S
+and records every 5 s).
 
 Per run: how the discharge ended, its last voltage, the overshoot past 1.0 V in mV, the readings the agent
 took and the samples it recorded (the whole run) and readings per record.
 
-    python bench/check_interval.py [--speed 200]
+    python bench/check_interval.py [--cell lto_bare_thinfilm] [--speed 200] [--check-bound S]
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from labtwin.physics.library import load_cell  # noqa: E402
 from labtwin.simulators.keithley2450 import Keithley2450Emulator  # noqa: E402
 from labtwin.simulators.scpi_server import ScpiEmulatorThread  # noqa: E402
 
-CELL = "lto-thin-film"
 CUTOFF_V = 1.0
 RECORD_S = 5.0
 PROTOCOL = f"""
@@ -46,6 +49,7 @@ method:
   - cc: {{c_rate: -1.0, until: {{voltage_V: {CUTOFF_V}}}}}
 """
 LIMITS = Limits(voltage_min_V=0.8, voltage_max_V=2.6, current_max_A=1e-3)
+NOT_SOONER_S = 1e9  # a driver's fastest reading set this slow: the planner cannot read before the sample interval
 
 
 def count_reads(driver) -> list[int]:
@@ -62,11 +66,11 @@ def count_reads(driver) -> list[int]:
 
 
 async def one_run(name: str, channel: ChannelConfig, proto: Path, store: Path, adaptive: bool) -> dict:
-    lab = LabConfig(lab=f"bench{name}", channels={"k1": channel})
+    lab = LabConfig(lab=f"bench-{store.stem}", channels={"k1": channel})
     async with LocalLab(lab, ["k1"], None, str(store)) as local:
         driver = local.agents["k1"].driver
         if not adaptive:
-            driver.min_read_interval_s = RECORD_S  # the planner's floor at the record interval: fixed reading
+            driver.min_read_interval_s = NOT_SOONER_S  # the planner's floor at the sample interval: fixed reading
         reads = count_reads(driver)
         summary = await run_protocol(str(proto), "k1", local.url, lab=lab.lab)
         await local.wait_stored(summary.run_id)
@@ -85,9 +89,10 @@ async def one_run(name: str, channel: ChannelConfig, proto: Path, store: Path, a
     }
 
 
-async def main(speed: float) -> None:
+async def main(cell_name: str, speed: float, bound_s: float | None) -> None:
     await start_prefect_api()
-    cell = load_cell(CELL)
+    cell = load_cell(cell_name)
+    limits = LIMITS.model_copy(update={"sample_interval_max_s": bound_s})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         proto = Path(tmp) / "discharge.yaml"
@@ -102,24 +107,33 @@ async def main(speed: float) -> None:
                     timeout_s=2.0,
                     nominal_capacity_Ah=cell.nominal_capacity_Ah,
                     audit=str(Path(tmp) / "audit.jsonl"),
-                    limits=LIMITS,
+                    limits=limits,
                 )
-                label = "2450 emulator, " + ("check interval" if adaptive else "reads at record interval")
-                rows.append(await one_run(label, channel, proto, Path(tmp) / f"k{adaptive}.db", adaptive))
-        for stands_for, adaptive in ((None, False), ("keithley2450", True)):
-            channel = ChannelConfig(driver="simulated", cell=CELL, seed=0, limits=LIMITS, stands_for=stands_for)
-            label = "stand-in for the 2450, check interval" if stands_for else "simulated (clamps), record interval"
-            rows.append(await one_run(label, channel, proto, Path(tmp) / f"s{adaptive}.db", adaptive))
-    print(f"1C discharge of {CELL} to {CUTOFF_V} V, record interval {RECORD_S:g} s, emulator at {speed:g}x")
-    print(f"{'run':44} {'ended on':30} {'end V':>8} {'overshoot mV':>12} {'reads':>6} {'records':>7} {'reads/rec':>9}")
+                label = "2450 emulator, " + ("check interval" if adaptive else "fixed reading")
+                rows.append(await one_run(label, channel, proto, Path(tmp) / f"k{int(adaptive)}.db", adaptive))
+        for stands_for, adaptive in ((None, False), ("keithley2450", False), ("keithley2450", True)):
+            channel = ChannelConfig(driver="simulated", cell=cell_name, seed=0, limits=limits, stands_for=stands_for)
+            label = ("stand-in for the 2450, " if stands_for else "simulated (clamps), ") + (
+                "check interval" if adaptive else "fixed reading"
+            )
+            store = Path(tmp) / f"s{int(stands_for is not None)}{int(adaptive)}.db"
+            rows.append(await one_run(label, channel, proto, store, adaptive))
+    bound = f"checks at least every {bound_s:g} s" if bound_s else "no sample_interval_max_s"
+    print(
+        f"1C discharge of {cell_name} to {CUTOFF_V} V, record interval {RECORD_S:g} s, {bound}, emulator at {speed:g}x"
+    )
+    print(f"{'run':40} {'ended on':30} {'end V':>8} {'overshoot mV':>12} {'reads':>6} {'records':>7} {'reads/rec':>9}")
     for r in rows:
         print(
-            f"{r['run']:44} {r['end']:30} {r['end_V']:8.4f} {r['overshoot_mV']:12.1f} {r['reads']:6d} "
+            f"{r['run']:40} {r['end']:30} {r['end_V']:8.4f} {r['overshoot_mV']:12.1f} {r['reads']:6d} "
             f"{r['records']:7d} {r['reads'] / max(r['records'], 1):9.2f}"
         )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", default="lto_bare_thinfilm", help="lto_bare_thinfilm (ECM) or lto-thin-film")
     parser.add_argument("--speed", type=float, default=200.0, help="the emulator's cell seconds per wall second")
-    asyncio.run(main(parser.parse_args().speed))
+    parser.add_argument("--check-bound", type=float, default=None, help="the channel's sample_interval_max_s")
+    args = parser.parse_args()
+    asyncio.run(main(args.cell, args.speed, args.check_bound))
