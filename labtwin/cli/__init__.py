@@ -392,9 +392,19 @@ def agent(
     err.print(f"agent for {config.lab}/{channel} ({built.driver_name}) on {url}; Ctrl-C stops it safely")
 
     async def _serve() -> None:
+        # SIGTERM (a supervisor, systemd, the leash) and Ctrl-C stop the agent the same clean way: output off, the
+        # spool handed over, status offline, even in the moment after its first status (a cancelled task there
+        # skipped the offline status). A second Ctrl-C is Python's own: KeyboardInterrupt, at once.
         stop = asyncio.Event()
-        with contextlib.suppress(NotImplementedError):  # SIGTERM (a supervisor, systemd, the leash): a clean stop
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+
+        def on_sigint() -> None:
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)
+
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform: Ctrl-C as before
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
         await a.serve(stop)
 
     try:
