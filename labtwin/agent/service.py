@@ -50,6 +50,7 @@ from labtwin.agent.sample_loop import StepLoop
 from labtwin.agent.spool import Spool
 from labtwin.agent.techniques import Techniques
 from labtwin.bus import Bus, Refusal
+from labtwin.bus.sessions import claim_session
 from labtwin.devices.clock import Clock
 from labtwin.devices.potentiostat import Potentiostat
 from labtwin.documents import (
@@ -176,7 +177,13 @@ class Agent:
             self._safe_state()
             self.safe_at_wall = time.time()
             self._recover()
-            await self._serve_on_bus(connection, will, replay_state, stop)
+            # Its broker session under a client id nobody can guess (labtwin/bus/sessions.py), kept beside the
+            # spool: the spool's lock already makes this agent the only one of its channel there.
+            session = claim_session(f"agent-{self.lab}-{self.channel}", spool.path.parent.parent / "sessions")
+            try:
+                await self._serve_on_bus(connection, will, replay_state, stop, session.client_id)
+            finally:
+                session.release()
         finally:
             spool.close()
 
@@ -186,10 +193,11 @@ class Agent:
         will: tuple[str, bytes],
         replay_state: Path,
         stop: asyncio.Event | None,
+        client_id: str,
     ) -> None:
         async with Bus(
             connection,
-            f"agent-{self.lab}-{self.channel}",
+            client_id,
             will=will,
             persistent=True,
             replay_state=replay_state,
