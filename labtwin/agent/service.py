@@ -492,7 +492,11 @@ class Agent:
         if now - self._last_reassert_s < 1.0:
             return
         self._last_reassert_s = now
-        log.warning("channel %s: a status that is not this agent's was published; re-asserting", self.channel)
+        log.warning(
+            "channel %s: the broker holds a status for it that is not this agent's live one (its last will after a "
+            "dropped connection, or a forgery); publishing the true one",
+            self.channel,
+        )
         self._background_task(self._publish_status(force=True, state=self._state))
 
     def _refused(self, refusal: Refusal) -> None:
