@@ -89,3 +89,41 @@ def test_a_fully_lithiated_lto_film_takes_a_1c_charge_from_its_first_sample(samp
         potentials.append(trial.potential_V)
     assert all(1.3 < v < 1.6 for v in potentials), potentials  # on the way to the plateau, never volts off
     assert electrode.x.mean() < 0.995  # delithiating at 1C
+
+
+def test_a_stand_in_for_a_2450_goes_into_compliance_as_the_emulated_2450_does_where_the_simulator_clamps():
+    """A 1C discharge of the LTO film given a 1.0 V voltage limit, run an hour past empty: the plain simulated
+    potentiostat holds 1.0 V (a cycler's clamp); the 2450, through its real driver over the emulator's socket,
+    cannot (its limit is a magnitude: the driver sets the 2.652 V ceiling) and goes into compliance at -2.652 V
+    with the current falling; the simulated stand-in for it does the same (issue 14)."""
+    from labtwin.devices.clock import ScaledWallClock
+    from labtwin.instruments.keithley2450 import Keithley2450
+    from labtwin.instruments.transport import VisaTransport
+    from labtwin.simulators.keithley2450 import Keithley2450Emulator
+    from labtwin.simulators.scpi_server import ScpiEmulatorThread
+
+    cell = load_cell("lto_bare_thinfilm")
+    current, ceiling = -cell.nominal_capacity_Ah, 2.6 * 1.02
+    ends = {}
+    for kind in ("clamp", "magnitude"):
+        clock = VirtualClock()
+        sp = SimulatedPotentiostat(
+            cell, clock, np.random.default_rng(0), voltage_limit_kind=kind, voltage_ceiling_V=ceiling
+        )
+        sp.set_current(current, 1.0)
+        clock.sleep(7200)
+        ends[kind] = sp.read()
+    speed = 20000.0
+    emulator = Keithley2450Emulator(cell, speed=speed, seed=0)
+    with ScpiEmulatorThread(emulator) as running:
+        driver = Keithley2450(VisaTransport(f"TCPIP::127.0.0.1::{running.port}::SOCKET"), voltage_ceiling_V=ceiling)
+        try:
+            driver.set_current(current, 1.0)
+            ScaledWallClock(speed).sleep(7200)
+            ends["2450"] = driver.read()
+        finally:
+            driver.close()
+    assert ends["clamp"].voltage_V == pytest.approx(1.0, abs=0.01)
+    for name in ("2450", "magnitude"):
+        assert ends[name].voltage_V == pytest.approx(-ceiling, abs=0.01), ends
+        assert abs(ends[name].current_A) < 0.5 * abs(current), ends  # in compliance: the current has dropped
