@@ -371,7 +371,7 @@ def agent(
     url = _needs_broker(s, "an agent", agent_identity(channel))
     # The spool first: a second agent of this channel here is refused (SpoolBusy, one line) before its driver is
     # built, since opening a driver already talks to the instrument the first agent is driving.
-    spool = Spool.for_channel(config.lab, channel)
+    spool = Spool.for_channel(config.lab, channel, config.spool_dir)
     try:
         built = build_channel(channel, cfg, s.speed_value, config.lab)
     except BaseException:

@@ -348,6 +348,7 @@ class LocalLab:
                 cell_id=built.cell_id,
                 nominal_capacity_Ah=built.nominal_capacity_Ah,
                 driver_name=built.driver_name,
+                spool_dir=self.config.spool_dir,
             )
             self.agents[name] = agent
             self._tasks.append(asyncio.create_task(agent.serve(self._stop)))

@@ -104,6 +104,11 @@ class LabConfig(BaseModel):
         "relative to the lab file",
     )
     store: str | None = Field(None, description="SQLite path or postgresql:// URL; None = ./labtwin-data/labtwin.db")
+    spool_dir: Path | None = Field(
+        None,
+        description="where each agent journals its documents before they are sent (a local disk of the instrument "
+        "PC, not a network share); None = ./labtwin-data/spool of the agent's working directory",
+    )
     channels: dict[str, ChannelConfig] = Field(min_length=1)
 
     @field_validator("lab")
