@@ -18,19 +18,15 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import yaml
 
 from labtwin.data.store import Store
+from tests.lab_processes import LABTWIN, Service, run_started
 from tests.mosquitto_proc import MosquittoProcess
 from tests.tcp_proxy import TcpProxy
 
-LABTWIN = str(Path(sys.executable).parent / "labtwin")
 SEED = 20261202
 VOLTAGE_MAX_V = 3.0
 
@@ -47,56 +43,6 @@ method:
   - cc: {c_rate: 2.0, until: {time_s: 4000}}
 """
 N_STEPS = 6
-
-
-class Service:
-    """A labtwin command in a process group of its own, killed and started again by pid."""
-
-    def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.name, self.args, self.cwd, self.env = name, args, cwd, env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> Service:
-        log = open(self.cwd / f"{self.name}.{self.starts}.log", "wb")  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen(
-            self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.starts += 1
-        return self
-
-    def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.cwd.glob(f"{self.name}.*.log")))
-
-
-def _run_started(store_path: Path) -> str | None:
-    if not store_path.exists():
-        return None
-    store = Store.open(store_path, read_only=True)
-    try:
-        runs = store.runs()
-        return runs[0].run_id if runs else None
-    except Exception:
-        return None
-    finally:
-        store.close()
 
 
 async def test_a_run_through_broker_recorder_and_network_faults_loses_nothing(tmp_path):
@@ -141,7 +87,7 @@ async def test_a_run_through_broker_recorder_and_network_faults_loses_nothing(tm
         await asyncio.sleep(3.0)
         run.start()
         deadline = time.monotonic() + 90
-        while _run_started(store_path) is None:
+        while run_started(store_path) is None:
             failed = run.proc is not None and run.proc.poll() is not None
             assert not failed and time.monotonic() < deadline, f"no run started:\n{run.logs()}\n{agent.logs()}"
             await asyncio.sleep(0.3)
