@@ -18,6 +18,7 @@ Per run: how the discharge ended, its last voltage, the overshoot past 1.0 V in 
 took and the samples it recorded (the whole run) and readings per record.
 
     python bench/check_interval.py [--cell lto_bare_thinfilm] [--speed 200] [--check-bound S]
+    python bench/check_interval.py --cell lto-thin-film --check-bound 0.2 --speed 1 --initial-x 0.995  # emulator only
 """
 
 from __future__ import annotations
@@ -89,9 +90,12 @@ async def one_run(name: str, channel: ChannelConfig, proto: Path, store: Path, a
     }
 
 
-async def main(cell_name: str, speed: float, bound_s: float | None) -> None:
+async def main(cell_name: str, speed: float, bound_s: float | None, initial_x: float | None = None) -> None:
     await start_prefect_api()
     cell = load_cell(cell_name)
+    if initial_x is not None:  # a many-particle film started near full, so a run at 1x or 2x takes a minute
+        positive = cell.parameters.positive.model_copy(update={"initial_x": initial_x})
+        cell = cell.model_copy(update={"parameters": cell.parameters.model_copy(update={"positive": positive})})
     limits = LIMITS.model_copy(update={"sample_interval_max_s": bound_s})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +116,8 @@ async def main(cell_name: str, speed: float, bound_s: float | None) -> None:
                 label = "2450 emulator, " + ("check interval" if adaptive else "fixed reading")
                 rows.append(await one_run(label, channel, proto, Path(tmp) / f"k{int(adaptive)}.db", adaptive))
         for stands_for, adaptive in ((None, False), ("keithley2450", False), ("keithley2450", True)):
+            if initial_x is not None:
+                break  # a simulated channel takes its cell by name: the file's initial state
             channel = ChannelConfig(driver="simulated", cell=cell_name, seed=0, limits=limits, stands_for=stands_for)
             label = ("stand-in for the 2450, " if stands_for else "simulated (clamps), ") + (
                 "check interval" if adaptive else "fixed reading"
@@ -135,5 +141,6 @@ if __name__ == "__main__":
     parser.add_argument("--cell", default="lto_bare_thinfilm", help="lto_bare_thinfilm (ECM) or lto-thin-film")
     parser.add_argument("--speed", type=float, default=200.0, help="the emulator's cell seconds per wall second")
     parser.add_argument("--check-bound", type=float, default=None, help="the channel's sample_interval_max_s")
+    parser.add_argument("--initial-x", type=float, default=None, help="lto-thin-film: lithium fraction at the start")
     args = parser.parse_args()
-    asyncio.run(main(args.cell, args.speed, args.check_bound))
+    asyncio.run(main(args.cell, args.speed, args.check_bound, args.initial_x))
