@@ -53,7 +53,10 @@ class Service:
 def run_started(store_path: Path) -> str | None:
     if not store_path.exists():
         return None
-    store = Store.open(store_path, read_only=True)
+    try:  # the recorder may not have made its tables yet
+        store = Store.open(store_path, read_only=True)
+    except Exception:
+        return None
     try:
         runs = store.runs()
         return runs[0].run_id if runs else None
