@@ -127,11 +127,13 @@ async def test_broker_down_past_the_outbox_the_step_reads_on_and_every_batch_is_
         await agent.wait_ready()
         driving = asyncio.create_task(run_steps_by_hand(broker.url, unique_lab, "ch", "out", [cmd]))
         await asyncio.sleep(2.0)
-        await asyncio.wait_for(broker.stop(), 10)  # bounded: a hang is a failure, not a stuck suite
+        await asyncio.wait_for(
+            broker.stop(), 30
+        )  # bounded: a hang is a failure, not a stuck suite (amqtt takes >10 s loaded)
         down_at = time.monotonic()
         await asyncio.sleep(1.5)
         up_at = time.monotonic()
-        await asyncio.wait_for(broker.start(), 10)
+        await asyncio.wait_for(broker.start(), 30)
         try:
             _, run_stop = await asyncio.wait_for(driving, 60)
         except TimeoutError:  # the hand driver's own subscription may miss an event across the restart
