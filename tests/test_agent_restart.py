@@ -11,6 +11,7 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from labtwin import bus as busmod
@@ -242,7 +243,7 @@ def test_the_supervisors_back_off_doubles_to_its_bound_and_resets_after_a_health
     assert b.after(61.0) == 1 and b.after(0.5) == 2
 
 
-def test_labtwin_runs_shows_a_runs_outages(tmp_path: Path) -> None:
+def test_labtwin_runs_shows_a_runs_outages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store.open(tmp_path / "s.db")
     start = RunStart(run_id="r-out", lab="l", channel="ch", cell_id="c", protocol="p", n_steps=1)
     when = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
@@ -259,7 +260,12 @@ def test_labtwin_runs_shows_a_runs_outages(tmp_path: Path) -> None:
     store.write([start, outage, outage])  # a re-delivered outage is stored once
     assert [o.span_s for o in store.outages("r-out")] == [60.0]
     store.close()
-    shown = CliRunner().invoke(app, ["runs", "--store", str(tmp_path / "s.db")], env={"COLUMNS": "200"})
+    # Wide enough that no cell wraps, whichever width the CLI's console took when it was imported (rich fixes it
+    # then, from COLUMNS or the terminal: CI's is 80).
+    import labtwin.cli
+
+    monkeypatch.setattr(labtwin.cli.console, "width", 220)
+    shown = CliRunner().invoke(app, ["runs", "--store", str(tmp_path / "s.db")])
     assert shown.exit_code == 0, shown.output
     assert "outages" in shown.output and "1 (60 s)" in shown.output, shown.output
 
