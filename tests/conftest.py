@@ -128,6 +128,18 @@ def unique_lab(request: pytest.FixtureRequest):
         leftovers.clear_retained(*MOSQUITTO, left)
 
 
+@pytest.fixture(autouse=True)
+def agent_state_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spools, broker sessions and replay state of the agents, recorders and twins a test runs in this process go
+    under its tmp_path, not ./labtwin-data of the checkout: a spool a failed test left there was pumped into the
+    next session's lab of the same name (a stale RunStart in the signed-lab test)."""
+    from labtwin.agent import spool
+    from labtwin.bus import sessions
+
+    monkeypatch.setattr(spool, "DEFAULT_SPOOL_DIR", tmp_path / "labtwin-data" / "spool")
+    monkeypatch.setattr(sessions, "SESSION_DIR", tmp_path / "labtwin-data" / "sessions")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory):
     """The session fails if a process it started still runs at its end (a test killed a process whose children,

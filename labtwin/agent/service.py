@@ -33,6 +33,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -85,6 +86,9 @@ MAX_RESEND_BATCHES = 2_000
 """Batches one ResendRequest is answered with at most: a recorder far behind is served in rounds, not at once."""
 ANNOUNCE_EVERY_S = 60.0
 """How often a spooled, finished run no recorder has confirmed whole is announced again (its RunStop)."""
+ENDED_RUNS_KEPT = 1000
+"""How many ended runs an agent remembers (run id and RunStop, a few hundred bytes each): a late StartRun or step
+of one is refused, a repeated StopRun answered."""
 
 
 class Agent:
@@ -144,7 +148,8 @@ class Agent:
         self._spool_wake = asyncio.Event()
         self._drain_lock = asyncio.Lock()
         self._status_pending: Any = None  # the step thread's last status publish, until the event loop takes it
-        self._last_stop: RunStop | None = None  # answered again to a flow that lost it across a reconnect
+        # How the last runs ended, by run id: a StopRun is answered from it, a StartRun or step of one is refused.
+        self._ended_runs: OrderedDict[str, RunStop] = OrderedDict()
         self._announce_wake = asyncio.Event()
         self._resending = False  # an answer to a ResendRequest is being published
 
@@ -167,9 +172,10 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         will = (self._t("status"), busmod.offline_status(self.channel))
         connection = as_identity(self.broker_url, agent_identity(self.channel))
-        # The commands seen within the clock-skew window, on disk: a restart must not let a captured one replay.
-        replay_state = Path("labtwin-data") / "security" / f"{self.lab}-{self.channel}-commands.json"
         self.spool = spool = self.spool or Spool.for_channel(self.lab, self.channel, self.spool_dir)
+        # The commands seen within the clock-skew window, on disk beside the spool (the agent's state is in one
+        # place, the lab file's spool_dir): a restart must not let a captured one replay.
+        replay_state = spool.path.parent.parent / "security" / f"{self.lab}-{self.channel}-commands.json"
         try:
             # First, before the broker and before any document: whatever the last agent left on (it may have been
             # killed mid-step), the output goes off. The spool is opened (and locked) before this on purpose: a
@@ -390,7 +396,7 @@ class Agent:
                 continue
             why = "a later run followed"
             self._journal_event(
-                RunStop(
+                stop := RunStop(
                     run_id=run.run_id,
                     channel=self.channel,
                     exit_status="aborted",
@@ -401,6 +407,7 @@ class Agent:
                     cell_time_s=run.last_time_s,
                 )
             )
+            self._remember_ended(stop)
             log.warning(
                 "channel %s: run %s left by the last agent closed as aborted (%s)", self.channel, run.run_id, why
             )
@@ -453,6 +460,12 @@ class Agent:
             self._journal_event(ended)
         return run
 
+    def _remember_ended(self, stop: RunStop) -> None:
+        self._ended_runs[stop.run_id] = stop
+        self._ended_runs.move_to_end(stop.run_id)
+        while len(self._ended_runs) > ENDED_RUNS_KEPT:
+            self._ended_runs.popitem(last=False)
+
     def _on_reconnect(self) -> None:
         """After a broker restart its retained status may be gone or be this agent's last will: say it again; and
         a recorder that restarted meanwhile may not know of the runs this spool still holds: announce them."""
@@ -475,6 +488,8 @@ class Agent:
             # In a thread: the spool may hold a week of samples.
             found = await asyncio.to_thread(_finished_runs, self.spool, current)
             for run_id, entry in found:
+                if run_id not in self._ended_runs and isinstance(stop := _decoded(entry.topic, entry.payload), RunStop):
+                    self._remember_ended(stop)  # ended before this agent started: the spool still holds it
                 log.info("channel %s: run %s is not yet confirmed stored; announcing it", self.channel, run_id)
                 await self._bus.publish(entry.topic, entry.payload)
 
@@ -545,6 +560,19 @@ class Agent:
             if self.run.restarted:
                 await self._take_on_restarted(self.run, cmd)
             return  # a repeated StartRun (QoS 1 duplicate): already started
+        ended = self._ended_runs.get(cmd.run_id)
+        if ended is not None and cmd.resume is None:
+            # A run id names one run: a StartRun of one that ended is a late duplicate or a confused flow, and
+            # starting it would write a second record under the first's id. Resuming it (`labtwin run --resume`,
+            # a resume point read from the store) is the flow's decision and goes on below.
+            message = (
+                f"refused run {cmd.run_id}: it already ended ({ended.exit_status}: {ended.reason or 'no reason'}); "
+                "a run id is used once: resume it with `labtwin run --resume` or start a new run"
+            )
+            log.warning("channel %s: %s", self.channel, message)
+            await self.bus.publish(self._t("event"), ended)
+            await self._publish_status(force=True, state=self._state, message=message)
+            return
         if self.run is not None:
             if Lease(self.lease_grace_s).holds(self.run):
                 log.warning("channel %s: refused run %s: busy with run %s", self.channel, cmd.run_id, self.run.run_id)
@@ -611,8 +639,8 @@ class Agent:
     async def _stop_run(self, cmd: StopRun) -> None:
         run = self.run
         if run is None or run.run_id != cmd.run_id:
-            last = self._last_stop
-            if last is not None and last.run_id == cmd.run_id:
+            last = self._ended_runs.get(cmd.run_id)
+            if last is not None:
                 # A flow that lost the RunStop across a reconnect asks again: say again how the run ended.
                 await self.bus.publish(self._t("event"), last)
             return
@@ -634,7 +662,7 @@ class Agent:
             last_seq=run.next_seq - 1,
             cell_time_s=run.last_time_s,
         )
-        self._last_stop = stop
+        self._remember_ended(stop)
         await self.bus.publish(self._t("event"), stop)
         self.run = None
         await self._publish_status(force=True, state=ChannelState.idle)
@@ -666,19 +694,24 @@ class Agent:
         """One step: refused, repeated (already ran), held while paused, or run in the step thread."""
         run = self.run
         if run is None or run.run_id != cmd.run_id:
-            # A step of a run this agent did not start (e.g. after an agent restart): start it implicitly.
-            await self._start_run(
-                StartRun(run_id=cmd.run_id, channel=self.channel, cell_id=self.cell_id, protocol="", n_steps=0)
-            )
-            if self.run is None or self.run.run_id != cmd.run_id:  # refused: the channel is another run's
-                busy = EndReason(
-                    kind="error",
-                    name="channel_busy",
-                    message=f"channel busy with run {self.run.run_id if self.run else '?'}",
-                )
-                await self.bus.publish(self._t("event"), self._step_event(cmd, "ended", 0.0, busy, StepStats()))
-                return
-            run = self.run
+            # A step of a run this agent does not hold is never run: starting the run on the step's word would
+            # run it again from seq 0 and cell time 0 under a finished run's id (a run stopped from outside its
+            # flow, then asked for its next step, wrote 582 conflicting batches that way), or start current on
+            # a forged command. A run starts with its StartRun (after an agent restart, from the spool).
+            ended = self._ended_runs.get(cmd.run_id)
+            if ended is not None:
+                why = f"run {cmd.run_id} already ended ({ended.exit_status}: {ended.reason or 'no reason given'})"
+                name = "run_ended"
+            else:
+                holds = f"it holds run {run.run_id}" if run is not None else "it holds no run"
+                why = f"no StartRun of run {cmd.run_id} reached this agent ({holds})"
+                name = "unknown_run"
+            log.warning("channel %s: step %d not run: %s", self.channel, cmd.step_index, why)
+            not_run = EndReason(kind="error", name=name, message=why)
+            await self.bus.publish(self._t("event"), self._step_event(cmd, "ended", 0.0, not_run, StepStats()))
+            if ended is not None:
+                await self.bus.publish(self._t("event"), ended)  # its flow learns how the run ended
+            return
         run.heard_from_flow()
         run.restarted = False  # its flow speaks to this agent again
         if cmd.step_index in run.ended:

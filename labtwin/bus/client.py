@@ -371,6 +371,7 @@ class Bus:
         backoff_s = 0.2
         first = True
         connected_at: float | None = None
+        lost_at: float | None = None
         transport = self._transport
         paho_log = _PahoLog()
         while not self._closing:
@@ -404,7 +405,10 @@ class Bus:
                     reconnected = not first
                     if reconnected:
                         self.stats.reconnects += 1
-                        log.info("bus %s reconnected to %s", self.client_id, self.address)
+                        # As loud as the loss it ends: a log that shows only warnings must show the way back too.
+                        down_s = time.monotonic() - lost_at if lost_at is not None else 0.0
+                        log.warning("bus %s reconnected to %s after %.1f s", self.client_id, self.address, down_s)
+                        lost_at = None
                     first = False
                     paho_log.quiet = False
                     backoff_s = 0.2
@@ -438,6 +442,7 @@ class Bus:
             if refused is not None and first:  # a wrong password or CA: say so once, do not retry
                 self._gave_up = refused
                 return
+            lost_at = lost_at or time.monotonic()
             log.warning(
                 "bus %s lost the broker at %s (%s); retrying in %.1f s", self.client_id, self.address, lost, backoff_s
             )
@@ -496,8 +501,12 @@ class Bus:
             sender: str | None = None
             verifier = self._transport.verifier
             try:
-                if len(payload) > MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES + len(MAGIC):  # before any signature work
-                    raise MalformedPayload(f"{name}: payload of {len(payload)} bytes is over labtwin's limit")
+                limit = MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES + len(MAGIC)
+                if len(payload) > limit:  # before any signature work
+                    raise MalformedPayload(
+                        f"{name}: payload of {len(payload)} bytes is over labtwin's limit of {limit} bytes "
+                        f"({MAX_PAYLOAD_BYTES // (1024 * 1024)} MiB of document and its signature)"
+                    )
                 if verifier is not None:
                     trusted = verifier.check(name, bytes(payload))
                     payload, sender = trusted.body, trusted.sender

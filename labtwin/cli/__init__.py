@@ -428,12 +428,21 @@ def record(
     s = settings(lab=lab, broker=broker, store=store)
     url = _needs_broker(s, "the recorder", "recorder")
     config = s.lab_config
+    from labtwin.bus.sessions import claim_session
+
     store_ = open_store(s.store)
-    err.print(f"recording lab {config.lab} from {url} into {describe_url(store_.url)}; Ctrl-C stops")
+    recorder = Recorder(url, store_, config.lab)
     try:
-        asyncio.run(Recorder(url, store_, config.lab).serve())
-    except KeyboardInterrupt:
-        pass
+        # Its session first: a second recorder of this lab in this directory is refused before it says it records.
+        session = claim_session(recorder.session_name)
+        recorder.client_id = session.client_id
+        err.print(f"recording lab {config.lab} from {url} into {describe_url(store_.url)}; Ctrl-C stops")
+        try:
+            asyncio.run(recorder.serve())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            session.release()
     finally:
         store_.close()
 
@@ -451,13 +460,18 @@ def twin(
 
     s = settings(lab=lab, broker=broker)
     url = _needs_broker(s, "the twin", "twin")
+    from labtwin.bus.sessions import claim_session
+
     config = s.lab_config
+    service = TwinService(url, twin_factory(config), config.lab)
+    # Its session first: a second twin of this lab in this directory is refused before it says it follows.
+    session = claim_session(service.session_name)
+    service.client_id = session.client_id
     err.print(
         f"twin following lab {config.lab} on {url}; state on labtwin/v1/{config.lab}/cells/<cell>/state; Ctrl-C stops"
     )
 
     async def _serve() -> None:
-        service = TwinService(url, twin_factory(config), config.lab)
         task = asyncio.create_task(service.serve())
         seen = 0
         while not task.done():
@@ -471,6 +485,8 @@ def twin(
         asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
+    finally:
+        session.release()
 
 
 @app.command()
@@ -664,7 +680,7 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
             r.cell_id or "",
             r.protocol or "",
             (r.started_at or "")[:19],
-            r.exit_status or "running?",
+            r.exit_status or ("running?" if r.announced else "no RunStart"),
             f"{r.stored_samples}"
             + ("" if r.reported_samples in (None, r.stored_samples) else f" of {r.reported_samples}"),
             "" if r.cell_time_s is None else f"{r.cell_time_s / 3600:.2f}",
@@ -679,6 +695,11 @@ def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool 
         console.print(
             "conflicts: batches that reused a stored sequence number with other samples; the stored ones stay, "
             "the others are kept in the store's batch_conflicts table"
+        )
+    if any(not r.announced for r in rows):
+        console.print(
+            "no RunStart: samples stored under a run id no run document named (an agent whose RunStart was lost, "
+            "or batches published by someone else); check them before trusting them"
         )
     if with_outages:
         console.print(

@@ -12,10 +12,16 @@ answer); anything else is a bug and keeps its traceback. Exit codes, the same fo
 - 3: refused: the broker or the channel's agent did not accept a command (``pause``, ``resume``, ``stop``:
   credentials or ACL without the right, an unsigned or wrongly signed command, no agent acknowledged it);
 - 130: interrupted by Ctrl-C (a run in progress is stopped and marked interrupted first).
+
+Under ``labtwin agent --supervise`` (the child has LABTWIN_SUPERVISED set) a user error that no restart can
+cure (a lab file, a spool another agent holds) exits 78 (EX_CONFIG of sysexits, what systemd's
+RestartPreventExitStatus is usually given) instead of 2, and the supervisor stops there; an unreachable broker or
+instrument stays 2 and is tried again: it may be back at the next start.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -29,6 +35,10 @@ EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_REFUSED = 3
 EXIT_INTERRUPTED = 130
+EXIT_CONFIG = 78
+SUPERVISED_ENV = "LABTWIN_SUPERVISED"
+CURABLE_BY_RESTART = frozenset({"BrokerUnreachable", "InstrumentError"})
+"""User errors that may be gone at the next start: a broker or an instrument not (yet) answering."""
 
 
 class UserError(Exception):
@@ -118,8 +128,15 @@ class LabtwinGroup(typer.core.TyperGroup):
         except Exception as exc:
             if isinstance(exc, UserError):
                 report(str(exc))
-                raise typer.Exit(exc.exit_code) from None
+                raise typer.Exit(_supervised_code(exc, exc.exit_code)) from None
             if isinstance(exc, _user_error_types()):
                 report(str(exc))
-                raise typer.Exit(EXIT_USER_ERROR) from None
+                raise typer.Exit(_supervised_code(exc, EXIT_USER_ERROR)) from None
             raise
+
+
+def _supervised_code(exc: BaseException, code: int) -> int:
+    """The exit code; under a supervisor, EXIT_CONFIG for a user error a restart cannot cure."""
+    if code != EXIT_USER_ERROR or not os.environ.get(SUPERVISED_ENV):
+        return code
+    return code if type(exc).__name__ in CURABLE_BY_RESTART else EXIT_CONFIG

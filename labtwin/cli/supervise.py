@@ -7,13 +7,15 @@ the agent's first act is its instrument's safe state (Agent.serve), then it resu
 The rules: a child that dies is started again after a back-off, 1 s doubling to 30 s, back to 1 s once a
 child has run 60 s (healthy); SIGINT or SIGTERM to the supervisor stops the restarts and ends the child
 (SIGTERM, SIGKILL after ``STOP_GRACE_S``); the child runs on the leash (labtwin.orchestration.leash, ADR 0010),
-so a supervisor that is itself killed takes its child with it. The child's exit status does not matter: a
-user error (an instrument that is off, a spool another agent holds) may be gone at the next try, as with
-systemd's ``Restart=always``.
+so a supervisor that is itself killed takes its child with it. A child that cannot start as configured (a lab
+file it refuses, a spool another agent of the channel holds) exits EXIT_CONFIG (78, labtwin.cli.errors) and
+the supervisor stops with it: restarting would only repeat the error every 30 s for ever. Any other end (a
+crash, a kill, a broker or instrument not answering yet) is restarted, as systemd's ``Restart=always`` does.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from labtwin.cli.errors import EXIT_CONFIG, EXIT_USER_ERROR, SUPERVISED_ENV
 from labtwin.orchestration.leash import leashed
 
 BACKOFF_FIRST_S = 1.0
@@ -82,7 +85,9 @@ def supervise(
     try:
         while not stop.is_set():
             started = time.monotonic()
-            child = subprocess.Popen(leashed([sys.executable, "-m", "labtwin.cli", *child_args]))
+            child = subprocess.Popen(
+                leashed([sys.executable, "-m", "labtwin.cli", *child_args]), env={**os.environ, SUPERVISED_ENV: "1"}
+            )
             say(f"supervisor: agent started (pid {child.pid})")
             if stop.is_set():  # a signal between the check above and the start
                 child.send_signal(signal.SIGTERM)
@@ -100,6 +105,12 @@ def supervise(
             if stop.is_set():
                 say(f"supervisor: agent pid {child.pid} ended ({_describe(rc)}); supervisor stopping")
                 break
+            if rc == EXIT_CONFIG:
+                say(
+                    f"supervisor: agent pid {child.pid} cannot start as configured (its error is above); not "
+                    "restarting it: fix that and start the supervisor again"
+                )
+                return EXIT_USER_ERROR
             wait_s = backoff.after(ran_s)
             say(
                 f"supervisor: agent pid {child.pid} died ({_describe(rc)}) after {ran_s:.1f} s; "

@@ -93,6 +93,7 @@ class RunRow:
     conflicts: int = 0  # batches that came with this run's stored (run_id, seq) but other samples
     outages: int = 0  # stretches in which no agent read the instrument (an agent restart)
     outage_s: float = 0.0  # their cell time in total
+    announced: bool = True  # False: samples stored under a run id no RunStart or RunStop named (a forgery?)
 
 
 @dataclass
@@ -389,6 +390,18 @@ class Store:
             values[10], values[12], values[13] = int(values[10]), int(values[12]), int(values[13])
             values[14] = float(values[14])
             out.append(RunRow(*values))
+        # Samples under a run id that no run document named: an agent whose RunStart never arrived, or someone
+        # publishing batches of an invented run. Listed, so a store never holds samples nobody can see.
+        unannounced = self._fetch(
+            select(batches.c.run_id, func.sum(batches.c.n))
+            .where(batches.c.run_id.not_in(select(runs.c.run_id)))
+            .group_by(batches.c.run_id)
+            .order_by(batches.c.run_id)
+        )
+        for run_id, n in unannounced:
+            out.append(
+                RunRow(run_id, None, None, None, None, None, None, None, None, None, int(n), None, announced=False)
+            )
         return out
 
     def conflicts(self, run_id: str | None = None) -> list[BatchConflict]:

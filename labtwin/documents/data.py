@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import Field, model_validator
 
@@ -168,6 +168,22 @@ class Outage(Document):
 Event = Annotated[RunStart | StepEvent | RunStop | SecurityEvent | Outage, Field(discriminator="kind")]
 
 
+# What no battery test measures, whatever the instrument: a reading beyond these is a garbled or forged batch
+# (1e308 V was stored as a reading before) and the whole batch is refused as malformed, naming the column.
+# Wide on purpose: a pack cycler reaches 1 kV and 1 kA; the bounds reject the absurd, not the unusual.
+VOLTAGE_BOUND_V: Final = 1.0e4
+CURRENT_BOUND_A: Final = 1.0e5
+CAPACITY_BOUND_AH: Final = 1.0e7
+TIME_BOUND_S: Final = 1.0e10  # 317 years of cell time
+TEMPERATURE_MIN_C: Final = -273.15
+TEMPERATURE_MAX_C: Final = 3000.0
+Voltage = Annotated[float, Field(ge=-VOLTAGE_BOUND_V, le=VOLTAGE_BOUND_V)]
+Current = Annotated[float, Field(ge=-CURRENT_BOUND_A, le=CURRENT_BOUND_A)]
+Capacity = Annotated[float, Field(ge=-CAPACITY_BOUND_AH, le=CAPACITY_BOUND_AH)]
+CellTime = Annotated[float, Field(ge=-TIME_BOUND_S, le=TIME_BOUND_S)]
+Temperature = Annotated[float, Field(ge=TEMPERATURE_MIN_C, le=TEMPERATURE_MAX_C)]
+
+
 class SampleBatch(Document):
     """Agent -> all: consecutive samples of one run, numbered without gaps by ``seq``.
 
@@ -179,13 +195,13 @@ class SampleBatch(Document):
     run_id: str
     channel: str
     seq: Count
-    time_s: list[float] = Field(max_length=MAX_BATCH_SAMPLES, description="every column has as many values")
-    voltage_V: list[float | None] = Field(
+    time_s: list[CellTime] = Field(max_length=MAX_BATCH_SAMPLES, description="every column has as many values")
+    voltage_V: list[Voltage | None] = Field(
         description="None where the instrument returned no number (NaN): the reading the agent tripped on, kept"
     )
-    current_A: list[float | None] = Field(description="None where the instrument returned no number (NaN)")
-    capacity_Ah: list[float]
-    temperature_C: list[float | None] = Field(
+    current_A: list[Current | None] = Field(description="None where the instrument returned no number (NaN)")
+    capacity_Ah: list[Capacity]
+    temperature_C: list[Temperature | None] = Field(
         description="None where the channel has no temperature sensor (JSON has no NaN)"
     )
     step: list[StoreInt]

@@ -50,6 +50,7 @@ from labtwin.documents import (
     StepCommand,
     StepEvent,
     StepKind,
+    StepStats,
     StopRun,
 )
 from labtwin.orchestration.prefect_env import use_prefect_defaults
@@ -228,6 +229,8 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
 
     def ended_here(d) -> bool:
         nonlocal seen_running
+        if isinstance(d, RunStop) and d.run_id == command.run_id:
+            return True  # the run ended while its flow waited for a step (stopped by hand, or by someone else)
         if isinstance(d, ChannelStatus) and d.run_id == command.run_id:
             on_step = d.step_index == command.step_index and d.state in (ChannelState.running, ChannelState.paused)
             if on_step:
@@ -256,6 +259,21 @@ async def run_step(link: ChannelLink, command: StepCommand, label: str) -> StepE
     finally:
         if watcher is not None:
             watcher.cancel()
+    if isinstance(ended, RunStop):
+        why = f"the agent ended the run ({ended.exit_status}: {ended.reason or 'no reason given'}) mid-step"
+        log.warning("channel %s: step %d: %s", link.channel, command.step_index, why)
+        return StepEvent(
+            run_id=command.run_id,
+            channel=link.channel,
+            step_index=command.step_index,
+            label=command.label,
+            cycle=command.cycle,
+            step=command.step,
+            event="ended",
+            time_s=ended.cell_time_s or 0.0,
+            reason=EndReason(kind="aborted", name="run_stopped", message=why),
+            stats=StepStats(),
+        )  # the flow's own account, not the agent's: never added to the run's record
     link.events.append(ended)
     return ended
 
@@ -533,6 +551,8 @@ async def run_protocol(
                 ask=start,
             )
             if isinstance(started, ChannelStatus) and started.message.startswith(refusal):
+                if "already ended" in started.message:  # a run id is used once: waiting would not help
+                    raise ChannelUnavailable(f"channel {channel}: {started.message}")
                 raise ChannelBusy(f"channel {channel}: {started.message}")  # another flow's run got it first
         exit_status, reason = "success", ""
         try:
@@ -573,13 +593,19 @@ async def run_protocol(
         stop = await link.wait_for(
             lambda d: isinstance(d, RunStop) and d.run_id == run_id, 30, 30, "run stop", ask=stop_cmd
         )
+    # The agent's RunStop says how the run ended on the channel; a run its flow could not finish (a step that
+    # did not end on its end condition) has not succeeded, whatever a StopRun from elsewhere claimed.
+    if exit_status != "success" and stop.exit_status == "success":
+        final_status, final_reason = exit_status, f"{reason}; the agent's record says: success ({stop.reason})"
+    else:
+        final_status, final_reason = stop.exit_status, stop.reason or reason
     return summarize_run(
         run_id,
         channel,
         link.events,
         cell_id=cell,
         protocol=proto.metadata.name,
-        exit_status=stop.exit_status,
-        reason=stop.reason or reason,
+        exit_status=final_status,
+        reason=final_reason,
         wall_time_s=time.monotonic() - wall_start,
     )

@@ -367,3 +367,36 @@ async def test_ctrl_c_stops_the_supervisor_and_its_agent_with_exit_130(embedded_
     assert not _alive(child)
     assert len(err.child_pids()) == 1, "not started again after Ctrl-C"
     assert isinstance(offline, ChannelStatus) and offline.message == "agent stopped"
+
+
+async def test_a_supervised_agent_that_cannot_start_as_configured_is_not_restarted(
+    embedded_broker, unique_lab, tmp_path
+):
+    """A second agent of a channel whose spool another agent holds (the newcomer's trial: the supervisor
+    restarted it every 30 s for ever) ends the supervisor with exit 2 and one line; an agent that merely finds no
+    broker yet is restarted (its own test above kills one)."""
+    from labtwin.agent.spool import Spool
+
+    (tmp_path / "lab.yaml").write_text(
+        f"lab: {unique_lab}\nspool_dir: spool\nchannels:\n  ch: {{driver: simulated, cell: lto_bare_thinfilm, "
+        "limits: {voltage_min_V: 0.5, voltage_max_V: 3.0}}\n"
+    )
+    held = Spool.for_channel(unique_lab, "ch", tmp_path / "spool")  # as a first agent of the channel holds it
+    try:
+        supervisor = subprocess.Popen(
+            [LABTWIN, "agent", "--supervise", "--channel", "ch", "--lab", "lab.yaml", "--broker", embedded_broker.url],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            _, stderr = await asyncio.to_thread(supervisor.communicate, None, 60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(supervisor.pid, signal.SIGKILL)
+    finally:
+        held.close()
+    assert supervisor.returncode == 2, stderr
+    assert stderr.count("supervisor: agent started") == 1, stderr
+    assert "spool" in stderr and "cannot start as configured" in stderr, stderr
