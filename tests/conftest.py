@@ -151,8 +151,16 @@ def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory):
     session's temporary directories; the ones already running at the start are not the session's."""
     before = leftovers.running_now()
     roots = [Path(PREFECT_HOME), tmp_path_factory.getbasetemp().resolve()]
+    checkout_data = Path(__file__).resolve().parents[1] / "labtwin-data"  # a user's demo data: tests keep out
+    files_before = _files_under(checkout_data)
     yield
     problems = []
+    written = sorted(_files_under(checkout_data) - files_before)
+    if written:
+        problems.append(
+            "the session wrote into the checkout's labtwin-data (a test ran an agent, recorder or twin without its "
+            "own working directory or spool_dir):\n  " + "\n  ".join(str(p) for p in written[:20])
+        )
     stray = leftovers.started_and_still_running(before, roots)
     if stray:
         problems.append(
@@ -170,3 +178,7 @@ def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory):
             leftovers.clear_retained(*MOSQUITTO, retained)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()

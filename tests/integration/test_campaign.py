@@ -206,8 +206,13 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
     async with LocalLab(recorder_only, [], embedded_broker.url, str(store_path)) as local:
         # Each in its own process group, so a SIGKILL takes what the process started (the campaign's Prefect
         # server) down with it, as a power cut would.
-        agent = subprocess.Popen(
-            agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        agent = subprocess.Popen(  # in tmp_path: its spool and session are the test's, not the checkout's
+            agent_cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         first = subprocess.Popen(
             campaign_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -228,7 +233,12 @@ async def test_killing_the_agent_mid_step_and_rerunning_the_campaign_resumes_at_
             kill_process_group(first.pid)
             first.wait(10)
             agent = subprocess.Popen(
-                agent_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+                agent_cmd,
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
             second = await asyncio.create_subprocess_exec(
                 *campaign_cmd,

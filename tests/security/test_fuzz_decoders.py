@@ -572,7 +572,8 @@ def test_an_oversized_batch_is_refused_before_it_is_parsed():
     assert time.perf_counter() - t0 < 0.05
     # The largest batch allowed, every column full of 17-digit floats, fits the payload bound; one sample more does not.
     n = MAX_BATCH_SAMPLES
-    floats = [1234.5678901234567 + i for i in range(n)]
+    # (within the physical bounds of every column: 1234.57 down to 234.58, as a temperature too)
+    floats = [1234.5678901234567 - i * 0.1 for i in range(n)]
     full = SampleBatch(
         run_id="r" * 64,
         channel="c" * 32,
