@@ -12,12 +12,18 @@ passwords and ACLs instead.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 from pathlib import Path
 
 from amqtt.broker import Broker
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_S = 5.0
+"""How long the embedded broker's shutdown may take after its clients were cut off."""
 
 LOOPBACK_NOTE = "loopback only, no TLS, any username: for one machine (a lab network: `labtwin lab secure`)"
 
@@ -112,9 +118,28 @@ class EmbeddedBroker:
         return self
 
     async def stop(self) -> None:
-        if self._broker is not None:
-            await self._broker.shutdown()
-            self._broker = None
+        """Stop at once, as a broker that is shut down drops its clients: every client connection is aborted
+        first, then amqtt shuts down, bounded by SHUTDOWN_S.
+
+        amqtt's own shutdown stops each client's handler and waits for its reader; a client whose connection
+        was busy (an agent sending hundreds of batches a second into a full queue) kept that wait from ending
+        for over 30 s (tests/test_spool.py, loaded), and `labtwin broker` ignored Ctrl-C as long."""
+        broker, self._broker = self._broker, None
+        if broker is None:
+            return
+        for _session, handler in list(getattr(broker, "_sessions", {}).values()):
+            for stream in (getattr(handler, "writer", None), getattr(handler, "reader", None)):
+                transport = getattr(getattr(stream, "_writer", None), "transport", None)
+                if transport is not None:
+                    transport.abort()
+        try:
+            await asyncio.wait_for(broker.shutdown(), SHUTDOWN_S)
+        except TimeoutError:
+            log.warning("embedded broker: shutdown took over %.0f s; its listening sockets closed", SHUTDOWN_S)
+            for server in getattr(broker, "_servers", {}).values():
+                instance = getattr(server, "instance", None)
+                if instance is not None:
+                    instance.close()
 
     async def __aenter__(self) -> EmbeddedBroker:
         return await self.start()

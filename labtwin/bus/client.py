@@ -168,8 +168,10 @@ class _PahoLog(logging.LoggerAdapter):
         text = str(msg) % args if args else str(msg)
         if "[SSL" in text:
             self.tls_error = text
-            if self.quiet:
-                level = logging.DEBUG
+        if self.quiet:
+            # Before the first connection a socket error ("EOF occurred in violation of protocol", what a loaded
+            # TLS handshake cut off by the broker also says) is for the refusal or BrokerUnreachable to name.
+            level = min(level, logging.DEBUG)
         super().log(level, msg, *args, **kwargs)
 
 
@@ -442,10 +444,23 @@ class Bus:
             if refused is not None and first:  # a wrong password or CA: say so once, do not retry
                 self._gave_up = refused
                 return
-            lost_at = lost_at or time.monotonic()
-            log.warning(
-                "bus %s lost the broker at %s (%s); retrying in %.1f s", self.client_id, self.address, lost, backoff_s
-            )
+            if first:  # never connected yet: __aenter__ names the cause in one line if it lasts
+                log.debug(
+                    "bus %s: no connection to %s yet (%s); retrying in %.1f s",
+                    self.client_id,
+                    self.address,
+                    lost,
+                    backoff_s,
+                )
+            else:
+                lost_at = lost_at or time.monotonic()
+                log.warning(
+                    "bus %s lost the broker at %s (%s); retrying in %.1f s",
+                    self.client_id,
+                    self.address,
+                    lost,
+                    backoff_s,
+                )
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
 
