@@ -557,7 +557,9 @@ class Agent:
 
     async def _start_run(self, cmd: StartRun) -> None:
         if self.run is not None and self.run.run_id == cmd.run_id:
-            if self.run.restarted:
+            # The flow of a run rebuilt after an agent restart starts it again, or (having learnt of the restart
+            # from the cut step's end) resumes it: either way the run is taken on, its cut steps made runnable.
+            if self.run.restarted or (cmd.resume is not None and _cut_steps(self.run)):
                 await self._take_on_restarted(self.run, cmd)
             return  # a repeated StartRun (QoS 1 duplicate): already started
         ended = self._ended_runs.get(cmd.run_id)
@@ -614,7 +616,7 @@ class Agent:
         run.heard_from_flow()
         if cmd.resume is not None:
             r = cmd.resume
-            cut = [i for i, e in run.ended.items() if e.reason is not None and e.reason.name == "agent_restart"]
+            cut = _cut_steps(run)
             for index in cut:
                 del run.ended[index]
             run.next_seq = max(run.next_seq, r.next_seq)
@@ -868,6 +870,11 @@ class Agent:
             return
         self._last_status_wall = now
         await self.bus.publish(self._t("status"), self._status(self._state, message, cmd), retain=True)
+
+
+def _cut_steps(run: RunContext) -> list[int]:
+    """The steps of the run an agent restart cut (ended error:agent_restart): a resume runs them again."""
+    return [i for i, e in run.ended.items() if e.reason is not None and e.reason.name == "agent_restart"]
 
 
 def _finished_runs(spool: Spool, current: str | None) -> list[tuple[str, Any]]:

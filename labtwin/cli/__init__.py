@@ -178,6 +178,11 @@ def run(
     store: str | None = StoreOpt,
     speed: str | None = SpeedOpt,
     as_json: bool = JsonOpt,
+    resume_run: str | None = typer.Option(
+        None,
+        "--resume",
+        help="go on with this interrupted run (its id or a unique prefix, from `labtwin runs`) where the store has it",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a protocol on a channel as a Prefect flow (exit 1 if the run ends failed or aborted).
@@ -198,13 +203,14 @@ def run(
     capacity_Ah = channel_capacity_Ah(cfg)
     local = s.broker is None
     check_protocol(protocol, capacity_Ah, cfg.limits, compile=local and capacity_Ah is not None)
+    resume = _resume_state(s, resume_run, channel) if resume_run else None
     connection = s.connection("orchestrator")
     if connection is not None:
-        asyncio.run(check_channel(connection, config.lab, channel))
+        asyncio.run(check_channel(connection, config.lab, channel, own_run=resume.run_id if resume else None))
     from labtwin.cli.interrupt import RunInterrupted
 
     try:
-        summary = asyncio.run(_run(s, protocol, channel))
+        summary = asyncio.run(_run(s, protocol, channel, resume))
     except RunInterrupted as exc:
         err.print(str(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -216,18 +222,45 @@ def run(
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
-async def _run(s: Settings, protocol: str, channel: str):
+def _resume_state(s: Settings, prefix: str, channel: str) -> Any:
+    """What the store says of the run to resume: refused in one line unless it is interrupted, on this channel."""
+    from labtwin.cli.wiring import open_store
+    from labtwin.orchestration.resume import read_run
+
+    store_ = open_store(s.store)
+    try:
+        try:
+            run_id = store_.find_run(prefix)
+        except KeyError as exc:
+            raise UserError(f"--resume: {exc.args[0]}") from None
+        record = read_run(store_, run_id)
+    finally:
+        store_.close()
+    if record.state == "finished":
+        raise UserError(
+            f"--resume {run_id}: the run already ended ({record.exit_status}); a run id is used once: start a new run"
+        )
+    if record.resume is None:
+        raise UserError(f"--resume {run_id}: the store has no RunStart of it: start a new run")
+    if record.resume.channel and record.resume.channel != channel:
+        raise UserError(
+            f"--resume {run_id}: the run is on channel {record.resume.channel}, not {channel}: use --channel {record.resume.channel}"
+        )
+    return record.resume
+
+
+async def _run(s: Settings, protocol: str, channel: str, resume: Any = None):
     from labtwin.cli.interrupt import new_run_id, stop_on_interrupt
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
     config = s.lab_config
     await start_prefect_api()
-    run_id = new_run_id(channel)
+    run_id = resume.run_id if resume is not None else new_run_id(channel)
     connection = s.connection("orchestrator")
     if connection is not None:
         return await stop_on_interrupt(
-            run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id),
+            run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id, resume=resume),
             connection,
             config.lab,
             channel,
@@ -236,7 +269,7 @@ async def _run(s: Settings, protocol: str, channel: str):
         )
     async with LocalLab(config, [channel], None, s.store, s.speed_value) as local:
         summary = await stop_on_interrupt(
-            run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id),
+            run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id, resume=resume),
             local.url,
             config.lab,
             channel,

@@ -95,8 +95,11 @@ def channel_capacity_Ah(cfg: ChannelConfig) -> float | None:
     return check_cell(cfg.cell).nominal_capacity_Ah if cfg.cell else None
 
 
-async def check_channel(url: str | BrokerConnection, lab: str, channel: str, timeout_s: float = 5.0) -> ChannelStatus:
-    """The channel's retained status: an agent serves it and it is free, or one line saying what is wrong."""
+async def check_channel(
+    url: str | BrokerConnection, lab: str, channel: str, timeout_s: float = 5.0, own_run: str | None = None
+) -> ChannelStatus:
+    """The channel's retained status: an agent serves it and it is free (or holds ``own_run``, the run being
+    resumed), or one line saying what is wrong."""
     from labtwin import bus as busmod
     from labtwin.bus import Bus
 
@@ -111,7 +114,7 @@ async def check_channel(url: str | BrokerConnection, lab: str, channel: str, tim
             f"no agent serves channel {channel!r} of lab {lab!r} on {url}: start one there with "
             f"`labtwin agent --channel {channel} --broker {url}`"
         )
-    if status.state in (ChannelState.running, ChannelState.paused) and status.run_id:
+    if status.state in (ChannelState.running, ChannelState.paused) and status.run_id and status.run_id != own_run:
         raise UserError(
             f"channel {channel!r} is busy with run {status.run_id} ({status.state.value}): wait until it ends, "
             "or choose another channel"

@@ -44,6 +44,7 @@ from labtwin.documents import (
     EndReason,
     EndStep,
     PauseRun,
+    ResumePoint,
     RunStart,
     RunStop,
     StartRun,
@@ -395,6 +396,79 @@ def check_protocol_step_index(cmd: StepCommand) -> None:
         raise ValueError(f"step index {cmd.step_index} reaches the resume checks' range ({RESUME_CHECKS_FROM} up)")
 
 
+MAX_AGENT_RESTARTS = 5
+"""How often one run goes on after its agent restarted mid-step; an agent that keeps dying is not a blip."""
+
+
+def _cut_by_agent_restart(ended: StepEvent) -> bool:
+    return ended.reason is not None and ended.reason.kind == "error" and ended.reason.name == "agent_restart"
+
+
+async def _go_on_after_agent_restart(link: ChannelLink, start: StartRun, cmd: StepCommand, cut: StepEvent) -> StepEvent:
+    """The agent died mid-step and came back (its supervisor restarted it; it rebuilt the run from its spool and
+    ended the step as error:agent_restart, with the outage on the record). Go on as a resumed run does: the run
+    taken on again (the agent carries the cut step's charge), the cell's open-circuit voltage checked against the
+    step's window, then the step again with what is left of its time. Returns the step's end, or the failure
+    that stops the run."""
+    log.warning(
+        "channel %s: its agent restarted during step %d (%s); resuming the run",
+        link.channel,
+        cmd.step_index,
+        cut.reason.message if cut.reason else "",
+    )
+    link.events.remove(cut)  # the step runs on: its cut end is replaced by its real one
+    done = cut.stats or StepStats()
+    resume_start = start.model_copy(
+        update={
+            "resume": ResumePoint(
+                next_seq=0, time_s=max(cut.time_s, 0.0), step_index=cmd.step_index, step_stats=cut.stats
+            )
+        }
+    )
+    link.reconnects_seen = link.bus.stats.reconnects
+    await link.bus.publish(link.topic("cmd"), resume_start)
+    await link.wait_for(
+        lambda d: isinstance(d, RunStart) and d.run_id == cmd.run_id,
+        30,
+        30,
+        "run start (resuming after the agent's restart)",
+        ask=resume_start,
+    )
+    interval = cmd.sample_interval_s
+    check = StepCommand(
+        run_id=cmd.run_id,
+        step_index=next_resume_check_index(link.events),
+        cycle=cmd.cycle,
+        repetition=cmd.repetition,
+        step=StepKind.rest,
+        label=f"resume check: open-circuit voltage before step {cmd.step_index} (after an agent restart)",
+        end=EndConditions(time_s=2 * interval),
+        limits=cmd.limits.model_copy(update={"step_time_max_s": None}),
+        sample_interval_s=interval,
+    )
+    measured = await run_step(_quoted(link), check, label=f"resume check before step {cmd.step_index:03d}")
+    v = measured.stats.end_voltage_V if measured.stats else None
+    low = -math.inf if cmd.limits.voltage_min_V is None else cmd.limits.voltage_min_V
+    high = math.inf if cmd.limits.voltage_max_V is None else cmd.limits.voltage_max_V
+    if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
+        why = (
+            f"resume refused after the agent's restart: the cell's open-circuit voltage "
+            f"{v if v is None else f'{v:.4g} V'} is outside [{low:g}, {high:g}] V (or the check failed: "
+            f"{measured.reason})"
+        )
+        return cut.model_copy(update={"reason": EndReason(kind="error", name="resume_refused", message=why)})
+    again = cmd
+    if cmd.end.time_s is not None:
+        left = max(cmd.end.time_s - done.duration_s, interval)
+        again = cmd.model_copy(
+            update={
+                "end": cmd.end.model_copy(update={"time_s": left}),
+                "label": f"{cmd.label} (resumed, {left:g} s left)",
+            }
+        )
+    return await run_step(_quoted(link), again, label=f"{cmd.step_index:03d} c{cmd.cycle} {again.label}")
+
+
 async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, agent_holds_run: bool) -> str:
     """Bring the interpreter to where the interrupted run stands; a refusal reason if the cell is not fit to go on.
 
@@ -524,17 +598,17 @@ async def run_protocol(
         cell = cell_id or status.cell_id or ""
         link.cell_id = cell
         agent_holds_run = status.run_id == run_id
+        start = StartRun(
+            run_id=run_id,
+            channel=channel,
+            cell_id=cell,
+            protocol=proto.metadata.name,
+            n_steps=len(program.steps),
+            flow_run_id=flow_run_id,
+            resume=resume.point if resume else None,
+            anomaly_policy=proto.anomalies,
+        )
         if not agent_holds_run:
-            start = StartRun(
-                run_id=run_id,
-                channel=channel,
-                cell_id=cell,
-                protocol=proto.metadata.name,
-                n_steps=len(program.steps),
-                flow_run_id=flow_run_id,
-                resume=resume.point if resume else None,
-                anomaly_policy=proto.anomalies,
-            )
             link.reconnects_seen = bus.stats.reconnects
             await bus.publish(link.topic("cmd"), start)
             refusal = f"refused run {run_id}:"
@@ -561,9 +635,13 @@ async def run_protocol(
                 if refused:
                     exit_status, reason = "failed", refused
                     interp.stop_reason = refused
+            agent_restarts = 0
             while (cmd := interp.next_command()) is not None:
                 check_protocol_step_index(cmd)
                 ended = await _run_step_tracked(link, cmd)
+                while _cut_by_agent_restart(ended) and agent_restarts < MAX_AGENT_RESTARTS:
+                    agent_restarts += 1
+                    ended = await _go_on_after_agent_restart(link, start, cmd, ended)
                 if ended.reason is None or ended.reason.kind != "end_condition":
                     exit_status = (
                         "failed" if ended.reason and ended.reason.kind in {"safety_limit", "error"} else "aborted"

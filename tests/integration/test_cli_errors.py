@@ -285,3 +285,29 @@ def test_db_current_on_a_file_that_is_no_database_is_one_line(tmp_path):
 def test_a_lab_file_with_an_unknown_driver_is_refused_with_its_field(tmp_path):
     (tmp_path / "lab.yaml").write_text("lab: t\nchannels:\n  ch1:\n    driver: simulatd\n    cell: lfp\n")
     refused(["runs", "--lab", str(tmp_path / "lab.yaml")], "lab.yaml", "channels.ch1.driver", "simulatd")
+
+
+def test_resume_of_a_run_the_store_has_not_or_that_ended_is_one_line(tmp_path):
+    from labtwin.data.store import Store
+    from labtwin.documents import RunStart, RunStop
+
+    store = tmp_path / "s.db"
+    s = Store.open(store)
+    s.write(
+        [
+            RunStart(run_id="ended-run", lab="default", channel="ch1", cell_id="c", protocol="p", n_steps=1),
+            RunStop(run_id="ended-run", channel="ch1", exit_status="success"),
+            RunStart(run_id="elsewhere", lab="default", channel="ch2", cell_id="c", protocol="p", n_steps=1),
+        ]
+    )
+    s.close()
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        "lab: default\nchannels:\n"
+        "  ch1: {driver: simulated, cell: lto_bare_thinfilm, limits: {voltage_min_V: 0.5, voltage_max_V: 3.0}}\n"
+        "  ch2: {driver: simulated, cell: lto_bare_thinfilm, limits: {voltage_min_V: 0.5, voltage_max_V: 3.0}}\n"
+    )
+    base = ["run", "lto_formation", "--channel", "ch1", "--lab", str(lab), "--store", str(store)]
+    refused([*base, "--resume", "nope"], "--resume", "no run 'nope'")
+    refused([*base, "--resume", "ended-run"], "--resume ended-run", "already ended (success)")
+    refused([*base, "--resume", "elsewhere"], "channel ch2", "--channel ch2")
