@@ -4,7 +4,8 @@ Each run is a lab as it runs in separate processes: a Mosquitto started for the 
 `labtwin agent`, `labtwin record` (SQLite) and `labtwin run` (a Prefect flow, a short LTO cycling protocol at
 200x). At a random time (fixed seed) in the run one fault is injected: the broker killed (SIGKILL) with
 persistence off or on, the broker restarted gracefully (SIGINT, as an upgrade does), or the recorder killed and
-started again. The reference is the same number of runs with no fault, in the same session. Printed per fault:
+started again, or the supervised agent's child killed (SIGKILL; its supervisor starts it again and the flow
+resumes the run). The reference is the same number of runs with no fault, in the same session. Printed per fault:
 runs that ended other than success, samples the agent took that the store lacks, samples stored twice.
 
     python bench/reliability.py                 # 3 runs per fault
@@ -18,6 +19,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -42,7 +45,7 @@ method:
       - cc: {c_rate: -2.0, until: {voltage_V: 1.0}}
       - cc: {c_rate: 2.0, until: {voltage_V: 2.5}}
 """
-FAULTS = ("none", "broker-kill", "broker-kill-persistent", "broker-graceful", "recorder-kill")
+FAULTS = ("none", "broker-kill", "broker-kill-persistent", "broker-graceful", "recorder-kill", "agent-kill-supervised")
 
 
 async def one_run(fault: str, k: int, rng: random.Random) -> dict[str, object]:
@@ -69,7 +72,8 @@ async def one_run(fault: str, k: int, rng: random.Random) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LABTWIN_"))}
     env["PREFECT_HOME"] = str(work / "prefect-home")
     direct = ["--lab", str(lab), "--broker", broker.url]
-    agent = Service("agent", [LABTWIN, "agent", "--channel", "ch", *direct], work, env)
+    supervise = ["--supervise"] if fault == "agent-kill-supervised" else []
+    agent = Service("agent", [LABTWIN, "agent", *supervise, "--channel", "ch", *direct], work, env)
     recorder = Service("recorder", [LABTWIN, "record", *direct, "--store", str(store_path)], work, env)
     run = Service("run", [LABTWIN, "run", str(work / "p.yaml"), "--channel", "ch", *direct, "--json"], work, env)
     try:
@@ -89,6 +93,9 @@ async def one_run(fault: str, k: int, rng: random.Random) -> dict[str, object]:
             broker.stop()
             await asyncio.sleep(rng.uniform(0.5, 2.0))
             broker.start()
+        elif fault == "agent-kill-supervised":  # the supervisor's child, by the pid it printed
+            started = re.findall(r"agent started \(pid (\d+)\)", (work / "agent.0.log").read_text(errors="replace"))
+            os.kill(int(started[-1]), signal.SIGKILL)
         elif fault == "recorder-kill":
             recorder.kill()
             await asyncio.sleep(rng.uniform(2.0, 10.0))
