@@ -396,6 +396,34 @@ def check_protocol_step_index(cmd: StepCommand) -> None:
         raise ValueError(f"step index {cmd.step_index} reaches the resume checks' range ({RESUME_CHECKS_FROM} up)")
 
 
+async def _open_circuit_check(link: ChannelLink, before: StepCommand, check_index: int, why: str = "") -> str:
+    """Before a resumed run goes on with ``before``: a rest of two sample intervals, its last voltage in the step's
+    window (the protocol's within the channel's). A refusal reason, or "" when the cell is fit to go on."""
+    interval = before.sample_interval_s
+    check = StepCommand(
+        run_id=before.run_id,
+        step_index=check_index,
+        cycle=before.cycle,
+        repetition=before.repetition,
+        step=StepKind.rest,
+        label=f"resume check: open-circuit voltage before step {before.step_index}" + (f" ({why})" if why else ""),
+        end=EndConditions(time_s=2 * interval),
+        limits=before.limits.model_copy(update={"step_time_max_s": None}),
+        sample_interval_s=interval,
+    )
+    measured = await run_step(_quoted(link), check, label=f"resume check before step {before.step_index:03d}")
+    v = measured.stats.end_voltage_V if measured.stats else None
+    low, high = before.limits.voltage_min_V, before.limits.voltage_max_V
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
+        return (
+            f"resume refused{' ' + why if why else ''}: the cell's open-circuit voltage "
+            f"{v if v is None else f'{v:.4g} V'} is outside the protocol's window [{low:g}, {high:g}] V (or the "
+            f"check failed: {measured.reason})"
+        )
+    return ""
+
+
 MAX_AGENT_RESTARTS = 5
 """How often one run goes on after its agent restarted mid-step; an agent that keeps dying is not a blip."""
 
@@ -435,28 +463,9 @@ async def _go_on_after_agent_restart(link: ChannelLink, start: StartRun, cmd: St
         ask=resume_start,
     )
     interval = cmd.sample_interval_s
-    check = StepCommand(
-        run_id=cmd.run_id,
-        step_index=next_resume_check_index(link.events),
-        cycle=cmd.cycle,
-        repetition=cmd.repetition,
-        step=StepKind.rest,
-        label=f"resume check: open-circuit voltage before step {cmd.step_index} (after an agent restart)",
-        end=EndConditions(time_s=2 * interval),
-        limits=cmd.limits.model_copy(update={"step_time_max_s": None}),
-        sample_interval_s=interval,
-    )
-    measured = await run_step(_quoted(link), check, label=f"resume check before step {cmd.step_index:03d}")
-    v = measured.stats.end_voltage_V if measured.stats else None
-    low = -math.inf if cmd.limits.voltage_min_V is None else cmd.limits.voltage_min_V
-    high = math.inf if cmd.limits.voltage_max_V is None else cmd.limits.voltage_max_V
-    if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
-        why = (
-            f"resume refused after the agent's restart: the cell's open-circuit voltage "
-            f"{v if v is None else f'{v:.4g} V'} is outside [{low:g}, {high:g}] V (or the check failed: "
-            f"{measured.reason})"
-        )
-        return cut.model_copy(update={"reason": EndReason(kind="error", name="resume_refused", message=why)})
+    refused = await _open_circuit_check(link, cmd, next_resume_check_index(link.events), "after an agent restart")
+    if refused:
+        return cut.model_copy(update={"reason": EndReason(kind="error", name="resume_refused", message=refused)})
     again = cmd
     if cmd.end.time_s is not None:
         left = max(cmd.end.time_s - done.duration_s, interval)
@@ -525,27 +534,9 @@ async def _resume(link: ChannelLink, interp: Interpreter, resume: ResumeState, a
     first = interp.next_command()
     if first is None:
         return ""
-    interval = first.sample_interval_s
-    check = StepCommand(
-        run_id=first.run_id,
-        step_index=next_resume_check_index(resume.completed),
-        cycle=first.cycle,
-        repetition=first.repetition,
-        step=StepKind.rest,
-        label=f"resume check: open-circuit voltage before step {first.step_index}",
-        end=EndConditions(time_s=2 * interval),
-        limits=first.limits.model_copy(update={"step_time_max_s": None}),
-        sample_interval_s=interval,
-    )
-    measured = await run_step(_quoted(link), check, label=f"resume check before step {first.step_index:03d}")
-    v = measured.stats.end_voltage_V if measured.stats else None
-    low, high = first.limits.voltage_min_V, first.limits.voltage_max_V  # the protocol's window within the channel's
-    low, high = -math.inf if low is None else low, math.inf if high is None else high
-    if measured.reason is None or measured.reason.kind != "end_condition" or v is None or not low <= v <= high:
-        return (
-            f"resume refused: the cell's open-circuit voltage {v if v is None else f'{v:.4g} V'} is outside the "
-            f"protocol's window [{low:g}, {high:g}] V (or the check failed: {measured.reason})"
-        )
+    refused = await _open_circuit_check(link, first, next_resume_check_index(resume.completed))
+    if refused:
+        return refused
     if resume.elapsed_in_step_s > 0 and first.end.time_s is not None and first.step_index == resume.interrupted_step:
         # The interrupted step keeps what is left of its time: a 1 h rest cut at 40 min rests 20 min more.
         left = max(first.end.time_s - resume.elapsed_in_step_s, first.sample_interval_s)

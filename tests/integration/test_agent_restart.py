@@ -54,12 +54,12 @@ SPEED = 1.0  # the cell on the wall clock, as at the bench: a 1.2 mA discharge o
 SIGKILL_TO_OFF_BOUND_S = 15.0
 
 
-def lab_file(tmp_path: Path, lab: str, port: int) -> Path:
+def lab_file(tmp_path: Path, lab: str, port: int, speed: float = SPEED) -> Path:
     path = tmp_path / "lab.yaml"
     channel = {
         "driver": "keithley2450",
         "resource": f"TCPIP::127.0.0.1::{port}::SOCKET",
-        "speed": SPEED,
+        "speed": speed,
         "timeout_s": 2.0,
         "nominal_capacity_Ah": 1e-3,
         "cell_id": "LFP-on-2450",

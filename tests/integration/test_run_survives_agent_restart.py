@@ -19,7 +19,6 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus
@@ -29,7 +28,7 @@ from labtwin.physics.library import load_cell
 from labtwin.simulators.keithley2450 import Keithley2450Emulator
 from labtwin.simulators.scpi_server import ScpiEmulatorThread
 from tests.helpers import sim_lab
-from tests.integration.test_agent_restart import LABTWIN, Stderr, end, first_live_status
+from tests.integration.test_agent_restart import LABTWIN, Stderr, end, first_live_status, lab_file
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -50,18 +49,7 @@ async def test_a_run_goes_on_after_its_supervised_agent_is_killed_mid_step(embed
     proto = tmp_path / "p.yaml"
     proto.write_text(PROTOCOL)
     with ScpiEmulatorThread(emulator) as running:
-        lab_path = tmp_path / "lab.yaml"
-        channel = {
-            "driver": "keithley2450",
-            "resource": f"TCPIP::127.0.0.1::{running.port}::SOCKET",
-            "speed": SPEED,
-            "timeout_s": 2.0,
-            "nominal_capacity_Ah": 1e-3,
-            "cell_id": "LFP-on-2450",
-            "audit": str(tmp_path / "audit.jsonl"),
-            "limits": {"voltage_min_V": 2.0, "voltage_max_V": 4.3, "current_max_A": 5e-3},
-        }
-        lab_path.write_text(yaml.safe_dump({"lab": unique_lab, "channels": {"k1": channel}}))
+        lab_path = lab_file(tmp_path, unique_lab, running.port, speed=SPEED)
         recorder_only = sim_lab(unique_lab, {"k1": "lfp"})  # its channels are not started here
         async with LocalLab(recorder_only, [], embedded_broker.url, str(tmp_path / "s.db")) as local:
             supervisor = subprocess.Popen(
