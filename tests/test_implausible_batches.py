@@ -31,6 +31,9 @@ def _batch(run_id: str, seq: int = 0, **columns: list) -> SampleBatch:
         "temperature_C": [25.0] * n,
         "step": [0] * n,
         "cycle": [0] * n,
+        "frequency_Hz": [1e3, 1e2, 1e1],
+        "z_real_ohm": [1.2, 1.5, 2.0],
+        "z_imag_ohm": [-0.1, -0.3, -0.2],
     }
     values.update(columns)
     return SampleBatch.model_construct(run_id=run_id, channel="ch", seq=seq, kind="samples", **values)
@@ -38,7 +41,15 @@ def _batch(run_id: str, seq: int = 0, **columns: list) -> SampleBatch:
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("voltage_V", 1e308), ("current_A", -2e5), ("temperature_C", -300.0), ("capacity_Ah", 1e9), ("time_s", 1e12)],
+    [
+        ("voltage_V", 1e308),
+        ("current_A", -2e5),
+        ("temperature_C", -300.0),
+        ("capacity_Ah", 1e9),
+        ("time_s", 1e12),
+        ("z_real_ohm", 1e308),
+        ("frequency_Hz", -1.0),
+    ],
 )
 def test_a_reading_no_instrument_measures_refuses_the_batch_naming_the_column(column: str, value: float) -> None:
     good = _batch("r")

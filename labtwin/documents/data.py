@@ -182,6 +182,10 @@ Current = Annotated[float, Field(ge=-CURRENT_BOUND_A, le=CURRENT_BOUND_A)]
 Capacity = Annotated[float, Field(ge=-CAPACITY_BOUND_AH, le=CAPACITY_BOUND_AH)]
 CellTime = Annotated[float, Field(ge=-TIME_BOUND_S, le=TIME_BOUND_S)]
 Temperature = Annotated[float, Field(ge=TEMPERATURE_MIN_C, le=TEMPERATURE_MAX_C)]
+FREQUENCY_MAX_HZ: Final = 1.0e10
+IMPEDANCE_BOUND_OHM: Final = 1.0e15  # a good dielectric's teraohms, with room
+Frequency = Annotated[float, Field(ge=0.0, le=FREQUENCY_MAX_HZ)]
+Impedance = Annotated[float, Field(ge=-IMPEDANCE_BOUND_OHM, le=IMPEDANCE_BOUND_OHM)]
 
 
 class SampleBatch(Document):
@@ -206,9 +210,9 @@ class SampleBatch(Document):
     )
     step: list[StoreInt]
     cycle: list[StoreInt]
-    frequency_Hz: list[float] | None = Field(None, description="impedance steps only")
-    z_real_ohm: list[float] | None = None
-    z_imag_ohm: list[float] | None = None
+    frequency_Hz: list[Frequency] | None = Field(None, description="impedance steps only")
+    z_real_ohm: list[Impedance] | None = None
+    z_imag_ohm: list[Impedance] | None = None
 
     @model_validator(mode="after")
     def _same_length(self) -> SampleBatch:
