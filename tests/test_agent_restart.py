@@ -283,3 +283,20 @@ def test_only_runs_without_a_run_stop_are_rebuilt(tmp_path: Path) -> None:
     r = found[0]
     assert (r.run.next_seq, r.run.n_samples, r.run.n_batches, r.last_sample_time_s) == (5, 25, 5, 24.0)
     assert sorted(r.run.ended) == [0] and r.cut is not None and r.cut.step_index == 1
+
+
+def test_under_a_supervisor_only_a_broker_or_instrument_not_answering_is_worth_a_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from labtwin.agent.spool import SpoolBusy
+    from labtwin.bus.client import BrokerRefused, BrokerUnreachable
+    from labtwin.cli.errors import EXIT_CONFIG, EXIT_USER_ERROR, SUPERVISED_ENV, _supervised_code
+    from labtwin.instruments.transport import InstrumentTimeout
+
+    timeout = InstrumentTimeout("no answer")
+    assert _supervised_code(timeout, EXIT_USER_ERROR) == EXIT_USER_ERROR  # not supervised: the documented 2
+    monkeypatch.setenv(SUPERVISED_ENV, "1")
+    assert _supervised_code(timeout, EXIT_USER_ERROR) == EXIT_USER_ERROR  # a subclass of InstrumentError
+    assert _supervised_code(BrokerUnreachable("down"), EXIT_USER_ERROR) == EXIT_USER_ERROR
+    assert _supervised_code(BrokerRefused("bad password"), EXIT_USER_ERROR) == EXIT_CONFIG
+    assert _supervised_code(SpoolBusy("held"), EXIT_USER_ERROR) == EXIT_CONFIG

@@ -139,4 +139,6 @@ def _supervised_code(exc: BaseException, code: int) -> int:
     """The exit code; under a supervisor, EXIT_CONFIG for a user error a restart cannot cure."""
     if code != EXIT_USER_ERROR or not os.environ.get(SUPERVISED_ENV):
         return code
-    return code if type(exc).__name__ in CURABLE_BY_RESTART else EXIT_CONFIG
+    names = {cls.__name__ for cls in type(exc).__mro__}  # InstrumentTimeout is an InstrumentError too
+    curable = bool(names & CURABLE_BY_RESTART) and "BrokerRefused" not in names  # wrong credentials stay wrong
+    return code if curable else EXIT_CONFIG
