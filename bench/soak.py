@@ -133,7 +133,8 @@ async def main(broker: str, channels: int, days: float, store: str | None) -> in
             return (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
 
         first, last = rate(rates[: k + 1]), rate(rates[-k - 1 :])
-        print(f"rate, last tenth {last:,.0f} samples/s beside first tenth {first:,.0f} samples/s ({last / first:.2f}x)")
+        ratio = f"{last / first:.2f}x" if first > 0 else "first tenth idle"
+        print(f"rate, last tenth {last:,.0f} samples/s beside first tenth {first:,.0f} samples/s ({ratio})")
     if len(rss) >= 2:
         start, end = rss[0][1], rss[-1][1]
         peak = max(r for _, r in rss)

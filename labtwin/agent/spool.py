@@ -46,8 +46,13 @@ CREATE TABLE IF NOT EXISTS entries (
     handed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entries_run_seq ON entries (run_id, seq);
-CREATE INDEX IF NOT EXISTS entries_unhanded ON entries (handed, id);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+DROP INDEX IF EXISTS entries_unhanded;
 """
+# Entries are handed to the bus in id order, so "handed" is one number, the highest id handed over
+# (``marks.handed_through``), not a flag per row: updating a flag rewrote each row with its payload and index
+# entry, and in bench/soak.py that, with the read beside it, was 60 % of the event loop of 16 agents (every
+# client missed its keepalive). The ``handed`` column stays for spools written before; it is read once, at open.
 
 
 class SpoolBusy(OSError):
@@ -166,7 +171,19 @@ class Spool:
         except (OSError, sqlite3.Error) as exc:
             self._held.release()
             raise OSError(f"spool {path}: cannot open ({exc}): give the agent a writable spool directory") from None
+        self._handed_through = self._read_handed_through()
         self.prune()
+
+    def _read_handed_through(self) -> int:
+        row = self._db.execute("SELECT value FROM marks WHERE name = 'handed_through'").fetchone()
+        if row is not None:
+            return int(row[0])
+        # A spool from before the mark (or a new one): everything before its first unhanded row went out.
+        first = self._db.execute("SELECT MIN(id) FROM entries WHERE handed = 0").fetchone()[0]
+        last = self._db.execute("SELECT MAX(id) FROM entries").fetchone()[0]
+        through = int(first) - 1 if first is not None else int(last or 0)
+        self._db.execute("INSERT OR REPLACE INTO marks (name, value) VALUES ('handed_through', ?)", (through,))
+        return through
 
     @classmethod
     def for_channel(cls, lab: str, channel: str, directory: Path | None = None, **kwargs: float) -> Spool:
@@ -197,12 +214,14 @@ class Spool:
         return ident
 
     def mark_handed(self, idents: Iterable[int]) -> None:
-        """These entries are in the bus's outbox: not to be published again at a restart (a resend covers loss)."""
-        ids = [(i,) for i in idents]
-        if not ids:
+        """These entries, the oldest unhanded ones, are in the bus's outbox: not to be published again at a
+        restart (a resend covers loss)."""
+        through = max(idents, default=None)
+        if through is None or through <= self._handed_through:
             return
         with self._lock:
-            self._db.executemany("UPDATE entries SET handed = 1 WHERE id = ?", ids)
+            self._db.execute("UPDATE marks SET value = ? WHERE name = 'handed_through'", (through,))
+            self._handed_through = through
 
     def forget_run(self, run_id: str) -> int:
         """The recorder holds all of the run: its entries may go. Returns how many went."""
@@ -221,7 +240,8 @@ class Spool:
         """The oldest entries not yet handed to the bus, in the order they were written."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, topic, payload, run_id, seq FROM entries WHERE handed = 0 ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, topic, payload, run_id, seq FROM entries WHERE id > ? ORDER BY id LIMIT ?",
+                (self._handed_through, limit),
             ).fetchall()
         return [SpoolEntry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
