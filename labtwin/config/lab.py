@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from labtwin.alerts.config import AlertsConfig
 from labtwin.bus import check_name
 from labtwin.devices.clock import parse_speed
 from labtwin.documents import Limits
@@ -110,6 +111,9 @@ class LabConfig(BaseModel):
         "PC, not a network share); None = ./labtwin-data/spool of the agent's working directory",
     )
     channels: dict[str, ChannelConfig] = Field(min_length=1)
+    alerts: AlertsConfig | None = Field(
+        None, description="rules and destinations of alerts (webhook, e-mail, the dashboard): docs/alerts.md"
+    )
 
     @field_validator("lab")
     @classmethod
