@@ -167,3 +167,22 @@ outages = Table(
     Column("doc", Text, nullable=False),
     PrimaryKeyConstraint("run_id", "from_time_s"),
 )
+
+# Since schema 5: what an operator did by hand from the dashboard (pause, resume, stop), who, when, and what the
+# agent answered, so a run's timeline shows it and a lab can say who touched a cell.
+operator_actions = Table(
+    "operator_actions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Text),
+    Column("lab", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("user_name", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("wall_time", Text, nullable=False),
+    Column("time_s", DOUBLE_PRECISION),
+    Column("outcome", Text, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index("operator_actions_run", "run_id"),
+)

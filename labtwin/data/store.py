@@ -43,6 +43,7 @@ from labtwin.data.schema import (
     batches,
     cell_states,
     impedance,
+    operator_actions,
     outages,
     runs,
     samples,
@@ -486,6 +487,44 @@ class Store:
         """A run's outages (stretches no agent read the instrument), in the order they began."""
         query = select(outages.c.doc).where(outages.c.run_id == run_id).order_by(outages.c.from_time_s)
         return [Outage.model_validate_json(r[0]) for r in self._fetch(query)]
+
+    def record_action(
+        self,
+        *,
+        lab: str,
+        channel: str,
+        action: str,
+        user_name: str,
+        role: str,
+        outcome: str,
+        run_id: str | None = None,
+        time_s: float | None = None,
+        detail: str = "",
+    ) -> None:
+        """One operator action, as the dashboard sent it and as the agent answered (schema 5)."""
+        row = {
+            "run_id": run_id,
+            "lab": lab,
+            "channel": channel,
+            "action": action,
+            "user_name": user_name,
+            "role": role,
+            "wall_time": datetime.now(UTC).isoformat(),
+            "time_s": time_s,
+            "outcome": outcome,
+            "detail": detail,
+        }
+        with self._connect() as conn, conn.begin():
+            conn.execute(operator_actions.insert().values(**row))
+
+    def operator_actions(self, run_id: str | None = None, channel: str | None = None) -> list[dict[str, Any]]:
+        """Operator actions, oldest first, for a run and/or a channel."""
+        query = select(operator_actions).order_by(operator_actions.c.id)
+        if run_id is not None:
+            query = query.where(operator_actions.c.run_id == run_id)
+        if channel is not None:
+            query = query.where(operator_actions.c.channel == channel)
+        return [dict(row._mapping) for row in self._fetch(query)]
 
     def run_documents(self, run_id: str) -> tuple[RunStart | None, RunStop | None]:
         rows = self._fetch(select(runs.c.start_doc, runs.c.stop_doc).where(runs.c.run_id == run_id))

@@ -1,0 +1,373 @@
+"""The dashboard's web app (Starlette): pages, JSON for the plots, a live stream, and operator actions.
+
+Starlette because it is already installed with Prefect and is all a handful of routes need; uvicorn serves it.
+The pages are static HTML and one script (labtwin/dashboard/static), drawn with uPlot, shipped in the
+package: a lab network may have no internet. Live updates go to the browser as server-sent events: one-way,
+plain HTTP, reconnected by the browser on its own, which is what a view of a bus needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from labtwin.bus.operator import ORDERS, CommandFailed, command_channel
+from labtwin.dashboard import history
+from labtwin.dashboard.auth import Session, Sessions
+from labtwin.dashboard.live import LiveLab
+from labtwin.data.export import FORMATS, export_samples
+from labtwin.data.store import Store
+from labtwin.security import BrokerConnection
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+COOKIE = "labtwin_session"
+SSE_TICK_S = 0.1  # updates are coalesced for this long: a tile changes at most ten times a second
+SSE_PING_S = 10.0
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class DashboardConfig:
+    broker: str | BrokerConnection
+    store_url: str | None
+    lab: str = "+"
+    host: str = "127.0.0.1"
+    port: int = 8050
+    tls: bool = False
+    sessions: Sessions | None = None
+    prefect_ui_url: str | None = None
+
+    @property
+    def actions_allowed_here(self) -> bool:
+        """Operator actions need TLS when the dashboard is reachable beyond this machine."""
+        return self.tls or is_loopback(self.host)
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _float(value: str | None, name: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"query parameter {name}={value!r}: not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"query parameter {name}={value!r}: must be finite")
+    return number
+
+
+def create_app(config: DashboardConfig) -> Starlette:
+    sessions = config.sessions or Sessions(None)
+    live = LiveLab(config.broker, config.lab)
+    state: dict[str, Any] = {"store": None, "store_error": ""}
+
+    def store() -> Store:
+        if state["store"] is None:
+            try:
+                state["store"] = Store.open(config.store_url)
+                state["store_error"] = ""
+            except Exception as exc:
+                state["store_error"] = f"{type(exc).__name__}: {exc}"
+                raise
+        return state["store"]
+
+    async def in_store(fn, *args, **kwargs) -> Any:
+        """A store read in a worker thread: a busy database delays its page, never the live stream."""
+        return await asyncio.to_thread(lambda: fn(store(), *args, **kwargs))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await live.start()
+        try:
+            yield
+        finally:
+            await live.stop()
+            if state["store"] is not None:
+                state["store"].close()
+
+    def session_of(request: Request) -> Session | None:
+        if not sessions.logins_required:
+            return sessions.anonymous()
+        return sessions.get(request.cookies.get(COOKIE))
+
+    def page(name: str):
+        async def handler(request: Request) -> Response:
+            if session_of(request) is None:
+                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            return FileResponse(STATIC / name, headers={"Cache-Control": "no-store"})
+
+        return handler
+
+    def api(fn):
+        async def handler(request: Request) -> Response:
+            who = session_of(request)
+            if who is None:
+                return _error(401, "log in first: /login")
+            try:
+                return await fn(request, who)
+            except KeyError as exc:
+                return _error(404, str(exc.args[0]) if exc.args else "not found")
+            except ValueError as exc:
+                return _error(400, str(exc))
+            except (SQLAlchemyError, OSError) as exc:
+                log.error("dashboard: %s: store: %s: %s", request.url.path, type(exc).__name__, exc)
+                return _error(503, f"the store is not answering ({type(exc).__name__}); try again")
+            except Exception as exc:
+                log.exception("dashboard: %s failed", request.url.path)
+                return _error(500, f"{type(exc).__name__}: {exc}")
+
+        return handler
+
+    async def login_page(request: Request) -> Response:
+        return FileResponse(STATIC / "login.html", headers={"Cache-Control": "no-store"})
+
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        name, password = str(form.get("user", "")), str(form.get("password", ""))
+        nxt = str(form.get("next", "/"))
+        if not nxt.startswith("/") or nxt.startswith("//"):
+            nxt = "/"
+        found = await asyncio.to_thread(sessions.login, name, password) if sessions.logins_required else None
+        if found is None:
+            await asyncio.sleep(0.5)  # a guess costs time
+            return RedirectResponse("/login?failed=1", status_code=303)
+        token, _ = found
+        response = RedirectResponse(nxt, status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=config.tls, path="/")
+        return response
+
+    async def logout(request: Request) -> Response:
+        sessions.logout(request.cookies.get(COOKIE))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    async def whoami(request: Request, who: Session) -> Response:
+        return _json(
+            {
+                "user": who.user,
+                "role": who.role,
+                "csrf": who.csrf,
+                "logins_required": sessions.logins_required,
+                "actions_allowed": who.role == "operator" and config.actions_allowed_here,
+                "prefect_ui_url": config.prefect_ui_url,
+            }
+        )
+
+    async def lab_state(request: Request, who: Session) -> Response:
+        snap = live.lab_snapshot(request.query_params.get("lab") or None)
+        snap["store"] = {"state": "error" if state["store_error"] else "ok", "detail": state["store_error"]}
+        return _json(snap)
+
+    async def runs(request: Request, who: Session) -> Response:
+        return _json({"runs": await in_store(history.run_rows)})
+
+    async def run_meta(request: Request, who: Session) -> Response:
+        run_id = await in_store(lambda s, p: s.find_run(p), request.path_params["run_id"])
+        meta = await in_store(history.run_meta, run_id)
+        meta["actions"] = await in_store(lambda s: s.operator_actions(run_id=run_id))
+        meta["live"] = run_id in live.points
+        return _json(meta)
+
+    async def run_series(request: Request, who: Session) -> Response:
+        q = request.query_params
+        points = int(q.get("points", history.SERIES_POINTS))
+        if not 10 <= points <= 100_000:
+            raise ValueError("query parameter points: use 10 to 100000")
+        data = await in_store(
+            history.series,
+            request.path_params["run_id"],
+            points,
+            _float(q.get("from"), "from"),
+            _float(q.get("to"), "to"),
+        )
+        return _json(data)
+
+    async def run_cycles(request: Request, who: Session) -> Response:
+        return _json(await in_store(history.cycles, request.path_params["run_id"]))
+
+    async def run_timeline(request: Request, who: Session) -> Response:
+        run_id = request.path_params["run_id"]
+        data = await in_store(history.timeline, run_id)
+        data["actions"] = await in_store(lambda s: s.operator_actions(run_id=run_id))
+        return _json(data)
+
+    async def run_impedance(request: Request, who: Session) -> Response:
+        return _json(await in_store(history.impedance, request.path_params["run_id"]))
+
+    async def run_export(request: Request, who: Session) -> Response:
+        fmt = request.path_params["fmt"]
+        if fmt not in FORMATS:
+            raise ValueError(f"export format {fmt!r}: use one of {', '.join(FORMATS)}")
+        run_id = request.path_params["run_id"]
+        suffix = {"csv": ".csv", "parquet": ".parquet", "bdf": ".bdf"}[fmt]
+        folder = Path(tempfile.mkdtemp(prefix="labtwin-export-"))
+        path = folder / f"{run_id}{suffix}"
+
+        def write(s: Store) -> None:
+            start, _ = s.run_documents(run_id)
+            export_samples(s.samples(run_id), path, fmt, start.time.timestamp() if start else None)
+
+        await in_store(write)
+
+        def cleanup() -> None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                folder.rmdir()
+
+        return FileResponse(path, filename=path.name, background=BackgroundTask(cleanup))
+
+    async def events(request: Request, who: Session) -> Response:
+        listener = live.listen(
+            run_id=request.query_params.get("run") or None, lab=request.query_params.get("lab") or None
+        )
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                snap = live.lab_snapshot(listener.lab)
+                yield f"event: snapshot\ndata: {json.dumps(snap)}\n\n".encode()
+                last_ping = time.monotonic()
+                while True:
+                    try:
+                        first = await asyncio.wait_for(listener.queue.get(), SSE_PING_S)
+                    except TimeoutError:
+                        yield b": ping\n\n"
+                        continue
+                    await asyncio.sleep(SSE_TICK_S)
+                    batch = [first]
+                    while not listener.queue.empty():
+                        batch.append(listener.queue.get_nowait())
+                    tiles: dict[str, Any] = {}
+                    others: list[dict[str, Any]] = []
+                    points: dict[str, list[Any]] = {"time_s": [], "voltage_V": [], "current_A": []}
+                    for update in batch:
+                        if update["kind"] == "tile":
+                            t = update["tile"]
+                            tiles[f"{t['lab']}/{t['channel']}"] = t
+                        elif update["kind"] == "points":
+                            for k in points:
+                                points[k].extend(update[k])
+                        else:
+                            others.append(update)
+                    out = {"tiles": list(tiles.values()), "updates": others, "sent_ms": time.time() * 1e3}
+                    if points["time_s"]:
+                        out["points"] = points
+                    yield f"event: update\ndata: {json.dumps(out, allow_nan=False, default=str)}\n\n".encode()
+                    if time.monotonic() - last_ping > SSE_PING_S:
+                        last_ping = time.monotonic()
+            finally:
+                live.forget(listener)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+
+    async def action(request: Request, who: Session) -> Response:
+        lab, channel, verb = (request.path_params[k] for k in ("lab", "channel", "action"))
+        if verb not in ORDERS:
+            return _error(404, f"action {verb!r}: use pause, resume or stop")
+        if who.role != "operator":
+            return _error(403, f"user {who.user!r} is a {who.role}: only an operator login may {verb} a run")
+        if not config.actions_allowed_here:
+            return _error(
+                403,
+                "operator actions need TLS when the dashboard listens beyond loopback: start it with --tls-cert/--tls-key",
+            )
+        if not who.csrf or request.headers.get("x-csrf-token") != who.csrf:
+            return _error(403, "missing or wrong CSRF token: reload the page")
+        origin = request.headers.get("origin")
+        if origin is not None and origin.rstrip("/") != f"{request.url.scheme}://{request.url.netloc}":
+            return _error(403, f"request from another origin ({origin}) refused")
+        body = await request.json() if request.headers.get("content-type", "").startswith("application/json") else {}
+        reason = str(body.get("reason") or f"{verb} by {who.user} (dashboard)")[:200]
+        tile = live.tiles.get((lab, channel))
+        run_id = tile.run_id if tile else None
+        done_run: str | None
+        try:
+            done_run = await command_channel(config.broker, lab, channel, ORDERS[verb](reason))
+            outcome, detail, status = "done", "", 200
+        except CommandFailed as exc:
+            outcome, detail, status = ("refused" if exc.refused else "failed"), str(exc), 409
+            done_run = run_id
+        except Exception as exc:
+            outcome, detail, status = "failed", f"{type(exc).__name__}: {exc}", 503
+            done_run = run_id
+        try:
+            await in_store(
+                lambda s: s.record_action(
+                    lab=lab,
+                    channel=channel,
+                    action=verb,
+                    user_name=who.user,
+                    role=who.role,
+                    outcome=outcome,
+                    run_id=done_run,
+                    time_s=tile.cell_time_s if tile else None,
+                    detail=detail,
+                )
+            )
+        except Exception as exc:
+            log.error("dashboard: %s of %s by %s not recorded: %s", verb, channel, who.user, exc)
+        return _json(
+            {"action": verb, "channel": channel, "run_id": done_run, "outcome": outcome, "detail": detail}, status
+        )
+
+    routes = [
+        Route("/", page("lab.html")),
+        Route("/run/{run_id}", page("run.html")),
+        Route("/runs", page("runs.html")),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST", "GET"]),
+        Route("/api/whoami", api(whoami)),
+        Route("/api/lab", api(lab_state)),
+        Route("/api/events", api(events)),
+        Route("/api/runs", api(runs)),
+        Route("/api/runs/{run_id}", api(run_meta)),
+        Route("/api/runs/{run_id}/series", api(run_series)),
+        Route("/api/runs/{run_id}/cycles", api(run_cycles)),
+        Route("/api/runs/{run_id}/timeline", api(run_timeline)),
+        Route("/api/runs/{run_id}/impedance", api(run_impedance)),
+        Route("/api/runs/{run_id}/export.{fmt}", api(run_export)),
+        Route("/api/channels/{lab}/{channel}/{action}", api(action), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.live = live
+    app.state.config = config
+    return app

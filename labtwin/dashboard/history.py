@@ -1,0 +1,161 @@
+"""What the run page draws, read from the store: downsampled series, V-Q per cycle, dQ/dV, cycle figures.
+
+The store is the record (the recorder wrote it); the page never asks the broker for history, so a dashboard
+on another machine that reaches the store and the broker shows the same figures as `labtwin analyze`.
+Every function here is synchronous and runs in a worker thread (``asyncio.to_thread``): a slow or busy store
+delays one page, never the live view.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from labtwin.analysis.curves import differential_capacity_of, half_cycles
+from labtwin.analysis.cycles import summarize_cycles
+from labtwin.dashboard.downsample import downsample, extremes_indices
+from labtwin.data.store import Store
+
+SERIES_POINTS = 2000  # pixel columns of a wide screen: more would not be drawn
+CURVE_POINTS = 400  # per half cycle of a V-Q plot
+
+
+def _list(values: np.ndarray, digits: int | None = None) -> list[float | None]:
+    """JSON has no NaN: a missing reading is null, drawn as a gap."""
+    arr = np.asarray(values, dtype=float)
+    if digits is not None:
+        arr = np.round(arr, digits)
+    return [None if not math.isfinite(v) else v for v in arr.tolist()]
+
+
+def run_meta(store: Store, run_id: str) -> dict[str, Any]:
+    start, stop = store.run_documents(run_id)
+    return {
+        "run_id": run_id,
+        "lab": start.lab if start else None,
+        "channel": start.channel if start else (stop.channel if stop else None),
+        "cell_id": start.cell_id if start else None,
+        "protocol": start.protocol if start else None,
+        "n_steps": start.n_steps if start else None,
+        "started": start.time.isoformat() if start else None,
+        "stopped": stop.time.isoformat() if stop else None,
+        "exit_status": stop.exit_status if stop else None,
+        "reason": stop.reason if stop else None,
+    }
+
+
+def series(
+    store: Store, run_id: str, points: int = SERIES_POINTS, from_s: float | None = None, to_s: float | None = None
+) -> dict[str, Any]:
+    """Time, voltage, current (and temperature) of a run, min/max-downsampled over the asked span."""
+    s = store.samples(run_id)
+    t = s["time_s"]
+    lo = 0 if from_s is None else int(np.searchsorted(t, from_s, "left"))
+    hi = len(t) if to_s is None else int(np.searchsorted(t, to_s, "right"))
+    window = {k: v[lo:hi] for k, v in s.items()}
+    keep = downsample(window, "voltage_V", max(points // 4, 1), also=("current_A",))
+    return {
+        "run_id": run_id,
+        "n_samples": int(len(t)),
+        "n_in_span": int(hi - lo),
+        "time_s": _list(window["time_s"][keep], 3),
+        "voltage_V": _list(window["voltage_V"][keep]),
+        "current_A": _list(window["current_A"][keep]),
+        "temperature_C": _list(window["temperature_C"][keep], 3),
+        "cycle": window["cycle"][keep].astype(int).tolist(),
+    }
+
+
+def cycles(store: Store, run_id: str) -> dict[str, Any]:
+    """Per-cycle figures (labtwin.analysis.cycles, the one definition), V-Q curves and dQ/dV per half cycle."""
+    summaries = summarize_cycles(store.step_events(run_id))
+    first = summaries[0].delivered_Ah if summaries else None
+    table = [
+        {
+            "cycle": c.cycle,
+            "charge_mAh": c.charge_Ah * 1e3,
+            "discharge_mAh": c.discharge_Ah * 1e3,
+            "delivered_mAh": c.delivered_Ah * 1e3,
+            "coulombic_efficiency": c.coulombic_efficiency,
+            "retention": (c.delivered_Ah / first) if first else None,
+            "energy_in_mWh": c.energy_in_Wh * 1e3,
+            "energy_out_mWh": c.energy_out_Wh * 1e3,
+            "first_direction": c.first_direction,
+        }
+        for c in summaries
+    ]
+    curves, dqdv = [], []
+    for half in half_cycles(store.samples(run_id)):
+        keep = extremes_indices(half.voltage_V, CURVE_POINTS // 4)
+        curves.append(
+            {
+                "cycle": half.cycle,
+                "direction": half.direction,
+                "capacity_mAh": _list(half.capacity_Ah[keep] * 1e3),
+                "voltage_V": _list(half.voltage_V[keep]),
+            }
+        )
+        d = differential_capacity_of(half)
+        if d is not None:
+            dqdv.append(
+                {
+                    "cycle": half.cycle,
+                    "direction": half.direction,
+                    "voltage_V": _list(d[0]),
+                    "dq_dv_mAh_per_V": _list(d[1] * 1e3),
+                }
+            )
+    return {"run_id": run_id, "cycles": table, "curves": curves, "dqdv": dqdv}
+
+
+def timeline(store: Store, run_id: str) -> dict[str, Any]:
+    """What happened when, on the run's cell-time axis: step ends, anomalies, outages, twin prediction."""
+    start, _ = store.run_documents(run_id)
+    steps = [
+        {
+            "time_s": e.time_s,
+            "step_index": e.step_index,
+            "label": e.label,
+            "cycle": e.cycle,
+            "reason": f"{e.reason.kind}:{e.reason.name}" if e.reason else "",
+        }
+        for e in store.step_events(run_id)
+    ]
+    anomalies = [
+        {"time_s": a.time_s, "kind": a.kind, "cycle": a.cycle, "message": a.message, "action": a.action}
+        for a in store.anomalies(run_id=run_id)
+    ]
+    outages = [{"from_s": o.from_time_s, "to_s": o.to_time_s, "cause": o.cause} for o in store.outages(run_id)]
+    states = store.cell_states(start.cell_id, run_id) if start else []
+    twin = [
+        {"time_s": c.time_s, "predicted_V": c.predicted_voltage_V, "sigma_V": c.residual_sigma_V}
+        for c in states
+        if c.predicted_voltage_V is not None
+    ]
+    return {"run_id": run_id, "steps": steps, "anomalies": anomalies, "outages": outages, "twin": twin}
+
+
+def impedance(store: Store, run_id: str) -> dict[str, Any]:
+    """The run's impedance spectra, one per EIS step, for Nyquist and Bode plots."""
+    z = store.impedance(run_id)
+    spectra = []
+    for step in np.unique(z["step"]):
+        m = z["step"] == step
+        spectra.append(
+            {
+                "step": int(step),
+                "cycle": int(z["cycle"][m][0]),
+                "frequency_Hz": _list(z["frequency_Hz"][m]),
+                "z_real_ohm": _list(z["z_real_ohm"][m]),
+                "z_imag_ohm": _list(z["z_imag_ohm"][m]),
+            }
+        )
+    return {"run_id": run_id, "spectra": spectra}
+
+
+def run_rows(store: Store, limit: int = 200) -> list[dict[str, Any]]:
+    """The newest runs for the index of the run pages."""
+    rows = store.runs()[-limit:]
+    return [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(r).items()} for r in reversed(rows)]

@@ -1,0 +1,173 @@
+// The run page: V-t with the twin's prediction and the anomalies, I-t, V-Q by cycle, dQ/dV, capacity and CE,
+// impedance, the timeline; live while the run runs, zoom asks the server for the visible span at full detail.
+"use strict";
+const runId = decodeURIComponent(location.pathname.split("/").pop());
+const W = 560;
+const state = { series: null, twin: [], anomalies: [], actions: [], zoomed: false, meta: null };
+window.__labtwinRun = state;
+let vt = null, it = null;
+
+function markersHook(u) {
+  const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
+  ctx.save(); ctx.lineWidth = 1.5 * devicePixelRatio;
+  for (const [list, colour] of [[state.anomalies, "#a3281b"], [state.actions, "#b07800"]]) {
+    ctx.strokeStyle = colour;
+    for (const m of list) {
+      if (m.time_s === null || m.time_s === undefined) continue;
+      const x = u.valToPos(m.time_s, "x", true);
+      if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + h); ctx.stroke();
+    }
+  }
+  ctx.restore();
+}
+
+function vtData() {
+  const s = state.series;
+  if (!state.twin.length) return [s.time_s, s.voltage_V, s.time_s.map(() => null)];
+  return uPlot.join([[s.time_s, s.voltage_V], [state.twin.map(p => p.time_s), state.twin.map(p => p.predicted_V)]]);
+}
+
+let zoomTimer = null;
+function onZoom(u) {
+  if (u.status !== 1 || !state.series) return;
+  const min = u.scales.x.min, max = u.scales.x.max, t = state.series.time_s;
+  state.zoomed = t.length > 0 && (min > t[0] || max < t[t.length - 1]);
+  clearTimeout(zoomTimer);
+  zoomTimer = setTimeout(() => loadSeries(state.zoomed ? min : null, state.zoomed ? max : null), 250);
+}
+
+function makeTimePlots() {
+  const common = { width: W, height: 280, cursor: { drag: { x: true, y: false } } };
+  vt = new uPlot({ ...common,
+    scales: { x: { time: false } },
+    axes: [{ label: "test time / s" }, { label: "voltage / V", size: 60 }],
+    series: [{ label: "t / s" }, { label: "measured V", stroke: "#1f5fa8", width: 1 },
+             { label: "twin predicted V", stroke: "#e07b00", width: 1, dash: [6, 4], points: { show: true, size: 5 } }],
+    hooks: { draw: [markersHook], setScale: [(u, key) => key === "x" && onZoom(u)] },
+  }, vtData(), document.getElementById("plot-vt"));
+  it = new uPlot({ ...common,
+    scales: { x: { time: false } },
+    axes: [{ label: "test time / s" }, { label: "current / mA", size: 60 }],
+    series: [{ label: "t / s" }, { label: "current / mA", stroke: "#2a8a4a", width: 1 }],
+    hooks: { draw: [markersHook] },
+  }, [state.series.time_s, state.series.current_A.map(i => i === null ? null : i * 1e3)], document.getElementById("plot-it"));
+  for (const u of [vt, it]) u.over.addEventListener("dblclick", () => { state.zoomed = false; loadSeries(null, null); });
+}
+
+async function loadSeries(from, to) {
+  const q = new URLSearchParams({ points: String(2 * W) });
+  if (from !== null && from !== undefined) { q.set("from", from); q.set("to", to); }
+  const s = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}/series?${q}`);
+  state.series = s;
+  document.getElementById("plot-vt").dataset.points = s.time_s.length;
+  document.getElementById("plot-vt").dataset.samples = s.n_samples;
+  if (!vt) { makeTimePlots(); return; }
+  vt.setData(vtData(), from === null); it.setData([s.time_s, s.current_A.map(i => i === null ? null : i * 1e3)], from === null);
+}
+
+function appendLive(p) {
+  if (!state.series || state.zoomed) return;
+  const s = state.series;
+  for (let k = 0; k < p.time_s.length; k++) {
+    if (s.time_s.length && p.time_s[k] <= s.time_s[s.time_s.length - 1]) continue;
+    s.time_s.push(p.time_s[k]); s.voltage_V.push(p.voltage_V[k]); s.current_A.push(p.current_A[k]);
+  }
+  document.getElementById("plot-vt").dataset.points = s.time_s.length;
+  if (s.time_s.length > 8 * W) { loadSeries(null, null); return; }  // back to a downsampled whole
+  vt.setData(vtData()); it.setData([s.time_s, s.current_A.map(i => i === null ? null : i * 1e3)]);
+}
+
+async function loadCycles() {
+  const c = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}/cycles`);
+  const cycles = c.curves.map(x => x.cycle);
+  const lo = Math.min(...cycles, 1), hi = Math.max(...cycles, 1);
+  const colour = n => labtwin.viridis(hi > lo ? (n - lo) / (hi - lo) : 0);
+  document.getElementById("cb-min").textContent = lo; document.getElementById("cb-max").textContent = hi;
+  xyPlot(document.getElementById("plot-vq"), { width: W, xlabel: "capacity / mAh", ylabel: "voltage / V",
+    series: c.curves.map(x => ({ x: x.capacity_mAh, y: x.voltage_V, color: colour(x.cycle) })) });
+  xyPlot(document.getElementById("plot-dqdv"), { width: W, xlabel: "voltage / V", ylabel: "dQ/dV / mAh V⁻¹",
+    series: c.dqdv.map(x => ({ x: x.voltage_V, y: x.direction === "discharge" ? x.dq_dv_mAh_per_V.map(v => v === null ? null : -v) : x.dq_dv_mAh_per_V, color: colour(x.cycle) })) });
+  const rows = c.cycles;
+  const el = document.getElementById("plot-cap");
+  el.dataset.cycles = rows.length;
+  if (rows.length) {
+    new uPlot({ width: W, height: 260, scales: { x: { time: false }, ce: { range: [null, null] } },
+      axes: [{ label: "cycle" }, { label: "retention / %", size: 60 }, { side: 1, scale: "ce", label: "CE / %", size: 60, grid: { show: false } }],
+      series: [{ label: "cycle" }, { label: "capacity retention / %", stroke: "#1f5fa8", points: { show: true } },
+               { label: "CE / %", scale: "ce", stroke: "#a3281b", points: { show: true } }],
+    }, [rows.map(r => r.cycle), rows.map(r => r.retention === null ? null : r.retention * 100),
+        rows.map(r => r.coulombic_efficiency === null ? null : r.coulombic_efficiency * 100)], el);
+  } else el.textContent = "no complete cycle yet";
+  const t = document.getElementById("cycles");
+  t.innerHTML = "<tr><th>cycle</th><th>charge / mAh</th><th>discharge / mAh</th><th>CE / %</th><th>retention / %</th></tr>";
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    for (const v of [r.cycle, r.charge_mAh.toFixed(4), r.discharge_mAh.toFixed(4),
+      r.coulombic_efficiency === null ? "–" : (r.coulombic_efficiency * 100).toFixed(2), r.retention === null ? "–" : (r.retention * 100).toFixed(2)]) {
+      const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
+    }
+    t.appendChild(tr);
+  }
+}
+
+async function loadImpedance() {
+  const z = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}/impedance`);
+  if (!z.spectra.length) { document.getElementById("no-eis").hidden = false; return; }
+  const n = z.spectra.length;
+  const colour = k => labtwin.viridis(n > 1 ? k / (n - 1) : 0);
+  xyPlot(document.getElementById("plot-nyquist"), { width: W, equal: true, xlabel: "Z' / Ω", ylabel: "−Z'' / Ω",
+    series: z.spectra.map((s, k) => ({ x: s.z_real_ohm, y: s.z_imag_ohm.map(v => -v), color: colour(k), points: true,
+      markers: s.frequency_Hz.map((f, i) => ({ f, i })).filter(m => Math.abs(Math.log10(m.f) % 1) < 0.05)
+        .map(m => ({ x: s.z_real_ohm[m.i], y: -s.z_imag_ohm[m.i], text: m.f >= 1 ? m.f.toFixed(0) + " Hz" : m.f.toPrecision(1) + " Hz" })) })) });
+  xyPlot(document.getElementById("plot-bode"), { width: W, logx: true, xlabel: "log10 frequency / Hz", ylabel: "|Z| / Ω",
+    series: z.spectra.map((s, k) => ({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => Math.hypot(r, s.z_imag_ohm[i])), color: colour(k), points: true })) });
+}
+
+async function loadTimeline() {
+  const tl = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}/timeline`);
+  state.twin = tl.twin; state.anomalies = tl.anomalies; state.actions = tl.actions;
+  const items = [
+    ...tl.steps.map(s => ({ t: s.time_s, cls: "step", text: `step ${s.step_index} ${s.label} ended (cycle ${s.cycle}) ${s.reason}` })),
+    ...tl.anomalies.map(a => ({ t: a.time_s, cls: "anomaly", text: `ANOMALY ${a.kind} (cycle ${a.cycle}): ${a.message}` })),
+    ...tl.outages.map(o => ({ t: o.from_s, cls: "outage", text: `outage ${o.cause}: ${o.from_s.toFixed(0)} to ${o.to_s === null ? "?" : o.to_s.toFixed(0)} s` })),
+    ...tl.actions.map(a => ({ t: a.time_s, cls: "action", text: `${a.action} by ${a.user_name} (${a.role}) at ${a.wall_time}: ${a.outcome} ${a.detail}` })),
+  ].sort((a, b) => (a.t ?? 1e300) - (b.t ?? 1e300));
+  const ul = document.getElementById("timeline"); ul.innerHTML = "";
+  for (const i of items) { const li = document.createElement("li"); li.className = i.cls;
+    li.textContent = (i.t === null || i.t === undefined ? "" : labtwin.duration(i.t) + ": ") + i.text; ul.appendChild(li); }
+  if (vt) vt.setData(vtData(), false);
+}
+
+async function main() {
+  await labtwin.whoami();
+  const meta = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}`);
+  state.meta = meta;
+  document.getElementById("title").textContent = `${meta.cell_id || "?"}: ${meta.protocol || "?"} (run ${meta.run_id})`;
+  const m = document.getElementById("meta");
+  for (const [k, v] of [["lab", meta.lab], ["channel", meta.channel], ["started", meta.started], ["status", meta.exit_status || "running"], ["reason", meta.reason]])
+    if (v) { const s = document.createElement("span"); s.textContent = `${k}: ${v}`; m.appendChild(s); }
+  const ex = document.getElementById("exports");
+  for (const f of ["csv", "parquet", "bdf"]) { const a = document.createElement("a"); a.href = `/api/runs/${encodeURIComponent(meta.run_id)}/export.${f}`;
+    a.textContent = `export ${f.toUpperCase()}`; a.style.marginRight = "1em"; ex.appendChild(a); }
+  if (!meta.exit_status && meta.lab && meta.channel) document.getElementById("run-actions").appendChild(labtwin.actionButtons(meta.lab, meta.channel));
+  await loadTimeline();
+  await loadSeries(null, null);
+  await Promise.all([loadCycles(), loadImpedance()]);
+  document.body.dataset.ready = "1";
+  const src = new EventSource(`/api/events?run=${encodeURIComponent(meta.run_id)}&lab=${encodeURIComponent(meta.lab || "")}`);
+  let refresh = null;
+  src.addEventListener("snapshot", ev => { const s = JSON.parse(ev.data); labtwin.busState(s.broker.state, s.broker.detail); });
+  src.addEventListener("update", ev => {
+    const u = JSON.parse(ev.data);
+    if (u.points) appendLive(u.points);
+    for (const x of u.updates) {
+      if (x.kind === "broker") labtwin.busState(x.state, x.detail);
+      else if (x.kind === "twin" && x.run_id === meta.run_id) state.twin.push(x);
+      else if (x.kind === "event" && x.event.run_id === meta.run_id) {
+        clearTimeout(refresh); refresh = setTimeout(() => { loadTimeline(); loadCycles(); }, 500);
+      }
+    }
+  });
+}
+main().catch(e => { if (e.message !== "login") { document.getElementById("title").textContent = "cannot show run " + runId + ": " + e.message; document.getElementById("title").className = "error"; } });
