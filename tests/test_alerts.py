@@ -219,9 +219,9 @@ def alerts_config(hook_url: str, smtp_port: int, ca: Path, hook_timeout_s: float
             },
         },
         "rules": [
-            {"on": "anomaly", "kinds": ["oscillation_onset"], "to": ["chat", "mail"]},
-            {"on": "run_end", "exit_status": ["failed"], "to": ["chat"]},
-            {"on": "safety_trip", "to": ["chat", "mail"]},
+            {"when": "anomaly", "kinds": ["oscillation_onset"], "to": ["chat", "mail"]},
+            {"when": "run_end", "exit_status": ["failed"], "to": ["chat"]},
+            {"when": "safety_trip", "to": ["chat", "mail"]},
         ],
     }
 
@@ -386,7 +386,7 @@ async def test_a_hanging_receiver_logs_one_line_and_holds_up_neither_the_mail_no
 def test_min_interval_holds_back_a_rule_and_counts_what_it_held():
     now = [1000.0]
     config = AlertsConfig.model_validate(
-        {"rules": [{"on": "anomaly", "kinds": ["oscillation_onset"], "min_interval_s": 600}]}
+        {"rules": [{"when": "anomaly", "kinds": ["oscillation_onset"], "min_interval_s": 600}]}
     )
     engine = AlertEngine(config, LAB, clock=lambda: now[0])
     fired = [a for step in range(5) for i in range(20) for a in engine.take(oscillation("r", step, i))]
@@ -398,7 +398,7 @@ def test_min_interval_holds_back_a_rule_and_counts_what_it_held():
 
 
 def test_an_anomaly_of_another_kind_fires_once_per_run():
-    config = AlertsConfig.model_validate({"rules": [{"on": "anomaly"}]})
+    config = AlertsConfig.model_validate({"rules": [{"when": "anomaly"}]})
     engine = AlertEngine(config, LAB)
     fade = Anomaly(kind="capacity_fade", cell=CELL, run_id="r", time_s=1.0, cycle=3, message="fade")
     assert len(engine.take(fade)) == 1
@@ -462,3 +462,18 @@ def test_a_bad_alerts_section_is_one_line_naming_the_field(tmp_path, change, nam
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {lab}: ") and named in lines[0], lines
     assert "hunter2" not in result.stderr
+
+
+def test_the_example_of_docs_alerts_md_is_a_valid_lab_file(tmp_path):
+    """The documented section, as YAML (where a key `on:` would read as true), loads as it says."""
+    from labtwin.config.lab import load_lab
+
+    doc = (Path(__file__).parents[1] / "docs" / "alerts.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    channels = "channels:\n  ch1: {driver: simulated, cell: lto-thin-film}"
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(example.replace("channels: {...}", channels))
+    alerts = load_lab(lab).alerts
+    assert alerts is not None and alerts.dashboard_url == "http://lab-pc.example.org:8050"
+    assert [r.when for r in alerts.rules] == ["anomaly", "anomaly", "run_end", "safety_trip"]
+    assert alerts.destinations["oncall"].type == "email" and alerts.rules[1].min_interval_s == 3600

@@ -118,7 +118,7 @@ Destination = Annotated[WebhookDestination | EmailDestination, Field(discriminat
 
 
 class AlertRule(BaseModel):
-    """Which documents alert whom. ``on``: ``anomaly`` (the twin's, filtered by ``kinds``), ``run_end`` (a
+    """Which documents alert whom. ``when``: ``anomaly`` (the twin's, filtered by ``kinds``), ``run_end`` (a
     RunStop, filtered by ``exit_status``) or ``safety_trip`` (a step the agent ended on a safety limit).
 
     De-duplication: a rule fires once per ``once_per`` (anomalies: an oscillation onset once per half cycle, any
@@ -127,8 +127,9 @@ class AlertRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="shown in the alert (default: on + kinds)")
-    on: Literal["anomaly", "run_end", "safety_trip"]
+    name: str | None = Field(None, description="shown in the alert (default: when + kinds)")
+    # Not ``on:``: YAML 1.1 (PyYAML) reads the key ``on`` as the boolean true.
+    when: Literal["anomaly", "run_end", "safety_trip"]
     kinds: list[AnomalyKind] | None = Field(None, description="anomaly rules: these kinds only (default: every kind)")
     exit_status: list[RunEndStatus] = Field(
         default_factory=_every_ending, description="run_end rules: these endings only"
@@ -145,19 +146,19 @@ class AlertRule(BaseModel):
 
     @model_validator(mode="after")
     def _fits(self) -> AlertRule:
-        if self.on != "anomaly" and (self.kinds is not None or self.once_per is not None):
-            raise ValueError(f"kinds: and once_per: are for `on: anomaly` rules, not `on: {self.on}`")
-        if self.on != "run_end" and "exit_status" in self.model_fields_set:
-            raise ValueError(f"exit_status: is for `on: run_end` rules, not `on: {self.on}`")
+        if self.when != "anomaly" and (self.kinds is not None or self.once_per is not None):
+            raise ValueError(f"kinds: and once_per: are for `when: anomaly` rules, not `when: {self.when}`")
+        if self.when != "run_end" and "exit_status" in self.model_fields_set:
+            raise ValueError(f"exit_status: is for `when: run_end` rules, not `when: {self.when}`")
         return self
 
     @property
     def title(self) -> str:
         if self.name:
             return self.name
-        if self.on == "anomaly" and self.kinds:
+        if self.when == "anomaly" and self.kinds:
             return f"anomaly: {', '.join(self.kinds)}"
-        return self.on
+        return self.when
 
 
 class AlertsConfig(BaseModel):

@@ -118,18 +118,18 @@ class AlertEngine:
     # ------------------------------------------------------------------ matching
 
     def _match(self, rule: AlertRule, doc: BaseModel) -> Alert | None:
-        if rule.on == "anomaly" and isinstance(doc, Anomaly):
+        if rule.when == "anomaly" and isinstance(doc, Anomaly):
             if rule.kinds is not None and doc.kind not in rule.kinds:
                 return None
             where = f" (cycle {doc.cycle}, step {doc.step}, at {doc.time_s / 3600:.2f} h test time)"
             return self._alert(doc.kind, doc.channel, doc.run_id, doc.message + where, cell=doc.cell)
-        if rule.on == "run_end" and isinstance(doc, RunStop):
+        if rule.when == "run_end" and isinstance(doc, RunStop):
             if doc.exit_status not in rule.exit_status:
                 return None
             why = f": {doc.reason}" if doc.reason else ""
             message = f"run ended {doc.exit_status}{why} ({doc.n_samples} samples, {doc.cell_time_s / 3600:.2f} h)"
             return self._alert(f"run_{doc.exit_status}", doc.channel, doc.run_id, message)
-        if rule.on == "safety_trip" and isinstance(doc, StepEvent):
+        if rule.when == "safety_trip" and isinstance(doc, StepEvent):
             r = doc.reason
             if doc.event != "ended" or r is None or r.kind != "safety_limit":
                 return None
