@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
 from labtwin import bus as busmod
-from labtwin.alerts import AlertEngine, AlertsConfig, AlertService
+from labtwin.alerts import Alert, AlertEngine, AlertsConfig, AlertService
 from labtwin.bus import Bus
 from labtwin.cli import app
 from labtwin.documents import Anomaly, EndReason, RunStart, RunStop, StepEvent, StepKind
@@ -404,6 +404,22 @@ def test_an_anomaly_of_another_kind_fires_once_per_run():
     assert len(engine.take(fade)) == 1
     assert engine.take(fade.model_copy(update={"cycle": 4})) == []
     assert len(engine.take(fade.model_copy(update={"run_id": "r2"}))) == 1
+
+
+async def test_email_refuses_a_certificate_it_cannot_verify_and_names_a_refused_login(smtp_server, monkeypatch):
+    from labtwin.alerts import EmailDestination, EmailSender, SendError
+
+    port, ca, box = smtp_server
+    mail = alerts_config("http://127.0.0.1:9/hook", port, ca)["destinations"]["mail"]
+    alert = Alert(lab=LAB, cell=CELL, kind="test", message="m", link=f"{DASHBOARD}/")
+    monkeypatch.setenv(PASSWORD_ENV, SMTP_PASSWORD)
+    untrusted = EmailSender("mail", EmailDestination.model_validate({**mail, "ca_file": None}))
+    with pytest.raises(SendError, match=f"127.0.0.1:{port}: TLS failed"):
+        await untrusted.send(alert)  # the system's CAs do not know the test's CA: nothing is sent
+    monkeypatch.setenv(PASSWORD_ENV, "wrong")
+    with pytest.raises(SendError, match=f"127.0.0.1:{port} refused the login of {SMTP_USER}: 535"):
+        await EmailSender("mail", EmailDestination.model_validate(mail)).send(alert)
+    assert box.messages == []
 
 
 def test_alerts_test_exits_0_with_both_destinations_up(tmp_path, smtp_server, receiver, monkeypatch):

@@ -14,6 +14,8 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 
+from pydantic import BaseModel
+
 from labtwin import bus as busmod
 from labtwin.alerts.config import AlertsConfig
 from labtwin.alerts.engine import Alert, AlertEngine
@@ -122,10 +124,10 @@ class AlertService:
         self.ready = asyncio.Event()
         self.bad_documents = 0
 
-    def take(self, document: object) -> list[Alert]:
+    def take(self, document: BaseModel) -> list[Alert]:
         """One document through the rules; the alerts go to the feed and the destinations' queues."""
         try:
-            alerts = self.engine.take(document)  # type: ignore[arg-type]
+            alerts = self.engine.take(document)
         except Exception as exc:  # one document the rules cannot read must not end the service
             self.bad_documents += 1
             log.error("alerts: %s skipped: %s: %s", type(document).__name__, type(exc).__name__, exc)
