@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -157,9 +158,13 @@ def create_app(config: DashboardConfig) -> Starlette:
         return FileResponse(STATIC / "login.html", headers={"Cache-Control": "no-store"})
 
     async def login(request: Request) -> Response:
-        form = await request.form()
-        name, password = str(form.get("user", "")), str(form.get("password", ""))
-        nxt = str(form.get("next", "/"))
+        # The login form is three urlencoded fields: parsed here (python-multipart is not needed for that).
+        body = await request.body()
+        if len(body) > 4096:
+            return _error(413, "login form too large")
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        name, password = form.get("user", ""), form.get("password", "")
+        nxt = form.get("next", "/")
         if not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/"
         found = await asyncio.to_thread(sessions.login, name, password) if sessions.logins_required else None
@@ -327,6 +332,13 @@ def create_app(config: DashboardConfig) -> Starlette:
         except Exception as exc:
             outcome, detail, status = "failed", f"{type(exc).__name__}: {exc}", 503
             done_run = run_id
+        live.note(
+            lab,
+            done_run,
+            tile.cell_time_s if tile else None,
+            "action",
+            f"{channel}: {verb} by {who.user} ({who.role}): {outcome}" + (f": {detail}" if detail else ""),
+        )
         try:
             await in_store(
                 lambda s: s.record_action(

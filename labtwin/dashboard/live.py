@@ -205,6 +205,10 @@ class LiveLab:
         tile.updated_ms = time.time() * 1e3
         self._broadcast({"kind": "tile", "tile": tile.model_dump()}, lab=tile.lab)
 
+    def note(self, lab: str, run_id: str | None, time_s: float | None, kind: str, text: str) -> None:
+        """An event of the dashboard's own (an operator action) on the same list as the bus's."""
+        self._event(lab, run_id, time_s, kind, text)
+
     def _event(self, lab: str, run_id: str | None, time_s: float | None, kind: str, text: str) -> None:
         event = {
             "lab": lab,

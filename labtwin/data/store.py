@@ -524,7 +524,8 @@ class Store:
             query = query.where(operator_actions.c.run_id == run_id)
         if channel is not None:
             query = query.where(operator_actions.c.channel == channel)
-        return [dict(row._mapping) for row in self._fetch(query)]
+        names = [c.name for c in operator_actions.columns]
+        return [dict(zip(names, row)) for row in self._fetch(query)]
 
     def run_documents(self, run_id: str) -> tuple[RunStart | None, RunStop | None]:
         rows = self._fetch(select(runs.c.start_doc, runs.c.stop_doc).where(runs.c.run_id == run_id))

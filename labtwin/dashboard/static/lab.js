@@ -38,7 +38,8 @@ function tileFor(t) {
 function drawTile(t) {
   const el = tileFor(t), f = el.f;
   el.className = "tile " + t.state;
-  f.state.textContent = t.state + (t.message ? ": " + t.message : "");
+  const msg = (t.message || "").startsWith(t.state) ? t.message.slice(t.state.length).replace(/^[:\s]+/, "") : t.message;
+  f.state.textContent = t.state + (msg ? ": " + msg : "");
   f.cell.textContent = t.cell_id || "–";
   f.protocol.textContent = t.protocol || "–";
   f.step.textContent = t.step_index === null ? "–" : t.step_index + (t.label ? " " + t.label : "");

@@ -1,0 +1,156 @@
+"""The dashboard as a lab meets it: a real run on a simulated LTO cell, watched and paused from headless Chromium.
+
+Real parts throughout: the embedded broker, the channel's agent, the recorder into SQLite, the twin, a Prefect
+flow (the test harness), the dashboard served by uvicorn, and Debian's Chromium driven by Playwright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from labtwin.cli.wiring import LocalLab, default_lab
+from labtwin.dashboard.app import DashboardConfig
+from labtwin.dashboard.auth import Sessions, add_user, load_users
+from labtwin.dashboard.server import DashboardServer
+from tests.dashboard.browser import browser_page, need_chromium
+
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.slow]
+
+VIEWER, OPERATOR, PASSWORD = "vera", "otto", "correct horse battery"
+
+
+async def login(page, base: str, user: str, password: str) -> None:
+    await page.goto(base + "login")
+    await page.fill("input[name=user]", user)
+    await page.fill("input[name=password]", password)
+    await page.click("button[type=submit]")
+
+
+async def tile_text(page, channel: str, field: str) -> str:
+    return await page.inner_text(f'.tile[data-channel="{channel}"] .tile-{field}')
+
+
+async def wait_tile(page, channel: str, field: str, predicate, timeout_s: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        if await page.locator(f'.tile[data-channel="{channel}"] .tile-{field}').count():
+            text = await tile_text(page, channel, field)
+            if predicate(text):
+                return text
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"tile {channel} {field} never matched; last {text!r}")
+
+
+async def test_a_run_watched_paused_and_read_back_from_the_browser(tmp_path):
+    need_chromium()
+    users = tmp_path / "users.json"
+    add_user(users, VIEWER, "viewer", PASSWORD)
+    add_user(users, OPERATOR, "operator", PASSWORD)
+    config = default_lab()
+    store_url = f"sqlite:///{tmp_path / 'lab.db'}"
+    # 1500 cell seconds per wall second: the 20 h LTO cycle in under a minute, its 2 h onset within seconds.
+    async with LocalLab(config, ["ch1"], None, store_url, speed=1500.0, twin=True) as local:
+        server = DashboardServer(
+            DashboardConfig(broker=local.url, store_url=store_url, port=0, sessions=Sessions(load_users(users)))
+        )
+        await server.start()
+        base = server.url
+        from labtwin.orchestration.flows import run_protocol
+
+        flow = asyncio.create_task(run_protocol("demo-lto-0.1C", "ch1", local.url, lab=config.lab))
+        try:
+            async with browser_page() as page:
+                await login(page, base, VIEWER, "wrong password")
+                await page.wait_for_selector("#failed", state="visible", timeout=5_000)
+                assert "/login" in page.url
+
+                await login(page, base, VIEWER, PASSWORD)
+                await page.wait_for_selector('.tile[data-channel="ch1"]', timeout=20_000)
+                # Step 1 is the 10 h discharge (24 s here): long enough to watch; the rest before it is not.
+                discharge = await wait_tile(page, "ch1", "step", lambda t: t.startswith("1 "), 30)
+                assert "discharge" in discharge
+                assert await wait_tile(page, "ch1", "cycle", lambda t: t == "1", 10) == "1"
+                anomaly = await wait_tile(page, "ch1", "anomaly", lambda t: "oscillation_onset" in t, 90)
+                assert "cycle 1" in anomaly
+                await page.screenshot(path=str(tmp_path / "lab-viewer.png"), full_page=True)
+
+                # A viewer sees no working pause button, and the API refuses the action outright.
+                assert await page.locator('.tile[data-channel="ch1"] button[data-action=pause]').is_disabled()
+                me = await page.evaluate("labtwin.me")
+                refused = await page.request.post(
+                    f"{base}api/channels/{config.lab}/ch1/pause", headers={"X-CSRF-Token": me["csrf"]}
+                )
+                assert refused.status == 403 and "viewer" in (await refused.json())["error"]
+
+                await page.goto(base + "logout")
+                await login(page, base, OPERATOR, PASSWORD)
+                await page.wait_for_selector('.tile[data-channel="ch1"] button[data-action=pause]:not([disabled])')
+                await page.click('.tile[data-channel="ch1"] button[data-action=pause]')
+                t0 = time.monotonic()
+                await wait_tile(page, "ch1", "state", lambda t: t.startswith("paused"), 10)
+                paused_after_s = time.monotonic() - t0
+                await page.screenshot(path=str(tmp_path / "lab-paused.png"), full_page=True)
+                await page.click('.tile[data-channel="ch1"] button[data-action=resume]')
+                await wait_tile(page, "ch1", "state", lambda t: t.startswith("running"), 10)
+                charge = await wait_tile(page, "ch1", "step", lambda t: t.startswith("2 "), 60)  # the tile moves on
+                assert "charge" in charge
+
+                summary = await asyncio.wait_for(flow, 240)
+                assert summary.exit_status == "success"
+                await local.wait_stored(summary.run_id)
+                stored = local.store.sample_count(summary.run_id)
+                await page.goto(f"{base}run/{summary.run_id}")
+                await page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+                await page.screenshot(path=str(tmp_path / "run-page.png"), full_page=True)
+                assert int(await page.get_attribute("#plot-vt", "data-samples")) == stored
+                assert int(await page.get_attribute("#plot-vt", "data-points")) > 100
+                assert int(await page.get_attribute("#plot-vq", "data-points")) > 100
+                assert int(await page.get_attribute("#plot-cap", "data-cycles")) == 1
+                assert int(await page.get_attribute("#plot-nyquist", "data-points")) > 10  # the run's EIS step
+                timeline = await page.inner_text("#timeline")
+                assert "oscillation_onset" in timeline
+                assert f"pause by {OPERATOR} (operator)" in timeline and f"resume by {OPERATOR}" in timeline
+                assert page.errors == []  # type: ignore[attr-defined]
+        finally:
+            if not flow.done():
+                flow.cancel()
+            await server.stop()
+    assert paused_after_s < 1.5
+    actions = [(a["action"], a["user_name"], a["outcome"]) for a in local.store.operator_actions()]
+    assert actions == [("pause", OPERATOR, "done"), ("resume", OPERATOR, "done")]
+
+
+async def test_the_dashboard_starts_without_a_broker_and_says_so(tmp_path):
+    """A dashboard whose broker is down serves its pages and shows the bus as unreachable (no crash)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    server = DashboardServer(
+        DashboardConfig(broker=f"mqtt://127.0.0.1:{dead_port}", store_url=f"sqlite:///{tmp_path / 'x.db'}", port=0)
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            deadline = time.monotonic() + 20
+            state = ""
+            while time.monotonic() < deadline:
+                state = (await client.get("/api/lab")).json()["broker"]["state"]
+                if state == "unreachable":
+                    break
+                await asyncio.sleep(0.2)
+            assert state == "unreachable"
+            assert (await client.get("/")).status_code == 200
+            assert (await client.get("/api/runs")).json() == {"runs": []}
+            missing = await client.get("/api/runs/nope")
+            assert missing.status_code == 404 and "labtwin runs" in missing.json()["error"]
+            bad = await client.get("/api/runs/nope/series?points=5")
+            assert bad.status_code == 400 and "points" in bad.json()["error"]
+    finally:
+        await server.stop()
