@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs
 from typing import Any
+from urllib.parse import parse_qs
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
