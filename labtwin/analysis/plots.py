@@ -1,4 +1,7 @@
-"""PNG plots of a run: voltage against time and voltage against charge, per cell."""
+"""PNG plots of a run, for the CLI: V-t and V-Q per cell (demo, dryrun), and the cycling figures of
+`analyze cycling --plot DIR` (capacity and CE per cycle, V-Q per cycle with a colour bar, dQ/dV, V-t and I-t).
+
+Agg only: these run on headless lab PCs and in CI, never in a window."""
 
 from __future__ import annotations
 
@@ -9,6 +12,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colorbar import Colorbar  # noqa: E402
+from matplotlib.colors import Colormap, Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from labtwin.analysis.cycles import CycleSummary, charge_direction, charge_increments, summarize_cycles  # noqa: E402
+from labtwin.documents import StepEvent, StepKind  # noqa: E402
 
 
 def plot_run(samples: dict[str, np.ndarray], title: str, path: Path) -> Path:
@@ -128,3 +140,209 @@ def plot_plateau(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- cycling figures (issue 15)
+#
+# The standard plots of a cycling run, for `labtwin analyze cycling --plot DIR`. Each ``*_figure`` builds and
+# returns the figure (so a test can read its axes and lines), ``plot_cycling`` writes them all. Cycles,
+# capacities and CE are labtwin.analysis.cycles' (summarize_cycles, the samples' own cycle column, and
+# charge_increments for the charge of each sample): nothing here defines a cycle or a capacity of its own.
+
+CYCLE_COLORMAP = "viridis"
+CYCLING_PLOTS = {
+    "capacity": "capacity-ce.png",
+    "voltage_capacity": "voltage-capacity.png",
+    "dqdv": "dqdv.png",
+    "time": "voltage-current-time.png",
+}
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure built here as a PNG and free it (pyplot keeps every open figure alive)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cycle_colours(cycles: list[int]) -> tuple[Normalize, Colormap]:
+    """One colour per cycle number on a continuous scale, so a 500-cycle run reads as a gradient."""
+    lo = min(cycles, default=1)
+    hi = max(cycles, default=1)
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1), plt.get_cmap(CYCLE_COLORMAP)
+
+
+def _cycle_colorbar(fig: Figure, ax: Axes, norm: Normalize, cmap: Colormap) -> Colorbar:
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax)
+    bar.set_label("cycle")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    return bar
+
+
+def _empty_note(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def cycle_charge_Ah(samples: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per cycle (1, 2, ...): the sample indices and the net charge since the cycle began (Ah, + = into the
+    cell) at each, from the agent's per-sample increments (labtwin.analysis.cycles.charge_increments)."""
+    dq = charge_increments(
+        samples["time_s"],
+        samples.get("current_A", np.zeros(len(samples["time_s"]))),
+        samples["step"],
+        samples.get("capacity_Ah"),
+    )
+    cycles = np.asarray(samples["cycle"])
+    out = {}
+    for cycle in np.unique(cycles):
+        if cycle <= 0:
+            continue  # before any current flowed: no charge to draw against
+        rows = np.nonzero(cycles == cycle)[0]
+        out[int(cycle)] = (rows, np.cumsum(dq[rows]))
+    return out
+
+
+def capacity_figure(cycles: list[CycleSummary], title: str) -> Figure:
+    """Charge and discharge capacity (mAh) over CE (%), against the cycle number, one panel each."""
+    fig, (ax_q, ax_ce) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True)
+    n = [c.cycle for c in cycles]
+    ax_q.plot(n, [c.charge_Ah * 1e3 for c in cycles], "o-", ms=4, lw=1, label="charge (into the cell)")
+    ax_q.plot(n, [c.discharge_Ah * 1e3 for c in cycles], "s-", ms=4, lw=1, label="discharge (out of the cell)")
+    ax_q.set_ylabel("capacity / mAh")
+    ax_q.legend(fontsize=8)
+    ax_q.grid(alpha=0.3)
+    with_ce = [c for c in cycles if c.coulombic_efficiency is not None]
+    ax_ce.plot(
+        [c.cycle for c in with_ce], [100 * (c.coulombic_efficiency or 0.0) for c in with_ce], "o-", ms=4, color="C2"
+    )
+    first = cycles[0].first_direction if cycles else None
+    ax_ce.set_ylabel("Coulombic efficiency / %")
+    ax_ce.set_xlabel("cycle")
+    ax_ce.grid(alpha=0.3)
+    if not with_ce:
+        _empty_note(ax_ce, "no cycle went both ways: no CE")
+    if not cycles:
+        _empty_note(ax_q, "no cycle: no current flowed")
+    ax_ce.xaxis.set_major_locator(MaxNLocator(integer=True))
+    convention = "charge / discharge (anode half cell)" if first == "discharge" else "discharge / charge"
+    ax_ce.set_title(f"CE = {convention}", fontsize=9)
+    fig.suptitle(f"{title}: capacity and Coulombic efficiency per cycle")
+    fig.tight_layout()
+    return fig
+
+
+def voltage_capacity_figure(samples: dict[str, np.ndarray], title: str) -> Figure:
+    """V against the net charge since each cycle began, one line per cycle coloured by its number."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    per_cycle = cycle_charge_Ah(samples)
+    norm, cmap = _cycle_colours(list(per_cycle))
+    voltage = np.asarray(samples["voltage_V"])
+    for cycle, (rows, q_Ah) in per_cycle.items():
+        ax.plot(q_Ah * 1e3, voltage[rows], lw=0.9, color=cmap(norm(cycle)), label=f"cycle {cycle}")
+    ax.set_xlabel("charge since the cycle began / mAh (+ = into the cell)")
+    ax.set_ylabel("voltage / V")
+    ax.grid(alpha=0.3)
+    if not per_cycle:
+        _empty_note(ax, "no cycle: no current flowed")
+    _cycle_colorbar(fig, ax, norm, cmap)
+    ax.set_title(f"{title}: voltage against charge per cycle")
+    fig.tight_layout()
+    return fig
+
+
+def _half_cycle_rows(samples: dict[str, np.ndarray], events: list[StepEvent]) -> list[tuple[int, str, np.ndarray]]:
+    """(cycle, direction, sample indices) of each half cycle's galvanostatic part.
+
+    A half cycle is the steps of a cycle that moved charge one way (cycles.charge_direction); constant
+    voltage holds, and the CV tail of a CC-CV step (current below half its median), are left out: at a
+    fixed voltage dQ/dV is a spike, not a phase transition."""
+    step_of = np.asarray(samples["step"])
+    current = np.asarray(samples.get("current_A", np.zeros(len(step_of))))
+    groups: dict[tuple[int, str], list[np.ndarray]] = {}
+    for ev in sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index):
+        direction = charge_direction(ev)
+        if direction is None or ev.cycle <= 0 or ev.step not in (StepKind.cc, StepKind.cccv, StepKind.cp):
+            continue
+        rows = np.nonzero(step_of == ev.step_index)[0]
+        if ev.step is StepKind.cccv and len(rows):
+            magnitude = np.abs(current[rows])
+            rows = rows[magnitude >= 0.5 * np.median(magnitude)]
+        groups.setdefault((ev.cycle, direction), []).append(rows)
+    return [(c, d, np.concatenate(parts)) for (c, d), parts in sorted(groups.items())]
+
+
+def dqdv_figure(samples: dict[str, np.ndarray], events: list[StepEvent], title: str) -> Figure:
+    """dQ/dV against V of every half cycle, charge above the axis and discharge below, coloured by cycle."""
+    from labtwin.analysis.cycling import differential_capacity
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    halves = _half_cycle_rows(samples, events)
+    norm, cmap = _cycle_colours([c for c, _, _ in halves])
+    dq = charge_increments(
+        samples["time_s"],
+        samples.get("current_A", np.zeros(len(samples["time_s"]))),
+        samples["step"],
+        samples.get("capacity_Ah"),
+    )
+    voltage = np.asarray(samples["voltage_V"])
+    drawn = 0
+    for cycle, direction, rows in halves:
+        if len(rows) < 10:
+            continue
+        curve = differential_capacity(voltage[rows], np.cumsum(dq[rows]))
+        sign = 1.0 if direction == "charge" else -1.0
+        ax.plot(
+            curve.voltage_V,
+            sign * curve.dq_dv_Ah_per_V * 1e3,
+            lw=0.9,
+            color=cmap(norm(cycle)),
+            label=f"cycle {cycle} {direction}",
+        )
+        drawn += 1
+    ax.axhline(0.0, color="0.6", lw=0.5)
+    ax.set_xlabel("voltage / V")
+    ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")
+    ax.grid(alpha=0.3)
+    if not drawn:
+        _empty_note(ax, "no galvanostatic half cycle of 10 samples or more")
+    _cycle_colorbar(fig, ax, norm, cmap)
+    ax.set_title(f"{title}: differential capacity per half cycle")
+    fig.tight_layout()
+    return fig
+
+
+def time_figure(samples: dict[str, np.ndarray], title: str) -> Figure:
+    """Voltage over current against cell time, sharing the time axis."""
+    fig, (ax_v, ax_i) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    t_h = np.asarray(samples["time_s"]) / 3600.0
+    current = np.asarray(samples.get("current_A", np.zeros(len(t_h))))
+    ax_v.plot(t_h, samples["voltage_V"], lw=0.8)
+    ax_v.set_ylabel("voltage / V")
+    ax_v.grid(alpha=0.3)
+    factor, unit = _si_scale(current[np.isfinite(current)], "A")
+    ax_i.plot(t_h, current * factor, lw=0.8, color="C1")
+    ax_i.axhline(0.0, color="0.6", lw=0.5)
+    ax_i.set_ylabel(f"current / {unit} (+ = charge)")
+    ax_i.set_xlabel("cell time / h")
+    ax_i.grid(alpha=0.3)
+    ax_v.set_title(f"{title}: voltage and current against time")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cycling(
+    samples: dict[str, np.ndarray], events: list[StepEvent], title: str, directory: Path
+) -> dict[str, Path]:
+    """Every cycling figure of a run as a PNG in ``directory`` (CYCLING_PLOTS names them); returns the paths.
+
+    ``samples``: the store's columns (time_s, voltage_V, current_A, capacity_Ah, step, cycle; step as the
+    events' step_index); ``events``: the run's ended step events. ``title``: the cell and the protocol."""
+    figures = {
+        "capacity": capacity_figure(summarize_cycles(events), title),
+        "voltage_capacity": voltage_capacity_figure(samples, title),
+        "dqdv": dqdv_figure(samples, events, title),
+        "time": time_figure(samples, title),
+    }
+    return {name: save_figure(fig, directory / CYCLING_PLOTS[name]) for name, fig in figures.items()}

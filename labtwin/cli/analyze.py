@@ -313,15 +313,21 @@ def cycling(
     source: str = typer.Argument(..., help="a run id (or unique prefix) in the store, or a recording file"),
     store: str | None = StoreOpt,
     lab: Path | None = LabOpt,
-    plot: Path | None = typer.Option(None, "--plot", help="write dQ/dV of every half cycle to this PNG"),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="write the cycling plots into this directory: capacity-ce.png, voltage-capacity.png, dqdv.png, "
+        "voltage-current-time.png (a path ending in .png: dQ/dV alone, to that file)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
     from labtwin.analysis.cycles import summarize_cycles
-    from labtwin.analysis.cycling import differential_capacity
     from labtwin.data.replay import RecordingError, documents, read_recording
     from labtwin.documents import StepEvent
 
+    if plot is not None and plot.exists() and not plot.is_dir() and plot.suffix.lower() != ".png":
+        _fail(f"--plot {plot}: is a file; give a directory for the plots")
     path = Path(source)
     if path.exists():
         try:
@@ -333,7 +339,16 @@ def cycling(
             for d in documents(rec, lab="analysis", channel="file", cell_id=path.stem)
             if isinstance(d, StepEvent) and d.event == "ended"
         ]
-        samples = {"voltage_V": rec.voltage_V, "capacity_Ah": rec.capacity_Ah, "step": _step_indices(rec.step)}
+        # documents() numbers the cycles of a file that has none (rec.cycle), so the samples carry them too.
+        samples = {
+            "time_s": rec.time_s,
+            "voltage_V": rec.voltage_V,
+            "current_A": rec.current_A,
+            "capacity_Ah": rec.capacity_Ah,
+            "step": _step_indices(rec.step),
+            "cycle": rec.cycle,
+        }
+        title = _recording_title(path)
     else:
         from labtwin.cli import settings  # --store, LABTWIN_STORE, the lab file's store:, the default
         from labtwin.cli.wiring import open_store
@@ -345,45 +360,28 @@ def cycling(
             _fail(f"{source!r} is neither a file nor a run in the store: {exc.args[0]}")
         events = s.step_events(run_id)
         samples = s.samples(run_id)
+        start, _ = s.run_documents(run_id)
+        title = f"{start.cell_id} · {start.protocol}" if start is not None else run_id
     cycles = summarize_cycles(events)
     rows = [
         {**c.model_dump(), "mean_polarization_V": c.mean_polarization_V if c.coulombic_efficiency is not None else None}
         for c in cycles
     ]
+    written: list[Path] = []
     if plot is not None:
-        import matplotlib.pyplot as plt
+        from labtwin.analysis.plots import dqdv_figure, plot_cycling, save_figure
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for ev in events:
-            if ev.stats is None or max(ev.stats.charge_Ah, ev.stats.discharge_Ah) < 0.05 * max(
-                (max(e.stats.charge_Ah, e.stats.discharge_Ah) for e in events if e.stats), default=0
-            ):
-                continue
-            mask = np.asarray(samples["step"]) == ev.step_index
-            if mask.sum() < 10:
-                continue
-            dqdv = differential_capacity(
-                np.asarray(samples["voltage_V"])[mask], np.asarray(samples["capacity_Ah"])[mask]
-            )
-            sign = 1.0 if ev.stats.charge_Ah > ev.stats.discharge_Ah else -1.0
-            ax.plot(
-                dqdv.voltage_V,
-                sign * dqdv.dq_dv_Ah_per_V * 1e3,
-                lw=0.8,
-                label=f"cycle {ev.cycle}",
-            )
-        ax.set_xlabel("voltage / V")
-        ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")
-        handles, labels = ax.get_legend_handles_labels()
-        if 0 < len(handles) <= 12:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot, dpi=110)
-        plt.close(fig)
+        try:
+            if plot.suffix.lower() == ".png" and not plot.is_dir():
+                written = [save_figure(dqdv_figure(samples, events, title), plot)]
+            else:
+                written = list(plot_cycling(samples, events, title, plot).values())
+        except OSError as exc:
+            _fail(f"--plot {plot}: cannot be written ({exc.strerror or exc}): give a writable directory")
     if as_json:
-        print(json.dumps({"cycles": rows}, indent=2, default=float))
+        print(json.dumps({"cycles": rows, "plots": [str(p) for p in written]}, indent=2, default=float))
         return
-    table = Table(title=f"{source}: {len(rows)} cycles")
+    table = Table(title=f"{title}: {len(rows)} cycles")
     for col in (
         "cycle",
         "charge / mAh",
@@ -405,8 +403,21 @@ def cycling(
             "" if r["mean_polarization_V"] is None else f"{r['mean_polarization_V']:.3f}",
         )
     console.print(table)
-    if plot is not None:
-        console.print(f"wrote {plot}")
+    for written_path in written:
+        console.print(f"wrote {written_path}")
+
+
+def _recording_title(path: Path) -> str:
+    """The cell and protocol of a recording: from the summary.json `dryrun --out` writes beside its
+    samples.csv, else the file's name (a cycler's file names neither)."""
+    summary = path.parent / "summary.json"
+    if path.name == "samples.csv" and summary.is_file():
+        try:
+            meta = json.loads(summary.read_text())
+            return f"{meta['cell_id']} · {meta['protocol']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return path.name
 
 
 def _step_indices(recorded_step: np.ndarray) -> np.ndarray:

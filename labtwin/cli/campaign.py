@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from labtwin.cli.consoles import results_console
+from labtwin.cli.progress import Mode, ProgressOpt, progress_mode
 
 if TYPE_CHECKING:
     from labtwin.config.settings import Settings
@@ -121,6 +122,7 @@ def run(
         "is not kept; labtwin's store keeps everything), postgresql://..., "
         "or sqlite:///path (default: SQLite in PREFECT_HOME)",
     ),
+    show_progress: bool | None = ProgressOpt,
 ) -> None:
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
     import os
@@ -136,7 +138,7 @@ def run(
 
     try:
         with ephemeral_database(prefect_db), _store_secret_for_flows(s.store) as store_param:
-            results = asyncio.run(_run(file, campaign, s, store_param))
+            results = asyncio.run(_run(file, campaign, s, store_param, progress_mode(show_progress, False, err)))
     except (ConnectionError, ValueError, TimeoutError) as exc:
         _fail(str(exc))
     table = Table(title=f"campaign {campaign.campaign}")
@@ -157,8 +159,10 @@ def run(
         raise typer.Exit(1)
 
 
-async def _run(file: Path, campaign, s: Settings, store_param: str):
-    """``store_param``: the store URL without its password, what the flows get (the recorder here gets it all)."""
+async def _run(file: Path, campaign, s: Settings, store_param: str, progress: Mode = "off"):
+    """``store_param``: the store URL without its password, what the flows get (the recorder here gets it all).
+    ``progress``: a bar per channel of the campaign, each job's run in turn (labtwin.cli.progress)."""
+    from labtwin.cli.progress import follow_progress
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.campaign import channels_of
     from labtwin.orchestration.campaign_flow import run_campaign
@@ -168,10 +172,13 @@ async def _run(file: Path, campaign, s: Settings, store_param: str):
     await start_prefect_api()
     connection = s.connection("orchestrator")
     lab_file = str(s.lab_file.resolve())
+    channels = channels_of(campaign)
     if connection is not None:
-        return await run_campaign(str(file), connection, config.lab, store_param, lab_file=lab_file)
-    async with LocalLab(config, channels_of(campaign), None, s.store, s.speed_value) as local:
-        return await run_campaign(str(file), local.url, config.lab, store_param, lab_file=lab_file)
+        async with follow_progress(connection, config.lab, progress, err, channels):
+            return await run_campaign(str(file), connection, config.lab, store_param, lab_file=lab_file)
+    async with LocalLab(config, channels, None, s.store, s.speed_value) as local:
+        async with follow_progress(local.url, config.lab, progress, err, channels):
+            return await run_campaign(str(file), local.url, config.lab, store_param, lab_file=lab_file)
 
 
 @campaign_app.command("serve")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
+
 from labtwin.analysis.plots import plot_nyquist, plot_plateau, plot_run, plot_voltammograms
 from labtwin.analysis.summary import RunSummary
+from labtwin.cli.progress import Mode, follow_progress
 from labtwin.cli.wiring import LocalLab, default_lab
 from labtwin.config.lab import ChannelConfig, LabConfig
 from labtwin.data.export import export_samples
@@ -27,6 +30,8 @@ async def run_dryrun(
     lab_file: Path | None = None,
     twin: bool = True,
     speed: float | str = "max",
+    progress: Mode = "off",
+    progress_console: Console | None = None,
 ) -> tuple[RunSummary, list[Anomaly]]:
     """Returns the run's summary and what the twin flagged while following it.
 
@@ -34,6 +39,8 @@ async def run_dryrun(
     a pause or stop the protocol asks for on an anomaly lands late in cell time
     (it acts within a sample in real time). A finite ``speed`` shows where it
     would land on a real channel, at the cost of wall time.
+
+    ``progress``: how the run's progress shows on ``progress_console`` (labtwin.cli.progress).
     """
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
@@ -80,7 +87,8 @@ async def run_dryrun(
             ) from None
     await start_prefect_api()
     async with LocalLab(config, ["sim"], None, store_url, "config", twin=twin) as local:
-        summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
+        async with follow_progress(local.url, config.lab, progress, progress_console or Console(stderr=True), ["sim"]):
+            summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)
         anomalies: list[Anomaly] = []
         if local.twin_service is not None:
