@@ -43,6 +43,7 @@ console = results_console()
 err = Console(stderr=True)
 
 from labtwin.cli.options import BrokerOpt, JsonOpt, LabOpt, SpeedOpt, StoreOpt  # noqa: E402
+from labtwin.cli.progress import Mode, ProgressOpt, progress_mode  # noqa: E402
 
 
 def _version(value: bool) -> None:
@@ -153,15 +154,34 @@ def demo(
     store: str | None = StoreOpt,
     out: Path = typer.Option(Path("labtwin-data"), "--out", help="where plots go"),
     as_json: bool = JsonOpt,
+    show_progress: bool | None = ProgressOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="the dashboard's port (taken: any free one)"),
+    no_dashboard: bool = typer.Option(False, "--no-dashboard", help="run without the web dashboard"),
+    stay: bool = typer.Option(
+        False, "--stay", help="keep the dashboard (and the demo's broker) up after the demo ends, until Ctrl-C"
+    ),
 ) -> None:
-    """The whole mission on the embedded defaults: broker, agents, recorder, Prefect flows, store, plots."""
+    """The whole mission on the embedded defaults: broker, agents, recorder, Prefect flows, store, plots, dashboard."""
     _setup_logging(verbose)
     from labtwin.cli.demo import run_demo
 
     # The demo's plan names the packaged lab's channels, so its lab file is that one whatever LABTWIN_LAB says.
     s = settings(lab=DEFAULT_LAB_FILE, broker=broker, store=store)
-    result = asyncio.run(run_demo(s.connection(), s.store, out, console, quiet=as_json, security=s.security))
+    mode = progress_mode(show_progress, as_json, err)
+    result = asyncio.run(
+        run_demo(
+            s.connection(),
+            s.store,
+            out,
+            console,
+            quiet=as_json,
+            security=s.security,
+            progress=mode,
+            dashboard_port=None if no_dashboard else dashboard_port,
+            stay=stay,
+        )
+    )
     if as_json:
         _print_json(result)
 
@@ -183,6 +203,7 @@ def run(
         "--resume",
         help="go on with this interrupted run (its id or a unique prefix, from `labtwin runs`) where the store has it",
     ),
+    show_progress: bool | None = ProgressOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a protocol on a channel as a Prefect flow (exit 1 if the run ends failed or aborted).
@@ -210,7 +231,7 @@ def run(
     from labtwin.cli.interrupt import RunInterrupted
 
     try:
-        summary = asyncio.run(_run(s, protocol, channel, resume))
+        summary = asyncio.run(_run(s, protocol, channel, resume, progress_mode(show_progress, as_json, err)))
     except RunInterrupted as exc:
         err.print(str(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -249,8 +270,9 @@ def _resume_state(s: Settings, prefix: str, channel: str) -> Any:
     return record.resume
 
 
-async def _run(s: Settings, protocol: str, channel: str, resume: Any = None):
+async def _run(s: Settings, protocol: str, channel: str, resume: Any = None, progress: Mode = "off"):
     from labtwin.cli.interrupt import new_run_id, stop_on_interrupt
+    from labtwin.cli.progress import follow_progress
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
@@ -259,24 +281,26 @@ async def _run(s: Settings, protocol: str, channel: str, resume: Any = None):
     run_id = resume.run_id if resume is not None else new_run_id(channel)
     connection = s.connection("orchestrator")
     if connection is not None:
-        return await stop_on_interrupt(
-            run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id, resume=resume),
-            connection,
-            config.lab,
-            channel,
-            run_id,
-            s.store,
-        )
+        async with follow_progress(connection, config.lab, progress, err, [channel]):
+            return await stop_on_interrupt(
+                run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id, resume=resume),
+                connection,
+                config.lab,
+                channel,
+                run_id,
+                s.store,
+            )
     async with LocalLab(config, [channel], None, s.store, s.speed_value) as local:
-        summary = await stop_on_interrupt(
-            run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id, resume=resume),
-            local.url,
-            config.lab,
-            channel,
-            run_id,
-            s.store,
-            stored=local.wait_stored,
-        )
+        async with follow_progress(local.url, config.lab, progress, err, [channel]):
+            summary = await stop_on_interrupt(
+                run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id, resume=resume),
+                local.url,
+                config.lab,
+                channel,
+                run_id,
+                s.store,
+                stored=local.wait_stored,
+            )
         await local.wait_stored(summary.run_id)
         return summary
 
@@ -295,6 +319,7 @@ def dryrun(
         help="cell s per wall s, or max; finite speeds land the twin's pause/stop where a real run would",
     ),
     as_json: bool = JsonOpt,
+    show_progress: bool | None = ProgressOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a protocol against a simulated cell at max speed: how long, which limits end each step, what the twin flags.
@@ -316,7 +341,10 @@ def dryrun(
         raise UserError(f"--out {out}: is a file; give a directory for samples.csv, summary.json and the plots")
     from labtwin.cli.dryrun import run_dryrun
 
-    summary, anomalies = asyncio.run(run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, speed_value))
+    mode = progress_mode(show_progress, as_json, err)
+    summary, anomalies = asyncio.run(
+        run_dryrun(protocol, sim, out, channel_limits, lab, with_twin, speed_value, mode, err)
+    )
     if as_json:
         _print_json({**summary.model_dump(), "anomalies": [a.model_dump(mode="json") for a in anomalies]})
     else:
@@ -609,13 +637,17 @@ def broker(
 
 
 def _channel_command(channel: str, broker: str | None, lab: Path | None, order) -> str:
-    from labtwin.cli.operator import command_channel
+    from labtwin.bus.operator import CommandFailed, command_channel
+    from labtwin.cli.errors import EXIT_REFUSED, EXIT_USER_ERROR
 
     s = settings(lab=lab, broker=broker)
     url = _needs_broker(s, order.verb, "operator")
     config = s.lab_config
     config.channel(channel)
-    return asyncio.run(command_channel(url, config.lab, channel, order))
+    try:
+        return asyncio.run(command_channel(url, config.lab, channel, order))
+    except CommandFailed as exc:
+        raise UserError(str(exc), EXIT_REFUSED if exc.refused else EXIT_USER_ERROR) from None
 
 
 @app.command()
@@ -628,11 +660,9 @@ def pause(
     """Hold the run on a channel: open circuit within one sample, still sampling and checking limits.
 
     Exits 3 if the agent does not confirm it (the broker or the agent refused the command)."""
-    from labtwin.cli.operator import Order, paused
-    from labtwin.documents import PauseRun
+    from labtwin.bus.operator import pause_order
 
-    order = Order("pause", lambda rid: PauseRun(run_id=rid, reason=reason), paused)
-    run_id = _channel_command(channel, broker, lab, order)
+    run_id = _channel_command(channel, broker, lab, pause_order(reason))
     console.print(f"paused run {run_id} on {channel}")
 
 
@@ -643,10 +673,9 @@ def resume(
     lab: Path | None = LabOpt,
 ) -> None:
     """Let a paused run go on where it stopped (the step's source setting is re-applied); exits 3 if refused."""
-    from labtwin.cli.operator import Order, running
-    from labtwin.documents import ResumeRun
+    from labtwin.bus.operator import resume_order
 
-    run_id = _channel_command(channel, broker, lab, Order("resume", lambda rid: ResumeRun(run_id=rid), running))
+    run_id = _channel_command(channel, broker, lab, resume_order())
     console.print(f"resumed run {run_id} on {channel}")
 
 
@@ -658,12 +687,106 @@ def stop(
     lab: Path | None = LabOpt,
 ) -> None:
     """Stop the run on a channel (output off, the run marked aborted with the reason); exits 3 if refused."""
-    from labtwin.cli.operator import Order, stopped
-    from labtwin.documents import StopRun
+    from labtwin.bus.operator import stop_order
 
-    order = Order("stop", lambda rid: StopRun(run_id=rid, exit_status="aborted", reason=reason), stopped)
-    run_id = _channel_command(channel, broker, lab, order)
+    run_id = _channel_command(channel, broker, lab, stop_order(reason))
     console.print(f"stopped run {run_id} on {channel} (aborted: {reason})")
+
+
+@app.command()
+def dashboard(
+    broker: str | None = BrokerOpt,
+    store: str | None = StoreOpt,
+    lab: Path | None = LabOpt,
+    lab_name: str = typer.Option("+", "--lab-name", help="only this lab (default: every lab on the broker)"),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="address to listen on (beyond loopback: give TLS and --users)"
+    ),
+    port: int = typer.Option(8050, "--port", help="port to listen on (0: any free one)"),
+    users: Path | None = typer.Option(
+        None, "--users", help="logins file (`labtwin dashboard-user`); without one every visitor is a viewer"
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS"),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    session_hours: float = typer.Option(8.0, "--session-hours", help="an idle login expires after this long"),
+    prefect_ui: str | None = typer.Option(None, "--prefect-ui", help="link campaign runs to this Prefect UI"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """A live web dashboard of the lab: channel tiles, run plots, operator actions (docs/dashboard.md)."""
+    _setup_logging(verbose)
+    from labtwin.dashboard.app import DashboardConfig
+    from labtwin.dashboard.auth import Sessions, UsersFileError, load_users
+    from labtwin.dashboard.server import DashboardServer
+
+    s = settings(lab=lab, broker=broker, store=store)
+    url = _needs_broker(s, "dashboard", "viewer")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: use 0 to 65535")
+    if session_hours <= 0:
+        raise UserError(f"--session-hours {session_hours}: must be above 0")
+    try:
+        logins = load_users(users) if users is not None else None
+    except UsersFileError as exc:
+        raise UserError(f"--users {exc}") from None
+    for name, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{name} {path}: no such file")
+    config = DashboardConfig(
+        broker=url,
+        store_url=s.store,
+        lab=lab_name,
+        host=host,
+        port=port,
+        sessions=Sessions(logins, idle_timeout_s=session_hours * 3600),
+        prefect_ui_url=prefect_ui,
+    )
+
+    async def main() -> None:
+        server = DashboardServer(config, tls_cert, tls_key)
+        await server.start()
+        err.print(f"labtwin dashboard at {server.url} (broker {url}, store {describe_url(s.store)})")
+        if server.warning:
+            err.print(f"[yellow]warning[/]: {server.warning}")
+        try:
+            await server.serve_forever()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("dashboard-user")
+def dashboard_user(
+    name: str = typer.Argument(..., help="the login name"),
+    role: str = typer.Option("viewer", "--role", help="viewer (read only) or operator (pause, resume, stop)"),
+    users: Path = typer.Option(Path("labtwin-data/dashboard-users.json"), "--users", help="the logins file"),
+    password_env: str | None = typer.Option(
+        None, "--password-env", help="read the password from this environment variable instead of a prompt"
+    ),
+) -> None:
+    """Add or replace a dashboard login (its password is stored as an scrypt hash, never in clear)."""
+    import os
+
+    from labtwin.dashboard.auth import UsersFileError, add_user
+
+    if role not in ("viewer", "operator"):
+        raise UserError(f"--role {role!r}: use viewer or operator")
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise UserError(f"--password-env {password_env}: that environment variable is not set")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        add_user(users, name, role, password)  # type: ignore[arg-type]
+    except UsersFileError as exc:
+        raise UserError(str(exc)) from None
+    console.print(f"{users}: {name} is a dashboard {role}")
 
 
 @app.command()
@@ -777,6 +900,7 @@ def export(
         console.print(f"wrote {len(samples['time_s'])} samples of {rid} to {path}")
 
 
+from labtwin.cli.alerts import alerts_app  # noqa: E402
 from labtwin.cli.analyze import analyze_app  # noqa: E402
 from labtwin.cli.campaign import campaign_app  # noqa: E402
 from labtwin.cli.db import db_app  # noqa: E402
@@ -792,6 +916,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(db_app, name="db")
 app.add_typer(lab_app, name="lab")
+app.add_typer(alerts_app, name="alerts")
 
 
 def main() -> None:
