@@ -96,6 +96,7 @@ def create_app(config: DashboardConfig) -> Starlette:
     sessions = config.sessions or Sessions(None)
     live = LiveLab(config.broker, config.lab)
     state: dict[str, Any] = {"store": None, "store_error": ""}
+    columns = history.SampleCache()
 
     def store() -> Store:
         if state["store"] is None:
@@ -220,11 +221,12 @@ def create_app(config: DashboardConfig) -> Starlette:
             points,
             _float(q.get("from"), "from"),
             _float(q.get("to"), "to"),
+            cache=columns,
         )
         return _json(data)
 
     async def run_cycles(request: Request, who: Session) -> Response:
-        return _json(await in_store(history.cycles, request.path_params["run_id"]))
+        return _json(await in_store(history.cycles, request.path_params["run_id"], cache=columns))
 
     async def run_timeline(request: Request, who: Session) -> Response:
         run_id = request.path_params["run_id"]

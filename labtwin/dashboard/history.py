@@ -9,6 +9,8 @@ delays one page, never the live view.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,40 @@ from labtwin.analysis.curves import differential_capacity_of, half_cycles
 from labtwin.analysis.cycles import summarize_cycles
 from labtwin.dashboard.downsample import downsample, extremes_indices
 from labtwin.data.store import Store
+
+
+class SampleCache:
+    """The columns of the few runs being looked at, read from the store once.
+
+    A run page asks for its series, its cycles and, on every zoom, a span: each would read every sample of
+    the run again (1.2 s for a million in SQLite, most of the page's first render). A run's columns are kept
+    until the store holds more samples of it (a live run) or it falls out of the few kept.
+    """
+
+    def __init__(self, runs: int = 4) -> None:
+        self.runs = runs
+        self._columns: OrderedDict[str, tuple[int, dict[str, np.ndarray]]] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def samples(self, store: Store, run_id: str) -> dict[str, np.ndarray]:
+        with self._guard:
+            lock = self._locks.setdefault(run_id, threading.Lock())
+        with lock:  # two requests of one page read the run once
+            count = store.sample_count(run_id)
+            with self._guard:
+                cached = self._columns.get(run_id)
+                if cached is not None and cached[0] == count:
+                    self._columns.move_to_end(run_id)
+                    return cached[1]
+            columns = store.samples(run_id)
+            with self._guard:
+                self._columns[run_id] = (len(columns["time_s"]), columns)
+                while len(self._columns) > self.runs:
+                    old, _ = self._columns.popitem(last=False)
+                    self._locks.pop(old, None)
+            return columns
+
 
 SERIES_POINTS = 2000  # pixel columns of a wide screen: more would not be drawn
 CURVE_POINTS = 400  # per half cycle of a V-Q plot
@@ -47,10 +83,15 @@ def run_meta(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def series(
-    store: Store, run_id: str, points: int = SERIES_POINTS, from_s: float | None = None, to_s: float | None = None
+    store: Store,
+    run_id: str,
+    points: int = SERIES_POINTS,
+    from_s: float | None = None,
+    to_s: float | None = None,
+    cache: SampleCache | None = None,
 ) -> dict[str, Any]:
     """Time, voltage, current (and temperature) of a run, min/max-downsampled over the asked span."""
-    s = store.samples(run_id)
+    s = cache.samples(store, run_id) if cache else store.samples(run_id)
     t = s["time_s"]
     lo = 0 if from_s is None else int(np.searchsorted(t, from_s, "left"))
     hi = len(t) if to_s is None else int(np.searchsorted(t, to_s, "right"))
@@ -68,7 +109,7 @@ def series(
     }
 
 
-def cycles(store: Store, run_id: str) -> dict[str, Any]:
+def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[str, Any]:
     """Per-cycle figures (labtwin.analysis.cycles, the one definition), V-Q curves and dQ/dV per half cycle."""
     summaries = summarize_cycles(store.step_events(run_id))
     first = summaries[0].delivered_Ah if summaries else None
@@ -87,7 +128,7 @@ def cycles(store: Store, run_id: str) -> dict[str, Any]:
         for c in summaries
     ]
     curves, dqdv = [], []
-    for half in half_cycles(store.samples(run_id)):
+    for half in half_cycles(cache.samples(store, run_id) if cache else store.samples(run_id)):
         keep = extremes_indices(half.voltage_V, CURVE_POINTS // 4)
         curves.append(
             {

@@ -54,6 +54,7 @@ function drawTile(t) {
   const run = t.run_id || t.last_run_id;
   if (run) { const a = document.createElement("a"); a.href = "/run/" + encodeURIComponent(run); a.textContent = run + (t.run_id ? "" : " (ended)"); f.run.appendChild(a); }
   if (t.sample_received_ms) latency.push(Date.now() - t.sample_received_ms);
+  if (window.__onTile) window.__onTile(t);  // a bench or test watching tiles drawn
   if (latency.length > 100000) latency.splice(0, 50000);
 }
 
