@@ -710,6 +710,9 @@ def dashboard(
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
     session_hours: float = typer.Option(8.0, "--session-hours", help="an idle login expires after this long"),
     prefect_ui: str | None = typer.Option(None, "--prefect-ui", help="link campaign runs to this Prefect UI"),
+    send_alerts: bool = typer.Option(
+        False, "--send-alerts", help="also send the lab file's alerts (instead of `labtwin alerts watch`)"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """A live web dashboard of the lab: channel tiles, run plots, operator actions (docs/dashboard.md)."""
@@ -739,6 +742,9 @@ def dashboard(
         port=port,
         sessions=Sessions(logins, idle_timeout_s=session_hours * 3600),
         prefect_ui_url=prefect_ui,
+        alerts=s.lab_config.alerts,
+        alerts_lab=s.lab_config.lab,
+        send_alerts=send_alerts,
     )
 
     async def main() -> None:

@@ -31,6 +31,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from labtwin.alerts import Alert, AlertFeed, AlertsConfig, AlertService
 from labtwin.bus.operator import ORDERS, CommandFailed, command_channel
 from labtwin.dashboard import history
 from labtwin.dashboard.auth import Session, Sessions
@@ -65,6 +66,9 @@ class DashboardConfig:
     tls: bool = False
     sessions: Sessions | None = None
     prefect_ui_url: str | None = None
+    alerts: AlertsConfig | None = None  # the lab file's alerts: shown on the pages (and sent with send_alerts)
+    alerts_lab: str | None = None
+    send_alerts: bool = False
 
     @property
     def actions_allowed_here(self) -> bool:
@@ -92,9 +96,36 @@ def _float(value: str | None, name: str) -> float | None:
     return number
 
 
+async def _serve_alerts(service: AlertService, stop: asyncio.Event) -> None:
+    """The alert service for as long as the dashboard runs, through broker outages."""
+    while not stop.is_set():
+        try:
+            await service.serve(stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("dashboard: alerts: %s: %s; retrying", type(exc).__name__, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+
+
 def create_app(config: DashboardConfig) -> Starlette:
     sessions = config.sessions or Sessions(None)
     live = LiveLab(config.broker, config.lab)
+    feed = AlertFeed()
+    alert_service: AlertService | None = None
+    if config.alerts is not None and config.alerts_lab:
+        # Shown here always; sent from here only with send_alerts (else `labtwin alerts watch` sends them).
+        alert_service = AlertService(
+            config.broker, config.alerts, config.alerts_lab, feed=feed, senders=None if config.send_alerts else {}
+        )
+
+    def show_alert(alert: Alert) -> None:
+        live.note(
+            alert.lab, alert.run_id or None, None, "alert", f"ALERT {alert.kind} on {alert.cell}: {alert.message}"
+        )
+
+    feed.subscribe(show_alert)
     state: dict[str, Any] = {"store": None, "store_error": ""}
     columns = history.SampleCache()
 
@@ -114,11 +145,21 @@ def create_app(config: DashboardConfig) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop_alerts = asyncio.Event()
+        alerts_task = None
+        if alert_service is not None and config.send_alerts:
+            alerts_task = asyncio.create_task(_serve_alerts(alert_service, stop_alerts))
+        elif alert_service is not None:
+            live.on_document = alert_service.take
         await live.start()
         try:
             yield
         finally:
             await live.stop()
+            stop_alerts.set()
+            if alerts_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(alerts_task, 15)
             if state["store"] is not None:
                 state["store"].close()
 
@@ -199,6 +240,11 @@ def create_app(config: DashboardConfig) -> Starlette:
         snap = live.lab_snapshot(request.query_params.get("lab") or None)
         snap["store"] = {"state": "error" if state["store_error"] else "ok", "detail": state["store_error"]}
         return _json(snap)
+
+    async def alerts(request: Request, who: Session) -> Response:
+        q = request.query_params
+        recent = feed.recent(lab=q.get("lab") or None, run_id=q.get("run") or None)
+        return _json({"alerts": [a.model_dump(mode="json") for a in recent[-200:]]})
 
     async def runs(request: Request, who: Session) -> Response:
         return _json({"runs": await in_store(history.run_rows)})
@@ -371,6 +417,7 @@ def create_app(config: DashboardConfig) -> Starlette:
         Route("/api/whoami", api(whoami)),
         Route("/api/lab", api(lab_state)),
         Route("/api/events", api(events)),
+        Route("/api/alerts", api(alerts)),
         Route("/api/runs", api(runs)),
         Route("/api/runs/{run_id}", api(run_meta)),
         Route("/api/runs/{run_id}/series", api(run_series)),
@@ -383,5 +430,6 @@ def create_app(config: DashboardConfig) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.live = live
+    app.state.alerts = feed
     app.state.config = config
     return app

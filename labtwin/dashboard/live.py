@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,7 @@ class LiveLab:
         self.broker_state = "connecting"
         self.broker_detail = ""
         self.bad_documents = 0
+        self.on_document: Callable[[BaseModel], object] | None = None  # e.g. the alert rules, shown as events
         self._task: asyncio.Task[None] | None = None
         self._bus: Bus | None = None
         self._stopping = asyncio.Event()
@@ -191,6 +193,8 @@ class LiveLab:
         """One bus document into the view; one the view cannot take is logged and counted, never fatal."""
         try:
             self._absorb(topic, doc)
+            if self.on_document is not None and not isinstance(doc, SampleBatch):
+                self.on_document(doc)
         except Exception as exc:
             self.bad_documents += 1
             log.error("dashboard: %s on %s skipped: %s: %s", type(doc).__name__, topic, type(exc).__name__, exc)

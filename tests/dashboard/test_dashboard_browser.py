@@ -154,3 +154,59 @@ async def test_the_dashboard_starts_without_a_broker_and_says_so(tmp_path):
             assert bad.status_code == 400 and "points" in bad.json()["error"]
     finally:
         await server.stop()
+
+
+async def test_the_lab_files_alert_rules_show_on_the_dashboard_once_per_half_cycle(tmp_path, embedded_broker):
+    """An onset reported by the twin 5 times in one half cycle is one alert on the dashboard, with its link."""
+    from labtwin import bus as busmod
+    from labtwin.alerts import AlertsConfig
+    from labtwin.bus import Bus
+    from labtwin.documents import Anomaly
+
+    alerts = AlertsConfig.model_validate({"rules": [{"when": "anomaly", "kinds": ["oscillation_onset"]}]})
+    server = DashboardServer(
+        DashboardConfig(
+            broker=embedded_broker.url,
+            store_url=f"sqlite:///{tmp_path / 'x.db'}",
+            port=0,
+            alerts=alerts,
+            alerts_lab="alertlab",
+        )
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            deadline = time.monotonic() + 20
+            while (await client.get("/api/lab")).json()["broker"]["state"] != "live":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            async with Bus(embedded_broker.url) as bus:
+                for k in range(5):
+                    onset = Anomaly(
+                        kind="oscillation_onset",
+                        cell="lto-1",
+                        lab="alertlab",
+                        channel="ch1",
+                        run_id="r-1",
+                        time_s=100.0 + k,
+                        cycle=1,
+                        step=1,
+                        message=f"ripple {k}",
+                    )
+                    await bus.publish(busmod.cell_topic("alertlab", "lto-1", "anomaly"), onset)
+                await bus.flush()
+            deadline = time.monotonic() + 10
+            shown: list = []
+            while time.monotonic() < deadline:
+                shown = (await client.get("/api/alerts")).json()["alerts"]
+                if shown:
+                    await asyncio.sleep(0.5)  # the other four had their chance
+                    shown = (await client.get("/api/alerts")).json()["alerts"]
+                    break
+                await asyncio.sleep(0.1)
+            assert len(shown) == 1 and shown[0]["cell"] == "lto-1" and shown[0]["kind"] == "oscillation_onset"
+            assert shown[0]["link"].endswith("/run/r-1")
+            events = (await client.get("/api/lab")).json()["events"]
+            assert sum(e["kind"] == "alert" for e in events) == 1
+    finally:
+        await server.stop()
