@@ -210,3 +210,58 @@ async def test_the_lab_files_alert_rules_show_on_the_dashboard_once_per_half_cyc
             assert sum(e["kind"] == "alert" for e in events) == 1
     finally:
         await server.stop()
+
+
+async def test_the_dashboard_rides_out_a_broker_restart_and_shows_it(tmp_path):
+    """Mosquitto killed and started again on its port: the badge says so, and tiles move again afterwards."""
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.documents import ChannelState, ChannelStatus
+    from tests.mosquitto_proc import MosquittoProcess
+
+    with MosquittoProcess(tmp_path / "mq") as mosquitto:
+        server = DashboardServer(
+            DashboardConfig(broker=mosquitto.url, store_url=f"sqlite:///{tmp_path / 'x.db'}", port=0, lab="rlab")
+        )
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+
+                async def wait_state(wanted: set[str], timeout_s: float) -> str:
+                    deadline = time.monotonic() + timeout_s
+                    state = ""
+                    while time.monotonic() < deadline:
+                        state = (await client.get("/api/lab")).json()["broker"]["state"]
+                        if state in wanted:
+                            return state
+                        await asyncio.sleep(0.1)
+                    raise AssertionError(f"broker state {state!r}, wanted {wanted}")
+
+                async def publish_status(message: str) -> None:
+                    async with Bus(mosquitto.url) as bus:
+                        status = ChannelStatus(channel="ch1", state=ChannelState.idle, message=message)
+                        await bus.publish(busmod.topic("rlab", "ch1", "status"), status)
+                        await bus.flush()
+
+                async def tile_message() -> str:
+                    tiles = (await client.get("/api/lab")).json()["tiles"]
+                    return tiles[0]["message"] if tiles else ""
+
+                await wait_state({"live"}, 20)
+                await publish_status("before")
+                deadline = time.monotonic() + 10
+                while await tile_message() != "before":
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                mosquitto.kill()
+                assert await wait_state({"reconnecting", "unreachable"}, 30) in {"reconnecting", "unreachable"}
+                assert (await client.get("/")).status_code == 200  # pages still served
+                mosquitto.start()
+                await wait_state({"live"}, 60)
+                await publish_status("after")
+                deadline = time.monotonic() + 10
+                while await tile_message() != "after":
+                    assert time.monotonic() < deadline, "tiles did not move after the broker came back"
+                    await asyncio.sleep(0.1)
+        finally:
+            await server.stop()
