@@ -79,7 +79,11 @@ def alerts_test(lab: Path | None = LabOpt, as_json: bool = JsonOpt) -> None:
     else:
         for name, error in results.items():
             dest = config.alerts.destinations[name]
-            console.print(f"{name} ({dest.type}): " + ("ok" if error is None else f"FAILED: {error}"), markup=False)
+            console.print(
+                f"{name} ({dest.type}): " + ("ok" if error is None else f"FAILED: {error}"),
+                markup=False,
+                soft_wrap=True,
+            )
     failed = [name for name, error in results.items() if error is not None]
     if failed:
         if not as_json:

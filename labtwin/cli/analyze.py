@@ -108,7 +108,7 @@ def eis(
             lines.append((f"fit {parsed.text}", z_fit.real, z_fit.imag))
         plot_nyquist(lines, f"{file.name}: {parsed.text}", plot)
         if not as_json:
-            console.print(f"wrote {plot}")
+            console.print(f"wrote {plot}", soft_wrap=True)
 
 
 def _is_sweep(voltage_V: np.ndarray, current_A: np.ndarray) -> bool:
@@ -404,7 +404,7 @@ def cycling(
         )
     console.print(table)
     for written_path in written:
-        console.print(f"wrote {written_path}")
+        console.print(f"wrote {written_path}", soft_wrap=True)
 
 
 def _recording_title(path: Path) -> str:
