@@ -17,7 +17,6 @@ import math
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,25 +142,28 @@ def create_app(config: DashboardConfig) -> Starlette:
         """A store read in a worker thread: a busy database delays its page, never the live stream."""
         return await asyncio.to_thread(lambda: fn(store(), *args, **kwargs))
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        stop_alerts = asyncio.Event()
-        alerts_task = None
+    # Started and stopped by DashboardServer, not through ASGI lifespan: uvicorn keeps its lifespan task only in
+    # a local variable, so a garbage collection under load closed it mid-run (seen with a busy broker) and took
+    # the live subscription down with it.
+    stop_alerts = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
         if alert_service is not None and config.send_alerts:
-            alerts_task = asyncio.create_task(_serve_alerts(alert_service, stop_alerts))
+            tasks.append(asyncio.create_task(_serve_alerts(alert_service, stop_alerts)))
         elif alert_service is not None:
             live.on_document = alert_service.take
         await live.start()
-        try:
-            yield
-        finally:
-            await live.stop()
-            stop_alerts.set()
-            if alerts_task is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(alerts_task, 15)
-            if state["store"] is not None:
-                state["store"].close()
+
+    async def stop() -> None:
+        await live.stop()
+        stop_alerts.set()
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 15)
+        if state["store"] is not None:
+            state["store"].close()
+            state["store"] = None
 
     def session_of(request: Request) -> Session | None:
         if not sessions.logins_required:
@@ -281,7 +283,10 @@ def create_app(config: DashboardConfig) -> Starlette:
         return _json(data)
 
     async def run_impedance(request: Request, who: Session) -> Response:
-        return _json(await in_store(history.impedance, request.path_params["run_id"]))
+        circuit = request.query_params.get("circuit") or None
+        if circuit is not None and len(circuit) > 200:
+            raise ValueError("query parameter circuit: at most 200 characters")
+        return _json(await in_store(history.impedance, request.path_params["run_id"], circuit))
 
     async def run_export(request: Request, who: Session) -> Response:
         fmt = request.path_params["fmt"]
@@ -428,7 +433,9 @@ def create_app(config: DashboardConfig) -> Starlette:
         Route("/api/channels/{lab}/{channel}/{action}", api(action), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes)
+    app.state.start = start
+    app.state.stop = stop
     app.state.live = live
     app.state.alerts = feed
     app.state.config = config

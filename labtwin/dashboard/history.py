@@ -178,22 +178,85 @@ def timeline(store: Store, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "steps": steps, "anomalies": anomalies, "outages": outages, "twin": twin}
 
 
-def impedance(store: Store, run_id: str) -> dict[str, Any]:
-    """The run's impedance spectra, one per EIS step, for Nyquist and Bode plots."""
+def _circuit_for(store: Store, run_id: str) -> str:
+    """The circuit the twin fits for this run's cell (its cell definition's), else the twin's default."""
+    from labtwin.physics.library import CellFileError, load_cell
+    from labtwin.twin.cell_twin import DEFAULT_CIRCUIT
+
+    start, _ = store.run_documents(run_id)
+    states = store.cell_states(start.cell_id, run_id) if start else []
+    model = next((c.model for c in states if c.model), "")
+    if model:
+        try:
+            return load_cell(model).eis_circuit
+        except (CellFileError, OSError, ValueError):
+            pass
+    return DEFAULT_CIRCUIT
+
+
+def impedance(store: Store, run_id: str, circuit: str | None = None) -> dict[str, Any]:
+    """The run's impedance spectra, one per EIS step, each with the equivalent circuit fitted to it.
+
+    The circuit is the one the twin fits for the cell (so the trend here is the one its impedance-growth
+    detector watched) unless one is asked for. A parameter whose standard error exceeds half its value is
+    flagged: the data do not determine it.
+    """
+    from labtwin.analysis.eis import CircuitError, fit_circuit, parse_circuit
+
     z = store.impedance(run_id)
+    text = circuit or _circuit_for(store, run_id)
+    try:
+        parsed = parse_circuit(text)
+    except CircuitError as exc:
+        raise ValueError(f"circuit {text!r}: {exc}") from None
     spectra = []
     for step in np.unique(z["step"]):
         m = z["step"] == step
-        spectra.append(
-            {
-                "step": int(step),
-                "cycle": int(z["cycle"][m][0]),
-                "frequency_Hz": _list(z["frequency_Hz"][m]),
-                "z_real_ohm": _list(z["z_real_ohm"][m]),
-                "z_imag_ohm": _list(z["z_imag_ohm"][m]),
+        f, zr, zi = z["frequency_Hz"][m], z["z_real_ohm"][m], z["z_imag_ohm"][m]
+        entry: dict[str, Any] = {
+            "step": int(step),
+            "cycle": int(z["cycle"][m][0]),
+            "time_s": float(z["time_s"][m][-1]),
+            "frequency_Hz": _list(f),
+            "z_real_ohm": _list(zr),
+            "z_imag_ohm": _list(zi),
+        }
+        try:
+            fit = fit_circuit(parsed, f, zr + 1j * zi)
+        except ValueError as exc:
+            entry["fit"] = {"error": str(exc)}
+        else:
+            good = f[np.isfinite(f) & (f > 0)]
+            dense = np.logspace(np.log10(good.min()), np.log10(good.max()), 120) if len(good) else good
+            model = fit.impedance_ohm(dense)
+            entry["fit"] = {
+                "circuit": parsed.text,
+                "success": bool(fit.success),
+                "relative_rms": float(fit.relative_rms),
+                "parameters": {
+                    name: {
+                        "value": float(fit.parameters[name]),
+                        "standard_error": _finite_or_none(fit.standard_errors.get(name)),
+                        "unit": fit.units[name],
+                        "uncertain": _uncertain(fit.parameters[name], fit.standard_errors.get(name)),
+                    }
+                    for name in parsed.parameter_names
+                },
+                "frequency_Hz": _list(dense),
+                "z_real_ohm": _list(model.real),
+                "z_imag_ohm": _list(model.imag),
             }
-        )
-    return {"run_id": run_id, "spectra": spectra}
+        spectra.append(entry)
+    return {"run_id": run_id, "circuit": parsed.text, "spectra": spectra}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _uncertain(value: float, error: float | None) -> bool:
+    """No finite standard error, or one above half the value: the spectrum does not pin the parameter down."""
+    return error is None or not math.isfinite(error) or abs(error) > 0.5 * abs(value)
 
 
 def run_rows(store: Store, limit: int = 200) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ class DashboardServer:
                 access_log=False,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None,
-                lifespan="on",
+                lifespan="off",  # the app's start and stop are called here (labtwin.dashboard.app)
                 timeout_graceful_shutdown=2,
             )
         )
@@ -76,6 +76,7 @@ class DashboardServer:
         return None
 
     async def start(self) -> None:
+        await self.app.state.start()
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[self._socket]), name="dashboard-http")
         for _ in range(200):
             if self._uvicorn.started or self._task.done():
@@ -85,7 +86,8 @@ class DashboardServer:
             self._task.result()
 
     async def serve_forever(self) -> None:
-        await self.start()
+        if self._task is None:
+            await self.start()
         assert self._task is not None
         await self._task
 
@@ -96,4 +98,5 @@ class DashboardServer:
                 await asyncio.wait_for(self._task, 10)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        await self.app.state.stop()
         self._socket.close()

@@ -112,6 +112,8 @@ async def test_a_run_watched_paused_and_read_back_from_the_browser(tmp_path):
                 assert int(await page.get_attribute("#plot-vq", "data-points")) > 100
                 assert int(await page.get_attribute("#plot-cap", "data-cycles")) == 1
                 assert int(await page.get_attribute("#plot-nyquist", "data-points")) > 10  # the run's EIS step
+                fit = await page.inner_text("#eis-fit")  # the twin's circuit for this cell, fitted to the spectrum
+                assert "R0-p(R1,CPE1)-CPE2" in fit and "relative RMS" in fit and "R1 = " in fit
                 timeline = await page.inner_text("#timeline")
                 assert "oscillation_onset" in timeline
                 assert f"pause by {OPERATOR} (operator)" in timeline and f"resume by {OPERATOR}" in timeline

@@ -24,8 +24,9 @@ function markersHook(u) {
 
 function vtData() {
   const s = state.series;
-  if (!state.twin.length) return [s.time_s, s.voltage_V, s.time_s.map(() => null)];
-  return uPlot.join([[s.time_s, s.voltage_V], [state.twin.map(p => p.time_s), state.twin.map(p => p.predicted_V)]]);
+  if (!state.twin.length) { const none = s.time_s.map(() => null); return [s.time_s, s.voltage_V, none, none, none]; }
+  const band = k => state.twin.map(p => p.sigma_V === null || p.sigma_V === undefined ? null : p.predicted_V + k * 3 * p.sigma_V);
+  return uPlot.join([[s.time_s, s.voltage_V], [state.twin.map(p => p.time_s), state.twin.map(p => p.predicted_V), band(-1), band(1)]]);
 }
 
 let zoomTimer = null;
@@ -43,7 +44,9 @@ function makeTimePlots() {
     scales: { x: { time: false } },
     axes: [{ label: "test time / s" }, { label: "voltage / V", size: 60 }],
     series: [{ label: "t / s" }, { label: "measured V", stroke: "#1f5fa8", width: 1 },
-             { label: "twin predicted V", stroke: "#e07b00", width: 1, dash: [6, 4], points: { show: true, size: 5 } }],
+             { label: "twin predicted V", stroke: "#e07b00", paths: () => null, points: { show: true, size: 6 } },
+             { label: "−3σ", stroke: "rgba(224,123,0,0.45)", paths: () => null, points: { show: true, size: 3 } },
+             { label: "+3σ", stroke: "rgba(224,123,0,0.45)", paths: () => null, points: { show: true, size: 3 } }],
     hooks: { draw: [markersHook], setScale: [(u, key) => key === "x" && onZoom(u)] },
   }, vtData(), document.getElementById("plot-vt"));
   it = new uPlot({ ...common,
@@ -116,12 +119,36 @@ async function loadImpedance() {
   if (!z.spectra.length) { document.getElementById("no-eis").hidden = false; return; }
   const n = z.spectra.length;
   const colour = k => labtwin.viridis(n > 1 ? k / (n - 1) : 0);
-  xyPlot(document.getElementById("plot-nyquist"), { width: W, equal: true, xlabel: "Z' / Ω", ylabel: "−Z'' / Ω",
-    series: z.spectra.map((s, k) => ({ x: s.z_real_ohm, y: s.z_imag_ohm.map(v => -v), color: colour(k), points: true,
+  const series = [];
+  z.spectra.forEach((s, k) => {
+    series.push({ x: s.z_real_ohm, y: s.z_imag_ohm.map(v => -v), color: colour(k), points: true,
       markers: s.frequency_Hz.map((f, i) => ({ f, i })).filter(m => Math.abs(Math.log10(m.f) % 1) < 0.05)
-        .map(m => ({ x: s.z_real_ohm[m.i], y: -s.z_imag_ohm[m.i], text: m.f >= 1 ? m.f.toFixed(0) + " Hz" : m.f.toPrecision(1) + " Hz" })) })) });
-  xyPlot(document.getElementById("plot-bode"), { width: W, logx: true, xlabel: "log10 frequency / Hz", ylabel: "|Z| / Ω",
-    series: z.spectra.map((s, k) => ({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => Math.hypot(r, s.z_imag_ohm[i])), color: colour(k), points: true })) });
+        .map(m => ({ x: s.z_real_ohm[m.i], y: -s.z_imag_ohm[m.i], text: m.f >= 1 ? m.f.toFixed(0) + " Hz" : m.f.toPrecision(1) + " Hz" })) });
+    if (s.fit && s.fit.z_real_ohm) series.push({ x: s.fit.z_real_ohm, y: s.fit.z_imag_ohm.map(v => -v), color: colour(k) });
+  });
+  xyPlot(document.getElementById("plot-nyquist"), { width: W, equal: true, xlabel: "Z' / Ω", ylabel: "−Z'' / Ω", series });
+  const bode = [];
+  z.spectra.forEach((s, k) => {
+    bode.push({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => Math.hypot(r, s.z_imag_ohm[i])), color: colour(k), points: true });
+    if (s.fit && s.fit.z_real_ohm) bode.push({ x: s.fit.frequency_Hz, y: s.fit.z_real_ohm.map((r, i) => Math.hypot(r, s.fit.z_imag_ohm[i])), color: colour(k) });
+  });
+  xyPlot(document.getElementById("plot-bode"), { width: W, logx: true, xlabel: "log10 frequency / Hz", ylabel: "|Z| / Ω", series: bode });
+  // Resistances of every fit against the cycle of its spectrum: the trend the twin's impedance-growth check watches.
+  const fits = z.spectra.filter(s => s.fit && s.fit.parameters);
+  const names = fits.length ? Object.keys(fits[0].fit.parameters).filter(p => /^R\d+$/.test(p)) : [];
+  xyPlot(document.getElementById("plot-rtrend"), { width: W, xlabel: "cycle", ylabel: "resistance / Ω",
+    series: names.map((p, j) => ({ x: fits.map(s => s.cycle), y: fits.map(s => s.fit.parameters[p].value),
+      color: labtwin.viridis(names.length > 1 ? j / (names.length - 1) : 0), points: true,
+      markers: fits.length ? [{ x: fits[fits.length - 1].cycle, y: fits[fits.length - 1].fit.parameters[p].value, text: p }] : [] })) });
+  const last = z.spectra[z.spectra.length - 1];
+  const box = document.getElementById("eis-fit");
+  if (last.fit && last.fit.parameters) {
+    const parts = Object.entries(last.fit.parameters).map(([p, v]) =>
+      `${p} = ${v.value.toPrecision(4)} ${v.unit}` + (v.standard_error === null ? " (± ?)" : ` ± ${v.standard_error.toPrecision(2)}`) + (v.uncertain ? " ⚠ not determined by the data" : ""));
+    box.textContent = `last spectrum (cycle ${last.cycle}): ${last.fit.circuit}, relative RMS ${(last.fit.relative_rms * 100).toFixed(2)} %` +
+      (last.fit.success ? "" : " (fit did not converge)") + ": " + parts.join("; ");
+    box.dataset.uncertain = Object.values(last.fit.parameters).filter(v => v.uncertain).length;
+  } else if (last.fit) box.textContent = "fit failed: " + last.fit.error;
 }
 
 async function loadTimeline() {
