@@ -713,6 +713,9 @@ def dashboard(
     send_alerts: bool = typer.Option(
         False, "--send-alerts", help="also send the lab file's alerts (instead of `labtwin alerts watch`)"
     ),
+    campaign_files: list[Path] = typer.Option(
+        [], "--campaign", help="a campaign file whose jobs and schedule the campaigns page shows (repeatable)"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """A live web dashboard of the lab: channel tiles, run plots, operator actions (docs/dashboard.md)."""
@@ -720,6 +723,7 @@ def dashboard(
     from labtwin.dashboard.app import DashboardConfig
     from labtwin.dashboard.auth import Sessions, UsersFileError, load_users
     from labtwin.dashboard.server import DashboardServer
+    from labtwin.orchestration.campaign import load_campaign
 
     s = settings(lab=lab, broker=broker, store=store)
     url = _needs_broker(s, "dashboard", "viewer")
@@ -734,6 +738,12 @@ def dashboard(
     for name, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path is not None and not path.is_file():
             raise UserError(f"{name} {path}: no such file")
+    from labtwin.protocols.model import ProtocolError
+
+    try:
+        campaigns = [load_campaign(p) for p in campaign_files]
+    except ProtocolError as exc:
+        raise UserError(str(exc)) from None
     config = DashboardConfig(
         broker=url,
         store_url=s.store,
@@ -745,6 +755,7 @@ def dashboard(
         alerts=s.lab_config.alerts,
         alerts_lab=s.lab_config.lab,
         send_alerts=send_alerts,
+        campaigns=campaigns,
     )
 
     async def main() -> None:

@@ -17,7 +17,7 @@ import math
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,9 +34,11 @@ from labtwin.alerts import Alert, AlertFeed, AlertsConfig, AlertService
 from labtwin.bus.operator import ORDERS, CommandFailed, command_channel
 from labtwin.dashboard import history
 from labtwin.dashboard.auth import Session, Sessions
+from labtwin.dashboard.campaigns import campaign_view
 from labtwin.dashboard.live import LiveLab
 from labtwin.data.export import FORMATS, export_samples
 from labtwin.data.store import Store
+from labtwin.orchestration.campaign import Campaign
 from labtwin.security import BrokerConnection
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class DashboardConfig:
     alerts: AlertsConfig | None = None  # the lab file's alerts: shown on the pages (and sent with send_alerts)
     alerts_lab: str | None = None
     send_alerts: bool = False
+    campaigns: list[Campaign] = field(default_factory=list)  # campaign files shown on /campaigns
 
     @property
     def actions_allowed_here(self) -> bool:
@@ -248,6 +251,10 @@ def create_app(config: DashboardConfig) -> Starlette:
         recent = feed.recent(lab=q.get("lab") or None, run_id=q.get("run") or None)
         return _json({"alerts": [a.model_dump(mode="json") for a in recent[-200:]]})
 
+    async def campaigns(request: Request, who: Session) -> Response:
+        views = [await in_store(campaign_view, c, config.prefect_ui_url) for c in config.campaigns]
+        return _json({"campaigns": views, "prefect_ui_url": config.prefect_ui_url})
+
     async def runs(request: Request, who: Session) -> Response:
         return _json({"runs": await in_store(history.run_rows)})
 
@@ -423,6 +430,8 @@ def create_app(config: DashboardConfig) -> Starlette:
         Route("/api/lab", api(lab_state)),
         Route("/api/events", api(events)),
         Route("/api/alerts", api(alerts)),
+        Route("/campaigns", page("campaigns.html")),
+        Route("/api/campaigns", api(campaigns)),
         Route("/api/runs", api(runs)),
         Route("/api/runs/{run_id}", api(run_meta)),
         Route("/api/runs/{run_id}/series", api(run_series)),
