@@ -41,7 +41,8 @@ def campaign_view(store: Store, campaign: Campaign, prefect_ui: str | None = Non
                 "run_id": job.run_id,
                 "cell": job.cell.id,
                 "channel": job.channel,
-                "protocol": job.protocol,
+                "protocol": protocol_stem(job.protocol),
+                "protocol_file": job.protocol,
                 "state": _state(row),
                 "started": row.started_at if row else None,
                 "stopped": row.stopped_at if row else None,
@@ -62,7 +63,7 @@ def campaign_view(store: Store, campaign: Campaign, prefect_ui: str | None = Non
                 upcoming = [(start + step * k).isoformat() for k in (1, 2, 3)]
             schedule.append(
                 {
-                    "protocol": entry.protocol,
+                    "protocol": protocol_stem(entry.protocol),
                     "cell": cell,
                     "timing": f"every {entry.every}" if entry.every else f"cron {entry.cron}",
                     "runs_so_far": len(done),
