@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +49,32 @@ def _rss(pid: int | None) -> int:
         return p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
     except psutil.NoSuchProcess:
         return 0
+
+
+async def _wait_agents_ready(
+    broker: str, lab: str, names: list[str], services: list[Service], timeout_s: float
+) -> None:
+    """Every agent has published its retained status: a StartRun sent before it subscribed would be lost."""
+    from labtwin import bus as busmod
+    from labtwin.bus import Bus
+    from labtwin.documents import ChannelStatus
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    async with Bus(broker) as bus:
+        sub = await bus.subscribe(f"{busmod.ROOT}/{lab}/+/status")
+        while seen != set(names):
+            for s in services:
+                if s.proc is None or s.proc.poll() is not None:
+                    raise RuntimeError(f"{s.name} ended at start: {s.logs()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agents not ready after {timeout_s:.0f} s: {sorted(set(names) - seen)}")
+            try:
+                doc = (await sub.get(1.0)).document
+            except TimeoutError:
+                continue
+            if isinstance(doc, ChannelStatus) and doc.state.value != "offline":
+                seen.add(doc.channel)
 
 
 async def main(args) -> int:
@@ -119,10 +146,8 @@ async def main(args) -> int:
             spool_max = max(spool_max, _spool_bytes(work / "labtwin-data"))
 
     try:
-        await asyncio.sleep(8.0)  # the agents announce themselves; the recorder subscribes
-        for s in services:
-            if s.proc is None or s.proc.poll() is not None:
-                raise RuntimeError(f"{s.name} did not start: {s.logs()[-2000:]}")
+        await _wait_agents_ready(broker, lab_name, names, services, 180.0)
+        await asyncio.sleep(2.0)  # the recorder subscribes
         watcher = asyncio.create_task(watch())
         t0 = time.perf_counter()
         step = StepCommand(
@@ -158,6 +183,8 @@ async def main(args) -> int:
             mosquitto.stop()
         if schema is not None and args.store:
             _drop_schema(args.store, schema)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(
         f"soak (processes): {args.channels} `labtwin agent` + `labtwin record` x {args.days:g} days of cell time at 1 s "
         f"sampling, speed {args.speed:g}; broker {'own Mosquitto' if mosquitto else broker}; store "
@@ -197,4 +224,5 @@ if __name__ == "__main__":
     p.add_argument("--days", type=float, default=7.0)
     p.add_argument("--speed", type=float, default=1000.0)
     p.add_argument("--store", default=None, help="default: SQLite in the soak's folder")
+    p.add_argument("--keep", action="store_true", help="keep the soak's folder (logs, store, spools)")
     sys.exit(asyncio.run(main(p.parse_args())))
