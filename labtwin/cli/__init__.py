@@ -744,6 +744,12 @@ def dashboard(
         campaigns = [load_campaign(p) for p in campaign_files]
     except ProtocolError as exc:
         raise UserError(str(exc)) from None
+    from labtwin.data.store import Store
+
+    try:  # a store the dashboard cannot open is a mistake to say now, not on every page
+        Store.open(s.store).close()
+    except Exception as exc:
+        raise UserError(f"--store {describe_url(s.store)}: cannot be opened: {exc}") from None
     config = DashboardConfig(
         broker=url,
         store_url=s.store,
@@ -754,6 +760,7 @@ def dashboard(
         prefect_ui_url=prefect_ui,
         alerts=s.lab_config.alerts,
         alerts_lab=s.lab_config.lab,
+        alerts_cells={name: ch.cell_id for name, ch in s.lab_config.channels.items() if ch.cell_id},
         send_alerts=send_alerts,
         campaigns=campaigns,
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -69,6 +70,7 @@ class DashboardConfig:
     prefect_ui_url: str | None = None
     alerts: AlertsConfig | None = None  # the lab file's alerts: shown on the pages (and sent with send_alerts)
     alerts_lab: str | None = None
+    alerts_cells: dict[str, str] = field(default_factory=dict)  # channel -> cell id, from the lab file
     send_alerts: bool = False
     campaigns: list[Campaign] = field(default_factory=list)  # campaign files shown on /campaigns
 
@@ -76,6 +78,10 @@ class DashboardConfig:
     def actions_allowed_here(self) -> bool:
         """Operator actions need TLS when the dashboard is reachable beyond this machine."""
         return self.tls or is_loopback(self.host)
+
+
+class StoreUnavailable(Exception):
+    """The store could not be opened (down, wrong URL, a schema this labtwin cannot read): 503, with why."""
 
 
 def _json(data: Any, status: int = 200) -> JSONResponse:
@@ -119,7 +125,12 @@ def create_app(config: DashboardConfig) -> Starlette:
     if config.alerts is not None and config.alerts_lab:
         # Shown here always; sent from here only with send_alerts (else `labtwin alerts watch` sends them).
         alert_service = AlertService(
-            config.broker, config.alerts, config.alerts_lab, feed=feed, senders=None if config.send_alerts else {}
+            config.broker,
+            config.alerts,
+            config.alerts_lab,
+            cells_by_channel=config.alerts_cells,
+            feed=feed,
+            senders=None if config.send_alerts else {},
         )
 
     def show_alert(alert: Alert) -> None:
@@ -138,7 +149,7 @@ def create_app(config: DashboardConfig) -> Starlette:
                 state["store_error"] = ""
             except Exception as exc:
                 state["store_error"] = f"{type(exc).__name__}: {exc}"
-                raise
+                raise StoreUnavailable(f"the store cannot be opened: {exc}") from None
         return state["store"]
 
     async def in_store(fn, *args, **kwargs) -> Any:
@@ -155,7 +166,13 @@ def create_app(config: DashboardConfig) -> Starlette:
         if alert_service is not None and config.send_alerts:
             tasks.append(asyncio.create_task(_serve_alerts(alert_service, stop_alerts)))
         elif alert_service is not None:
-            live.on_document = alert_service.take
+            service = alert_service
+
+            def rules(lab: str, doc: BaseModel) -> None:
+                if lab == service.lab:  # the lab file's rules are its lab's: other labs on the broker are not
+                    service.take(doc)
+
+            live.on_document = rules
         await live.start()
 
     async def stop() -> None:
@@ -188,6 +205,8 @@ def create_app(config: DashboardConfig) -> Starlette:
                 return _error(401, "log in first: /login")
             try:
                 return await fn(request, who)
+            except StoreUnavailable as exc:
+                return _error(503, str(exc))
             except KeyError as exc:
                 return _error(404, str(exc.args[0]) if exc.args else "not found")
             except ValueError as exc:

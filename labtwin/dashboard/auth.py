@@ -36,7 +36,7 @@ class UserEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    password_scrypt: str = Field(description="scrypt$N$r$p$salt_hex$hash_hex, written by `labtwin dashboard user add`")
+    password_scrypt: str = Field(description="scrypt$N$r$p$salt_hex$hash_hex, written by `labtwin dashboard-user`")
 
 
 class UsersFile(BaseModel):
@@ -71,9 +71,7 @@ def load_users(path: Path) -> UsersFile:
     except OSError as exc:
         raise UsersFileError(f"{path}: cannot read ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
-        raise UsersFileError(
-            f"{path}: not JSON (line {exc.lineno}): write it with `labtwin dashboard user add`"
-        ) from None
+        raise UsersFileError(f"{path}: not JSON (line {exc.lineno}): write it with `labtwin dashboard-user`") from None
     try:
         return UsersFile.model_validate(raw)
     except ValidationError as exc:

@@ -120,7 +120,8 @@ def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[
             "discharge_mAh": c.discharge_Ah * 1e3,
             "delivered_mAh": c.delivered_Ah * 1e3,
             "coulombic_efficiency": c.coulombic_efficiency,
-            "retention": (c.delivered_Ah / first) if first else None,
+            # A cycle that did not go both ways (a run stopped mid-cycle) has no CE and no retention to show.
+            "retention": (c.delivered_Ah / first) if first and c.coulombic_efficiency is not None else None,
             "energy_in_mWh": c.energy_in_Wh * 1e3,
             "energy_out_mWh": c.energy_out_Wh * 1e3,
             "first_direction": c.first_direction,

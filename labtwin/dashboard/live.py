@@ -107,7 +107,8 @@ class LiveLab:
         self.broker_state = "connecting"
         self.broker_detail = ""
         self.bad_documents = 0
-        self.on_document: Callable[[BaseModel], object] | None = None  # e.g. the alert rules, shown as events
+        # Called with (lab, document) for every document but samples: the alert rules, shown as events.
+        self.on_document: Callable[[str, BaseModel], object] | None = None
         self._task: asyncio.Task[None] | None = None
         self._bus: Bus | None = None
         self._stopping = asyncio.Event()
@@ -193,8 +194,9 @@ class LiveLab:
         """One bus document into the view; one the view cannot take is logged and counted, never fatal."""
         try:
             self._absorb(topic, doc)
-            if self.on_document is not None and not isinstance(doc, SampleBatch):
-                self.on_document(doc)
+            parts = topic.split("/")
+            if self.on_document is not None and not isinstance(doc, SampleBatch) and len(parts) > 2:
+                self.on_document(parts[2], doc)
         except Exception as exc:
             self.bad_documents += 1
             log.error("dashboard: %s on %s skipped: %s: %s", type(doc).__name__, topic, type(exc).__name__, exc)

@@ -57,3 +57,13 @@ def test_short_passwords_and_odd_names_are_refused(tmp_path):
         add_user(tmp_path / "u.json", "otto", "operator", "short")
     with pytest.raises(UsersFileError, match="without spaces"):
         add_user(tmp_path / "u.json", "ot to", "operator", "long enough")
+
+
+def test_the_dashboard_refuses_a_store_it_cannot_open_at_start_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from labtwin.cli import app
+
+    result = CliRunner().invoke(app, ["dashboard", "--broker", "mqtt://127.0.0.1:1", "--store", "mysql://x/y"])
+    assert result.exit_code == 2, result.output
+    assert "--store" in result.output and "cannot be opened" in result.output

@@ -196,6 +196,9 @@ async def test_the_lab_files_alert_rules_show_on_the_dashboard_once_per_half_cyc
                         message=f"ripple {k}",
                     )
                     await bus.publish(busmod.cell_topic("alertlab", "lto-1", "anomaly"), onset)
+                    # The same from another lab on the shared broker: the lab file's rules are not its rules.
+                    other = onset.model_copy(update={"lab": "otherlab", "cell": "lto-2", "run_id": "r-2"})
+                    await bus.publish(busmod.cell_topic("otherlab", "lto-2", "anomaly"), other)
                 await bus.flush()
             deadline = time.monotonic() + 10
             shown: list = []

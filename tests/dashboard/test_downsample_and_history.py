@@ -58,3 +58,40 @@ def test_half_cycles_count_capacity_from_each_half_cycle_start_by_the_agents_cha
     assert abs(halves[1].capacity_Ah[-1] - (5e-3 + 1880e-3) / 3600) < 1e-12
     # A half cycle begins with its first sample that moved charge: the charge passed by then.
     assert abs(halves[0].capacity_Ah[0] - 10e-3 / 3600) < 1e-15 and abs(halves[1].capacity_Ah[0] - 5e-3 / 3600) < 1e-15
+
+
+def test_a_cycle_cut_short_has_no_retention_or_ce_on_the_run_page(tmp_path):
+    """A run stopped mid-cycle: its last cycle went one way only, so it shows no retention (not 0 %)."""
+    from labtwin.dashboard.history import cycles
+    from labtwin.data.store import Store
+    from labtwin.documents import RunStart, StepEvent, StepKind, StepStats
+
+    store = Store.open(tmp_path / "s.db")
+    q = 1e-3
+
+    def ended(i: int, cycle: int, charge: float, discharge: float) -> StepEvent:
+        stats = StepStats(charge_Ah=charge, discharge_Ah=discharge, n_samples=10)
+        return StepEvent(
+            run_id="r",
+            channel="c",
+            step_index=i,
+            cycle=cycle,
+            step=StepKind.cc,
+            event="ended",
+            time_s=i * 100.0,
+            stats=stats,
+        )
+
+    store.write(
+        [
+            RunStart(run_id="r", lab="l", channel="c", cell_id="cell", protocol="p", n_steps=3),
+            ended(0, 1, q, 0.0),
+            ended(1, 1, 0.0, 0.98 * q),
+            ended(2, 2, 0.5 * q, 0.0),  # stopped here
+        ]
+    )
+    table = cycles(store, "r")["cycles"]
+    store.close()
+    assert [c["cycle"] for c in table] == [1, 2]
+    assert abs(table[0]["coulombic_efficiency"] - 0.98) < 1e-12 and table[0]["retention"] == 1.0
+    assert table[1]["coulombic_efficiency"] is None and table[1]["retention"] is None

@@ -45,7 +45,9 @@ function drawTile(t) {
   f.step.textContent = t.step_index === null ? "–" : t.step_index + (t.label ? " " + t.label : "");
   f.cycle.textContent = t.cycle === null ? "–" : t.cycle;
   f.voltage.textContent = labtwin.fmt(t.voltage_V, 4, "V");
-  f.current.textContent = t.current_A === null ? "–" : (t.current_A * 1e3).toFixed(4) + " mA";
+  const a = t.current_A === null ? null : Math.abs(t.current_A);
+  f.current.textContent = t.current_A === null ? "–" : a >= 1 || a === 0 ? t.current_A.toFixed(4) + " A" :
+    a >= 1e-3 ? (t.current_A * 1e3).toFixed(4) + " mA" : (t.current_A * 1e6).toFixed(3) + " µA";
   f.temperature.textContent = labtwin.fmt(t.temperature_C, 1, "°C");
   f.soc.textContent = t.soc === null ? "–" : (t.soc * 100).toFixed(1) + " %";
   f.eta.textContent = labtwin.duration(t.time_to_step_end_s);
@@ -53,6 +55,8 @@ function drawTile(t) {
   f.run.textContent = "";
   const run = t.run_id || t.last_run_id;
   if (run) { const a = document.createElement("a"); a.href = "/run/" + encodeURIComponent(run); a.textContent = run + (t.run_id ? "" : " (ended)"); f.run.appendChild(a); }
+  // Nothing to pause or stop on a channel without a run (the agent would answer so): buttons off.
+  for (const b of el.querySelectorAll("button[data-action]")) b.disabled = !(labtwin.me && labtwin.me.actions_allowed) || !t.run_id;
   if (t.sample_received_ms) latency.push(Date.now() - t.sample_received_ms);
   if (window.__onTile) window.__onTile(t);  // a bench or test watching tiles drawn
   if (latency.length > 100000) latency.splice(0, 50000);

@@ -38,7 +38,16 @@ function onZoom(u) {
   zoomTimer = setTimeout(() => loadSeries(state.zoomed ? min : null, state.zoomed ? max : null), 250);
 }
 
+// The current's unit from the run's own scale: a thin film's microamps read as microamps, not 0.005 mA.
+let currentScale = { k: 1e3, unit: "mA" };
+function pickCurrentScale(values) {
+  const m = Math.max(...values.filter(v => v !== null).map(Math.abs), 0);
+  currentScale = m >= 1 ? { k: 1, unit: "A" } : m >= 1e-3 ? { k: 1e3, unit: "mA" } : m >= 1e-6 ? { k: 1e6, unit: "µA" } : { k: 1e9, unit: "nA" };
+}
+function scaledCurrent(s) { return s.current_A.map(i => i === null ? null : i * currentScale.k); }
+
 function makeTimePlots() {
+  pickCurrentScale(state.series.current_A);
   const common = { width: W, height: 280, cursor: { drag: { x: true, y: false } } };
   vt = new uPlot({ ...common,
     scales: { x: { time: false } },
@@ -51,10 +60,10 @@ function makeTimePlots() {
   }, vtData(), document.getElementById("plot-vt"));
   it = new uPlot({ ...common,
     scales: { x: { time: false } },
-    axes: [{ label: "test time / s" }, { label: "current / mA", size: 60 }],
-    series: [{ label: "t / s" }, { label: "current / mA", stroke: "#2a8a4a", width: 1 }],
+    axes: [{ label: "test time / s" }, { label: `current / ${currentScale.unit}`, size: 60 }],
+    series: [{ label: "t / s" }, { label: `current / ${currentScale.unit}`, stroke: "#2a8a4a", width: 1 }],
     hooks: { draw: [markersHook] },
-  }, [state.series.time_s, state.series.current_A.map(i => i === null ? null : i * 1e3)], document.getElementById("plot-it"));
+  }, [state.series.time_s, scaledCurrent(state.series)], document.getElementById("plot-it"));
   for (const u of [vt, it]) u.over.addEventListener("dblclick", () => { state.zoomed = false; loadSeries(null, null); });
 }
 
@@ -66,7 +75,7 @@ async function loadSeries(from, to) {
   document.getElementById("plot-vt").dataset.points = s.time_s.length;
   document.getElementById("plot-vt").dataset.samples = s.n_samples;
   if (!vt) { makeTimePlots(); return; }
-  vt.setData(vtData(), from === null); it.setData([s.time_s, s.current_A.map(i => i === null ? null : i * 1e3)], from === null);
+  vt.setData(vtData(), from === null); it.setData([s.time_s, scaledCurrent(s)], from === null);
 }
 
 function appendLive(p) {
@@ -78,7 +87,7 @@ function appendLive(p) {
   }
   document.getElementById("plot-vt").dataset.points = s.time_s.length;
   if (s.time_s.length > 8 * W) { loadSeries(null, null); return; }  // back to a downsampled whole
-  vt.setData(vtData()); it.setData([s.time_s, s.current_A.map(i => i === null ? null : i * 1e3)]);
+  vt.setData(vtData()); it.setData([s.time_s, scaledCurrent(s)]);
 }
 
 async function loadCycles() {
@@ -93,6 +102,7 @@ async function loadCycles() {
     series: c.dqdv.map(x => ({ x: x.voltage_V, y: x.direction === "discharge" ? x.dq_dv_mAh_per_V.map(v => v === null ? null : -v) : x.dq_dv_mAh_per_V, color: colour(x.cycle) })) });
   const rows = c.cycles;
   const el = document.getElementById("plot-cap");
+  el.innerHTML = "";  // drawn again as cycles complete: one chart, not one per refresh
   el.dataset.cycles = rows.length;
   if (rows.length) {
     new uPlot({ width: W, height: 260, scales: { x: { time: false }, ce: { range: [null, null] } },
@@ -116,7 +126,11 @@ async function loadCycles() {
 
 async function loadImpedance() {
   const z = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}/impedance`);
-  if (!z.spectra.length) { document.getElementById("no-eis").hidden = false; return; }
+  if (!z.spectra.length) {
+    document.getElementById("no-eis").hidden = false;
+    for (const id of ["plot-bode", "plot-rtrend"]) document.getElementById(id).textContent = "no impedance spectra in this run";
+    return;
+  }
   const n = z.spectra.length;
   const colour = k => labtwin.viridis(n > 1 ? k / (n - 1) : 0);
   const series = [];

@@ -49,6 +49,12 @@ function xyPlot(el, opts) {
       pen = true;
     }
     if (!s.points) g.stroke();
-    for (const m of s.markers || []) { g.fillText(m.text, px(tx(m.x)) + 4, py(m.y) - 4); }
+    // Marker labels only where they do not overprint the last one drawn (decades bunch up at an arc's foot).
+    let lastX = -1e9, lastY = -1e9;
+    for (const m of s.markers || []) {
+      const X = px(tx(m.x)) + 4, Y = py(m.y) - 4;
+      if (Math.hypot(X - lastX, Y - lastY) < 40) continue;
+      g.fillText(m.text, X, Y); lastX = X; lastY = Y;
+    }
   }
 }
