@@ -768,7 +768,9 @@ def dashboard(
     async def main() -> None:
         server = DashboardServer(config, tls_cert, tls_key)
         await server.start()
-        err.print(f"labtwin dashboard at {server.url} (broker {url}, store {describe_url(s.store)})")
+        err.print(f"labtwin dashboard at {server.url} (broker {url}, store {describe_url(s.store)})", soft_wrap=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(f"listening on {server.listening}", soft_wrap=True)
         if server.warning:
             err.print(f"[yellow]warning[/]: {server.warning}")
         try:

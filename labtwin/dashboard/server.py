@@ -61,8 +61,21 @@ class DashboardServer:
     def url(self) -> str:
         scheme = "https" if self.config.tls else "http"
         host = self.config.host
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+        # Listening on every address: this machine's loopback is one of them (others: its network address).
+        shown = (
+            "127.0.0.1"
+            if host in ("0.0.0.0", "")
+            else ("[::1]" if host == "::" else (f"[{host}]" if ":" in host else host))
+        )
         return f"{scheme}://{shown}:{self.port}/"
+
+    @property
+    def listening(self) -> str:
+        """Where it listens, as a user reads it: every address, or the one given."""
+        host = self.config.host
+        if host in ("0.0.0.0", "", "::"):
+            return f"every address of this machine, port {self.port} (from elsewhere: http(s)://<this machine>:{self.port}/)"
+        return f"{host}:{self.port}"
 
     @property
     def warning(self) -> str | None:

@@ -11,6 +11,7 @@ function markersHook(u) {
   const ctx = u.ctx, top = u.bbox.top, h = u.bbox.height;
   ctx.save(); ctx.lineWidth = 1.5 * devicePixelRatio;
   for (const [list, colour] of [[state.anomalies, "#a3281b"], [state.actions, "#b07800"]]) {
+    ctx.setLineDash(colour === "#b07800" ? [4 * devicePixelRatio, 3 * devicePixelRatio] : []);
     ctx.strokeStyle = colour;
     for (const m of list) {
       if (m.time_s === null || m.time_s === undefined) continue;
