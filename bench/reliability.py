@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -50,6 +51,7 @@ FAULTS = ("none", "broker-kill", "broker-kill-persistent", "broker-graceful", "r
 
 async def one_run(fault: str, k: int, rng: random.Random) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix=f"labtwin-rel-{fault}-{k}-"))
+    clean = False
     broker = MosquittoProcess(work / "broker", persistence=fault == "broker-kill-persistent").start()
     lab = work / "lab.yaml"
     lab.write_text(
@@ -124,12 +126,17 @@ async def one_run(fault: str, k: int, rng: random.Random) -> dict[str, object]:
                 if lost == 0:
                     break
             await asyncio.sleep(0.5)
+        clean = summary["exit_status"] == "success" and lost == 0 and twice == 0
         return {"status": summary["exit_status"], "lost": lost, "twice": twice, "reason": summary.get("reason", "")}
     finally:
         run.kill()
         agent.kill()
         recorder.kill()
         broker.kill()
+        if clean:  # a run that went wrong keeps its folder (logs, store, spool) for a look; a clean one leaves none
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} for a look", file=sys.stderr)
 
 
 async def main(runs: int, seed: int) -> int:
