@@ -49,6 +49,22 @@ def _drop_schema(base: str, schema: str) -> None:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def first_and_last_tenth(rates: list[tuple[float, int]], drop_last: bool = False) -> str | None:
+    """The stored rate over the last tenth of (wall time, samples stored) readings beside the first tenth's;
+    ``drop_last``: leave out the final reading (taken while the store drained, not at the run's pace)."""
+    if len(rates) < 4:
+        return None
+    k = max(1, len(rates) // 10)
+
+    def rate(window: list[tuple[float, int]]) -> float:
+        return (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
+
+    first = rate(rates[: k + 1])
+    last = rate(rates[-k - 2 : -1] if drop_last else rates[-k - 1 :])
+    ratio = f"{last / first:.2f}x" if first > 0 else "first tenth idle"
+    return f"stored rate, last tenth {last:,.0f} samples/s beside first tenth {first:,.0f} samples/s ({ratio})"
+
+
 def _spool_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.db*") if p.is_file())
 
@@ -126,15 +142,9 @@ async def main(broker: str, channels: int, days: float, store: str | None) -> in
         f"samples produced {produced:,}, stored {stored:,}, lost {produced - stored}; resend requests {resends}, batches shed {shed}"
     )
     print(f"wall {wall:.1f} s; end to end {stored / wall:,.0f} samples/s")
-    if len(rates) >= 4:
-        k = max(1, len(rates) // 10)
-
-        def rate(window: list[tuple[float, int]]) -> float:
-            return (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
-
-        first, last = rate(rates[: k + 1]), rate(rates[-k - 1 :])
-        ratio = f"{last / first:.2f}x" if first > 0 else "first tenth idle"
-        print(f"rate, last tenth {last:,.0f} samples/s beside first tenth {first:,.0f} samples/s ({ratio})")
+    tenths = first_and_last_tenth(rates)
+    if tenths is not None:
+        print(tenths)
     if len(rss) >= 2:
         start, end = rss[0][1], rss[-1][1]
         peak = max(r for _, r in rss)

@@ -38,7 +38,7 @@ from tests.lab_processes import LABTWIN, Service  # noqa: E402
 from tests.mosquitto_proc import MosquittoProcess  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import _drop_schema, _postgres_schema, _spool_bytes  # noqa: E402
+from soak import _drop_schema, _postgres_schema, _spool_bytes, first_and_last_tenth  # noqa: E402
 
 
 def _rss(pid: int | None) -> int:
@@ -205,16 +205,9 @@ async def main(args) -> int:
     print(
         f"wall {wall:.0f} s; stored {stored / wall:,.0f} samples/s (paced: {args.channels * args.speed:,.0f}/s offered)"
     )
-    if len(rates) >= 4:
-        k = max(1, len(rates) // 10)
-
-        def rate(w: list[tuple[float, int]]) -> float:
-            return (w[-1][1] - w[0][1]) / max(w[-1][0] - w[0][0], 1e-9)
-
-        first, last = rate(rates[: k + 1]), rate(rates[-k - 2 : -1])
-        print(
-            f"stored rate, last tenth {last:,.0f}/s beside first tenth {first:,.0f}/s ({last / max(first, 1e-9):.2f}x)"
-        )
+    tenths = first_and_last_tenth(rates, drop_last=True)
+    if tenths is not None:
+        print(tenths)
     if len(memory) >= 2:
         a, b = memory[0], memory[-1]
         for who in ("recorder", "agents", "mosquitto"):

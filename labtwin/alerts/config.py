@@ -10,13 +10,13 @@ of ``url``. A lab file is copied, committed and mailed around; an environment is
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from labtwin.documents import AnomalyKind
+from labtwin.security.connection import is_loopback
 
 DEFAULT_DASHBOARD_URL = "http://127.0.0.1:8050"
 """Where `labtwin dashboard` serves by default; every alert links to ``{dashboard_url}/run/{run_id}``."""
@@ -33,15 +33,6 @@ def _http_url(field: str, value: str) -> str:
     if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
         raise ValueError(f"{field} {value!r} is not an http:// or https:// URL")
     return value
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class WebhookDestination(BaseModel):
@@ -106,7 +97,7 @@ class EmailDestination(BaseModel):
     def _credentials(self) -> EmailDestination:
         if (self.username is None) != (self.password_env is None):
             raise ValueError("username: and password_env: go together (a login needs both, none logs in)")
-        if not self.starttls and not _loopback(self.host):
+        if not self.starttls and not is_loopback(self.host):
             raise ValueError(
                 f"starttls: false would send mail (and a password) to {self.host} in the clear; "
                 "only a relay on 127.0.0.1 / localhost may go without it"

@@ -1,10 +1,13 @@
-"""Half cycles of a recording: the voltage against the charge passed since the half cycle began (V-Q curves).
+"""The per-cycle curves every plot of a cycling run draws: V against charge per cycle, and dQ/dV per half cycle.
 
-What a battery engineer overlays cycle on cycle. A half cycle is the stretch of one cycle (the cycle each
-sample carries, labtwin.analysis.cycles' numbering) in which charge moves one way; its capacity counts from
-zero at its start, by the same per-sample increments the agent counts (``charge_increments``). Samples that
-move no charge (rests, the dead band of a hold) stay in the half cycle they sit in, so a relaxation shows as
-a vertical tail, as on a cycler's plot.
+One definition for the CLI's PNGs (labtwin.analysis.plots) and the dashboard's run page, built on
+labtwin.analysis.cycles: the samples' own cycle column, the agent's per-sample charge increments
+(``charge_increments``) and the direction each step drove (``charge_direction``).
+
+- V-Q: per cycle (1, 2, ...), the net charge since the cycle began (Ah, + = into the cell) at each sample.
+- dQ/dV: per half cycle, the steps of a cycle that moved charge one way, galvanostatic part only: constant
+  voltage holds, and the CV tail of a CC-CV step (current below half its median), are left out, because at a
+  fixed voltage dQ/dV is a spike, not a phase transition.
 """
 
 from __future__ import annotations
@@ -13,53 +16,72 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labtwin.analysis.cycles import Direction, charge_increments
+from labtwin.analysis.cycles import Direction, charge_direction, charge_increments
 from labtwin.analysis.cycling import differential_capacity
+from labtwin.documents import StepEvent, StepKind
 
-MIN_MOVING_CHARGE_AH = 1e-12  # an increment below this moves no charge (numerical noise of a rest)
-
-
-@dataclass
-class HalfCycle:
-    cycle: int
-    direction: Direction
-    time_s: np.ndarray
-    voltage_V: np.ndarray
-    capacity_Ah: np.ndarray  # charge passed since the half cycle began, positive either way
+MIN_DQDV_SAMPLES = 10  # labtwin.analysis.cycling.differential_capacity needs at least this many
 
 
-def half_cycles(samples: dict[str, np.ndarray]) -> list[HalfCycle]:
-    """The half cycles of a run's samples (``Store.samples`` columns), in run order."""
-    t = np.asarray(samples["time_s"], dtype=float)
-    if len(t) == 0:
-        return []
-    dq = charge_increments(t, samples["current_A"], samples["step"], samples.get("capacity_Ah"))
-    dq = np.nan_to_num(dq)
-    moving = np.abs(dq) > MIN_MOVING_CHARGE_AH
-    sign = np.where(moving, np.sign(dq), 0.0)
-    # Carry the last moving direction forward over samples that move nothing (rests stay where they are).
-    last = np.maximum.accumulate(np.where(moving, np.arange(len(t)), -1))
-    carried = np.where(last >= 0, sign[np.maximum(last, 0)], 0.0)
-    cycle = np.asarray(samples["cycle"], dtype=int)
-    boundary = np.flatnonzero((np.diff(carried) != 0) | (np.diff(cycle) != 0)) + 1
-    out: list[HalfCycle] = []
-    for a, b in zip(np.concatenate([[0], boundary]), np.concatenate([boundary, [len(t)]])):
-        s = carried[a]
-        if s == 0 or cycle[a] <= 0:
-            continue
-        q = np.cumsum(np.abs(dq[a:b]))
-        out.append(
-            HalfCycle(
-                int(cycle[a]), "charge" if s > 0 else "discharge", t[a:b], np.asarray(samples["voltage_V"][a:b]), q
-            )
-        )
+def sample_charge_Ah(samples: dict[str, np.ndarray]) -> np.ndarray:
+    """The signed charge each sample adds (Ah, + = into the cell), by the agent's own rule."""
+    return charge_increments(
+        samples["time_s"],
+        samples.get("current_A", np.zeros(len(samples["time_s"]))),
+        samples["step"],
+        samples.get("capacity_Ah"),
+    )
+
+
+def cycle_charge_Ah(samples: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per cycle (1, 2, ...): the sample indices and the net charge since the cycle began (Ah, + = into the
+    cell) at each."""
+    dq = sample_charge_Ah(samples)
+    cycles = np.asarray(samples["cycle"])
+    out = {}
+    for cycle in np.unique(cycles):
+        if cycle <= 0:
+            continue  # before any current flowed: no charge to draw against
+        rows = np.nonzero(cycles == cycle)[0]
+        out[int(cycle)] = (rows, np.cumsum(dq[rows]))
     return out
 
 
-def differential_capacity_of(half: HalfCycle, points: int = 200) -> tuple[np.ndarray, np.ndarray] | None:
-    """dQ/dV of a half cycle (labtwin.analysis.cycling), or None where it has too few finite samples."""
-    ok = np.isfinite(half.voltage_V)
-    if ok.sum() < 10 or np.ptp(half.voltage_V[ok]) <= 0:
-        return None
-    d = differential_capacity(half.voltage_V[ok], half.capacity_Ah[ok], points=points)
-    return d.voltage_V, d.dq_dv_Ah_per_V
+def half_cycle_rows(samples: dict[str, np.ndarray], events: list[StepEvent]) -> list[tuple[int, Direction, np.ndarray]]:
+    """(cycle, direction, sample indices) of each half cycle's galvanostatic part, in cycle order."""
+    step_of = np.asarray(samples["step"])
+    current = np.asarray(samples.get("current_A", np.zeros(len(step_of))))
+    groups: dict[tuple[int, Direction], list[np.ndarray]] = {}
+    for ev in sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index):
+        direction = charge_direction(ev)
+        if direction is None or ev.cycle <= 0 or ev.step not in (StepKind.cc, StepKind.cccv, StepKind.cp):
+            continue
+        rows = np.nonzero(step_of == ev.step_index)[0]
+        if ev.step is StepKind.cccv and len(rows):
+            magnitude = np.abs(current[rows])
+            rows = rows[magnitude >= 0.5 * np.median(magnitude)]
+        groups.setdefault((ev.cycle, direction), []).append(rows)
+    return [(c, d, np.concatenate(parts)) for (c, d), parts in sorted(groups.items())]
+
+
+@dataclass
+class HalfCycleDqDv:
+    cycle: int
+    direction: Direction
+    voltage_V: np.ndarray
+    dq_dv_Ah_per_V: np.ndarray  # signed: + for a charge, - for a discharge, as plots draw it
+
+
+def half_cycle_dqdv(samples: dict[str, np.ndarray], events: list[StepEvent], points: int = 400) -> list[HalfCycleDqDv]:
+    """dQ/dV of every half cycle with enough finite samples (labtwin.analysis.cycling.differential_capacity)."""
+    dq = sample_charge_Ah(samples)
+    voltage = np.asarray(samples["voltage_V"], dtype=float)
+    out = []
+    for cycle, direction, rows in half_cycle_rows(samples, events):
+        rows = rows[np.isfinite(voltage[rows])]
+        if len(rows) < MIN_DQDV_SAMPLES or np.ptp(voltage[rows]) <= 0:
+            continue
+        curve = differential_capacity(voltage[rows], np.cumsum(dq[rows]), points=points)
+        sign = 1.0 if direction == "charge" else -1.0
+        out.append(HalfCycleDqDv(cycle, direction, curve.voltage_V, sign * curve.dq_dv_Ah_per_V))
+    return out

@@ -19,8 +19,9 @@ from matplotlib.colors import Colormap, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from labtwin.analysis.cycles import CycleSummary, charge_direction, charge_increments, summarize_cycles  # noqa: E402
-from labtwin.documents import StepEvent, StepKind  # noqa: E402
+from labtwin.analysis.curves import cycle_charge_Ah, half_cycle_dqdv  # noqa: E402
+from labtwin.analysis.cycles import CycleSummary, summarize_cycles  # noqa: E402
+from labtwin.documents import StepEvent  # noqa: E402
 
 
 def plot_run(samples: dict[str, np.ndarray], title: str, path: Path) -> Path:
@@ -146,8 +147,8 @@ def plot_plateau(
 #
 # The standard plots of a cycling run, for `labtwin analyze cycling --plot DIR`. Each ``*_figure`` builds and
 # returns the figure (so a test can read its axes and lines), ``plot_cycling`` writes them all. Cycles,
-# capacities and CE are labtwin.analysis.cycles' (summarize_cycles, the samples' own cycle column, and
-# charge_increments for the charge of each sample): nothing here defines a cycle or a capacity of its own.
+# capacities and CE are labtwin.analysis.cycles', the curves labtwin.analysis.curves' (which the dashboard
+# draws too): nothing here defines a cycle, a capacity or a curve of its own.
 
 CYCLE_COLORMAP = "viridis"
 CYCLING_PLOTS = {
@@ -183,25 +184,6 @@ def _cycle_colorbar(fig: Figure, ax: Axes, norm: Normalize, cmap: Colormap) -> C
 
 def _empty_note(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
-
-
-def cycle_charge_Ah(samples: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per cycle (1, 2, ...): the sample indices and the net charge since the cycle began (Ah, + = into the
-    cell) at each, from the agent's per-sample increments (labtwin.analysis.cycles.charge_increments)."""
-    dq = charge_increments(
-        samples["time_s"],
-        samples.get("current_A", np.zeros(len(samples["time_s"]))),
-        samples["step"],
-        samples.get("capacity_Ah"),
-    )
-    cycles = np.asarray(samples["cycle"])
-    out = {}
-    for cycle in np.unique(cycles):
-        if cycle <= 0:
-            continue  # before any current flowed: no charge to draw against
-        rows = np.nonzero(cycles == cycle)[0]
-        out[int(cycle)] = (rows, np.cumsum(dq[rows]))
-    return out
 
 
 def capacity_figure(cycles: list[CycleSummary], title: str) -> Figure:
@@ -252,60 +234,25 @@ def voltage_capacity_figure(samples: dict[str, np.ndarray], title: str) -> Figur
     return fig
 
 
-def _half_cycle_rows(samples: dict[str, np.ndarray], events: list[StepEvent]) -> list[tuple[int, str, np.ndarray]]:
-    """(cycle, direction, sample indices) of each half cycle's galvanostatic part.
-
-    A half cycle is the steps of a cycle that moved charge one way (cycles.charge_direction); constant
-    voltage holds, and the CV tail of a CC-CV step (current below half its median), are left out: at a
-    fixed voltage dQ/dV is a spike, not a phase transition."""
-    step_of = np.asarray(samples["step"])
-    current = np.asarray(samples.get("current_A", np.zeros(len(step_of))))
-    groups: dict[tuple[int, str], list[np.ndarray]] = {}
-    for ev in sorted((e for e in events if e.event == "ended"), key=lambda e: e.step_index):
-        direction = charge_direction(ev)
-        if direction is None or ev.cycle <= 0 or ev.step not in (StepKind.cc, StepKind.cccv, StepKind.cp):
-            continue
-        rows = np.nonzero(step_of == ev.step_index)[0]
-        if ev.step is StepKind.cccv and len(rows):
-            magnitude = np.abs(current[rows])
-            rows = rows[magnitude >= 0.5 * np.median(magnitude)]
-        groups.setdefault((ev.cycle, direction), []).append(rows)
-    return [(c, d, np.concatenate(parts)) for (c, d), parts in sorted(groups.items())]
-
-
 def dqdv_figure(samples: dict[str, np.ndarray], events: list[StepEvent], title: str) -> Figure:
-    """dQ/dV against V of every half cycle, charge above the axis and discharge below, coloured by cycle."""
-    from labtwin.analysis.cycling import differential_capacity
-
+    """dQ/dV against V of every half cycle, charge above the axis and discharge below, coloured by cycle
+    (labtwin.analysis.curves: the dashboard draws the same curves)."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    halves = _half_cycle_rows(samples, events)
-    norm, cmap = _cycle_colours([c for c, _, _ in halves])
-    dq = charge_increments(
-        samples["time_s"],
-        samples.get("current_A", np.zeros(len(samples["time_s"]))),
-        samples["step"],
-        samples.get("capacity_Ah"),
-    )
-    voltage = np.asarray(samples["voltage_V"])
-    drawn = 0
-    for cycle, direction, rows in halves:
-        if len(rows) < 10:
-            continue
-        curve = differential_capacity(voltage[rows], np.cumsum(dq[rows]))
-        sign = 1.0 if direction == "charge" else -1.0
+    halves = half_cycle_dqdv(samples, events)
+    norm, cmap = _cycle_colours([h.cycle for h in halves])
+    for h in halves:
         ax.plot(
-            curve.voltage_V,
-            sign * curve.dq_dv_Ah_per_V * 1e3,
+            h.voltage_V,
+            h.dq_dv_Ah_per_V * 1e3,
             lw=0.9,
-            color=cmap(norm(cycle)),
-            label=f"cycle {cycle} {direction}",
+            color=cmap(norm(h.cycle)),
+            label=f"cycle {h.cycle} {h.direction}",
         )
-        drawn += 1
     ax.axhline(0.0, color="0.6", lw=0.5)
     ax.set_xlabel("voltage / V")
     ax.set_ylabel("dQ/dV / mAh/V (charge +, discharge -)")
     ax.grid(alpha=0.3)
-    if not drawn:
+    if not halves:
         _empty_note(ax, "no galvanostatic half cycle of 10 samples or more")
     _cycle_colorbar(fig, ax, norm, cmap)
     ax.set_title(f"{title}: differential capacity per half cycle")

@@ -13,12 +13,13 @@ passwords and ACLs instead.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from pathlib import Path
 
 from amqtt.broker import Broker
+
+from labtwin.security.connection import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ LOOPBACK_NOTE = "loopback only, no TLS, any username: for one machine (a lab net
 
 class BrokerSetupError(ValueError):
     """An embedded broker asked to do what it cannot do safely; the message says what to use instead."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def write_password_file(path: Path, users: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ bus, like any other subscriber.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -65,34 +66,32 @@ async def run_demo(
         board = await _start_dashboard(local.url, store.url, dashboard_port) if dashboard_port is not None else None
         if board is not None and not quiet:
             console.print(f"[bold]dashboard[/]: {board.url}  (open it to watch both cells live)")
-        viewer = as_identity(local.url, "viewer")  # the demo's progress reads the bus as a dashboard would
-        async with follow_progress(viewer, config.lab, mode, progress_console, list(DEMO_PLAN)):
-            summaries = await asyncio.gather(
-                *(run_protocol(proto, ch, local.url, lab=config.lab) for ch, proto in DEMO_PLAN.items())
-            )
-        for s in summaries:
-            await local.wait_stored(s.run_id)
-            await twin_service.wait_run_followed(s.run_id, timeout_s=600.0)
-        anomalies = list(twin_service.anomalies)
-        states = {cell: twin.state for cell, twin in twin_service.twins.items()}
-        plots = {}
-        for s in summaries:
-            samples = store.samples(s.run_id)
-            plots[s.channel] = str(plot_run(samples, f"{s.cell_id} ({s.protocol})", out / f"{s.run_id}.png"))
-        stored = {s.run_id: store.sample_count(s.run_id) for s in summaries}
-        db = store.url
-        if board is not None:
-            if stay and not quiet:
+        try:
+            viewer = as_identity(local.url, "viewer")  # the demo's progress reads the bus as a dashboard would
+            async with follow_progress(viewer, config.lab, mode, progress_console, list(DEMO_PLAN)):
+                summaries = await asyncio.gather(
+                    *(run_protocol(proto, ch, local.url, lab=config.lab) for ch, proto in DEMO_PLAN.items())
+                )
+            for s in summaries:
+                await local.wait_stored(s.run_id)
+                await twin_service.wait_run_followed(s.run_id, timeout_s=600.0)
+            anomalies = list(twin_service.anomalies)
+            states = {cell: twin.state for cell, twin in twin_service.twins.items()}
+            plots = {}
+            for s in summaries:
+                samples = store.samples(s.run_id)
+                plots[s.channel] = str(plot_run(samples, f"{s.cell_id} ({s.protocol})", out / f"{s.run_id}.png"))
+            stored = {s.run_id: store.sample_count(s.run_id) for s in summaries}
+            db = store.url
+            if board is not None and stay and not quiet:
                 _print_results(console, summaries, stored, plots, states, anomalies, db, wall_start)
                 console.print(f"the dashboard stays up at {board.url} with the demo's runs: Ctrl-C to end")
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
-                except asyncio.CancelledError:
-                    pass
-                finally:
-                    await board.stop()
                 return _result(summaries, stored, plots, db, anomalies, states, wall_start, board.url)
-            await board.stop()
+        finally:  # the dashboard ends with the demo, however the demo ends
+            if board is not None:
+                await board.stop()
     if not quiet:
         _print_results(console, summaries, stored, plots, states, anomalies, db, wall_start)
     return _result(summaries, stored, plots, db, anomalies, states, wall_start, board.url if board else None)

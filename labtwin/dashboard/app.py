@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,21 +41,13 @@ from labtwin.data.export import FORMATS, export_samples
 from labtwin.data.store import Store
 from labtwin.orchestration.campaign import Campaign
 from labtwin.security import BrokerConnection
+from labtwin.security.connection import is_loopback
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 COOKIE = "labtwin_session"
 SSE_TICK_S = 0.1  # updates are coalesced for this long: a tile changes at most ten times a second
 SSE_PING_S = 10.0
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -142,7 +134,13 @@ def create_app(config: DashboardConfig) -> Starlette:
     state: dict[str, Any] = {"store": None, "store_error": ""}
     columns = history.SampleCache()
 
+    opening = threading.Lock()  # requests come in worker threads: the store is opened once
+
     def store() -> Store:
+        with opening:
+            return _open_once()
+
+    def _open_once() -> Store:
         if state["store"] is None:
             try:
                 state["store"] = Store.open(config.store_url)
@@ -345,7 +343,6 @@ def create_app(config: DashboardConfig) -> Starlette:
             try:
                 snap = live.lab_snapshot(listener.lab)
                 yield f"event: snapshot\ndata: {json.dumps(snap)}\n\n".encode()
-                last_ping = time.monotonic()
                 while True:
                     try:
                         first = await asyncio.wait_for(listener.queue.get(), SSE_PING_S)
@@ -372,8 +369,6 @@ def create_app(config: DashboardConfig) -> Starlette:
                     if points["time_s"]:
                         out["points"] = points
                     yield f"event: update\ndata: {json.dumps(out, allow_nan=False, default=str)}\n\n".encode()
-                    if time.monotonic() - last_ping > SSE_PING_S:
-                        last_ping = time.monotonic()
             finally:
                 live.forget(listener)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from labtwin.analysis.curves import differential_capacity_of, half_cycles
+from labtwin.analysis.curves import cycle_charge_Ah, half_cycle_dqdv
 from labtwin.analysis.cycles import summarize_cycles
 from labtwin.dashboard.downsample import downsample, extremes_indices
 from labtwin.data.store import Store
@@ -55,7 +55,7 @@ class SampleCache:
 
 
 SERIES_POINTS = 2000  # pixel columns of a wide screen: more would not be drawn
-CURVE_POINTS = 400  # per half cycle of a V-Q plot
+CURVE_POINTS = 800  # per cycle of a V-Q plot
 
 
 def _list(values: np.ndarray, digits: int | None = None) -> list[float | None]:
@@ -105,13 +105,14 @@ def series(
         "voltage_V": _list(window["voltage_V"][keep]),
         "current_A": _list(window["current_A"][keep]),
         "temperature_C": _list(window["temperature_C"][keep], 3),
-        "cycle": window["cycle"][keep].astype(int).tolist(),
     }
 
 
 def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[str, Any]:
-    """Per-cycle figures (labtwin.analysis.cycles, the one definition), V-Q curves and dQ/dV per half cycle."""
-    summaries = summarize_cycles(store.step_events(run_id))
+    """Per-cycle figures (labtwin.analysis.cycles), V-Q per cycle and dQ/dV per half cycle
+    (labtwin.analysis.curves): the same numbers and curves as `analyze cycling --plot`."""
+    events = store.step_events(run_id)
+    summaries = summarize_cycles(events)
     first = summaries[0].delivered_Ah if summaries else None
     table = [
         {
@@ -128,27 +129,21 @@ def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[
         }
         for c in summaries
     ]
-    curves, dqdv = [], []
-    for half in half_cycles(cache.samples(store, run_id) if cache else store.samples(run_id)):
-        keep = extremes_indices(half.voltage_V, CURVE_POINTS // 4)
-        curves.append(
-            {
-                "cycle": half.cycle,
-                "direction": half.direction,
-                "capacity_mAh": _list(half.capacity_Ah[keep] * 1e3),
-                "voltage_V": _list(half.voltage_V[keep]),
-            }
-        )
-        d = differential_capacity_of(half)
-        if d is not None:
-            dqdv.append(
-                {
-                    "cycle": half.cycle,
-                    "direction": half.direction,
-                    "voltage_V": _list(d[0]),
-                    "dq_dv_mAh_per_V": _list(d[1] * 1e3),
-                }
-            )
+    samples = cache.samples(store, run_id) if cache else store.samples(run_id)
+    voltage = np.asarray(samples["voltage_V"])
+    curves = []
+    for cycle, (rows, q_Ah) in cycle_charge_Ah(samples).items():
+        keep = extremes_indices(voltage[rows], CURVE_POINTS // 4)
+        curves.append({"cycle": cycle, "charge_mAh": _list(q_Ah[keep] * 1e3), "voltage_V": _list(voltage[rows][keep])})
+    dqdv = [
+        {
+            "cycle": h.cycle,
+            "direction": h.direction,
+            "voltage_V": _list(h.voltage_V),
+            "dq_dv_mAh_per_V": _list(h.dq_dv_Ah_per_V * 1e3),
+        }
+        for h in half_cycle_dqdv(samples, events, points=200)
+    ]
     return {"run_id": run_id, "cycles": table, "curves": curves, "dqdv": dqdv}
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LIVE_POINTS_PER_RUN = 20_000  # the newest samples of each run, for a run page opened while it runs
 EVENTS_KEPT = 200
+RUNS_KEPT = 256  # runs whose RunStart and newest samples are kept
 
 
 class Tile(BaseModel):
@@ -212,10 +213,8 @@ class LiveLab:
         self._broadcast({"kind": "tile", "tile": tile.model_dump()}, lab=tile.lab)
 
     def note(self, lab: str, run_id: str | None, time_s: float | None, kind: str, text: str) -> None:
-        """An event of the dashboard's own (an operator action) on the same list as the bus's."""
-        self._event(lab, run_id, time_s, kind, text)
-
-    def _event(self, lab: str, run_id: str | None, time_s: float | None, kind: str, text: str) -> None:
+        """An event on the Lab page's list: the bus's (step ends, anomalies, ...) and the dashboard's own
+        (operator actions, alerts)."""
         event = {
             "lab": lab,
             "run_id": run_id,
@@ -253,16 +252,16 @@ class LiveLab:
             self._changed(tile)
         elif isinstance(doc, RunStart):
             self.runs[doc.run_id] = doc
+            while len(self.runs) > RUNS_KEPT:  # a dashboard lives for months: the newest runs are enough
+                del self.runs[next(iter(self.runs))]
             tile = self._tile(lab, doc.channel)
             tile.run_id, tile.protocol, tile.cell_id = doc.run_id, doc.protocol, doc.cell_id
             tile.last_run_id = doc.run_id
             tile.last_anomaly = None
             self._changed(tile)
-            self._event(
-                lab, doc.run_id, 0.0, "run_start", f"{doc.channel}: run started, {doc.protocol} on {doc.cell_id}"
-            )
+            self.note(lab, doc.run_id, 0.0, "run_start", f"{doc.channel}: run started, {doc.protocol} on {doc.cell_id}")
         elif isinstance(doc, RunStop):
-            self._event(
+            self.note(
                 lab,
                 doc.run_id,
                 doc.cell_time_s,
@@ -277,7 +276,7 @@ class LiveLab:
             else:
                 r = doc.reason
                 why = f" ({r.kind}:{r.name})" if r is not None else ""
-                self._event(
+                self.note(
                     lab,
                     doc.run_id,
                     doc.time_s,
@@ -306,9 +305,9 @@ class LiveLab:
                 if tile.lab == lab and (tile.run_id == doc.run_id or (not doc.run_id and tile.cell_id == doc.cell)):
                     tile.last_anomaly = f"{doc.kind} (cycle {doc.cycle})" if doc.cycle is not None else str(doc.kind)
                     self._changed(tile)
-            self._event(lab, doc.run_id or None, doc.time_s, "anomaly", f"{doc.cell}: {doc.kind}: {doc.message}")
+            self.note(lab, doc.run_id or None, doc.time_s, "anomaly", f"{doc.cell}: {doc.kind}: {doc.message}")
         elif isinstance(doc, Outage):
-            self._event(
+            self.note(
                 lab,
                 doc.run_id,
                 doc.from_time_s,
@@ -316,7 +315,7 @@ class LiveLab:
                 f"{doc.channel}: no agent for {doc.span_s:.0f} s of cell time",
             )
         elif isinstance(doc, SecurityEvent):
-            self._event(
+            self.note(
                 lab,
                 None,
                 None,
@@ -341,8 +340,8 @@ class LiveLab:
         self._changed(tile)
         buffer = self.points.setdefault(batch.run_id, deque(maxlen=LIVE_POINTS_PER_RUN))
         buffer.extend(zip(batch.time_s, batch.voltage_V, batch.current_A))
-        if len(self.points) > 256:  # runs long gone: keep the newest
-            for old in list(self.points)[: len(self.points) - 256]:
+        if len(self.points) > RUNS_KEPT:  # runs long gone: keep the newest
+            for old in list(self.points)[: len(self.points) - RUNS_KEPT]:
                 del self.points[old]
         self._broadcast(
             {

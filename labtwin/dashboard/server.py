@@ -11,7 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
-from labtwin.dashboard.app import DashboardConfig, create_app, is_loopback
+from labtwin.dashboard.app import DashboardConfig, create_app
+from labtwin.security.connection import is_loopback
 
 log = logging.getLogger(__name__)
 

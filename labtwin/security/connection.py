@@ -115,7 +115,8 @@ class Transport:
     identity: str | None
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A host name or address (IPv6 with or without brackets) that only this machine reaches."""
     if host == "localhost":
         return True
     try:
@@ -160,7 +161,7 @@ def resolve_transport(connection: str | BrokerConnection) -> Transport:
         if entry.password_file.exists() or conn.tls:
             password = _read_secret(entry.password_file, f"identity {conn.identity}'s password file")
 
-    if password is not None and not conn.tls and not _loopback(conn.host) and not _env("LABTWIN_INSECURE_BROKER"):
+    if password is not None and not conn.tls and not is_loopback(conn.host) and not _env("LABTWIN_INSECURE_BROKER"):
         raise SecurityProfileError(
             f"broker {conn}: a password would cross the network in clear over mqtt://: use mqtts:// (labtwin lab "
             "secure writes the TLS files), or set LABTWIN_INSECURE_BROKER=1 on a network you trust"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labtwin.analysis.curves import half_cycles
+from labtwin.analysis.curves import cycle_charge_Ah, half_cycle_rows
 from labtwin.dashboard.downsample import downsample, extremes_indices
 
 
@@ -36,28 +36,40 @@ def test_nan_readings_are_never_chosen_as_extremes_and_short_series_pass_whole()
     assert 0 in both and 99 in both
 
 
-def test_half_cycles_count_capacity_from_each_half_cycle_start_by_the_agents_charge_rule():
-    # Discharge 1 mA for 3600 s, rest, charge 1 mA for 1800 s: cycle 1 of an anode half cell.
+def test_the_run_pages_curves_count_charge_by_the_agents_rule_checked_by_hand():
+    """V-Q per cycle and dQ/dV's half cycles (labtwin.analysis.curves, shared with the CLI's PNGs)."""
+    from labtwin.documents import StepEvent, StepKind, StepStats
+
+    # Discharge 1 mA for 3600 s (step 1), rest (step 2), charge 1 mA from t = 5410 s (step 3): one cycle.
     t = np.arange(0.0, 7300.0, 10.0)
-    i = np.where(t < 3600, -1e-3, np.where(t < 5400, 0.0, 1e-3))
-    i[(t >= 5400) & (t < 5410)] = 0.0
+    i = np.where(t < 3600, -1e-3, np.where(t < 5410, 0.0, 1e-3))
     step = np.where(t < 3600, 1, np.where(t < 5400, 2, 3))
-    samples = {
-        "time_s": t,
-        "current_A": i,
-        "voltage_V": 1.5 + 0 * t,
-        "step": step,
-        "cycle": np.ones_like(step),
-    }
-    halves = half_cycles(samples)
-    assert [(h.cycle, h.direction) for h in halves] == [(1, "discharge"), (1, "charge")]
-    # The rest belongs to the discharge (it moves no charge); each half counts from zero. By hand, the agent's
-    # rule: 359 intervals of 10 s at 1 mA in the discharge; in the charge, the half interval onto 1 mA
-    # (trapezoid, 5 mA s) and then 188 full ones.
-    assert abs(halves[0].capacity_Ah[-1] - 3590e-3 / 3600) < 1e-12
-    assert abs(halves[1].capacity_Ah[-1] - (5e-3 + 1880e-3) / 3600) < 1e-12
-    # A half cycle begins with its first sample that moved charge: the charge passed by then.
-    assert abs(halves[0].capacity_Ah[0] - 10e-3 / 3600) < 1e-15 and abs(halves[1].capacity_Ah[0] - 5e-3 / 3600) < 1e-15
+    v = np.where(t < 3600, 1.6 - t * 1e-4, 1.2 + (t - 5400) * 1e-4)
+    samples = {"time_s": t, "current_A": i, "voltage_V": v, "step": step, "cycle": np.ones_like(step)}
+    per_cycle = cycle_charge_Ah(samples)
+    rows, q = per_cycle[1]
+    assert list(per_cycle) == [1] and len(rows) == len(t)
+    # By hand, the agent's rule: 359 intervals of 10 s at -1 mA; the rest moves nothing; in step 3 the first
+    # reading counts i*dt from the step's start (0 A), then the half interval onto 1 mA and 188 full ones.
+    assert abs(q[359] - (-3590e-3 / 3600)) < 1e-12
+    assert abs(q[-1] - (-3590e-3 + 5e-3 + 1880e-3) / 3600) < 1e-12
+
+    def ended(k: int, kind: StepKind, charge: float, discharge: float) -> StepEvent:
+        return StepEvent(
+            run_id="r",
+            channel="c",
+            step_index=k,
+            cycle=1,
+            step=kind,
+            event="ended",
+            time_s=0.0,
+            stats=StepStats(charge_Ah=charge, discharge_Ah=discharge),
+        )
+
+    events = [ended(1, StepKind.cc, 0.0, 1e-3), ended(2, StepKind.rest, 0.0, 0.0), ended(3, StepKind.cc, 5e-4, 0.0)]
+    halves = half_cycle_rows(samples, events)
+    assert [(c, d) for c, d, _ in halves] == [(1, "charge"), (1, "discharge")]  # sorted by (cycle, direction)
+    assert set(halves[1][2]) == set(np.nonzero(step == 1)[0]) and set(halves[0][2]) == set(np.nonzero(step == 3)[0])
 
 
 def test_a_cycle_cut_short_has_no_retention_or_ce_on_the_run_page(tmp_path):

@@ -97,10 +97,12 @@ async function loadCycles() {
   const lo = Math.min(...cycles, 1), hi = Math.max(...cycles, 1);
   const colour = n => labtwin.viridis(hi > lo ? (n - lo) / (hi - lo) : 0);
   document.getElementById("cb-min").textContent = lo; document.getElementById("cb-max").textContent = hi;
-  xyPlot(document.getElementById("plot-vq"), { width: W, xlabel: "capacity / mAh", ylabel: "voltage / V",
-    series: c.curves.map(x => ({ x: x.capacity_mAh, y: x.voltage_V, color: colour(x.cycle) })) });
-  xyPlot(document.getElementById("plot-dqdv"), { width: W, xlabel: "voltage / V", ylabel: "dQ/dV / mAh V⁻¹",
-    series: c.dqdv.map(x => ({ x: x.voltage_V, y: x.direction === "discharge" ? x.dq_dv_mAh_per_V.map(v => v === null ? null : -v) : x.dq_dv_mAh_per_V, color: colour(x.cycle) })) });
+  // The same curves as `analyze cycling --plot` (labtwin.analysis.curves): charge since the cycle began, and
+  // dQ/dV signed by direction (charge +, discharge -).
+  xyPlot(document.getElementById("plot-vq"), { width: W, xlabel: "charge since the cycle began / mAh (+ = into the cell)", ylabel: "voltage / V",
+    series: c.curves.map(x => ({ x: x.charge_mAh, y: x.voltage_V, color: colour(x.cycle) })) });
+  xyPlot(document.getElementById("plot-dqdv"), { width: W, xlabel: "voltage / V", ylabel: "dQ/dV / mAh V⁻¹ (charge +, discharge −)",
+    series: c.dqdv.map(x => ({ x: x.voltage_V, y: x.dq_dv_mAh_per_V, color: colour(x.cycle) })) });
   const rows = c.cycles;
   const el = document.getElementById("plot-cap");
   el.innerHTML = "";  // drawn again as cycles complete: one chart, not one per refresh
