@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from labtwin.analysis.cycling import differential_capacity
+from labtwin.analysis.cycling import differential_capacity, savgol_derivative, savgol_derivative_reference
 from labtwin.cli import app
 
 
@@ -22,6 +22,16 @@ def test_dq_dv_peaks_at_the_plateau_voltage():
     )
     dqdv = differential_capacity(v, q)
     assert dqdv.voltage_V[np.argmax(dqdv.dq_dv_Ah_per_V)] == pytest.approx(3.42, abs=0.01)
+
+
+@pytest.mark.parametrize("points", [12, 200, 400])
+def test_the_savgol_matrix_is_scipys_filter(points):
+    """The matrix form of the derivative equals scipy's savgol_filter, edges included, on a curve with a knee."""
+    x = np.linspace(0.0, 1.0, points)
+    q = np.tanh(8 * (x - 0.6)) + 0.01 * np.random.default_rng(points).standard_normal(points)
+    spacing = x[1] - x[0]
+    ours, scipys = savgol_derivative(q, spacing), savgol_derivative_reference(q, spacing)
+    assert np.max(np.abs(ours - scipys)) <= 1e-9 * np.max(np.abs(scipys))
 
 
 def test_analyze_cycling_of_a_recording(tmp_path):

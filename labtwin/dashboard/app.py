@@ -161,6 +161,12 @@ def create_app(config: DashboardConfig) -> Starlette:
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
+        def warm() -> None:
+            history.warm_imports()
+            store()  # opened (and its schema checked) before the first page asks
+
+        warming = asyncio.get_running_loop().run_in_executor(None, warm)
+        warming.add_done_callback(lambda f: f.exception())  # an error surfaces in the request that meets it
         if alert_service is not None and config.send_alerts:
             tasks.append(asyncio.create_task(_serve_alerts(alert_service, stop_alerts)))
         elif alert_service is not None:
@@ -217,6 +223,18 @@ def create_app(config: DashboardConfig) -> Starlette:
                 return _error(500, f"{type(exc).__name__}: {exc}")
 
         return handler
+
+    serve_run_page = page("run.html")
+
+    async def run_page(request: Request) -> Response:
+        """The run page, and the read of the run's columns begun while the browser loads its scripts: the
+        series and cycles the page asks for next wait on that one read (SampleCache) instead of starting it."""
+        response = await serve_run_page(request)
+        if response.status_code == 200:
+            run_id = request.path_params["run_id"]
+            reading = asyncio.get_running_loop().run_in_executor(None, lambda: columns.samples(store(), run_id))
+            reading.add_done_callback(lambda f: f.exception())  # an unknown run or a busy store: its API says
+        return response
 
     async def login_page(request: Request) -> Response:
         return FileResponse(STATIC / "login.html", headers={"Cache-Control": "no-store"})
@@ -435,7 +453,7 @@ def create_app(config: DashboardConfig) -> Starlette:
 
     routes = [
         Route("/", page("lab.html")),
-        Route("/run/{run_id}", page("run.html")),
+        Route("/run/{run_id}", run_page),
         Route("/runs", page("runs.html")),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login, methods=["POST"]),

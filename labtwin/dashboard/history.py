@@ -26,12 +26,12 @@ class SampleCache:
 
     A run page asks for its series, its cycles and, on every zoom, a span: each would read every sample of
     the run again (1.2 s for a million in SQLite, most of the page's first render). A run's columns are kept
-    until the store holds more samples of it (a live run) or it falls out of the few kept.
+    until the store holds more batches of it (a live run, a gap filled) or it falls out of the few kept.
     """
 
     def __init__(self, runs: int = 4) -> None:
         self.runs = runs
-        self._columns: OrderedDict[str, tuple[int, dict[str, np.ndarray]]] = OrderedDict()
+        self._columns: OrderedDict[str, tuple[tuple[int, int], dict[str, np.ndarray]]] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -39,15 +39,15 @@ class SampleCache:
         with self._guard:
             lock = self._locks.setdefault(run_id, threading.Lock())
         with lock:  # two requests of one page read the run once
-            count = store.sample_count(run_id)
+            version = store.batch_version(run_id)
             with self._guard:
                 cached = self._columns.get(run_id)
-                if cached is not None and cached[0] == count:
+                if cached is not None and cached[0] == version:
                     self._columns.move_to_end(run_id)
                     return cached[1]
             columns = store.samples(run_id)
             with self._guard:
-                self._columns[run_id] = (len(columns["time_s"]), columns)
+                self._columns[run_id] = (version, columns)
                 while len(self._columns) > self.runs:
                     old, _ = self._columns.popitem(last=False)
                     self._locks.pop(old, None)
@@ -55,7 +55,8 @@ class SampleCache:
 
 
 SERIES_POINTS = 2000  # pixel columns of a wide screen: more would not be drawn
-CURVE_POINTS = 800  # per cycle of a V-Q plot
+CURVE_POINTS = 800  # per cycle of a V-Q plot of a few cycles
+CURVE_POINTS_IN_ALL = 40_000  # a run of hundreds of cycles: fewer per cycle (the plot is 560 px wide)
 
 
 def _list(values: np.ndarray, digits: int | None = None) -> list[float | None]:
@@ -63,6 +64,8 @@ def _list(values: np.ndarray, digits: int | None = None) -> list[float | None]:
     arr = np.asarray(values, dtype=float)
     if digits is not None:
         arr = np.round(arr, digits)
+    if np.isfinite(arr).all():
+        return arr.tolist()  # type: ignore[no-any-return]
     return [None if not math.isfinite(v) else v for v in arr.tolist()]
 
 
@@ -132,14 +135,18 @@ def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[
     samples = cache.samples(store, run_id) if cache else store.samples(run_id)
     voltage = np.asarray(samples["voltage_V"])
     curves = []
-    for cycle, (rows, q_Ah) in cycle_charge_Ah(samples).items():
-        keep = extremes_indices(voltage[rows], CURVE_POINTS // 4)
-        curves.append({"cycle": cycle, "charge_mAh": _list(q_Ah[keep] * 1e3), "voltage_V": _list(voltage[rows][keep])})
+    per_cycle = cycle_charge_Ah(samples)
+    points = max(100, min(CURVE_POINTS, CURVE_POINTS_IN_ALL // max(len(per_cycle), 1)))
+    for cycle, (rows, q_Ah) in per_cycle.items():
+        keep = extremes_indices(voltage[rows], points // 4)
+        curves.append(
+            {"cycle": cycle, "charge_mAh": _list(q_Ah[keep] * 1e3), "voltage_V": _list(voltage[rows][keep], 6)}
+        )
     dqdv = [
         {
             "cycle": h.cycle,
             "direction": h.direction,
-            "voltage_V": _list(h.voltage_V),
+            "voltage_V": _list(h.voltage_V, 6),
             "dq_dv_mAh_per_V": _list(h.dq_dv_Ah_per_V * 1e3),
         }
         for h in half_cycle_dqdv(samples, events, points=200)
@@ -172,6 +179,17 @@ def timeline(store: Store, run_id: str) -> dict[str, Any]:
         if c.predicted_voltage_V is not None
     ]
     return {"run_id": run_id, "steps": steps, "anomalies": anomalies, "outages": outages, "twin": twin}
+
+
+def warm_imports() -> None:
+    """Import what the impedance panel fits with (scipy.optimize, the cell library: 0.7 s) and the column reader
+    (pyarrow, the ADBC driver: 0.35 s) while no page waits:
+    the dashboard calls this in a thread at start, so a run page's first render does not pay for it."""
+    import labtwin.analysis.eis  # noqa: F401
+    import labtwin.physics.library  # noqa: F401
+    from labtwin.data import column_read
+
+    column_read.warm()
 
 
 def _circuit_for(store: Store, run_id: str) -> str:

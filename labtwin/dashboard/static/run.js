@@ -184,8 +184,9 @@ async function loadTimeline() {
 }
 
 async function main() {
-  await labtwin.whoami();
-  const meta = await labtwin.getJSON(`/api/runs/${encodeURIComponent(runId)}`);
+  // Every read at once: the server answers them in parallel (the run's columns are read once for all).
+  const id = encodeURIComponent(runId);
+  const [, meta] = await Promise.all([labtwin.whoami(), labtwin.getJSON(`/api/runs/${id}`)]);
   state.meta = meta;
   document.getElementById("title").textContent = `${meta.cell_id || "?"}: ${meta.protocol || "?"} (run ${meta.run_id})`;
   const m = document.getElementById("meta");
@@ -195,9 +196,7 @@ async function main() {
   for (const f of ["csv", "parquet", "bdf"]) { const a = document.createElement("a"); a.href = `/api/runs/${encodeURIComponent(meta.run_id)}/export.${f}`;
     a.textContent = `export ${f.toUpperCase()}`; a.style.marginRight = "1em"; ex.appendChild(a); }
   if (!meta.exit_status && meta.lab && meta.channel) document.getElementById("run-actions").appendChild(labtwin.actionButtons(meta.lab, meta.channel));
-  await loadTimeline();
-  await loadSeries(null, null);
-  await Promise.all([loadCycles(), loadImpedance()]);
+  await Promise.all([loadTimeline(), loadSeries(null, null), loadCycles(), loadImpedance()]);
   document.body.dataset.ready = "1";
   const src = new EventSource(`/api/events?run=${encodeURIComponent(meta.run_id)}&lab=${encodeURIComponent(meta.lab || "")}`);
   let refresh = null;
