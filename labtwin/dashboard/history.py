@@ -65,7 +65,7 @@ def _list(values: np.ndarray, digits: int | None = None) -> list[float | None]:
     if digits is not None:
         arr = np.round(arr, digits)
     if np.isfinite(arr).all():
-        return arr.tolist()  # type: ignore[no-any-return]
+        return arr.tolist()
     return [None if not math.isfinite(v) else v for v in arr.tolist()]
 
 
