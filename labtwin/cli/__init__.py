@@ -926,6 +926,43 @@ def export(
         console.print(f"wrote {len(samples['time_s'])} samples of {rid} to {path}")
 
 
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="cycler files: " + "see `labtwin replay --help` for the formats"),
+    cell: str | None = typer.Option(None, "--cell", help="the cell's id (default: the file's name)"),
+    nominal_capacity_Ah: float | None = typer.Option(
+        None, "--nominal-capacity-Ah", min=0.0, help="the cell's nominal capacity, kept with the run"
+    ),
+    store: str | None = StoreOpt,
+    lab: Path | None = LabOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Store cycler files as runs (samples, steps, cycles, spectra); the same file twice is stored once."""
+    from labtwin.cli.import_files import import_file
+    from labtwin.cli.wiring import open_store
+
+    cfg = settings(lab=lab, store=store)
+    s = open_store(cfg.store)
+    results = []
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        results.append(import_file(s, path, lab=cfg.lab_config.lab, cell=cell, nominal_capacity_Ah=nominal_capacity_Ah))
+    if as_json:
+        _print_json({"imports": results})
+        return
+    for r in results:
+        if r["imported"]:
+            console.print(
+                f"{r['file']}: stored as run {r['run_id']} ({r['format']}, cell {r['cell_id']}, {r['samples']} samples, "
+                f"{r['steps']} steps, {r['cycles']} cycles)"
+            )
+            for note in r["notes"]:
+                console.print(f"  note: {note}")
+        else:
+            console.print(f"{r['file']}: {r['reason']}: run {r['run_id']}")
+
+
 from labtwin.cli.alerts import alerts_app  # noqa: E402
 from labtwin.cli.analyze import analyze_app  # noqa: E402
 from labtwin.cli.campaign import campaign_app  # noqa: E402

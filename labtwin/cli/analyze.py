@@ -139,7 +139,7 @@ def cv(
 ) -> None:
     """Peaks and peak separation per voltammogram; Randles-Sevcik D over the linear range when 3+ rates and A*C are given."""
     from labtwin.analysis.cv import randles_sevcik, voltammogram
-    from labtwin.data.replay import RecordingError, read_recording
+    from labtwin.formats import RecordingError, read_recording
 
     if cell is not None:
         from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
@@ -241,7 +241,7 @@ def gitt(
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
     from labtwin.analysis.gitt import gitt_pulses
-    from labtwin.data.replay import RecordingError, read_recording
+    from labtwin.formats import RecordingError, read_recording
 
     if cell is not None and length_m is None:
         from labtwin.physics.library import load_cell  # the CLI is where labtwin meets the simulators
@@ -323,8 +323,9 @@ def cycling(
 ) -> None:
     """Per-cycle charge and discharge capacity, Coulombic efficiency, energy and mean polarization."""
     from labtwin.analysis.cycles import summarize_cycles
-    from labtwin.data.replay import RecordingError, documents, read_recording
+    from labtwin.data.replay import documents
     from labtwin.documents import StepEvent
+    from labtwin.formats import RecordingError, read_recording
 
     if plot is not None and plot.exists() and not plot.is_dir() and plot.suffix.lower() != ".png":
         _fail(f"--plot {plot}: is a file; give a directory for the plots")

@@ -71,7 +71,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("labtwin.data.engine", ("StoreURLError",)),
         ("labtwin.data.migrate", ("StoreError",)),
         ("labtwin.orchestration.flows", ("ChannelUnavailable", "StepTimeout")),
-        ("labtwin.data.replay", ("RecordingError",)),
+        ("labtwin.formats.recording", ("RecordingError",)),
         ("labtwin.analysis.eis", ("SpectrumFileError", "CircuitError")),
     ):
         loaded = sys.modules.get(module)

@@ -10,8 +10,9 @@ from labtwin.analysis.summary import summarize_cycles
 from labtwin.bus import Bus, topic
 from labtwin.cli.wiring import twin_factory
 from labtwin.config.lab import ChannelConfig, LabConfig
-from labtwin.data.replay import documents, read_recording
+from labtwin.data.replay import documents
 from labtwin.documents import Anomaly, SampleBatch, StepEvent
+from labtwin.formats import read_recording
 
 
 async def run_replay(

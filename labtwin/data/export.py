@@ -2,10 +2,12 @@
 
 - csv: labtwin's own names (time_s, voltage_V, current_A, capacity_Ah, ...).
 - parquet: the same columns, for analysis at scale.
-- bdf: the Battery Data Alliance's Battery Data Format (CSV): ``Test Time / s``,
-  ``Voltage / V``, ``Current / A`` (required), ``Cycle Count / 1``,
-  ``Step Count / 1``, ``Ambient Temperature / degC`` and the net charge.
-  One cell per file, as BDF asks.
+- bdf: the Battery Data Alliance's Battery Data Format (CSV), its human labels
+  (labtwin.formats.bdf): ``Test Time / s``, ``Voltage / V``, ``Current / A``
+  (required), ``Cycle Count / 1``, ``Step Count / 1``, ``Net Capacity / Ah``,
+  ``Ambient Temperature / degC``. One cell per file, as BDF asks; a missing
+  reading is an empty field. ``labtwin replay``, ``analyze`` and ``import``
+  read it back as it was written.
 
 The cycle column (BDF's ``Cycle Count``) is the samples' own electrochemical
 cycle (labtwin.analysis.cycles), never the protocol's loop counter, so
@@ -22,17 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from labtwin.formats.bdf import UNIX_TIME, export_header
+
 SIGN_NOTE = "positive current charges the cell"
 
-BDF_COLUMNS = {
-    "time_s": "Test Time / s",
-    "voltage_V": "Voltage / V",
-    "current_A": "Current / A",
-    "capacity_Ah": "Net Charge / Ah",
-    "temperature_C": "Ambient Temperature / degC",
-    "cycle": "Cycle Count / 1",
-    "step": "Step Count / 1",
-}
 FORMATS = ("csv", "parquet", "bdf")
 
 
@@ -52,14 +47,17 @@ def export_samples(samples: dict[str, np.ndarray], path: Path, fmt: str, unix_st
     header = names
     columns = [samples[k] for k in names]
     if fmt == "bdf":
-        header = [BDF_COLUMNS[k] for k in names]
+        header = export_header(names)
         if unix_start_s is not None:
-            header.append("Unix Time / s")
+            header.append(UNIX_TIME.label)
             columns.append(samples["time_s"] + unix_start_s)
     with path.open("w", newline="") as fh:
         if fmt == "csv":
             fh.write(f"# labtwin samples; {SIGN_NOTE}; capacity_Ah is net charge since run start\n")
         writer = csv.writer(fh)
         writer.writerow(header)
-        writer.writerows(zip(*(c.tolist() for c in columns)))
+        rows = zip(*(c.tolist() for c in columns))
+        if fmt == "bdf":  # BDF leaves a missing reading empty
+            rows = ([("" if isinstance(x, float) and x != x else x) for x in row] for row in rows)  # type: ignore[assignment]
+        writer.writerows(rows)
     return path
