@@ -592,6 +592,11 @@ def replay(
         f"{summary['cycles']} cycles, {summary['impedance_spectra']} impedance spectra, "
         f"{summary['cell_time_s'] / 3600:.2f} h of test time in {summary['wall_time_s']:.1f} s"
     )
+    if model is None and summary["nominal_capacity_Ah"] is not None:
+        console.print(
+            f"no --model: the detectors use a nominal capacity of {summary['nominal_capacity_Ah']:.4g} Ah, "
+            f"{summary['nominal_capacity_source']}"
+        )
     console.print(_anomaly_table(anomalies) if anomalies else "the twin flagged nothing")
 
 
@@ -957,6 +962,8 @@ def import_(
                 f"{r['file']}: stored as run {r['run_id']} ({r['format']}, cell {r['cell_id']}, {r['samples']} samples, "
                 f"{r['steps']} steps, {r['cycles']} cycles)"
             )
+            if r["nominal_capacity_Ah"] is not None:
+                console.print(f"  nominal capacity {r['nominal_capacity_Ah']:.4g} Ah ({r['nominal_capacity_source']})")
             for note in r["notes"]:
                 console.print(f"  note: {note}")
         else:

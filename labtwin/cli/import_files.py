@@ -41,13 +41,20 @@ def import_file(
         return {"file": str(path), "run_id": run_id, "imported": False, "reason": "already imported (same content)"}
     rec = read_recording(path)
     cell_id = cell or rec.name
-    docs = list(documents(rec, lab=lab, channel=IMPORT_CHANNEL, cell_id=cell_id, run_id=run_id))
+    docs = list(
+        documents(
+            rec,
+            lab=lab,
+            channel=IMPORT_CHANNEL,
+            cell_id=cell_id,
+            run_id=run_id,
+            nominal_capacity_Ah=nominal_capacity_Ah,
+        )
+    )
     start = docs[0]
     assert isinstance(start, RunStart)
     metadata = dict(start.metadata)
     metadata.update({"source_file": path.name, "source_sha256": digest})
-    if nominal_capacity_Ah is not None:
-        metadata["nominal_capacity_Ah"] = repr(float(nominal_capacity_Ah))
     update: dict[str, Any] = {"metadata": metadata, "protocol": f"import of {path.name}"}
     if rec.unix_start_s is not None:
         update["time"] = datetime.fromtimestamp(rec.unix_start_s, UTC)
@@ -64,5 +71,7 @@ def import_file(
         "samples": n_samples,
         "steps": start.n_steps,
         "cycles": int(rec.cycle.max()) if len(rec.cycle) else 0,
+        "nominal_capacity_Ah": float(metadata["nominal_capacity_Ah"]) if "nominal_capacity_Ah" in metadata else None,
+        "nominal_capacity_source": metadata.get("nominal_capacity_source"),
         "notes": rec.notes,
     }

@@ -70,5 +70,12 @@ async def run_replay(
         "cell_time_s": float(recording.time_s[-1] - recording.time_s[0]),
         "wall_time_s": time.perf_counter() - wall,
         "cycle_table": [c.model_dump() for c in cycles],
+        "nominal_capacity_Ah": _nominal(docs[0]),
+        "nominal_capacity_source": getattr(docs[0], "metadata", {}).get("nominal_capacity_source"),
     }
     return summary, list(service.anomalies)
+
+
+def _nominal(start) -> float | None:
+    text = getattr(start, "metadata", {}).get("nominal_capacity_Ah")
+    return float(text) if text else None

@@ -50,9 +50,22 @@ def _step_kind(current_A: np.ndarray, voltage_V: np.ndarray, frequency_Hz: np.nd
 
 
 def documents(
-    rec: Recording, *, lab: str, channel: str, cell_id: str, run_id: str | None = None, batch_size: int = 200
+    rec: Recording,
+    *,
+    lab: str,
+    channel: str,
+    cell_id: str,
+    run_id: str | None = None,
+    batch_size: int = 200,
+    nominal_capacity_Ah: float | None = None,
 ) -> Iterator[RunStart | StepEvent | SampleBatch | RunStop]:
-    """The documents an agent would have published for this recording, in publishing order."""
+    """The documents an agent would have published for this recording, in publishing order.
+
+    The RunStart carries the cell's nominal capacity (``metadata['nominal_capacity_Ah']``): the one given, else
+    inferred from the data as the largest charge one galvanostatic step moved (a full half cycle), and said so
+    (``nominal_capacity_source``). The twin's detectors scale with it, so a replay without a model still
+    watches a 52 uAh film at its own scale, not at the 1 Ah a twin assumes when told nothing.
+    """
     run_id = run_id or f"replay-{uuid.uuid4().hex[:8]}"
     n = len(rec)
     if n == 0:
@@ -62,15 +75,6 @@ def documents(
     boundaries = np.nonzero(np.diff(rec.step) != 0)[0] + 1
     segments = np.split(np.arange(n), boundaries)
     scale_A = max(float(np.max(np.abs(rec.current_A))), 1e-12)
-    yield RunStart(
-        run_id=run_id,
-        lab=lab,
-        channel=channel,
-        cell_id=cell_id,
-        protocol=f"replay of {rec.name}",
-        n_steps=len(segments),
-        metadata={"source_format": rec.source_format},
-    )
     # Every step's figures first: a file that numbers no cycles is numbered from the directions they measured.
     dq = charge_increments(rec.time_s, rec.current_A, rec.step, rec.capacity_Ah)
     steps: list[tuple[StepKind, EndReason, StepStats]] = []
@@ -98,6 +102,25 @@ def documents(
             n_samples=len(rows),
         )
         steps.append((kind, reason, stats))
+    metadata = {"source_format": rec.source_format}
+    if nominal_capacity_Ah is not None:
+        metadata.update(nominal_capacity_Ah=repr(float(nominal_capacity_Ah)), nominal_capacity_source="given")
+    else:
+        moved = [max(st.charge_Ah, st.discharge_Ah) for kind, _, st in steps if kind in (StepKind.cc, StepKind.cccv)]
+        if moved and max(moved) > 0:
+            metadata.update(
+                nominal_capacity_Ah=repr(max(moved)),
+                nominal_capacity_source="inferred from the data: the largest charge of one galvanostatic step",
+            )
+    yield RunStart(
+        run_id=run_id,
+        lab=lab,
+        channel=channel,
+        cell_id=cell_id,
+        protocol=f"replay of {rec.name}",
+        n_steps=len(segments),
+        metadata=metadata,
+    )
     if rec.has_cycle:
         cycles = [int(rec.cycle[rows[0]]) for rows in segments]
     else:

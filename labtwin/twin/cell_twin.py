@@ -65,6 +65,16 @@ class _Cycle:
     steps: list[StepEvent] = field(default_factory=list)  # its ended steps, for the figures when it closes
 
 
+def run_nominal_capacity_Ah(doc: RunStart) -> float | None:
+    """The nominal capacity a run's start carries (``metadata['nominal_capacity_Ah']``), if a usable one."""
+    text = doc.metadata.get("nominal_capacity_Ah")
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
 class CellTwin:
     def __init__(
         self,
@@ -83,7 +93,11 @@ class CellTwin:
         self.model: CellModel | None = model_factory()
         # The cell definition's capacity first: an equivalent-circuit model does not carry one, and a twin that
         # assumed 1 Ah counted a 52 uAh film's state of charge in millionths.
-        self.nominal_capacity_Ah = nominal_capacity_Ah or getattr(self.model, "nominal_capacity_Ah", None) or 1.0
+        given = nominal_capacity_Ah or getattr(self.model, "nominal_capacity_Ah", None)
+        # Neither given nor in a model (a replay or an import without --model): the run's own, which replay and
+        # import infer from the data (RunStart.metadata); 1 Ah only until a run says.
+        self._nominal_given = given is not None
+        self.nominal_capacity_Ah = given or 1.0
         self.state = CellState(cell=cell, lab=lab, model=model_name)
         self.anomalies: list[Anomaly] = []
         self.run: RunStart | None = None
@@ -194,6 +208,17 @@ class CellTwin:
         self.run = doc
         if self.model is None or self.state.run_id:  # a fresh model per run: the cell's history is in the data
             self.model = self._factory()
+        if not self._nominal_given:
+            from_run = run_nominal_capacity_Ah(doc)
+            if from_run is not None:
+                self.nominal_capacity_Ah = from_run
+                log.info(
+                    "twin %s: nominal capacity %.4g Ah from run %s (%s)",
+                    self.cell,
+                    from_run,
+                    doc.run_id,
+                    doc.metadata.get("nominal_capacity_source", "given"),
+                )
         self._new_run_detectors()
         self.estimator.reset_continuity()
         self.state = self.state.model_copy(

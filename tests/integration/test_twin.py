@@ -186,3 +186,26 @@ method:
     full = report["cycles"][0]["charge_Ah"]
     delivered = report["cycles"][-1]["discharge_Ah"]
     assert 0.4 < delivered / full < 0.62  # the cell really is about half empty
+
+
+@pytest.mark.parametrize(
+    ("recording", "kinds"),
+    [
+        ("lto_bare_film_discharge_0p1C.bdf.csv.gz", ["oscillation_onset"]),
+        ("lto_azo60_film_discharge_0p1C.bdf.csv.gz", []),
+    ],
+)
+def test_replay_without_a_model_flags_what_the_data_show(recording, kinds):
+    """No --model: the nominal capacity comes from the data (52 uAh, not the 1 Ah a bare twin assumes), so the
+    oscillation detector watches the bare film's plateau at its own scale and the coated film's stays quiet."""
+    result = runner.invoke(app, ["replay", str(DATA / "replay" / recording), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [a["kind"] for a in report["anomalies"]] == kinds, report["anomalies"]
+    replayed = report["replayed"]
+    assert replayed["format"] == "bdf" and 5.0e-5 < replayed["nominal_capacity_Ah"] < 5.4e-5
+    assert replayed["nominal_capacity_source"].startswith("inferred from the data")
+    if kinds:
+        onset = report["anomalies"][0]
+        assert 1.5 < onset["time_s"] / 3600 < 2.5  # the dry-run it was recorded from flagged it at 1.97 h
+        assert 0 < onset["figures"]["correlation"] <= 1.0

@@ -141,7 +141,13 @@ class OscillationDetector:
         lag_max = min(self.lag_max, n // 2)
         if power <= 0 or lag_max < self.lag_min:
             return None
-        corr = np.array([float(r[:-k] @ r[k:]) / power * n / (n - k) for k in range(1, lag_max + 1)])
+        # Pearson's correlation of the window with itself shifted by each lag: bounded by 1 whatever the lag
+        # (the power-normalised sum scaled by n/(n-k) reached 1.06 on a real LTO plateau).
+        corr = np.empty(lag_max)
+        for k in range(1, lag_max + 1):
+            a, b = r[:-k], r[k:]
+            norm = float(np.sqrt((a @ a) * (b @ b)))
+            corr[k - 1] = float(a @ b) / norm if norm > 0 else 0.0
         k_peak = int(np.argmax(corr[self.lag_min - 1 :])) + self.lag_min
         # Fold the residual at the period found: averaging the periods keeps the waveform (spiky or not)
         # and averages the noise down, so the amplitude is the waveform's half peak-to-peak.
