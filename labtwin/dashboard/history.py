@@ -182,14 +182,10 @@ def timeline(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def warm_imports() -> None:
-    """Import what the impedance panel fits with (scipy.optimize, the cell library: 0.7 s) and the column reader
-    (pyarrow, the ADBC driver: 0.35 s) while no page waits:
+    """Import what the impedance panel fits with (scipy.optimize, the cell library: 0.7 s) while no page waits:
     the dashboard calls this in a thread at start, so a run page's first render does not pay for it."""
     import labtwin.analysis.eis  # noqa: F401
     import labtwin.physics.library  # noqa: F401
-    from labtwin.data import column_read
-
-    column_read.warm()
 
 
 def _circuit_for(store: Store, run_id: str) -> str:

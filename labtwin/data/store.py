@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
-from labtwin.data import column_read, migrate
+from labtwin.data import migrate
 from labtwin.data.digest import FLOAT_COLUMNS, INT_COLUMNS, batch_digest, samples_digest
 from labtwin.data.engine import DEFAULT_SQLITE, WRITE, describe_url, make_engine, parse_url
 from labtwin.data.schema import (
@@ -432,25 +432,7 @@ class Store:
         return prefix if prefix in found else found[0]
 
     def samples(self, run_id: str) -> dict[str, np.ndarray]:
-        """All samples of a run in order, as numpy columns named with their units.
-
-        A SQLite file is read through Arrow (labtwin.data.column_read, three times faster); the row reader
-        below is the reference it is tested against, and what reads PostgreSQL and ``:memory:``.
-        """
-        where = parse_url(self.url)
-        if where.path is not None and str(where.path) != ":memory:" and column_read.available():
-            b = batches.c
-            lo, hi, n = self._fetch(
-                select(func.min(b.seq), func.max(b.seq), func.coalesce(func.sum(b.n), 0)).where(b.run_id == run_id)
-            )[0]
-            try:
-                return column_read.read_samples(where.path, run_id, None if lo is None else (lo, hi), int(n))
-            except Exception as exc:  # the driver refused something the row reader reads: say so, read rows
-                log.warning("store %s: the column reader failed (%s); reading rows", describe_url(self.url), exc)
-        return self.sample_rows(run_id)
-
-    def sample_rows(self, run_id: str) -> dict[str, np.ndarray]:
-        """``samples`` through the database driver's rows: the reference reader."""
+        """All samples of a run in order, as numpy columns named with their units."""
         with self._connect() as conn:
             rows = self._select_samples.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
