@@ -23,6 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MIN_PULSES = 3
+MAX_PULSE_SHARE = 0.25  # of the charge moved in its direction: a titration step, not a half cycle
+
+
+class NotGittError(ValueError):
+    """A recording whose current pulses are not a GITT: too few, or each a whole half cycle."""
+
 
 @dataclass
 class GittPulse:
@@ -94,3 +101,22 @@ def gitt_pulses(
             )
         )
     return out
+
+
+def check_gitt(pulses: list[GittPulse]) -> None:
+    """Raise NotGittError unless the pulses look like a titration: several short pulses with rests between,
+    each moving a small share of the charge its direction moved. A cycling file with rests between its half
+    cycles has two or so "pulses" that are whole half cycles; Weppner-Huggins on those is meaningless."""
+    if len(pulses) < MIN_PULSES:
+        raise NotGittError(
+            f"{len(pulses)} current pulse(s) with a rest before and after: GITT is a series of short pulses "
+            f"(at least {MIN_PULSES}) with rests between; is this a GITT recording?"
+        )
+    charge = np.array([abs(p.current_A) * p.duration_s for p in pulses])
+    sign = np.sign([p.current_A for p in pulses])
+    share = np.array([c / charge[sign == s].sum() for c, s in zip(charge, sign)])
+    if float(np.median(share)) > MAX_PULSE_SHARE:
+        raise NotGittError(
+            f"each of its {len(pulses)} pulses moves {np.median(share):.0%} (median) of the charge of its "
+            f"direction: these are half cycles with rests, not GITT pulses (each a small share of the capacity)"
+        )

@@ -60,6 +60,7 @@ def eis(
             "units": fit.units,
             "uncertainties": fit.standard_errors,
             "relative_rms": fit.relative_rms,
+            "undetermined": fit.undetermined(),
         }
         if kk:
             test = lin_kk(spectrum.frequency_Hz, spectrum.impedance_ohm)
@@ -97,6 +98,13 @@ def eis(
                 ],
             )
         console.print(table)
+        for spectrum, fit, _ in results:
+            for name in fit.undetermined():
+                console.print(
+                    f"warning: spectrum {spectrum.label!r}: {name} = {fit.parameters[name]:.4g} "
+                    f"±{fit.standard_errors[name]:.2g} is not determined by the data (error above half the value); "
+                    "a simpler circuit or more low-frequency points would pin it down"
+                )
     if plot is not None:
         from labtwin.analysis.plots import plot_nyquist
 
@@ -240,7 +248,7 @@ def gitt(
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
-    from labtwin.analysis.gitt import gitt_pulses
+    from labtwin.analysis.gitt import check_gitt, gitt_pulses
     from labtwin.formats import RecordingError, read_recording
 
     if cell is not None and length_m is None:
@@ -254,9 +262,11 @@ def gitt(
         rec = read_recording(file)
     except RecordingError as exc:
         _fail(str(exc))
-    pulses = gitt_pulses(rec.time_s, rec.voltage_V, rec.current_A, length_m)
-    if not pulses:
-        _fail(f"{file}: no current pulse with a rest before and after it")
+    try:
+        pulses = gitt_pulses(rec.time_s, rec.voltage_V, rec.current_A, length_m)
+        check_gitt(pulses)
+    except ValueError as exc:  # too few samples, or not a GITT (NotGittError)
+        _fail(f"{file}: {exc}")
     if plot is not None:
         import matplotlib.pyplot as plt
 

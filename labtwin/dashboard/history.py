@@ -236,6 +236,7 @@ def impedance(store: Store, run_id: str, circuit: str | None = None) -> dict[str
         except ValueError as exc:
             entry["fit"] = {"error": str(exc)}
         else:
+            undetermined = set(fit.undetermined())
             good = f[np.isfinite(f) & (f > 0)]
             dense = np.logspace(np.log10(good.min()), np.log10(good.max()), 120) if len(good) else good
             model = fit.impedance_ohm(dense)
@@ -248,7 +249,7 @@ def impedance(store: Store, run_id: str, circuit: str | None = None) -> dict[str
                         "value": float(fit.parameters[name]),
                         "standard_error": _finite_or_none(fit.standard_errors.get(name)),
                         "unit": fit.units[name],
-                        "uncertain": _uncertain(fit.parameters[name], fit.standard_errors.get(name)),
+                        "uncertain": name in undetermined,
                     }
                     for name in parsed.parameter_names
                 },
@@ -262,11 +263,6 @@ def impedance(store: Store, run_id: str, circuit: str | None = None) -> dict[str
 
 def _finite_or_none(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _uncertain(value: float, error: float | None) -> bool:
-    """No finite standard error, or one above half the value: the spectrum does not pin the parameter down."""
-    return error is None or not math.isfinite(error) or abs(error) > 0.5 * abs(value)
 
 
 def run_rows(store: Store, limit: int = 200) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -35,6 +36,8 @@ import numpy as np
 from scipy.optimize import leastsq
 
 from labtwin.analysis.eis.circuit import Circuit, Element, Node, Parallel, Series, parse_circuit
+
+UNDETERMINED_RELATIVE_ERROR = 0.5
 
 
 @dataclass
@@ -52,6 +55,18 @@ class CircuitFit:
 
     def impedance_ohm(self, frequency_Hz) -> np.ndarray:
         return self.circuit([self.parameters[n] for n in self.circuit.parameter_names], frequency_Hz)
+
+    def undetermined(self) -> list[str]:
+        """Parameters the spectrum does not pin down: no finite standard error, or one above half the value
+        (a Warburg fitted as 0.30 +- 4 is a number the data do not support). Fixed ones are not counted."""
+        out = []
+        for name in self.circuit.parameter_names:
+            if name in self.fixed:
+                continue
+            value, error = self.parameters[name], self.standard_errors.get(name)
+            if error is None or not math.isfinite(error) or abs(error) > UNDETERMINED_RELATIVE_ERROR * abs(value):
+                out.append(name)
+        return out
 
     def table(self) -> str:
         lines = [f"circuit {self.circuit.text}   relative RMS residual {self.relative_rms:.3%}"]
