@@ -15,8 +15,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 .PHONY: demo test test-fast suite lint typecheck install bench clean
 
 # pytest exits 5 when it collected nothing: a suite that ran no test has not passed.
-# Three workers on two cores: the tests mostly wait (README "Tests").
-PYTEST = $(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile
+# Three workers on two cores: the tests mostly wait (README "Tests"). A worker that crashes (a fatal signal in a
+# native library) fails the run: xdist's replacement worker once left the controller waiting forever.
+PYTEST = $(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile --max-worker-restart=0
 define run_pytest
 	$(PYTEST) $(1); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -9,9 +9,10 @@ from pathlib import Path
 from labtwin.formats.bdf import is_bdf_header, read_bdf
 from labtwin.formats.biologic import read_mpr
 from labtwin.formats.labtwin_files import read_labtwin_csv, read_labtwin_parquet
+from labtwin.formats.neware import read_neware
 from labtwin.formats.recording import Recording, RecordingError
 
-READS = ".mpr (EC-Lab), BDF (.bdf, .bdf.csv, .bdf.parquet, .csv, gzip), labtwin's samples.csv or .parquet export"
+READS = ".mpr (EC-Lab), .nda and .ndax (Neware), BDF (.bdf, .bdf.csv, .bdf.parquet, .csv, gzip), labtwin's samples.csv or .parquet export"
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -45,6 +46,10 @@ def read_recording(path: str | Path) -> Recording:
     plain = name[:-3] if name.endswith(".gz") else name
     if plain.endswith(".mpr"):
         return read_mpr(path)
+    if plain.endswith((".nda", ".ndax")):  # Neware's own binaries: read as they are, not gzipped
+        if name.endswith(".gz"):
+            raise RecordingError(f"{path}: a Neware file is read as the cycler wrote it: gunzip it first")
+        return read_neware(path)
     if plain.endswith((".bdf", ".bdf.csv", ".bdf.parquet")):
         return read_bdf(path)
     if plain.endswith(".parquet"):
