@@ -127,3 +127,29 @@ def test_a_stand_in_for_a_2450_goes_into_compliance_as_the_emulated_2450_does_wh
     for name in ("2450", "magnitude"):
         assert ends[name].voltage_V == pytest.approx(-ceiling, abs=0.01), ends
         assert abs(ends[name].current_A) < 0.5 * abs(current), ends  # in compliance: the current has dropped
+
+
+def test_a_voltage_hold_on_a_full_film_with_no_current_limit_stays_at_the_cells_scale():
+    """Regression (`dryrun seed001-cv-multirate --sim lto-thin-film` failed after 15 minutes, silent for 60 s in
+    its 1.3 V hold): the agent passes 1000 A when a channel has no current limit; holding 1.3 V from rest, as
+    the film neared full the current search met a negative slope and bisected that bracket to 500 A, where one
+    1 s sample took hours (reproduced: 20 minutes of the hold never finished). The bracket is the cell's own
+    scale now (1000 C): the 20 minutes compute in seconds and the current stays a film's."""
+    import time
+
+    definition = load_cell("lto-thin-film")
+    clock = VirtualClock()
+    sp = SimulatedPotentiostat(definition, clock, np.random.default_rng(0))
+    sp.set_current(0.0, 2.5)
+    clock.sleep(10)
+    sp.read()
+    sp.set_voltage(1.3, 1e3)  # what the agent sends with no current limit
+    wall = time.perf_counter()
+    readings = []
+    for _ in range(1200):
+        clock.sleep(1.0)
+        readings.append(sp.read())
+    assert time.perf_counter() - wall < 60
+    assert all(abs(r.current_A) <= 1000 * definition.nominal_capacity_Ah for r in readings)
+    assert readings[-1].voltage_V == pytest.approx(1.3, abs=2e-3)
+    assert abs(readings[-1].current_A) < 0.01 * definition.nominal_capacity_Ah  # the full film takes no more

@@ -45,6 +45,9 @@ ElectrodeParameters = Annotated[
     Field(discriminator="kind"),
 ]
 
+VOLTAGE_MODE_MAX_C_RATE = 1000.0
+"""The largest current (in C) a voltage-mode step may draw: the bracket of the current search."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -295,8 +298,13 @@ class PhysicsCell:
                 lo, hi = (0.0, current) if current > 0 else (current, 0.0)
                 current, voltage, parts = self._solve_voltage(dt_s, compliance, kt, lo, hi)
         else:
-            # No current limit given: allow up to 1000 C, far beyond any cell, so the voltage always regulates.
-            limit = abs(compliance) if math.isfinite(compliance) else 1000.0 * self.nominal_capacity_Ah
+            # The current search is bracketed by the cell's own scale (1000 C, far beyond any cell, so the voltage
+            # always regulates) even when the source allows more: an agent with no current limit passes 1000 A,
+            # and on a nearly full 52 uAh film the search, meeting a negative slope, bisected that bracket to
+            # 500 A, where the electrode needed 1e-8 s sub-steps: hours of wall time for one 1 s sample.
+            limit = VOLTAGE_MODE_MAX_C_RATE * self.nominal_capacity_Ah
+            if math.isfinite(compliance):
+                limit = min(limit, abs(compliance))
             current, voltage, parts = self._solve_voltage(dt_s, setpoint, kt, -limit, limit)
         self._commit(dt_s, current, voltage, parts)
         return voltage, current
