@@ -47,7 +47,7 @@ def labtwin_cycles(rec: Recording) -> list[CycleSummary]:
 
 def reference_ce(charge_Ah: float, discharge_Ah: float, first: str) -> float | None:
     """labtwin's documented CE (labtwin.analysis.cycles): the second direction's charge over the first's, the first
-    being the run's first direction; none unless the cycle went both ways."""
+    being the direction the run's first two-way cycle starts with; none unless the cycle went both ways."""
     if charge_Ah <= 0 or discharge_Ah <= 0:
         return None
     return charge_Ah / discharge_Ah if first == "discharge" else discharge_Ah / charge_Ah
@@ -178,8 +178,15 @@ def halfcycle_reference(data: np.ndarray) -> Figures:
     q = np.asarray(data["Q charge/discharge/mA.h"], dtype=float)
     ends = np.flatnonzero(np.concatenate([hc[1:] != hc[:-1], [True]]))
     moved = {int(hc[e]): float(q[e]) / 1e3 for e in ends}
-    first_hc = min(h for h, m in moved.items() if m != 0)
-    first = "charge" if moved[first_hc] > 0 else "discharge"
+    # The CE convention is the first two-way cycle's first direction (this file opens with a cathode's partial
+    # discharge from rest, a one-way cycle 1: a cathode, so CE = discharge / charge, as the peer tools read it).
+    by_cycle: dict[int, list[float]] = {}
+    for h in sorted(moved):
+        if moved[h] != 0:
+            by_cycle.setdefault(h // 2 + 1, []).append(moved[h])
+    two_way = [halves for _, halves in sorted(by_cycle.items()) if min(halves) < 0 < max(halves)]
+    opening = two_way[0][0] if two_way else next(iter(by_cycle.values()))[0]
+    first = "charge" if opening > 0 else "discharge"
     out: Figures = []
     for cycle in sorted({h // 2 + 1 for h in moved}):
         halves = [m for h, m in moved.items() if h // 2 + 1 == cycle]

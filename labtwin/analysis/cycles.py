@@ -24,7 +24,9 @@ file gives the figures the agent measured, however sparsely it recorded.
 
 Coulombic efficiency (the half-cell convention). CE is the charge the
 cycle's second direction returns over the charge its first direction put
-in. For a cathode or a full cell, started by charging, that is
+in; the first direction is the one the run's first two-way cycle starts
+with (a file's own one-way first cycle, a partial step from rest, does not
+set it). For a cathode or a full cell, started by charging, that is
 discharge / charge; for an anode half cell started by lithiation (LTO|Li,
 discharging first) it is charge / discharge, so a film that keeps lithium
 reads below 1 either way. A cycle that did not go both ways has no CE. The
@@ -168,10 +170,24 @@ class CycleSummary(BaseModel):
 
 
 def run_first_direction(events: Iterable[StepEvent]) -> Direction | None:
-    """The direction the run's cycles start with: that of its first step that measurably drove one."""
-    for ev in sorted(events, key=lambda e: e.step_index):
-        if ev.event == "ended" and ev.cycle > 0 and (d := charge_direction(ev)) is not None:
-            return d
+    """The direction the run's cycles start with: that of the first step of its first cycle that went both
+    ways, else of its first step that measurably drove one.
+
+    For a labtwin run the two are the same step (the counter opens cycles in the run's first direction). A file
+    that numbers its own cycles may begin with a one-way cycle: EC-Lab's GCPL pairs (charge, discharge) from a
+    cathode's partial discharge at rest; the partial discharge must not make a cathode an anode half cell (its
+    CE would read charge / discharge, 1.07-1.16, where every peer reads discharge / charge, 0.92-0.94).
+    """
+    ordered = sorted((e for e in events if e.event == "ended" and e.cycle > 0), key=lambda e: e.step_index)
+    by_cycle: dict[int, list[Direction]] = defaultdict(list)
+    for ev in ordered:
+        if (d := charge_direction(ev)) is not None:
+            by_cycle[ev.cycle].append(d)
+    for cycle in sorted(by_cycle):
+        if {"charge", "discharge"} <= set(by_cycle[cycle]):
+            return by_cycle[cycle][0]
+    for cycle in sorted(by_cycle):
+        return by_cycle[cycle][0]
     return None
 
 
