@@ -47,7 +47,7 @@ def labtwin_cycles(rec: Recording) -> list[CycleSummary]:
 
 def reference_ce(charge_Ah: float, discharge_Ah: float, first: str) -> float | None:
     """labtwin's documented CE (labtwin.analysis.cycles): the second direction's charge over the first's, the first
-    being the direction the run's first two-way cycle starts with; none unless the cycle went both ways."""
+    being that of the run's first step that moved a substantial charge; none unless the cycle went both ways."""
     if charge_Ah <= 0 or discharge_Ah <= 0:
         return None
     return charge_Ah / discharge_Ah if first == "discharge" else discharge_Ah / charge_Ah
@@ -178,14 +178,12 @@ def halfcycle_reference(data: np.ndarray) -> Figures:
     q = np.asarray(data["Q charge/discharge/mA.h"], dtype=float)
     ends = np.flatnonzero(np.concatenate([hc[1:] != hc[:-1], [True]]))
     moved = {int(hc[e]): float(q[e]) / 1e3 for e in ends}
-    # The CE convention is the first two-way cycle's first direction (this file opens with a cathode's partial
-    # discharge from rest, a one-way cycle 1: a cathode, so CE = discharge / charge, as the peer tools read it).
-    by_cycle: dict[int, list[float]] = {}
-    for h in sorted(moved):
-        if moved[h] != 0:
-            by_cycle.setdefault(h // 2 + 1, []).append(moved[h])
-    two_way = [halves for _, halves in sorted(by_cycle.items()) if min(halves) < 0 < max(halves)]
-    opening = two_way[0][0] if two_way else next(iter(by_cycle.values()))[0]
+    # The CE convention is the direction of the first half cycle that moved a substantial charge (at least half
+    # the largest): this file opens with a cathode's partial discharge from rest, so CE = discharge / charge, as
+    # the peer tools read it.
+    ordered = [moved[h] for h in sorted(moved) if moved[h] != 0]
+    largest = max(abs(m) for m in ordered)
+    opening = next(m for m in ordered if abs(m) >= 0.5 * largest)
     first = "charge" if opening > 0 else "discharge"
     out: Figures = []
     for cycle in sorted({h // 2 + 1 for h in moved}):

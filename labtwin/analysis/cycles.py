@@ -24,9 +24,9 @@ file gives the figures the agent measured, however sparsely it recorded.
 
 Coulombic efficiency (the half-cell convention). CE is the charge the
 cycle's second direction returns over the charge its first direction put
-in; the first direction is the one the run's first two-way cycle starts
-with (a file's own one-way first cycle, a partial step from rest, does not
-set it). For a cathode or a full cell, started by charging, that is
+in; the first direction is that of the run's first step that moved a
+substantial charge (``run_first_direction``: a partial step from rest
+before the first charge does not make a cathode an anode half cell). For a cathode or a full cell, started by charging, that is
 discharge / charge; for an anode half cell started by lithiation (LTO|Li,
 discharging first) it is charge / discharge, so a film that keeps lithium
 reads below 1 either way. A cycle that did not go both ways has no CE. The
@@ -169,26 +169,27 @@ class CycleSummary(BaseModel):
         return self.energy_in_Wh / self.charge_Ah - self.energy_out_Wh / self.discharge_Ah
 
 
-def run_first_direction(events: Iterable[StepEvent]) -> Direction | None:
-    """The direction the run's cycles start with: that of the first step of its first cycle that went both
-    ways, else of its first step that measurably drove one.
+SUBSTANTIAL_SHARE = 0.5  # of the run's largest one-step charge: a half cycle, not a partial step from rest
 
-    For a labtwin run the two are the same step (the counter opens cycles in the run's first direction). A file
-    that numbers its own cycles may begin with a one-way cycle: EC-Lab's GCPL pairs (charge, discharge) from a
-    cathode's partial discharge at rest; the partial discharge must not make a cathode an anode half cell (its
-    CE would read charge / discharge, 1.07-1.16, where every peer reads discharge / charge, 0.92-0.94).
+
+def run_first_direction(events: Iterable[StepEvent]) -> Direction | None:
+    """The direction the run's cycles start with, for the CE convention: that of its first step that moved a
+    substantial charge (at least half its largest step's), else of its first step that drove one.
+
+    A run that opens with a short partial step from rest (a cathode's or a full cell's few percent of discharge
+    before its first charge: EC-Lab GCPL, a Maccor rate test that counts cycles from each discharge) is not an
+    anode half cell: its CE is discharge / charge, as every peer reads it (the first partial step made it
+    charge / discharge: 1.07-1.16 on the GCPL file, 43 on the Maccor one). An anode half cell's first
+    lithiation is a whole half cycle, so it still sets the convention.
     """
-    ordered = sorted((e for e in events if e.event == "ended" and e.cycle > 0), key=lambda e: e.step_index)
-    by_cycle: dict[int, list[Direction]] = defaultdict(list)
-    for ev in ordered:
-        if (d := charge_direction(ev)) is not None:
-            by_cycle[ev.cycle].append(d)
-    for cycle in sorted(by_cycle):
-        if {"charge", "discharge"} <= set(by_cycle[cycle]):
-            return by_cycle[cycle][0]
-    for cycle in sorted(by_cycle):
-        return by_cycle[cycle][0]
-    return None
+    moved: list[tuple[Direction, float]] = []
+    for ev in sorted(events, key=lambda e: e.step_index):
+        if ev.event == "ended" and ev.cycle > 0 and (d := charge_direction(ev)) is not None and ev.stats:
+            moved.append((d, ev.stats.charge_Ah if d == "charge" else ev.stats.discharge_Ah))
+    if not moved:
+        return None
+    largest = max(amount for _, amount in moved)
+    return next(d for d, amount in moved if amount >= SUBSTANTIAL_SHARE * largest)
 
 
 def summarize_cycle(cycle: int, events: list[StepEvent], first_direction: Direction | str | None) -> CycleSummary:

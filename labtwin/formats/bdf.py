@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labtwin.formats.recording import Recording, RecordingError, finish, steps_from_current
+from labtwin.formats.recording import Recording, RecordingError, finish, sign_unsigned_current, steps_from_current
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,13 @@ def read_bdf(path: Path) -> Recording:
         else:
             step = steps_from_current(i)
             notes.append("no step column: steps counted from the current's changes of regime")
+    signed = sign_unsigned_current(v, i, np.nan_to_num(step).astype(int))
+    if signed is not None:
+        i = signed
+        notes.append(
+            "the current is never negative though the voltage falls under load: each step's sign was taken from "
+            "its voltage trend (rising = charge; a constant-voltage step continues the step before)"
+        )
     cycle = column(CYCLE_COUNT)
     temperature = column(AMBIENT_TEMPERATURE)
     if temperature is None:

@@ -56,6 +56,44 @@ def steps_from_current(current_A: np.ndarray, scale_A: float | None = None) -> n
     return np.concatenate([[0], np.cumsum(regime[1:] != regime[:-1])]).astype(int)
 
 
+UNSIGNED_TREND_V = 0.005  # a step whose voltage moves less than this drives in the direction of the one before
+
+
+def sign_unsigned_current(voltage_V: np.ndarray, current_A: np.ndarray, step: np.ndarray) -> np.ndarray | None:
+    """Signed current for a file whose current is a magnitude (never negative, though the voltage falls under
+    load), else None. Some exports write the magnitude and keep the direction in a state column the file no
+    longer has (the Battery Data Alliance's own Maccor reference file: +0.5 A on a discharge from 3.1 to 2.5 V).
+    Each step driving current takes the sign of its voltage trend (rising: charge); a constant-voltage step,
+    whose voltage does not move, continues the direction of the step before it, as the CV of a CC-CV does."""
+    i = np.asarray(current_A, dtype=float)
+    v = np.asarray(voltage_V, dtype=float)
+    finite = np.isfinite(i)
+    if not finite.any() or np.any(i[finite] < 0):
+        return None
+    scale = float(np.max(i[finite]))
+    if scale <= 0:
+        return None
+    boundaries = np.flatnonzero(np.diff(step) != 0) + 1
+    signs: list[tuple[np.ndarray, float]] = []
+    falling_under_load = False
+    previous = 1.0
+    for rows in np.split(np.arange(len(i)), boundaries):
+        driving = rows[np.nan_to_num(i[rows]) > 1e-3 * scale]
+        if len(driving) < 2:
+            continue
+        trend = float(v[driving[-1]] - v[driving[0]])
+        sign = previous if abs(trend) < UNSIGNED_TREND_V else float(np.sign(trend))
+        falling_under_load |= sign < 0
+        signs.append((rows, sign))
+        previous = sign
+    if not falling_under_load:
+        return None  # only charging (or nothing moved): the magnitudes are the signed values
+    out = i.copy()
+    for rows, sign in signs:
+        out[rows] = sign * i[rows]
+    return out
+
+
 def finish(
     name: str,
     fmt: str,
