@@ -13,7 +13,17 @@ DOUBLE PRECISION), so one file of DDL describes both.
 
 from __future__ import annotations
 
-from sqlalchemy import DOUBLE_PRECISION, Column, Index, Integer, MetaData, PrimaryKeyConstraint, Table, Text
+from sqlalchemy import (
+    DOUBLE_PRECISION,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
 
 metadata = MetaData()
 
@@ -185,4 +195,17 @@ operator_actions = Table(
     Column("outcome", Text, nullable=False),
     Column("detail", Text, nullable=False, server_default=""),
     Index("operator_actions_run", "run_id"),
+)
+
+# A copy of the sample rows one write inserted, as compressed float64 columns (labtwin.data.blocks): what
+# ``Store.samples`` reads when a run's blocks add up to its batches; the rows stay the record.
+sample_blocks = Table(
+    "sample_blocks",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("first_seq", Integer, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("run_id", "first_seq"),
 )

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
-from labtwin.data import migrate
+from labtwin.data import blocks, migrate
 from labtwin.data.digest import FLOAT_COLUMNS, INT_COLUMNS, batch_digest, samples_digest
 from labtwin.data.engine import DEFAULT_SQLITE, WRITE, describe_url, make_engine, parse_url
 from labtwin.data.schema import (
@@ -46,6 +46,7 @@ from labtwin.data.schema import (
     operator_actions,
     outages,
     runs,
+    sample_blocks,
     samples,
     step_events,
 )
@@ -158,6 +159,9 @@ class Store:
             ("run_id", "seq"),
         )
         self._insert_samples = compiled(insert(samples).on_conflict_do_nothing(), _SAMPLE_COLUMNS)
+        self._insert_block = compiled(
+            insert(sample_blocks).on_conflict_do_nothing(), ("run_id", "first_seq", "last_seq", "n", "data")
+        )
         self._insert_impedance = compiled(insert(impedance).on_conflict_do_nothing(), _IMPEDANCE_COLUMNS)
         # A step's end is stored once, except the end an agent gave a step its restart cut (error:agent_restart):
         # a flow that resumes the run runs that step again, and its later end replaces the cut one (the cut stays
@@ -250,6 +254,7 @@ class Store:
         counts = WriteCounts()
         sample_rows: list[tuple[Any, ...]] = []
         impedance_rows: list[tuple[Any, ...]] = []
+        inserted: dict[str, list[SampleBatch]] = {}  # per run, the batches this write stored: its blocks
         with self._connect() as conn:
             conn.execution_options(**WRITE)
             with conn.begin():
@@ -261,7 +266,8 @@ class Store:
                         counts.refusing.append((doc.run_id, doc.channel))
                         continue
                     if isinstance(doc, SampleBatch):
-                        self._write_batch(conn, doc, counts, sample_rows, impedance_rows)
+                        if self._write_batch(conn, doc, counts, sample_rows, impedance_rows) and doc.time_s:
+                            inserted.setdefault(doc.run_id, []).append(doc)
                     elif isinstance(doc, StepEvent):
                         counts.events += self._insert_step_event.run(conn, [_step_event_row(doc)]) == 1
                     elif isinstance(doc, RunStart):
@@ -280,6 +286,8 @@ class Store:
                         self._insert_cell_state.run(conn, [row])
                 self._insert_samples.run(conn, sample_rows)
                 self._insert_impedance.run(conn, impedance_rows)
+                if inserted:
+                    self._insert_block.run(conn, [(run, *blocks.pack(group)) for run, group in inserted.items()])
         return counts
 
     def _own_channel(self, conn: Connection, doc: SampleBatch | StepEvent | RunStart | RunStop | Outage) -> bool:
@@ -309,14 +317,15 @@ class Store:
         counts: WriteCounts,
         sample_rows: list[tuple[Any, ...]],
         impedance_rows: list[tuple[Any, ...]],
-    ) -> None:
+    ) -> bool:
+        """Store one batch's rows; True when it was new (not a re-delivery, not a conflict)."""
         n = len(batch.time_s)
         digest = batch_digest(batch)
         if self._insert_batch.run(conn, [(batch.run_id, batch.seq, n, digest)]) != 1:
             stored = self._stored_digest(conn, batch.run_id, batch.seq)
             if stored == digest:
                 counts.duplicate_batches += 1  # a QoS 1 re-delivery
-                return
+                return False
             received_at = datetime.now(UTC).isoformat()
             conflict = {
                 "run_id": batch.run_id,
@@ -332,7 +341,7 @@ class Store:
                 counts.conflicting.append((batch.run_id, batch.seq))
             else:
                 counts.duplicate_batches += 1  # a re-delivery of a conflict already recorded
-            return
+            return False
         keys = ([batch.run_id] * n, [batch.seq] * n, range(n))
         sample_rows.extend(zip(*keys, *(getattr(batch, field) for field, _, _ in SAMPLE_FIELDS)))
         if batch.frequency_Hz is not None:
@@ -341,6 +350,7 @@ class Store:
             impedance_rows.extend(zip(*keys, *z))
         counts.batches += 1
         counts.samples += n
+        return True
 
     def _stored_digest(self, conn: Connection, run_id: str, seq: int) -> str:
         """The stored batch's digest; for one stored before schema 3 (NULL), computed from its stored rows."""
@@ -432,7 +442,23 @@ class Store:
         return prefix if prefix in found else found[0]
 
     def samples(self, run_id: str) -> dict[str, np.ndarray]:
-        """All samples of a run in order, as numpy columns named with their units."""
+        """All samples of a run in order, as numpy columns named with their units.
+
+        From the run's sample blocks when they add up to its batches (labtwin.data.blocks: milliseconds for a
+        million samples), else from its rows (``sample_rows``, the reference the blocks are tested against).
+        """
+        b = batches.c
+        with self._connect() as conn:
+            stored = conn.execute(select(func.coalesce(func.sum(b.n), 0)).where(b.run_id == run_id)).scalar()
+            found = conn.execute(
+                select(sample_blocks.c.n, sample_blocks.c.data).where(sample_blocks.c.run_id == run_id)
+            ).all()
+        if found and sum(int(n) for n, _ in found) == int(stored or 0):
+            return blocks.unpack([(int(n), bytes(data)) for n, data in found])
+        return self.sample_rows(run_id)
+
+    def sample_rows(self, run_id: str) -> dict[str, np.ndarray]:
+        """All samples of a run in order, read from its rows."""
         with self._connect() as conn:
             rows = self._select_samples.fetch(conn, (run_id,))
         data = np.array(rows, dtype=float).reshape(-1, len(SAMPLE_FIELDS))
