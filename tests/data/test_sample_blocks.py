@@ -37,9 +37,10 @@ def _same(store: Store, run_id: str) -> dict:
     return got
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path / "s.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else tmp_path / "s.db"
+    s = Store.open(url)
     yield s
     s.close()
 
