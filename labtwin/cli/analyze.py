@@ -32,6 +32,9 @@ def eis(
         "R0-p(R1,CPE1)-W1", "--circuit", "-c", help="equivalent circuit, impedance.py convention"
     ),
     kk: bool = typer.Option(True, "--kk/--no-kk", help="run the Lin-KK validity test first"),
+    drt: bool = typer.Option(
+        True, "--drt/--no-drt", help="the distribution of relaxation times beside the fit (Tikhonov NNLS, GCV)"
+    ),
     kk_tolerance: float = typer.Option(
         0.01, "--kk-tolerance", help="largest Lin-KK residual, relative to |Z|, to call it valid"
     ),
@@ -39,7 +42,15 @@ def eis(
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Fit an equivalent circuit to every spectrum in FILE (CNLS, modulus weighting, guesses from the data)."""
-    from labtwin.analysis.eis import CircuitError, SpectrumFileError, fit_circuit, lin_kk, parse_circuit, read_spectra
+    from labtwin.analysis.eis import (
+        CircuitError,
+        SpectrumFileError,
+        fit_circuit,
+        fit_drt,
+        lin_kk,
+        parse_circuit,
+        read_spectra,
+    )
 
     try:
         parsed = parse_circuit(circuit)
@@ -62,6 +73,18 @@ def eis(
             "relative_rms": fit.relative_rms,
             "undetermined": fit.undetermined(),
         }
+        if drt:
+            try:
+                found = fit_drt(spectrum.frequency_Hz, spectrum.impedance_ohm)
+            except ValueError as exc:
+                entry["drt"] = {"error": str(exc)}
+            else:
+                entry["drt"] = {
+                    "regularisation": found.regularisation,
+                    "relative_rms": found.relative_rms,
+                    "r_inf_ohm": found.r_inf_ohm,
+                    "peaks": [vars(p) for p in found.peaks],
+                }
         if kk:
             test = lin_kk(spectrum.frequency_Hz, spectrum.impedance_ohm)
             entry["lin_kk"] = {
@@ -98,6 +121,16 @@ def eis(
                 ],
             )
         console.print(table)
+        for spectrum, _, entry in results:
+            peaks = entry.get("drt", {}).get("peaks", [])
+            if peaks:
+                console.print(
+                    f"DRT of {spectrum.label!r} (lambda {entry['drt']['regularisation']:.2g} by GCV): "
+                    + ", ".join(
+                        f"{p['resistance_ohm']:.4g} ohm at tau {p['tau_s']:.3g} s ({p['frequency_Hz']:.3g} Hz)"
+                        for p in peaks
+                    )
+                )
         for spectrum, fit, _ in results:
             for name in fit.undetermined():
                 console.print(
