@@ -153,3 +153,30 @@ def test_a_voltage_hold_on_a_full_film_with_no_current_limit_stays_at_the_cells_
     assert all(abs(r.current_A) <= 1000 * definition.nominal_capacity_Ah for r in readings)
     assert readings[-1].voltage_V == pytest.approx(1.3, abs=2e-3)
     assert abs(readings[-1].current_A) < 0.01 * definition.nominal_capacity_Ah  # the full film takes no more
+
+
+@pytest.mark.parametrize("cell", ["lto-thin-film", "lto-thin-film-azo60"])
+def test_the_compiled_many_particle_step_is_the_numpy_reference(cell):
+    """labtwin.physics.particles_kernel against ManyParticleElectrode._trial_reference: a discharge over the
+    plateau (where grains transform one after another) and back, sample for sample within 1 uV."""
+    import labtwin.physics.particles as particles
+
+    if particles.particles_kernel.trial is None:
+        pytest.skip("numba is not installed: the simulator runs the reference")
+    definition = load_cell(cell)
+    traces = {}
+    for use_kernel in (True, False):
+        particles.USE_KERNEL = use_kernel
+        try:
+            electrode = definition.build_model().positive
+            trace = []
+            for k in range(1500):
+                applied = (-0.2 if k < 1000 else 0.2) * definition.nominal_capacity_Ah
+                step = electrode.trial(10.0, applied, 0.0257)
+                electrode.commit(step)
+                trace.append(step.potential_V)
+            traces[use_kernel] = np.array(trace)
+        finally:
+            particles.USE_KERNEL = True
+    assert np.ptp(traces[False]) > 0.01  # the plateau was crossed, not a flat stretch
+    assert np.max(np.abs(traces[True] - traces[False])) < 1e-6

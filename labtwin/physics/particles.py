@@ -57,11 +57,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from labtwin.physics import kinetics
+from labtwin.physics import kinetics, particles_kernel
 from labtwin.physics.constants import arrhenius_factor, thermal_voltage_V
 from labtwin.physics.ocp import RegularSolutionOcp
 
 X_EDGE = 1e-12
+USE_KERNEL = True  # False: every step through the numpy reference (a test compares the two)
 
 
 class ManyParticleParameters(BaseModel):
@@ -257,6 +258,40 @@ class ManyParticleElectrode:
         return x, v, applied_A - c_dt * (v - v0)
 
     def trial(self, dt_s: float, applied_A: float, thermal_V: float) -> _ParticleTrial:
+        """The state after dt_s at the applied current: the compiled kernel (labtwin.physics.particles_kernel)
+        where numba is installed, else ``_trial_reference``, the same algorithm in numpy."""
+        if particles_kernel.trial is None or not USE_KERNEL:
+            return self._trial_reference(dt_s, applied_A, thermal_V)
+        flat = self.p.nucleation == "interface"
+        low = self._binodal_x(thermal_V) if flat else np.zeros(0)
+        status, x, v, faradaic, dt = particles_kernel.trial(
+            np.ascontiguousarray(self.x, dtype=float),
+            float(self.potential_V),
+            float(self.faradaic_A),
+            float(dt_s),
+            float(self._dt_hint),
+            float(applied_A),
+            float(thermal_V),
+            self.w,
+            np.asarray(self.omega_eV, dtype=float),
+            float(self.p.ocp.equilibrium_V),
+            self.w * self._i0_ref(),
+            kinetics.EXCHANGE_FLOOR,
+            self._q(),
+            float(self.p.redistribution_per_s),
+            float(self.p.double_layer_F),
+            float(self.p.max_dx_per_step),
+            np.asarray(low, dtype=float),
+            flat,
+            X_EDGE,
+        )
+        if status != particles_kernel.DONE:
+            raise FloatingPointError("many-particle step did not converge")
+        self._pending_hint = dt
+        return _ParticleTrial(dt_s, applied_A, x, v, faradaic)
+
+    def _trial_reference(self, dt_s: float, applied_A: float, thermal_V: float) -> _ParticleTrial:
+        """The time step in plain numpy: the readable reference the compiled kernel is held to."""
         x, v, done, faradaic = self.x, self.potential_V, 0.0, self.faradaic_A
         dt = min(self._dt_hint, dt_s)
         while done < dt_s - 1e-12:
