@@ -24,9 +24,9 @@ file gives the figures the agent measured, however sparsely it recorded.
 
 Coulombic efficiency (the half-cell convention). CE is the charge the
 cycle's second direction returns over the charge its first direction put
-in; the first direction is that of the run's first step that moved a
-substantial charge (``run_first_direction``: a partial step from rest
-before the first charge does not make a cathode an anode half cell). For a cathode or a full cell, started by charging, that is
+in; the first direction is that of the run's first step when it moved a
+substantial charge, else charge (``run_first_direction``: a partial step
+at the start of a file does not make a cathode an anode half cell). For a cathode or a full cell, started by charging, that is
 discharge / charge; for an anode half cell started by lithiation (LTO|Li,
 discharging first) it is charge / discharge, so a film that keeps lithium
 reads below 1 either way. A cycle that did not go both ways has no CE. The
@@ -173,14 +173,14 @@ SUBSTANTIAL_SHARE = 0.5  # of the run's largest one-step charge: a half cycle, n
 
 
 def run_first_direction(events: Iterable[StepEvent]) -> Direction | None:
-    """The direction the run's cycles start with, for the CE convention: that of its first step that moved a
-    substantial charge (at least half its largest step's), else of its first step that drove one.
+    """The direction the run's cycles start with, for the CE convention.
 
-    A run that opens with a short partial step from rest (a cathode's or a full cell's few percent of discharge
-    before its first charge: EC-Lab GCPL, a Maccor rate test that counts cycles from each discharge) is not an
-    anode half cell: its CE is discharge / charge, as every peer reads it (the first partial step made it
-    charge / discharge: 1.07-1.16 on the GCPL file, 43 on the Maccor one). An anode half cell's first
-    lithiation is a whole half cycle, so it still sets the convention.
+    The run's first step that moved charge, when it moved a substantial charge (at least half its largest
+    step's): an anode half cell lithiated first (LTO|Li) opens with a whole discharge, a cathode or full cell
+    with a whole charge. When that first step is partial (a file cut mid-charge; a cathode's few percent of
+    discharge from rest before its first charge: EC-Lab GCPL, a Maccor rate test), it says nothing about the
+    cell, and the cycles are a cathode's or full cell's, charge first, as every peer reads such files (a partial
+    first discharge made the GCPL file an anode: CE 1.07-1.16 where peers read 0.92-0.94).
     """
     moved: list[tuple[Direction, float]] = []
     for ev in sorted(events, key=lambda e: e.step_index):
@@ -189,7 +189,10 @@ def run_first_direction(events: Iterable[StepEvent]) -> Direction | None:
     if not moved:
         return None
     largest = max(amount for _, amount in moved)
-    return next(d for d, amount in moved if amount >= SUBSTANTIAL_SHARE * largest)
+    first, amount = moved[0]
+    if amount >= SUBSTANTIAL_SHARE * largest:
+        return first
+    return "charge" if any(d == "charge" for d, _ in moved) else first
 
 
 def summarize_cycle(cycle: int, events: list[StepEvent], first_direction: Direction | str | None) -> CycleSummary:
@@ -212,6 +215,17 @@ def summarize_cycle(cycle: int, events: list[StepEvent], first_direction: Direct
         end_of_discharge_V=eod[-1] if eod else None,
         first_direction=first_direction,
     )
+
+
+def retention_reference(cycles: list[CycleSummary]) -> CycleSummary | None:
+    """The cycle capacity retention is measured against: the first that went both ways and delivered a
+    substantial capacity (half the largest). A file that opens mid-charge or with a partial step from rest has a
+    first cycle of a fraction of the capacity; retention against it read 559 % and 4298 % on real files."""
+    complete = [c for c in cycles if c.coulombic_efficiency is not None and c.delivered_Ah > 0]
+    if not complete:
+        return None
+    largest = max(c.delivered_Ah for c in complete)
+    return next(c for c in complete if c.delivered_Ah >= SUBSTANTIAL_SHARE * largest)
 
 
 def summarize_cycles(events: Iterable[StepEvent]) -> list[CycleSummary]:

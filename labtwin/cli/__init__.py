@@ -749,8 +749,20 @@ def dashboard(
         campaigns = [load_campaign(p) for p in campaign_files]
     except ProtocolError as exc:
         raise UserError(str(exc)) from None
+    from labtwin.data.engine import StoreURLError, parse_url
     from labtwin.data.store import Store
 
+    try:
+        where = parse_url(s.store)
+    except StoreURLError as exc:
+        raise UserError(f"--store {describe_url(s.store)}: cannot be opened: {exc}") from None
+    if where.path is not None and str(where.path) != ":memory:" and not where.path.exists():
+        # The dashboard shows what a recorder stored: a mistyped path made a new, empty store (and its folders)
+        # and served an empty lab.
+        raise UserError(
+            f"--store {where.path}: no store there; give the store the lab's recorder writes (`labtwin runs "
+            "--store URL` lists its runs)"
+        )
     try:  # a store the dashboard cannot open is a mistake to say now, not on every page
         Store.open(s.store).close()
     except Exception as exc:
@@ -947,16 +959,23 @@ def import_(
     from labtwin.cli.wiring import open_store
 
     cfg = settings(lab=lab, store=store)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise UserError(f"{', '.join(missing)}: no such file; nothing was imported")
     s = open_store(cfg.store)
-    results = []
+    results: list[dict[str, Any]] = []
     for path in files:
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        results.append(import_file(s, path, lab=cfg.lab_config.lab, cell=cell, nominal_capacity_Ah=nominal_capacity_Ah))
-    if as_json:
-        _print_json({"imports": results})
-        return
-    for r in results:
+        # Each file is said as it is stored: a later file that cannot be read stops the command (exit 2), and
+        # what was stored before it is on the screen, not silently in the store.
+        try:
+            r = import_file(s, path, lab=cfg.lab_config.lab, cell=cell, nominal_capacity_Ah=nominal_capacity_Ah)
+        except Exception:
+            if results and not as_json:
+                console.print(f"stored before the error: {', '.join(x['run_id'] for x in results if x['imported'])}")
+            raise
+        results.append(r)
+        if as_json:
+            continue
         if r["imported"]:
             console.print(
                 f"{r['file']}: stored as run {r['run_id']} ({r['format']}, cell {r['cell_id']}, {r['samples']} samples, "
@@ -968,6 +987,8 @@ def import_(
                 console.print(f"  note: {note}")
         else:
             console.print(f"{r['file']}: {r['reason']}: run {r['run_id']}")
+    if as_json:
+        _print_json({"imports": results})
 
 
 from labtwin.cli.alerts import alerts_app  # noqa: E402

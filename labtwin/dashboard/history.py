@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from labtwin.analysis.curves import cycle_charge_Ah, half_cycle_dqdv
-from labtwin.analysis.cycles import summarize_cycles
+from labtwin.analysis.cycles import retention_reference, summarize_cycles
 from labtwin.dashboard.downsample import downsample, extremes_indices
 from labtwin.data.store import Store
 
@@ -116,7 +116,8 @@ def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[
     (labtwin.analysis.curves): the same numbers and curves as `analyze cycling --plot`."""
     events = store.step_events(run_id)
     summaries = summarize_cycles(events)
-    first = summaries[0].delivered_Ah if summaries else None
+    reference = retention_reference(summaries)
+    first = reference.delivered_Ah if reference else None
     table = [
         {
             "cycle": c.cycle,
@@ -124,7 +125,8 @@ def cycles(store: Store, run_id: str, cache: SampleCache | None = None) -> dict[
             "discharge_mAh": c.discharge_Ah * 1e3,
             "delivered_mAh": c.delivered_Ah * 1e3,
             "coulombic_efficiency": c.coulombic_efficiency,
-            # A cycle that did not go both ways (a run stopped mid-cycle) has no CE and no retention to show.
+            # A cycle that did not go both ways (a run stopped mid-cycle) has no CE and no retention to show;
+            # retention is against the first complete cycle (labtwin.analysis.cycles.retention_reference).
             "retention": (c.delivered_Ah / first) if first and c.coulombic_efficiency is not None else None,
             "energy_in_mWh": c.energy_in_Wh * 1e3,
             "energy_out_mWh": c.energy_out_Wh * 1e3,

@@ -285,10 +285,15 @@ class LiveLab:
                 )
         elif isinstance(doc, CellState):
             for tile in self.tiles.values():
-                if tile.lab == lab and tile.cell_id == doc.cell and (not doc.run_id or doc.run_id == tile.run_id):
+                # The run the tile shows, or, once the channel is idle, the one it last ran: the twin's last
+                # state of a finished run (its SOC at the end) arrives after the idle status (was dropped, and
+                # the tile kept the SOC from mid-run: 91 % on a cell just discharged to 2.0 V).
+                current = tile.run_id or tile.last_run_id
+                if tile.lab == lab and tile.cell_id == doc.cell and (not doc.run_id or doc.run_id == current):
                     tile.soc = _finite(doc.soc)
                     end = _finite(doc.predicted_step_end_s)
-                    tile.time_to_step_end_s = max(end - doc.time_s, 0.0) if end is not None else None
+                    running = tile.run_id is not None and tile.state == ChannelState.running.value
+                    tile.time_to_step_end_s = max(end - doc.time_s, 0.0) if end is not None and running else None
                     self._changed(tile)
             if doc.run_id and doc.predicted_voltage_V is not None:
                 self._broadcast(

@@ -99,9 +99,9 @@ async function loadCycles() {
   document.getElementById("cb-min").textContent = lo; document.getElementById("cb-max").textContent = hi;
   // The same curves as `analyze cycling --plot` (labtwin.analysis.curves): charge since the cycle began, and
   // dQ/dV signed by direction (charge +, discharge -).
-  xyPlot(document.getElementById("plot-vq"), { width: W, xlabel: "charge since the cycle began / mAh (+ = into the cell)", ylabel: "voltage / V",
+  xyPlot(document.getElementById("plot-vq"), { width: W, xlabel: "charge since cycle start / mAh (+ in)", ylabel: "voltage / V",
     series: c.curves.map(x => ({ x: x.charge_mAh, y: x.voltage_V, color: colour(x.cycle) })) });
-  xyPlot(document.getElementById("plot-dqdv"), { width: W, xlabel: "voltage / V", ylabel: "dQ/dV / mAh V⁻¹ (charge +, discharge −)",
+  xyPlot(document.getElementById("plot-dqdv"), { width: W, xlabel: "voltage / V", ylabel: "dQ/dV / mAh V⁻¹ (+ charge)",
     series: c.dqdv.map(x => ({ x: x.voltage_V, y: x.dq_dv_mAh_per_V, color: colour(x.cycle) })) });
   const rows = c.cycles;
   const el = document.getElementById("plot-cap");

@@ -36,8 +36,8 @@ function xyPlot(el, opts) {
   for (const t of niceTicks(y0, y1, 5)) { g.beginPath(); g.moveTo(L, py(t)); g.lineTo(W - R, py(t)); g.stroke();
     g.fillText(String(t), L - 6, py(t) + 4); }
   g.textAlign = "left";
-  g.fillText(opts.xlabel, L + (W - L - R) / 2 - 30, H - 8);
-  g.save(); g.translate(12, T + (H - T - B) / 2 + 30); g.rotate(-Math.PI / 2); g.fillText(opts.ylabel, 0, 0); g.restore();
+  g.textAlign = "center"; g.fillText(opts.xlabel, L + (W - L - R) / 2, H - 8); g.textAlign = "left";
+  g.save(); g.translate(12, T + (H - T - B) / 2); g.rotate(-Math.PI / 2); g.textAlign = "center"; g.fillText(opts.ylabel, 0, 0); g.restore();
   for (const s of opts.series) {
     g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 1.5; g.beginPath(); let pen = false;
     for (let i = 0; i < s.x.length; i++) {
