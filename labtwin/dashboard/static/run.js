@@ -149,7 +149,16 @@ async function loadImpedance() {
     bode.push({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => Math.hypot(r, s.z_imag_ohm[i])), color: colour(k), points: true });
     if (s.fit && s.fit.z_real_ohm) bode.push({ x: s.fit.frequency_Hz, y: s.fit.z_real_ohm.map((r, i) => Math.hypot(r, s.fit.z_imag_ohm[i])), color: colour(k) });
   });
-  xyPlot(document.getElementById("plot-bode"), { width: W, logx: true, xlabel: "log10 frequency / Hz", ylabel: "|Z| / Ω", series: bode });
+  xyPlot(document.getElementById("plot-bode"), { width: W, height: 220, logx: true, logy: true, xlabel: "frequency / Hz", ylabel: "|Z| / Ω", series: bode });
+  // Bode's phase, under its modulus: where each arc's time constant shows as a peak of -phase.
+  let phaseEl = document.getElementById("plot-phase");
+  if (!phaseEl) { phaseEl = document.createElement("div"); phaseEl.id = "plot-phase"; document.getElementById("plot-bode").after(phaseEl); }
+  const phase = [];
+  z.spectra.forEach((s, k) => {
+    phase.push({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => -Math.atan2(s.z_imag_ohm[i], r) * 180 / Math.PI), color: colour(k), points: true });
+    if (s.fit && s.fit.z_real_ohm) phase.push({ x: s.fit.frequency_Hz, y: s.fit.z_real_ohm.map((r, i) => -Math.atan2(s.fit.z_imag_ohm[i], r) * 180 / Math.PI), color: colour(k) });
+  });
+  xyPlot(phaseEl, { width: W, height: 200, logx: true, xlabel: "frequency / Hz", ylabel: "−phase / °", series: phase });
   // Resistances of every fit against the cycle of its spectrum: the trend the twin's impedance-growth check watches.
   const fits = z.spectra.filter(s => s.fit && s.fit.parameters);
   const names = fits.length ? Object.keys(fits[0].fit.parameters).filter(p => /^R\d+$/.test(p)) : [];

@@ -17,11 +17,13 @@ function xyPlot(el, opts) {
   el.innerHTML = ""; el.appendChild(cv);
   const g = cv.getContext("2d"); g.scale(dpr, dpr);
   const tx = opts.logx ? v => Math.log10(v) : v => v;
+  const ty = opts.logy ? v => Math.log10(v) : v => v;
+  const bad = (x, y) => x === null || y === null || !isFinite(x) || !isFinite(y) || (opts.logx && x <= 0) || (opts.logy && y <= 0);
   let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity, n = 0;
   for (const s of opts.series) for (let i = 0; i < s.x.length; i++) {
     const x = s.x[i], y = s.y[i];
-    if (x === null || y === null || !isFinite(x) || !isFinite(y) || (opts.logx && x <= 0)) continue;
-    const X = tx(x); x0 = Math.min(x0, X); x1 = Math.max(x1, X); y0 = Math.min(y0, y); y1 = Math.max(y1, y); n++;
+    if (bad(x, y)) continue;
+    const X = tx(x), Y = ty(y); x0 = Math.min(x0, X); x1 = Math.max(x1, X); y0 = Math.min(y0, Y); y1 = Math.max(y1, Y); n++;
   }
   el.dataset.points = n;
   g.font = "12px system-ui"; g.fillStyle = "#1d232b"; g.strokeStyle = "#d9dee4";
@@ -34,7 +36,7 @@ function xyPlot(el, opts) {
     g.fillText(opts.logx ? "1e" + t : String(t), px(t) - 10, H - B + 14); }
   g.textAlign = "right";
   for (const t of niceTicks(y0, y1, 5)) { g.beginPath(); g.moveTo(L, py(t)); g.lineTo(W - R, py(t)); g.stroke();
-    g.fillText(String(t), L - 6, py(t) + 4); }
+    g.fillText(opts.logy ? "1e" + t : String(t), L - 6, py(t) + 4); }
   g.textAlign = "left";
   g.textAlign = "center"; g.fillText(opts.xlabel, L + (W - L - R) / 2, H - 8); g.textAlign = "left";
   g.save(); g.translate(12, T + (H - T - B) / 2); g.rotate(-Math.PI / 2); g.textAlign = "center"; g.fillText(opts.ylabel, 0, 0); g.restore();
@@ -42,8 +44,8 @@ function xyPlot(el, opts) {
     g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 1.5; g.beginPath(); let pen = false;
     for (let i = 0; i < s.x.length; i++) {
       const x = s.x[i], y = s.y[i];
-      if (x === null || y === null || !isFinite(x) || !isFinite(y) || (opts.logx && x <= 0)) { pen = false; continue; }
-      const X = px(tx(x)), Y = py(y);
+      if (bad(x, y)) { pen = false; continue; }
+      const X = px(tx(x)), Y = py(ty(y));
       if (s.points) g.fillRect(X - 1.5, Y - 1.5, 3, 3);
       if (pen) g.lineTo(X, Y); else g.moveTo(X, Y);
       pen = true;
@@ -52,7 +54,7 @@ function xyPlot(el, opts) {
     // Marker labels only where they do not overprint the last one drawn (decades bunch up at an arc's foot).
     let lastX = -1e9, lastY = -1e9;
     for (const m of s.markers || []) {
-      const X = px(tx(m.x)) + 4, Y = py(m.y) - 4;
+      const X = px(tx(m.x)) + 4, Y = py(ty(m.y)) - 4;
       if (Math.hypot(X - lastX, Y - lastY) < 40) continue;
       g.fillText(m.text, X, Y); lastX = X; lastY = Y;
     }
