@@ -971,7 +971,8 @@ def import_(
             r = import_file(s, path, lab=cfg.lab_config.lab, cell=cell, nominal_capacity_Ah=nominal_capacity_Ah)
         except Exception:
             if results and not as_json:
-                console.print(f"stored before the error: {', '.join(x['run_id'] for x in results if x['imported'])}")
+                stored = ", ".join(x["run_id"] for x in results if x["imported"])
+                console.print(f"stored before the error: {stored}", soft_wrap=True)
             raise
         results.append(r)
         if as_json:
@@ -979,14 +980,18 @@ def import_(
         if r["imported"]:
             console.print(
                 f"{r['file']}: stored as run {r['run_id']} ({r['format']}, cell {r['cell_id']}, {r['samples']} samples, "
-                f"{r['steps']} steps, {r['cycles']} cycles)"
+                f"{r['steps']} steps, {r['cycles']} cycles)",
+                soft_wrap=True,  # a path and a run id are copied from here: never folded
             )
             if r["nominal_capacity_Ah"] is not None:
-                console.print(f"  nominal capacity {r['nominal_capacity_Ah']:.4g} Ah ({r['nominal_capacity_source']})")
+                console.print(
+                    f"  nominal capacity {r['nominal_capacity_Ah']:.4g} Ah ({r['nominal_capacity_source']})",
+                    soft_wrap=True,
+                )
             for note in r["notes"]:
-                console.print(f"  note: {note}")
+                console.print(f"  note: {note}", soft_wrap=True)
         else:
-            console.print(f"{r['file']}: {r['reason']}: run {r['run_id']}")
+            console.print(f"{r['file']}: {r['reason']}: run {r['run_id']}", soft_wrap=True)
     if as_json:
         _print_json({"imports": results})
 

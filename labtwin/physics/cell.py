@@ -45,7 +45,7 @@ ElectrodeParameters = Annotated[
     Field(discriminator="kind"),
 ]
 
-VOLTAGE_MODE_MAX_C_RATE = 1000.0
+VOLTAGE_MODE_MAX_C_RATE = 1.0e5
 """The largest current (in C) a voltage-mode step may draw: the bracket of the current search."""
 
 
@@ -298,8 +298,9 @@ class PhysicsCell:
                 lo, hi = (0.0, current) if current > 0 else (current, 0.0)
                 current, voltage, parts = self._solve_voltage(dt_s, compliance, kt, lo, hi)
         else:
-            # The current search is bracketed by the cell's own scale (1000 C, far beyond any cell, so the voltage
-            # always regulates) even when the source allows more: an agent with no current limit passes 1000 A,
+            # The current search is bracketed by the cell's own scale (1e5 C: a thin film's fast CV sweep draws
+            # thousands of C, so 1000 C clipped seed 001's 0.5 V/s sweep into a safety trip) even when the source
+            # allows more: an agent with no current limit passes 1000 A,
             # and on a nearly full 52 uAh film the search, meeting a negative slope, bisected that bracket to
             # 500 A, where the electrode needed 1e-8 s sub-steps: hours of wall time for one 1 s sample.
             limit = VOLTAGE_MODE_MAX_C_RATE * self.nominal_capacity_Ah
