@@ -28,7 +28,7 @@ from labtwin.cli.consoles import results_console
 from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError
 from labtwin.config.lab import DEFAULT_LAB_FILE
 from labtwin.config.settings import Settings
-from labtwin.data.store import describe_url
+from labtwin.data.engine import describe_url
 from labtwin.orchestration.prefect_env import use_prefect_defaults
 from labtwin.security import BrokerConnection
 from labtwin.security.profile import agent_identity

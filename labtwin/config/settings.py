@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from labtwin.config.lab import DEFAULT_LAB_FILE, LabConfig, load_lab
-from labtwin.data.store import DEFAULT_SQLITE
+from labtwin.data.defaults import DEFAULT_SQLITE
 from labtwin.devices.clock import parse_speed
 from labtwin.security import BrokerConnection
 

@@ -19,9 +19,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
+from labtwin.data.defaults import DEFAULT_SQLITE  # re-exported: the store's default path
 from labtwin.security.redact import redact
-
-DEFAULT_SQLITE = Path("labtwin-data") / "labtwin.db"
 
 # Execution option of a connection whose next transaction writes: on SQLite it begins IMMEDIATE.
 WRITE = {"labtwin_write": True}
