@@ -143,7 +143,18 @@ async function loadImpedance() {
         .map(m => ({ x: s.z_real_ohm[m.i], y: -s.z_imag_ohm[m.i], text: m.f >= 1 ? m.f.toFixed(0) + " Hz" : m.f.toPrecision(1) + " Hz" })) });
     if (s.fit && s.fit.z_real_ohm) series.push({ x: s.fit.z_real_ohm, y: s.fit.z_imag_ohm.map(v => -v), color: colour(k) });
   });
-  xyPlot(document.getElementById("plot-nyquist"), { width: W, equal: true, xlabel: "Z' / Ω", ylabel: "−Z'' / Ω", series });
+  // Equal axes over the arcs: a blocking electrode's capacitive line (-Z'' rising to tens of kOhm at 0.1 Hz) or a
+  // long diffusion tail would squash the arcs into the corner; where the data run on past three times the arcs'
+  // span, the window holds the arcs and the rest runs off the edge (the Bode panels show all of it).
+  const re = z.spectra.flatMap(s => s.z_real_ohm.filter(v => v !== null && isFinite(v)));
+  const im = z.spectra.flatMap(s => s.z_imag_ohm.filter(v => v !== null && isFinite(v)).map(v => -v));
+  const fittedRe = z.spectra.filter(s => s.fit && s.fit.z_real_ohm).flatMap(s => s.fit.z_real_ohm);
+  const reSpan = Math.max(...re) - Math.min(...re);
+  const arcSpan = fittedRe.length ? Math.max(...fittedRe) - Math.min(...re) : reSpan;
+  let xmax, ymax;
+  if (Math.max(...im) > 3 * Math.max(reSpan, 1e-12)) ymax = 1.2 * reSpan;
+  if (fittedRe.length && reSpan > 3 * arcSpan) { xmax = Math.min(...re) + 1.5 * arcSpan; ymax = 1.5 * arcSpan; }
+  xyPlot(document.getElementById("plot-nyquist"), { width: W, equal: true, xmax, ymax, xlabel: "Z' / Ω", ylabel: "−Z'' / Ω", series });
   const bode = [];
   z.spectra.forEach((s, k) => {
     bode.push({ x: s.frequency_Hz, y: s.z_real_ohm.map((r, i) => Math.hypot(r, s.z_imag_ohm[i])), color: colour(k), points: true });

@@ -28,6 +28,10 @@ function xyPlot(el, opts) {
   el.dataset.points = n;
   g.font = "12px system-ui"; g.fillStyle = "#1d232b"; g.strokeStyle = "#d9dee4";
   if (!n) { g.fillText("no data", W / 2 - 20, H / 2); return; }
+  // A window the caller asks for (the Nyquist plot's arcs, when a long low-frequency tail would squash them):
+  // what lies beyond it is clipped, not rescaled into it.
+  if (opts.xmax !== undefined && opts.xmax < x1) x1 = opts.xmax;
+  if (opts.ymax !== undefined && opts.ymax < y1) y1 = opts.ymax;
   if (opts.equal) { const span = Math.max(x1 - x0, y1 - y0); x1 = x0 + span; y1 = y0 + span; }
   const padY = (y1 - y0) * 0.05 || 1; y0 -= padY; y1 += padY;
   const px = X => L + (X - x0) / (x1 - x0 || 1) * (W - L - R), py = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
@@ -40,6 +44,7 @@ function xyPlot(el, opts) {
   g.textAlign = "left";
   g.textAlign = "center"; g.fillText(opts.xlabel, L + (W - L - R) / 2, H - 8); g.textAlign = "left";
   g.save(); g.translate(12, T + (H - T - B) / 2); g.rotate(-Math.PI / 2); g.textAlign = "center"; g.fillText(opts.ylabel, 0, 0); g.restore();
+  g.save(); g.beginPath(); g.rect(L, T, W - L - R, H - T - B); g.clip();
   for (const s of opts.series) {
     g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 1.5; g.beginPath(); let pen = false;
     for (let i = 0; i < s.x.length; i++) {
@@ -59,4 +64,5 @@ function xyPlot(el, opts) {
       g.fillText(m.text, X, Y); lastX = X; lastY = Y;
     }
   }
+  g.restore();
 }
