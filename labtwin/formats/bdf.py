@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labtwin.formats.cycler_columns import UNITS
 from labtwin.formats.recording import Recording, RecordingError, finish, sign_unsigned_current, steps_from_current
 
 
@@ -58,24 +59,8 @@ EXPORT_QUANTITIES = {
 # Labels earlier labtwin exports wrote, read as what they meant.
 _OLD_LABELS = {"net charge": NET_CAPACITY}
 
-# Unit -> (dimension, factor to the canonical unit). Temperatures in K are offset, handled apart.
-_UNITS: dict[str, tuple[str, float]] = {
-    "s": ("time", 1.0),
-    "ms": ("time", 1e-3),
-    "min": ("time", 60.0),
-    "h": ("time", 3600.0),
-    "v": ("voltage", 1.0),
-    "mv": ("voltage", 1e-3),
-    "a": ("current", 1.0),
-    "ma": ("current", 1e-3),
-    "ua": ("current", 1e-6),
-    "µa": ("current", 1e-6),
-    "ah": ("charge", 1.0),
-    "mah": ("charge", 1e-3),
-    "degc": ("temperature", 1.0),
-    "°c": ("temperature", 1.0),
-    "1": ("count", 1.0),
-}
+# Units and their factors: the one table every vendor reader uses (labtwin.formats.cycler_columns).
+_UNITS = UNITS
 
 _LABEL = re.compile(r"^\s*(?P<name>.+?)\s*/\s*(?P<unit>\S+)\s*$")
 

@@ -37,6 +37,7 @@ UNITS: dict[str, tuple[str, float]] = {
     "c": ("temperature", 1.0),
     "°c": ("temperature", 1.0),
     "degc": ("temperature", 1.0),
+    "1": ("count", 1.0),  # BDF's unit of a count (Cycle Count / 1)
 }
 
 
