@@ -32,6 +32,7 @@ async def run_dryrun(
     speed: float | str = "max",
     progress: Mode = "off",
     progress_console: Console | None = None,
+    twin_model: str | None = None,
 ) -> tuple[RunSummary, list[Anomaly]]:
     """Returns the run's summary and what the twin flagged while following it.
 
@@ -41,6 +42,10 @@ async def run_dryrun(
     would land on a real channel, at the cost of wall time.
 
     ``progress``: how the run's progress shows on ``progress_console`` (labtwin.cli.progress).
+
+    ``twin_model``: the cell definition the twin runs in the loop (default: ``sim`` itself). A simulated cell
+    with a seeded fault (a soft short, a contact going bad) followed by a twin of its healthy definition is
+    how a dry-run shows whether the twin catches that fault (bench/false_alarms.py).
     """
     from labtwin.orchestration.flows import run_protocol, start_prefect_api
 
@@ -66,6 +71,7 @@ async def run_dryrun(
             "sim": ChannelConfig(
                 driver="simulated",
                 cell=sim,
+                twin_model=twin_model,
                 cell_id=f"dryrun-{cell.name}",
                 speed=speed,
                 seed=0,
