@@ -9,29 +9,27 @@ Prefect is imported, so a mistake in them is reported before anything starts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import signal
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from labtwin.cli.consoles import results_console
 from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, UserError
-from labtwin.config.lab import DEFAULT_LAB_FILE
-from labtwin.config.settings import Settings
-from labtwin.data.engine import describe_url
-from labtwin.orchestration.prefect_env import use_prefect_defaults
-from labtwin.security import BrokerConnection
-from labtwin.security.profile import agent_identity
+
+# Only typer, rich and labtwin.cli's own small modules at import: `labtwin --help` and `--version` must not
+# pay for the settings (pydantic-settings, the lab and alert models, httpx), the store (SQLAlchemy), the
+# security room or numpy. Each command imports what it uses when it runs (tests/test_cli_startup.py).
+if TYPE_CHECKING:
+    from labtwin.config.settings import Settings
+    from labtwin.security import BrokerConnection
 
 app = typer.Typer(
     cls=LabtwinGroup,
@@ -42,12 +40,13 @@ app = typer.Typer(
 console = results_console()
 err = Console(stderr=True)
 
-from labtwin.cli.options import BrokerOpt, JsonOpt, LabOpt, SpeedOpt, StoreOpt  # noqa: E402
-from labtwin.cli.progress import Mode, ProgressOpt, progress_mode  # noqa: E402
+from labtwin.cli.options import BrokerOpt, JsonOpt, LabOpt, Mode, ProgressOpt, SpeedOpt, StoreOpt, progress_mode  # noqa: E402
 
 
 def _version(value: bool) -> None:
     if value:
+        from importlib.metadata import PackageNotFoundError, version  # ~15 ms: only for --version
+
         try:
             typer.echo(f"labtwin {version('labtwin')}")
         except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
@@ -62,6 +61,7 @@ def _root(
     ),
 ) -> None:
     """labtwin: run battery test protocols as Prefect flows over MQTT on real or simulated potentiostats."""
+    from labtwin.orchestration.prefect_env import use_prefect_defaults
     from labtwin.security.log_redaction import install_log_redaction
 
     install_log_redaction()  # every command: no URL or DSN password in any log line, whoever logs it
@@ -71,6 +71,10 @@ def _root(
 
 def settings(**flags: Any) -> Settings:
     """The command's settings by the one precedence rule; a bad value is a user error naming it."""
+    from pydantic import ValidationError
+
+    from labtwin.config.settings import Settings
+
     try:
         return Settings.resolve(**flags)
     except ValidationError as exc:
@@ -163,8 +167,11 @@ def demo(
     ),
 ) -> None:
     """The whole mission on the embedded defaults: broker, agents, recorder, Prefect flows, store, plots, dashboard."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.demo import run_demo
+    from labtwin.config.lab import DEFAULT_LAB_FILE
 
     # The demo's plan names the packaged lab's channels, so its lab file is that one whatever LABTWIN_LAB says.
     s = settings(lab=DEFAULT_LAB_FILE, broker=broker, store=store)
@@ -213,6 +220,8 @@ def run(
     broker, the channel's agent and a recorder. Ctrl-C stops the run (output off)
     and leaves it marked interrupted in the store.
     """
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.wiring import channel_capacity_Ah, check_channel, check_protocol
 
@@ -326,6 +335,8 @@ def dryrun(
 
     Exit 1 when the dry-run ends failed (a safety limit, an error): the protocol would fail on a real
     channel too. A stop the protocol's own anomaly policy asks for (aborted) is what it was written to do."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.wiring import check_cell, check_protocol
     from labtwin.devices.clock import parse_speed
@@ -410,6 +421,8 @@ def agent(
     ),
 ) -> None:
     """Serve one channel: run its steps and enforce its limits next to the instrument."""
+    import asyncio
+
     _setup_logging(verbose)
     if supervise:
         from labtwin.cli.supervise import supervise as run_supervised
@@ -425,6 +438,7 @@ def agent(
     from labtwin.agent.service import Agent
     from labtwin.agent.spool import Spool
     from labtwin.cli.wiring import build_channel
+    from labtwin.security.profile import agent_identity
 
     s = settings(lab=lab, broker=broker, speed=speed)
     config = s.lab_config
@@ -482,8 +496,11 @@ def record(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Write every data and event document of the lab into the store."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.wiring import open_store
+    from labtwin.data.engine import describe_url
     from labtwin.data.recorder import Recorder
 
     s = settings(lab=lab, broker=broker, store=store)
@@ -515,6 +532,8 @@ def twin(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Follow every cell of the lab: model in the loop, live estimates, anomalies on .../cells/<cell>/anomaly."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.wiring import twin_factory
     from labtwin.twin.service import TwinService
@@ -569,6 +588,8 @@ def replay(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Replay recorded data through the bus; the twin and its detectors run on it exactly as live."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.cli.replay import run_replay
     from labtwin.cli.wiring import check_cell
@@ -611,6 +632,8 @@ def broker(
     ),
 ) -> None:
     """Run the embedded MQTT broker on its own (for agents in other processes on this machine)."""
+    import asyncio
+
     from labtwin.bus.broker import BrokerSetupError, EmbeddedBroker
 
     try:
@@ -642,6 +665,8 @@ def broker(
 
 
 def _channel_command(channel: str, broker: str | None, lab: Path | None, order) -> str:
+    import asyncio
+
     from labtwin.bus.operator import CommandFailed, command_channel
     from labtwin.cli.errors import EXIT_REFUSED, EXIT_USER_ERROR
 
@@ -724,10 +749,13 @@ def dashboard(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """A live web dashboard of the lab: channel tiles, run plots, operator actions (docs/dashboard.md)."""
+    import asyncio
+
     _setup_logging(verbose)
     from labtwin.dashboard.app import DashboardConfig
     from labtwin.dashboard.auth import Sessions, UsersFileError, load_users
     from labtwin.dashboard.server import DashboardServer
+    from labtwin.data.engine import describe_url
     from labtwin.orchestration.campaign import load_campaign
 
     s = settings(lab=lab, broker=broker, store=store)
@@ -840,6 +868,8 @@ def monitor(
     seconds: float | None = typer.Option(None, "--seconds", help="stop after this long"),
 ) -> None:
     """Live view of every channel's status, step, voltage, current and the latest events (MQTT only)."""
+    import asyncio
+
     from labtwin.cli.monitor import monitor as run_monitor
 
     url = _needs_broker(settings(lab=lab, broker=broker), "monitor", "viewer")
@@ -856,6 +886,7 @@ def monitor(
 def runs(store: str | None = StoreOpt, lab: Path | None = LabOpt, as_json: bool = JsonOpt) -> None:
     """The runs in the store."""
     from labtwin.cli.wiring import open_store
+    from labtwin.data.engine import describe_url
 
     s = open_store(settings(lab=lab, store=store).store)
     rows = s.runs()

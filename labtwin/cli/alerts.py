@@ -7,7 +7,6 @@ follows the lab on the broker as a viewer and sends what the rules fire until Ct
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 from pathlib import Path
@@ -41,6 +40,8 @@ def _cells_by_channel(config) -> dict[str, str]:
 
 
 async def _send_test(config, lab: str) -> dict[str, str | None]:
+    import asyncio
+
     from labtwin.alerts import Alert, make_sender, run_link
 
     assert config.alerts is not None
@@ -70,6 +71,8 @@ async def _send_test(config, lab: str) -> dict[str, str | None]:
 @alerts_app.command("test")
 def alerts_test(lab: Path | None = LabOpt, as_json: bool = JsonOpt) -> None:
     """Send one test message to every configured destination; exit 1 if any did not take it."""
+    import asyncio
+
     from labtwin.cli import _print_json, console
 
     s, config = _alerts_config(lab)
@@ -98,6 +101,8 @@ def alerts_watch(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Follow the lab on the broker and send the alerts its rules fire (Ctrl-C stops)."""
+    import asyncio
+
     from labtwin.alerts import AlertService
     from labtwin.cli import _needs_broker, _setup_logging, console, err
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from labtwin.cli.consoles import results_console
 from labtwin.cli.options import LabOpt, StoreOpt
+
+if TYPE_CHECKING:  # numpy is imported by the functions that compute: the analyze app is built for every command
+    import numpy as np
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyse measured or simulated data files.")
 console = results_console()
@@ -139,6 +141,8 @@ def eis(
                     "a simpler circuit or more low-frequency points would pin it down"
                 )
     if plot is not None:
+        import numpy as np
+
         from labtwin.analysis.plots import plot_nyquist
 
         lines = []
@@ -154,6 +158,8 @@ def eis(
 
 def _is_sweep(voltage_V: np.ndarray, current_A: np.ndarray) -> bool:
     """A CV step: the potential moves in even steps (a ramp or staircase) over 50 mV or more, and the current changes sign."""
+    import numpy as np
+
     if len(voltage_V) < 20 or np.ptp(voltage_V) < 0.05 or not (np.any(current_A > 0) and np.any(current_A < 0)):
         return False
     moves = np.abs(np.diff(voltage_V))
@@ -281,6 +287,8 @@ def gitt(
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ) -> None:
     """Weppner-Huggins D and polarization for every pulse that has a rest before and after it."""
+    import numpy as np
+
     from labtwin.analysis.gitt import check_gitt, gitt_pulses
     from labtwin.formats import RecordingError, read_recording
 
@@ -466,4 +474,6 @@ def _recording_title(path: Path) -> str:
 
 def _step_indices(recorded_step: np.ndarray) -> np.ndarray:
     """Replay numbers steps 0, 1, 2, ... each time the recorded step changes; the same here, per sample."""
+    import numpy as np
+
     return np.concatenate([[0], np.cumsum(np.diff(recorded_step) != 0)]).astype(int)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from labtwin.cli.consoles import results_console
-from labtwin.cli.progress import Mode, ProgressOpt, progress_mode
+from labtwin.cli.options import Mode, ProgressOpt, progress_mode
 
 if TYPE_CHECKING:
     from labtwin.config.settings import Settings
@@ -125,6 +124,7 @@ def run(
     show_progress: bool | None = ProgressOpt,
 ) -> None:
     """Run every job that has not finished; interrupted ones resume at the step that was cut off."""
+    import asyncio
     import os
 
     from labtwin.security.log_redaction import install_log_redaction
@@ -217,6 +217,7 @@ def serve(
 
     With PREFECT_API_URL set, the deployments go to that server; otherwise a local Prefect server starts
     (UI and API on 127.0.0.1:--prefect-port, database in labtwin-data/prefect)."""
+    import asyncio
     import os
 
     from labtwin.orchestration.campaign import interval_s

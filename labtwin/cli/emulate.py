@@ -7,7 +7,6 @@ reaches it is printed on start. The emulated cell lives on the wall clock,
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import typer
@@ -27,6 +26,7 @@ SeedOpt = typer.Option(None, "--seed", help="noise seed")
 
 def _serve(make_server, banner) -> None:
     """Start a server, print the lines that reach it (plain, never wrapped: they are copied into lab files), serve."""
+    import asyncio
 
     async def serve() -> None:
         server = await make_server().start()

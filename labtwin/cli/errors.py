@@ -22,7 +22,6 @@ instrument stays 2 and is tried again: it may be back at the next start.
 from __future__ import annotations
 
 import os
-import sqlite3
 import sys
 from typing import Any
 
@@ -53,13 +52,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     """labtwin's error types whose messages are written for the user.
 
     Modules are looked up only if already imported: an error of a module never imported cannot be raised,
-    and importing the orchestration room here would start Prefect for ``labtwin --version``.
+    and importing the orchestration room here would start Prefect for ``labtwin --version``. The lab file's
+    and the protocol's modules too: a command's ``--help`` ends in click's Exit, which passes through here,
+    and importing them would load the lab, alert and document models (pydantic, httpx) for it.
     """
-    from labtwin.config.lab import LabConfigError
-    from labtwin.protocols.model import ProtocolError
-
-    found: list[type[BaseException]] = [UserError, LabConfigError, ProtocolError]
+    found: list[type[BaseException]] = [UserError]
     for module, names in (
+        ("labtwin.config.lab", ("LabConfigError",)),
+        ("labtwin.protocols.model", ("ProtocolError",)),
         ("labtwin.protocols.strings", ("StepStringError",)),
         ("labtwin.physics.library", ("CellFileError",)),
         ("labtwin.bus.client", ("BrokerUnreachable",)),
@@ -108,6 +108,8 @@ def store_error(url: str, exc: BaseException) -> UserError:
 def is_store_error(exc: BaseException) -> bool:
     """An error of the database or its file (SQLite, PostgreSQL, SQLAlchemy), not of labtwin's code; asked
     only about what ``Store.open`` raised."""
+    import sqlite3  # here: every command imports this module, only a store's failure needs sqlite3
+
     if isinstance(exc, sqlite3.Error | OSError):  # OSError: its directory cannot be made, a path through a file
         return True
     module = type(exc).__module__ or ""

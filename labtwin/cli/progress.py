@@ -32,41 +32,28 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID
 from rich.progress import TextColumn as RichTextColumn
 from rich.text import Text
 
+# Declared in options (every command module imports them), re-exported here where they were first.
+from labtwin.cli.options import Mode as Mode
+from labtwin.cli.options import ProgressOpt as ProgressOpt
+from labtwin.cli.options import progress_mode as progress_mode
 from labtwin.documents import RunStart, RunStop, StepEvent
 from labtwin.documents.base import utc_now
 from labtwin.security import BrokerConnection
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["live", "lines", "off"]
-
-ProgressOpt = typer.Option(
-    None,
-    "--progress/--no-progress",
-    help="progress on stderr (steps, cycle, cell time, ETA); default: on when stderr is a terminal and "
-    "--json is not given; --progress forces it (one line per step off a terminal)",
-)
 
 # After the flow returns, the last step's end and the RunStop may still be on their way to this
 # subscriber: wait this long for them (or until every run it saw has stopped).
 DRAIN_S = 2.0
 # A RunStart stamped this long before the view subscribed is an earlier run's, republished (module docstring).
 CLOCK_SKEW_S = 30.0
-
-
-def progress_mode(flag: bool | None, as_json: bool, console: Console) -> Mode:
-    """How to show progress: the flag when given, else live bars on a terminal without --json."""
-    if flag is False or (flag is None and (as_json or not console.is_terminal)):
-        return "off"
-    return "live" if console.is_terminal else "lines"
 
 
 def _duration(seconds: float | None) -> str:
