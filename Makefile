@@ -29,6 +29,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m labtwin.orchestration.prefect_template  # Prefect's migrated database, once (ADR 0019)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -14,6 +14,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Prefect's migrated database template (labtwin.orchestration.prefect_template, ADR 0019): one per test session,
+# built by the first process that needs it and shared by the xdist workers, who inherit the controller's variable.
+if "LABTWIN_CACHE_DIR" not in os.environ:
+    os.environ["LABTWIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="labtwin-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LABTWIN_CACHE_DIR"], ignore_errors=True)
 
 import socket
 import uuid
@@ -52,10 +57,28 @@ def reachable(addr: tuple[str, int]) -> bool:
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's test harness: a real (temporary) Prefect API for the whole session."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from labtwin.orchestration.prefect_template import seed_database
+
+    start_uvicorn = SubprocessASGIServer._run_uvicorn_command
+
+    def seeded(server: SubprocessASGIServer):
+        # The harness's new database is the migrated template, as labtwin's own local API gets (ADR 0019):
+        # a copy in milliseconds instead of Prefect's migrations in each worker.
+        url = get_current_settings().server.database.connection_url
+        if url is not None:
+            seed_database(url.get_secret_value())
+        return start_uvicorn(server)
+
+    SubprocessASGIServer._run_uvicorn_command = seeded  # type: ignore[method-assign]
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        SubprocessASGIServer._run_uvicorn_command = start_uvicorn  # type: ignore[method-assign]
 
 
 @pytest.fixture

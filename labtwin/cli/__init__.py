@@ -283,13 +283,14 @@ async def _run(s: Settings, protocol: str, channel: str, resume: Any = None, pro
     from labtwin.cli.interrupt import new_run_id, stop_on_interrupt
     from labtwin.cli.progress import follow_progress
     from labtwin.cli.wiring import LocalLab
-    from labtwin.orchestration.flows import run_protocol, start_prefect_api
+    from labtwin.orchestration.flows import begin_prefect_api, run_protocol, start_prefect_api
 
     config = s.lab_config
-    await start_prefect_api()
+    begin_prefect_api()  # starts in its own process while the lab comes up
     run_id = resume.run_id if resume is not None else new_run_id(channel)
     connection = s.connection("orchestrator")
     if connection is not None:
+        await start_prefect_api()
         async with follow_progress(connection, config.lab, progress, err, [channel]):
             return await stop_on_interrupt(
                 run_protocol(protocol, channel, connection, lab=config.lab, run_id=run_id, resume=resume),
@@ -300,6 +301,7 @@ async def _run(s: Settings, protocol: str, channel: str, resume: Any = None, pro
                 s.store,
             )
     async with LocalLab(config, [channel], None, s.store, s.speed_value) as local:
+        await start_prefect_api()
         async with follow_progress(local.url, config.lab, progress, err, [channel]):
             summary = await stop_on_interrupt(
                 run_protocol(protocol, channel, local.url, lab=config.lab, run_id=run_id, resume=resume),

@@ -166,17 +166,19 @@ async def _run(file: Path, campaign, s: Settings, store_param: str, progress: Mo
     from labtwin.cli.wiring import LocalLab
     from labtwin.orchestration.campaign import channels_of
     from labtwin.orchestration.campaign_flow import run_campaign
-    from labtwin.orchestration.flows import start_prefect_api
+    from labtwin.orchestration.flows import begin_prefect_api, start_prefect_api
 
     config = s.lab_config
-    await start_prefect_api()
+    begin_prefect_api()  # starts in its own process while the lab comes up
     connection = s.connection("orchestrator")
     lab_file = str(s.lab_file.resolve())
     channels = channels_of(campaign)
     if connection is not None:
+        await start_prefect_api()
         async with follow_progress(connection, config.lab, progress, err, channels):
             return await run_campaign(str(file), connection, config.lab, store_param, lab_file=lab_file)
     async with LocalLab(config, channels, None, s.store, s.speed_value) as local:
+        await start_prefect_api()
         async with follow_progress(local.url, config.lab, progress, err, channels):
             return await run_campaign(str(file), local.url, config.lab, store_param, lab_file=lab_file)
 

@@ -44,13 +44,11 @@ async def run_demo(
 ) -> dict:
     """``progress``: how the runs' progress shows on stderr (labtwin.cli.progress); by default on a
     terminal unless ``quiet``."""
-    from labtwin.orchestration.flows import run_protocol, start_prefect_api  # imports Prefect (~1 s)
+    from labtwin.orchestration.flows import begin_prefect_api, run_protocol, start_prefect_api  # imports Prefect (~1 s)
 
     wall_start = time.monotonic()
     config = default_lab()
-    if not quiet:
-        console.print("starting Prefect's local API (first run on a machine: ~15 s) ...")
-    await start_prefect_api()
+    begin_prefect_api()  # imports and starts in its own process while the broker, agents and twin come up
     progress_console = Console(stderr=True)
     mode = progress if progress is not None else progress_mode(None, quiet, progress_console)
     async with LocalLab(config, list(DEMO_PLAN), broker_url, store_url, twin=True, security=security) as local:
@@ -67,6 +65,7 @@ async def run_demo(
         if board is not None and not quiet:
             console.print(f"[bold]dashboard[/]: {board.url}  (open it to watch both cells live)")
         try:
+            await start_prefect_api()
             viewer = as_identity(local.url, "viewer")  # the demo's progress reads the bus as a dashboard would
             async with follow_progress(viewer, config.lab, mode, progress_console, list(DEMO_PLAN)):
                 summaries = await asyncio.gather(

@@ -47,7 +47,7 @@ async def run_dryrun(
     with a seeded fault (a soft short, a contact going bad) followed by a twin of its healthy definition is
     how a dry-run shows whether the twin catches that fault (bench/false_alarms.py).
     """
-    from labtwin.orchestration.flows import run_protocol, start_prefect_api
+    from labtwin.orchestration.flows import begin_prefect_api, run_protocol, start_prefect_api
 
     cell = load_cell(sim)
     stands_for: str | None = None
@@ -91,8 +91,9 @@ async def run_dryrun(
             raise UserError(
                 f"--out {out}: cannot be written ({exc.strerror or exc}): give a writable directory"
             ) from None
-    await start_prefect_api()
+    begin_prefect_api()  # imports and starts in its own process while the broker, agent and twin come up
     async with LocalLab(config, ["sim"], None, store_url, "config", twin=twin) as local:
+        await start_prefect_api()
         async with follow_progress(local.url, config.lab, progress, progress_console or Console(stderr=True), ["sim"]):
             summary = await run_protocol(protocol, "sim", local.url, lab=config.lab)
         await local.wait_stored(summary.run_id)

@@ -188,24 +188,27 @@ class ChannelLink:
                 return doc
 
 
-async def start_prefect_api() -> None:
-    """Make sure Prefect's API answers before any MQTT client exists in this process.
-
-    With no PREFECT_API_URL, Prefect starts its ephemeral local server on the
-    first client, and that start blocks the calling event loop (8.5 s measured
-    here): long enough to time out a Bus that is connecting and to miss MQTT
-    keepalives. Starting it first makes the stall harmless. labtwin's Prefect defaults are set here, before
-    the API starts (never at import).
-    """
-    from prefect.client.orchestration import get_client
-
-    from labtwin.orchestration.prefect_server import leash_ephemeral_api
+def begin_prefect_api() -> None:
+    """Start Prefect's local API (if no API is configured) without waiting for it: it imports and starts in its
+    own process while this one brings up the broker and agents; ``start_prefect_api`` then waits for it."""
+    from labtwin.orchestration.prefect_api import begin_ephemeral_api
 
     use_prefect_defaults()
-    leash_ephemeral_api()  # the ephemeral API ends with this process, SIGKILL included (ADR 0010)
+    begin_ephemeral_api()
 
-    async with get_client() as client:
-        await client.hello()
+
+async def start_prefect_api() -> None:
+    """Make sure Prefect's API answers before a flow starts.
+
+    With no PREFECT_API_URL, labtwin starts Prefect's local API server itself (labtwin.orchestration.prefect_api,
+    ADR 0019): on a leash, its database copied from a migrated template, waited for without blocking the event
+    loop. Prefect's own start on its first client blocked the loop for 8.5 s, long enough to time out a Bus that
+    was connecting. labtwin's Prefect defaults are set here, before the API starts (never at import).
+    """
+    from labtwin.orchestration.prefect_api import ensure_prefect_api
+
+    use_prefect_defaults()
+    await ensure_prefect_api()
 
 
 def step_timeout_s(cmd: StepCommand, speed: float | None) -> float:

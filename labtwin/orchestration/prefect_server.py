@@ -13,7 +13,7 @@ is locked" for tens of seconds (PrefectHQ/prefect#23051). SQLite is fine for a
 few cells on a schedule of hours; a lab serving many cells gives the server its
 PostgreSQL (`--prefect-db postgresql://...`).
 
-Both servers labtwin starts, this one and Prefect's ephemeral API, run on a leash (labtwin.orchestration.leash):
+Both servers labtwin starts, this one and Prefect's local API (labtwin.orchestration.prefect_api), run on a leash (labtwin.orchestration.leash):
 they end when the labtwin process that started them ends, SIGKILL included (ADR 0010).
 """
 
@@ -26,11 +26,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from labtwin.orchestration.leash import leashed
 
@@ -122,6 +121,9 @@ class LocalPrefectServer:
         env.pop("PREFECT_API_URL", None)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        from labtwin.orchestration.prefect_template import seed_database
+
+        seed_database(self.database_url or f"sqlite+aiosqlite:///{self.home.resolve() / 'prefect.db'}")
         self._log = open(self.home / "server.log", "ab")
         # Its own session, so a Ctrl-C in the terminal reaches labtwin only (which drains the runs through this
         # server before stopping it); on a leash, so it ends with labtwin however labtwin ends.
@@ -162,46 +164,3 @@ class LocalPrefectServer:
                 self._process.kill()
         if self._log is not None:
             self._log.close()
-
-
-def leash_ephemeral_api() -> None:
-    """Make the ephemeral API Prefect starts on its first client (no PREFECT_API_URL) end with this process.
-
-    Prefect starts it as ``python -m uvicorn ...`` in a plain subprocess and stops it at exit only
-    (``atexit``): a SIGKILLed `labtwin run` left it serving for ever (~190 MB). Prefect keeps one instance per
-    port in ``SubprocessASGIServer._instances`` and its clients take the one under ``None``, which is how
-    Prefect's own test harness swaps in its server; labtwin puts one there that starts uvicorn on a leash.
-    Nothing changes when an API is configured, or one is already registered (Prefect's test harness)."""
-    from prefect.settings import PREFECT_API_URL
-
-    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
-        return
-    import prefect.server.api.server as prefect_server
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class _LeashingSubprocess:
-        """The subprocess module as Prefect's server module sees it while it starts uvicorn: Popen on a leash."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(subprocess, name)
-
-        @staticmethod
-        def Popen(args: list[str], *rest: Any, **kw: Any) -> subprocess.Popen[Any]:  # noqa: N802 (subprocess's name)
-            return subprocess.Popen(leashed(list(args)), *rest, **kw)
-
-    class LeashedASGIServer(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            # Prefect's own command line and environment, only started through the leash; the swap touches
-            # Prefect's server module alone, whose one Popen is this one.
-            with _STARTING:
-                prefect_server.subprocess = _LeashingSubprocess()  # type: ignore[assignment]
-                try:
-                    return super()._run_uvicorn_command()
-                finally:
-                    prefect_server.subprocess = subprocess
-
-    if SubprocessASGIServer._instances.get(None) is None:
-        LeashedASGIServer()
-
-
-_STARTING = threading.Lock()
