@@ -29,12 +29,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from labtwin.orchestration.leash import leashed
 from labtwin.orchestration.prefect_template import seed_database
 
 #: Environment Prefect's own temporary server is started with: no UI, the services of an ephemeral server.
 EPHEMERAL_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+#: Prefect's application factory, with SQLite on one connection (labtwin.orchestration.prefect_api_server).
+APP_FACTORY = "labtwin.orchestration.prefect_api_server:create_app"
 #: uvicorn exits 3 when its port was taken between our check and its bind: try another one.
 PORT_TAKEN_EXIT = 3
 START_ATTEMPTS = 3
@@ -54,12 +57,20 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def _log_path(settings: Any) -> Path:
+    """``local-api.log`` in PREFECT_HOME (created if need be)."""
+    home = Path(settings.home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "local-api.log"
+
+
 class EphemeralAPI:
     """One Prefect API server subprocess for this process, ended with it (atexit, and the leash on SIGKILL)."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.api_url: str | None = None
+        self.log_path: Path | None = None
         self._ready = False
 
     def spawn(self) -> None:
@@ -79,9 +90,12 @@ class EphemeralAPI:
             **settings.to_environment_variables(exclude_unset=True),
         }
         command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent)]
-        command += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--factory", f"{APP_FACTORY}", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--log-level", "error", "--lifespan", "on"]
-        self.process = subprocess.Popen(leashed(command), env=env)
+        # The server's own log lines go to a file beside its database, not into the command's output.
+        self.log_path = _log_path(settings)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(leashed(command), env=env, stdout=log_file, stderr=subprocess.STDOUT)
         self.api_url = f"http://127.0.0.1:{port}/api"
 
     async def wait_ready(self, timeout_s: float) -> str:
@@ -98,12 +112,14 @@ class EphemeralAPI:
                 self.spawn()
                 continue
             if code is not None:
-                raise RuntimeError(f"Prefect's local API server exited with status {code} before it answered")
+                raise RuntimeError(
+                    f"Prefect's local API server exited with status {code} before it answered; see {self.log_path}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(
                     f"Prefect's local API server did not answer within {timeout_s:.0f} s "
-                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+                    f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {self.log_path}"
                 )
             await asyncio.sleep(0.1)
         self._use(self.api_url)
