@@ -26,7 +26,8 @@ from labtwin.cli.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, LabtwinGroup, 
 
 # Only typer, rich and labtwin.cli's own small modules at import: `labtwin --help` and `--version` must not
 # pay for the settings (pydantic-settings, the lab and alert models, httpx), the store (SQLAlchemy), the
-# security room or numpy. Each command imports what it uses when it runs (tests/test_cli_startup.py).
+# security room, numpy, nor asyncio (25-35 ms, most of it ssl and concurrent.futures). Each command imports
+# what it uses when it runs (tests/test_cli_startup.py; bench/cli_startup.py measures it).
 if TYPE_CHECKING:
     from labtwin.config.settings import Settings
     from labtwin.security import BrokerConnection
