@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from prefect import Flow, flow
 from prefect.context import get_run_context
@@ -94,34 +95,53 @@ API_ATTEMPTS = 4
 START_CONCURRENCY = 8  # flow runs being created at once: 64 at a time locked the ephemeral API's SQLite
 
 
-async def _start_gated(gate: asyncio.Semaphore | None, start: Callable[[list[Any]], Awaitable[T]]) -> T:
+#: run id -> how to say that its flow run is running (set by _start_gated, called by the flow's on_running hook).
+_ANNOUNCE_RUNNING: dict[str, Callable[[], object]] = {}
+
+
+def _announce_running(flow: Any, flow_run: Any, state: Any) -> None:
+    """run_protocol's on_running hook in a campaign: tells the job that started that run (by its run id)."""
+    notify = _ANNOUNCE_RUNNING.get(str((flow_run.parameters or {}).get("run_id")))
+    if notify is not None:
+        notify()
+
+
+@functools.cache
+def _run_protocol_in_campaign() -> Any:
+    """run_protocol with the announcing hook: one flow object for the process. ``with_options`` per job cost
+    60 ms each (Prefect regenerates the flow's parameter schema for every copy: 3.8 s for 64 cells)."""
+    return run_protocol.with_options(on_running=[_announce_running])
+
+
+async def _start_gated(gate: asyncio.Semaphore | None, run_id: str, start: Callable[[], Awaitable[T]]) -> T:
     """Run a flow, holding ``gate`` only until its flow run has started: the runs go on in parallel, their
-    creation is spread out. ``start(hooks)`` calls the flow with ``hooks`` as its on_running hooks; the hook
-    this passes says when the flow run is running (no registry shared by flows and campaigns)."""
+    creation is spread out. The flow's on_running hook says when its run (``run_id``) is running."""
     if gate is None:
-        return await start([])
+        return await start()
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # The engine may call hooks from another thread.
+    _ANNOUNCE_RUNNING[run_id] = lambda: loop.call_soon_threadsafe(started.set)
+    try:
+        task = asyncio.ensure_future(start())
+        async with gate:
+            waiter = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        return await task
+    finally:
+        _ANNOUNCE_RUNNING.pop(run_id, None)
 
-    def on_running(flow: Any, flow_run: Any, state: Any) -> None:
-        loop.call_soon_threadsafe(started.set)  # the engine may call hooks from another thread
 
-    task = asyncio.ensure_future(start([on_running]))
-    async with gate:
-        waiter = asyncio.ensure_future(started.wait())
-        try:
-            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-    return await task
-
-
-EPHEMERAL_PARALLEL_RUNS = 16
+EPHEMERAL_PARALLEL_RUNS = 64
 
 
 def default_parallel_runs() -> int:
-    """Runs in progress at once: unbounded (one per channel) with a Prefect server; 16 on the ephemeral API,
-    whose SQLite answered 503 to 64 runs' task-run calls (bench/campaign.py)."""
+    """Runs in progress at once: unbounded (one per channel) with a Prefect server; 64 on the local API labtwin
+    starts on SQLite. Its SQLite answered 503 to 64 runs' task-run calls while it had a pool of connections
+    (16 was the limit then); on one connection (ADR 0019) 64 cells ran 64/64 with no 503 (bench/campaign.py)."""
     import os
 
     database = (
@@ -129,26 +149,32 @@ def default_parallel_runs() -> int:
         or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
         or ""
     )
-    if os.environ.get("PREFECT_API_URL") or database.startswith("postgresql"):
+    from labtwin.orchestration.prefect_api import local_api_url
+
+    api_url = os.environ.get("PREFECT_API_URL")
+    if (api_url and api_url != local_api_url()) or database.startswith("postgresql"):
         return 1_000_000
     return EPHEMERAL_PARALLEL_RUNS
 
 
 def _job_flow(
     job: Job, channel: str, broker_url: str | BrokerConnection, lab: str, resume: ResumeState | None
-) -> Callable[[list[Any]], Awaitable[RunSummary]]:
-    """How _start_gated starts the job's run_protocol flow run, with the on_running hooks it is given."""
+) -> Callable[[], Awaitable[RunSummary]]:
+    """How _start_gated starts the job's run_protocol flow run."""
 
-    def start(hooks: list[Any]) -> Awaitable[RunSummary]:
-        return run_protocol.with_options(on_running=hooks)(
-            job.protocol,
-            channel,
-            broker_url,
-            lab=lab,
-            run_id=job.run_id,
-            cell_id=job.cell.id,
-            nominal_capacity_Ah=job.cell.nominal_capacity_Ah,
-            resume=resume,
+    def start() -> Awaitable[RunSummary]:
+        return cast(
+            Awaitable[RunSummary],
+            _run_protocol_in_campaign()(
+                job.protocol,
+                channel,
+                broker_url,
+                lab=lab,
+                run_id=job.run_id,
+                cell_id=job.cell.id,
+                nominal_capacity_Ah=job.cell.nominal_capacity_Ah,
+                resume=resume,
+            ),
         )
 
     return start
@@ -178,7 +204,9 @@ async def _run_job(
                 await wait_channel_free(broker_url, lab, channel, job.run_id)
                 record = read_run(store, job.run_id)  # what the store says now, after waiting our turn
                 try:
-                    summary = await _start_gated(gate, _job_flow(job, channel, broker_url, lab, record.resume))
+                    summary = await _start_gated(
+                        gate, job.run_id, _job_flow(job, channel, broker_url, lab, record.resume)
+                    )
                     break
                 except ChannelBusy as exc:  # a run from another process took the channel between our look and our start
                     log.info("campaign %s: %s; job %s waits again", campaign.campaign, exc, job.run_id)

@@ -156,6 +156,11 @@ class EphemeralAPI:
 _api: EphemeralAPI | None = None
 
 
+def local_api_url() -> str | None:
+    """The URL of the local API this process started, if it did."""
+    return _api.api_url if _api is not None else None
+
+
 def configured_api_url() -> str | None:
     """The Prefect API this process was given (environment, profile, a test harness), if any."""
     from prefect.settings import PREFECT_API_URL
