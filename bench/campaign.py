@@ -139,6 +139,49 @@ async def main(cells: int, cycles: int) -> None:
         f"  Prefect adds {added:.1f} s ({wall_prefect / wall_direct:.2f}x): {added / steps_per_cell * 1e3:.0f} ms per step "
         f"on each channel's critical path, {added / steps * 1e3:.1f} ms per step of the campaign"
     )
+    await prefect_alone(cells, steps_per_cell)
+
+
+async def prefect_alone(flows: int, tasks: int) -> None:
+    """Prefect's own floor in the same run: as many flow runs and task runs as the campaign, each task empty.
+
+    Its CPU per task (this process: the task engine; the API's process: the server) is what no change to
+    labtwin's steps can take away while every step stays one Prefect task run."""
+    import psutil
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from labtwin.orchestration import prefect_api
+
+    @task(cache_policy=NO_CACHE)
+    async def empty_step(i: int) -> int:
+        return i
+
+    @flow
+    async def empty_cell(k: int) -> None:
+        for i in range(tasks):
+            await empty_step(i)
+
+    me = psutil.Process()
+    server = None
+    if prefect_api._api is not None and prefect_api._api.process is not None:
+        root = psutil.Process(prefect_api._api.process.pid)
+        server = [root, *root.children(recursive=True)]
+
+    def cpu(procs: list) -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+
+    client0, server0 = cpu([me]), cpu(server) if server else 0.0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(empty_cell(k) for k in range(flows)))
+    wall = time.perf_counter() - t0
+    n = flows * tasks
+    client = (cpu([me]) - client0) / n * 1e3
+    served = f", server CPU {(cpu(server) - server0) / n * 1e3:.1f} ms" if server else ""
+    print(
+        f"  Prefect alone ({flows} flows x {tasks} empty tasks): wall {wall:.1f} s, {wall / n * 1e3:.1f} ms per task; "
+        f"per task: client CPU {client:.1f} ms{served}"
+    )
 
 
 if __name__ == "__main__":
