@@ -206,6 +206,7 @@ async def test_a_pause_action_holds_the_cell_at_open_circuit_and_a_limit_still_e
                 sub, lambda d: isinstance(d, ChannelStatus) and d.message.startswith("paused by safety")
             )
             assert paused.state.value == "paused" and "voltage_max_V" in paused.message
+            assert paused.current_A == 0.0  # at open circuit, not the charge current read before the pause
             await asyncio.sleep(0.5)  # the paused step keeps sampling at open circuit (and does not end)
             await bus.publish(cmd, StopRun(run_id="p1", exit_status="aborted", reason="test over"))
             ended = await wait_doc(sub, lambda d: isinstance(d, StepEvent) and d.event == "ended")

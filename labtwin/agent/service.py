@@ -842,6 +842,9 @@ class Agent:
     def _status(self, state: ChannelState, message: str = "", cmd: StepCommand | None = None) -> ChannelStatus:
         r = self.control.last_reading
         cmd = cmd or self.control.current
+        # Idle and paused channels hold their cell at open circuit: no current flows, whatever the last
+        # reading of the step before said (a tile showed an idle channel at the last step's 0.5 mA).
+        at_open_circuit = state in (ChannelState.idle, ChannelState.paused)
         return ChannelStatus(
             channel=self.channel,
             state=state,
@@ -853,7 +856,7 @@ class Agent:
             label=cmd.label if cmd else None,
             cycle=cmd.cycle if cmd else None,
             voltage_V=r.voltage_V if r else None,
-            current_A=r.current_A if r else None,
+            current_A=(0.0 if at_open_circuit else r.current_A) if r else None,
             temperature_C=r.temperature_C if r and not math.isnan(r.temperature_C) else None,
             message=message,
             limits=self.channel_limits,
