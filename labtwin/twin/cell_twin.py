@@ -151,7 +151,7 @@ class CellTwin:
         self.finished_run_ids: set[str] = set()
         self._new_run_detectors()
         self.impedance_detector = ImpedanceGrowthDetector()
-        self.cycling = CyclingDetector()
+        self.cycling = CyclingDetector(nominal_capacity_Ah=self.nominal_capacity_Ah if self._nominal_given else None)
         self.estimator = RecursiveRcEstimator()
 
     # ------------------------------------------------------------------ ordering
@@ -261,6 +261,7 @@ class CellTwin:
             from_run = run_nominal_capacity_Ah(doc)
             if from_run is not None:
                 self.nominal_capacity_Ah = from_run
+                self.cycling.nominal_capacity_Ah = from_run
                 log.info(
                     "twin %s: nominal capacity %.4g Ah from run %s (%s)",
                     self.cell,
