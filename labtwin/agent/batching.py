@@ -17,6 +17,13 @@ from labtwin.agent.lease import RunContext
 from labtwin.devices.potentiostat import Reading
 from labtwin.documents import SampleBatch, StepStats
 
+#: How a paced channel waits (labtwin.twin.pacing.FollowProgress.wait): (run id, cell time it may not pass
+#: unfollowed, what interrupts the wait) -> whether the follower got there.
+Pacer = Callable[[str, float, Callable[[], bool]], bool]
+#: Samples per batch on a paced channel: it runs at most one batch ahead of its twin (two, counting the one
+#: in flight).
+PACED_BATCH_SIZE = 5
+
 COLUMNS = ("time_s", "voltage_V", "current_A", "capacity_Ah", "temperature_C", "step", "cycle")
 IMPEDANCE_COLUMNS = ("frequency_Hz", "z_real_ohm", "z_imag_ohm")
 

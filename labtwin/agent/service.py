@@ -44,6 +44,7 @@ from pydantic import BaseModel
 
 from labtwin import bus as busmod
 from labtwin.agent.admission import admit
+from labtwin.agent.batching import PACED_BATCH_SIZE, Pacer
 from labtwin.agent.control import StepControl
 from labtwin.agent.lease import DEFAULT_GRACE_S, Lease, RunContext
 from labtwin.agent.recovery import RecoveredRun, rebuild_runs
@@ -107,6 +108,7 @@ class Agent:
         nominal_capacity_Ah: float | None = None,
         driver_name: str = "",
         batch_size: int = 100,
+        pace: Pacer | None = None,
         batch_max_wall_s: float = 0.1,
         status_every_wall_s: float = 1.0,
         lease_grace_s: float = DEFAULT_GRACE_S,
@@ -124,6 +126,11 @@ class Agent:
         self.nominal_capacity_Ah = nominal_capacity_Ah
         self.driver_name = driver_name
         self.batch_size = batch_size
+        # A dry-run's simulated channel at max speed: waits for the twin that follows it (labtwin.twin.pacing),
+        # in runs whose anomaly policy acts (stop or pause); None everywhere else.
+        self.pace = pace
+        self._paced_runs: set[str] = set()
+        self._paced_previous_end_s: dict[str, float] = {}
         self.batch_max_wall_s = batch_max_wall_s
         self.status_every_wall_s = status_every_wall_s
         self.lease_grace_s = lease_grace_s
@@ -603,6 +610,8 @@ class Agent:
             metadata=cmd.metadata,
             anomaly_policy=cmd.anomaly_policy,
         )
+        if self.pace is not None and any(action in ("stop", "pause") for action in cmd.anomaly_policy.values()):
+            self._paced_runs.add(cmd.run_id)
         await self.bus.publish(self._t("event"), doc)
         await self._publish_status(force=True, state=ChannelState.running)
 
@@ -756,7 +765,9 @@ class Agent:
         self.control.begin_step(cmd)
         try:
             assert self._loop is not None
-            reason, stats = await self._loop.run_in_executor(self._step_thread, self._step_loop().run, cmd, limits, run)
+            reason, stats = await self._loop.run_in_executor(
+                self._step_thread, self._step_loop(cmd).run, cmd, limits, run
+            )
         finally:
             run.step_running = False
             self.control.end_step()
@@ -773,7 +784,7 @@ class Agent:
         # not retained) learns from the retained status that the step is over.
         await self._publish_status(force=True, state=state)
 
-    def _step_loop(self) -> StepLoop:
+    def _step_loop(self, cmd: StepCommand) -> StepLoop:
         """The sample loop of one step on this channel's instrument, with this agent publishing for it."""
         return StepLoop(
             channel=self.channel,
@@ -783,9 +794,12 @@ class Agent:
             control=self.control,
             techniques=Techniques(self.driver, self.clock, self.control, self.channel, self.driver_name),
             host=self,
-            batch_size=self.batch_size,
+            batch_size=PACED_BATCH_SIZE if self._paced(cmd) else self.batch_size,
             batch_max_wall_s=self.batch_max_wall_s,
         )
+
+    def _paced(self, cmd: StepCommand) -> bool:
+        return self.pace is not None and cmd.run_id in self._paced_runs
 
     async def _publish_step_end(self, cmd: StepCommand, run: RunContext, reason: EndReason, stats: StepStats) -> None:
         ended = self._step_event(cmd, "ended", run.last_time_s, reason, stats)
@@ -808,6 +822,15 @@ class Agent:
     def publish_batch(self, batch: SampleBatch) -> None:
         """From the step thread: into the spool (a local disk write), published by the event loop's pump."""
         self._journal(self._t("data"), encode(batch), batch.run_id, batch.seq)
+        if self.pace is not None and batch.run_id in self._paced_runs and batch.time_s:
+            # One batch may be in flight: wait until the twin has followed the one before it.
+            previous_end_s = self._paced_previous_end_s.get(batch.run_id)
+            self._paced_previous_end_s[batch.run_id] = batch.time_s[-1]
+            if previous_end_s is not None:
+                self.pace(batch.run_id, previous_end_s, self._pace_interrupted)
+
+    def _pace_interrupted(self) -> bool:
+        return self.control.abort.is_set() or self.control.pause.is_set()
 
     def publish_step_status(self, cmd: StepCommand, paused_message: str | None = None) -> None:
         """A live status from the step thread: at most every status_every_wall_s, at once when a limit paused."""

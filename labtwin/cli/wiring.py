@@ -325,9 +325,17 @@ class LocalLab:
             self._tasks.append(asyncio.create_task(self.recorder.serve(self._stop)))
             await self._ready(self.recorder.wait_ready())
         self.twin_service = None
+        progress = None
         if self.twin:
+            from labtwin.twin.pacing import FollowProgress
+
+            progress = FollowProgress()  # the simulated channels at max speed wait for the twin (pacing.py)
             self.twin_service = TwinService(
-                url, twin_factory(self.config, self.cells), self.config.lab, client_id=f"twin-{self.config.lab}-local"
+                url,
+                twin_factory(self.config, self.cells),
+                self.config.lab,
+                client_id=f"twin-{self.config.lab}-local",
+                progress=progress,
             )
             self._tasks.append(asyncio.create_task(self.twin_service.serve(self._stop)))
             await self._ready(self.twin_service.wait_ready())
@@ -352,6 +360,7 @@ class LocalLab:
                 nominal_capacity_Ah=built.nominal_capacity_Ah,
                 driver_name=built.driver_name,
                 spool_dir=self.config.spool_dir,
+                pace=progress.wait if progress is not None and built.clock.speed is None else None,
             )
             self.agents[name] = agent
             self._tasks.append(asyncio.create_task(agent.serve(self._stop)))

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from labtwin import bus as busmod
 from labtwin.bus import Bus, cell_topic, topic
@@ -29,6 +30,7 @@ from labtwin.bus.sessions import claim_session
 from labtwin.documents import Anomaly, PauseRun, RunStart, RunStop, SampleBatch, StepEvent, StopRun
 from labtwin.security import BrokerConnection, as_identity
 from labtwin.twin.cell_twin import CellTwin
+from labtwin.twin.pacing import FollowProgress
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class TwinService:
         *,
         state_interval_s: float = 0.5,
         client_id: str | None = None,
+        progress: FollowProgress | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.twin_for = twin_for
@@ -75,6 +78,8 @@ class TwinService:
         self._ready = asyncio.Event()
         self._anomaly_seen = asyncio.Condition()
         self.finished_runs: set[str] = set()
+        # In a dry-run: how far each run is followed, for the simulated channels that wait for it (pacing.py).
+        self.progress = progress
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
@@ -108,6 +113,9 @@ class TwinService:
                     received = time.perf_counter()
                     published = await asyncio.to_thread(self._handle, docs)
                     await self._publish(bus, published, received)
+                    if self.progress is not None:  # followed once what it found is on the bus
+                        for run_id, time_s in published["followed"].items():
+                            self.progress.followed(run_id, time_s)
                     if published["anomalies"] or published["finished"]:
                         async with self._anomaly_seen:
                             self._anomaly_seen.notify_all()
@@ -148,10 +156,10 @@ class TwinService:
                 self.stats.unpublished += 1
                 log.error("twin of %s: state not published, skipped: %s", cell, exc)
 
-    def _handle(self, docs: list) -> dict[str, list]:
+    def _handle(self, docs: list) -> dict[str, Any]:
         """Each document on its own: one that raises anywhere in its handling (the twin factory, its policy, the
         model) is logged once, counted in ``stats.bad_documents`` and skipped; the rest of the batch goes on."""
-        out: dict = {"anomalies": [], "states": [], "finished": False}
+        out: dict = {"anomalies": [], "states": [], "finished": False, "followed": {}}
         touched: dict[str, bool] = {}
         for doc in docs:
             self.stats.documents += 1
@@ -204,6 +212,13 @@ class TwinService:
         if isinstance(doc, SampleBatch):
             self.stats.samples += len(doc)
         found = twin.feed(doc)
+        if self.progress is not None and run_id:
+            if any(a.action in ("stop", "pause") for a in found):
+                self.progress.hold(run_id)  # at once: the channel waits while the flow acts
+            if isinstance(doc, SampleBatch) and doc.time_s:
+                out["followed"][run_id] = doc.time_s[-1]
+            elif isinstance(doc, RunStop):
+                self.progress.ended(run_id)
         for anomaly in found:
             self.anomalies.append(anomaly)
             self.stats.anomalies += 1
