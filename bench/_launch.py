@@ -1,7 +1,12 @@
-"""A labtwin command under cProfile in every thread of its process, for bench/data_path.py --profile.
+"""A labtwin command as bench/data_path.py starts it: under cProfile (--profile), or an agent with another batch size.
 
-    python bench/_profiled.py OUT.prof record --store ...     # = labtwin record --store ..., profiled
+    python bench/_launch.py --profile OUT.prof record --store ...      # = labtwin record --store ..., profiled
+    python bench/_launch.py --agent-batch-size 1000 agent --channel s00  # = labtwin agent, 1000-sample batches
 
+--agent-batch-size: `labtwin agent` has no option for it (Agent's batch_size, 100); the bench sets Agent's default
+to measure what larger batches would give end to end. It changes nothing in labtwin.
+
+--profile:
 Python 3.11's cProfile sees only the thread that enabled it, and an agent samples in its step thread while the
 recorder writes in asyncio.to_thread workers: every thread the threading module starts gets a profiler of its own
 (threading.setprofile; the hook swaps itself for a cProfile.Profile on the thread's first event), and at exit
@@ -46,8 +51,26 @@ def _thread_hook(frame: object, event: str, arg: object) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    sys.argv = ["labtwin", *sys.argv[2:]]
+    args = sys.argv[1:]
+    out: Path | None = None
+    while args and args[0].startswith("--"):
+        if args[0] == "--profile":
+            out, args = Path(args[1]), args[2:]
+        elif args[0] == "--agent-batch-size":
+            from labtwin.agent.service import Agent
+
+            kwdefaults = Agent.__init__.__kwdefaults__
+            assert kwdefaults is not None and "batch_size" in kwdefaults
+            kwdefaults["batch_size"] = int(args[1])
+            args = args[2:]
+        else:
+            raise SystemExit(f"unknown option {args[0]}")
+    sys.argv = ["labtwin", *args]
+    if out is None:
+        from labtwin.cli import main as labtwin_main
+
+        labtwin_main()
+        return
     threading.setprofile(_thread_hook)
     main_profile = _new_profile()
     _profiles.append(main_profile)

@@ -22,7 +22,7 @@ Printed, each beside its reference:
     clients, and labtwin's Bus (with the decode on the subscriber's side).
 Exits 1 and prints the count when any sample produced was not stored.
 
---profile DIR: the recorder and the first agent run under cProfile in every thread (bench/_profiled.py);
+--profile DIR: the recorder and the first agent run under cProfile in every thread (bench/_launch.py);
 after the run, where their time goes per sample is printed. That run is slower (cProfile), its rate is not
 the figure.
 
@@ -268,6 +268,7 @@ def _msgspec_batch(msgspec: Any) -> type:
 def store_alone(url: str, payloads_by_channel: list[list[bytes]], topic: str) -> tuple[float, float, int]:
     """Store.write of the decoded batches, RECORDER_DOCS_PER_WRITE documents per write, channels interleaved."""
     from labtwin.data.store import Store
+    from labtwin.documents import RunStart
     from labtwin.documents.codec import decode
 
     docs = []
@@ -277,6 +278,14 @@ def store_alone(url: str, payloads_by_channel: list[list[bytes]], topic: str) ->
                 docs.append(decode(topic, payloads[k]))
     store = Store.open(url)
     try:
+        # Each run's RunStart first, as the recorder has it before the run's batches (untimed): a batch of a run the
+        # store does not know yet costs a query per batch (Store._own_channel), which the end-to-end run never pays.
+        store.write(
+            [
+                RunStart(run_id=r, lab="bench", channel=ch, cell_id="c", protocol="p", n_steps=1)
+                for r, ch in dict.fromkeys((d.run_id, d.channel) for d in docs)  # type: ignore[attr-defined]
+            ]
+        )
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(docs), RECORDER_DOCS_PER_WRITE):
             store.write(docs[i : i + RECORDER_DOCS_PER_WRITE])
@@ -454,6 +463,21 @@ def _cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+def _threads_cpu_s(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds of these processes' main threads (the event loop) and of all their other threads together."""
+    main = other = 0.0
+    for pid in pids:
+        try:
+            for t in psutil.Process(pid).threads():
+                if t.id == pid:
+                    main += t.user_time + t.system_time
+                else:
+                    other += t.user_time + t.system_time
+        except psutil.NoSuchProcess:
+            pass
+    return main, other
+
+
 def _stored(store_url: str, prefix: str, exact: bool = False) -> int:
     from sqlalchemy import func, select
 
@@ -495,9 +519,13 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
     profiled = ["recorder", names[0]] if args.profile else []
 
     def command(who: str, labtwin_args: list[str]) -> list[str]:
+        launch = [sys.executable, str(Path(__file__).with_name("_launch.py"))]
+        options = []
         if who in profiled:
-            return [sys.executable, str(Path(__file__).with_name("_profiled.py")), str(args.profile / f"{who}.prof")]
-        return [LABTWIN]
+            options += ["--profile", str(args.profile / f"{who}.prof")]
+        if who != "recorder" and args.agent_batch_size:
+            options += ["--agent-batch-size", str(args.agent_batch_size)]
+        return [*launch, *options] if options else [LABTWIN]
 
     services: list[Service] = []
     recorder = Service("recorder", [], work, env)
@@ -524,6 +552,7 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
             if service.proc is not None:
                 os.kill(service.proc.pid, signal.SIGUSR1)
         cpu0 = {k: sum(_cpu_s(p) for p in v) for k, v in pids.items()}
+        threads0 = {k: _threads_cpu_s(pids[k]) for k in ("agents", "recorder")}
         step = _step(args.samples_per_channel)
         t0 = time.perf_counter()
         produced_at: list[float] = []
@@ -558,12 +587,14 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
                 break
             await asyncio.sleep(0.1)
         cpu1 = {k: sum(_cpu_s(p) for p in v) for k, v in pids.items()}
+        threads1 = {k: _threads_cpu_s(pids[k]) for k in ("agents", "recorder")}
         result.update(
             produced=produced,
             stored_batches_sum=stored,
             t_produced=t_produced,
             t_stored=t_stored,
             cpu={k: cpu1[k] - cpu0[k] for k in cpu0},
+            threads={k: (threads1[k][0] - threads0[k][0], threads1[k][1] - threads0[k][1]) for k in threads0},
         )
     finally:
         for s in services:
@@ -712,6 +743,8 @@ async def main(args: argparse.Namespace) -> int:
         f"(max_queued_messages 0, persistence false) -> `labtwin record` -> {where}; {cores} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end"
     )
+    if args.agent_batch_size:
+        out.append(f"  AGENTS WITH {args.agent_batch_size}-SAMPLE BATCHES (bench/_launch.py; labtwin's default is 100)")
     if e2e["profiled"]:
         out.append(
             f"  PROFILED RUN: {', '.join(e2e['profiled'])} under cProfile (slower: read the split, not the rate)"
@@ -733,6 +766,12 @@ async def main(args: argparse.Namespace) -> int:
             + " + ".join(f"{k} {_us(v, stored):.2f}" for k, v in cpu.items())
             + f"; {total_cpu / e2e['t_stored']:.2f} of {cores} cores busy on average; at this CPU per sample "
             f"{cores} free cores would store {cores / total_cpu * stored:,.0f}/s"
+        )
+        (a_main, a_other), (r_main, r_other) = e2e["threads"]["agents"], e2e["threads"]["recorder"]
+        out.append(
+            f"  by thread: agents' event loops (spool pump, Bus, MQTT) {_us(a_main, stored):.2f} us/sample, their step "
+            f"threads (sample loop, encode, spool append) {_us(a_other, stored):.2f}; recorder's event loop (receive, "
+            f"decode) {_us(r_main, stored):.2f}, its store threads (Store.write) {_us(r_other, stored):.2f}"
         )
         agent_bus = _us(cpu["agents"], stored) - _us(cell_cpu, cell_n)
         out.append(
@@ -811,6 +850,7 @@ async def main(args: argparse.Namespace) -> int:
                     "stored": stored,
                     "lost": lost,
                     "cpu_s": cpu,
+                    "threads_cpu_s": e2e["threads"],
                     "cell_alone": {"wall_s": cell_s, "cpu_s": cell_cpu, "samples": cell_n},
                     "store_alone": {"wall_s": store_s, "cpu_s": store_cpu, "samples": store_n},
                     "broker_alone_mosquitto_clients": {"wall_s": mosq_s, "messages": mosq_n},
@@ -830,6 +870,12 @@ if __name__ == "__main__":
     p.add_argument("--store", default=None, help="default: SQLite in the bench's folder; or postgresql://...")
     p.add_argument("--profile", type=Path, default=None, help="cProfile the recorder and the first agent into DIR")
     p.add_argument("--drain-timeout-s", type=float, default=60.0, help="give up when the store stops growing this long")
+    p.add_argument(
+        "--agent-batch-size",
+        type=int,
+        default=None,
+        help="agents batch this many samples (Agent's default 100; set through bench/_launch.py)",
+    )
     p.add_argument("--big-batch", type=int, default=10, help="ceilings also with this many batches merged into one")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the bench's folder (logs, stores, spools)")
