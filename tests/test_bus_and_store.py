@@ -77,6 +77,33 @@ def test_a_batch_written_twice_is_stored_once(store):
     assert store.seqs("r") == [0, 1, 2]
 
 
+def test_large_writes_store_every_row_once_and_a_row_already_there_is_kept(store):
+    """PostgreSQL writes a large write's sample rows by COPY (SQLite by INSERT): each row once, re-deliveries
+    skipped, and a row already there under a new batch (a database edited by hand) kept, the rest written."""
+    from sqlalchemy import func, select, text
+
+    from labtwin.data.schema import samples
+
+    def rows(run_id: str) -> list[tuple]:
+        query = select(samples.c.seq, samples.c.i, samples.c.time_s).where(samples.c.run_id == run_id)
+        with store.engine.connect() as conn:
+            return sorted(tuple(r) for r in conn.execute(query))
+
+    first = store.write([_batch(run_id="big", seq=k, n=100) for k in range(3)])
+    again = store.write([_batch(run_id="big", seq=k, n=100) for k in range(1, 5)])
+    assert (first.samples, again.samples, again.duplicate_batches) == (300, 200, 2)
+    assert rows("big") == [(k, i, float(i)) for k in range(5) for i in range(100)]
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO samples (run_id, seq, i, time_s) VALUES ('stray', 0, 7, -1.0)"))
+    store.write([_batch(run_id="stray", seq=k, n=100) for k in range(2)])
+    assert rows("stray") == sorted(
+        [(0, i, -1.0 if i == 7 else float(i)) for i in range(100)] + [(1, i, float(i)) for i in range(100)]
+    )
+    with store.engine.connect() as conn:
+        n = conn.execute(select(func.count()).select_from(samples).where(samples.c.run_id == "stray")).scalar()
+    assert n == 200
+
+
 def test_samples_come_back_in_order_with_units_in_their_names(store):
     store.write([_batch(seq=1, n=3), _batch(seq=0, n=2)])
     data = store.samples("r")
