@@ -75,6 +75,7 @@ class SeededFault:
     kinds: frozenset[str]  # at least one of these must be raised where the protocol reveals the fault
     revealed_by: dict[str, str]  # protocol -> why it can show the fault
     consequences: frozenset[str] = frozenset()  # further kinds the fault itself causes (not false alarms)
+    caught_by: dict[str, frozenset[str]] = field(default_factory=dict)  # protocol -> other kinds that catch it
 
 
 FAULTS: dict[str, SeededFault] = {
@@ -130,8 +131,16 @@ FAULTS: dict[str, SeededFault] = {
         # The first 0.2C charge already grows R_CI past 2 kOhm: the discharge meets its cut-off early (CE 57 %
         # without a CV hold); and a fade that accelerates as the interface grows is a knee.
         frozenset({"knee_onset", "low_first_cycle_ce"}),
+        # Its first cycle's CE (19 % at C/2) ends cycle-to-80-percent by its own stop_when (CE below 90 %).
+        {"cycle-to-80-percent": frozenset({"low_first_cycle_ce"})},
     ),
 }
+
+
+# What a protocol is written to reach is not an anomaly of the cell that reaches it: cycle-to-80-percent cycles
+# until the discharge capacity falls below 80 % of the first cycle's, which is the capacity-fade detector's
+# end-of-life line, so its last cycle raises capacity_fade on a healthy cell that aged as its seed says.
+PROTOCOL_ENDS: dict[str, frozenset[str]] = {"cycle-to-80-percent": frozenset({"capacity_fade"})}
 
 
 @dataclass(frozen=True)
@@ -256,10 +265,12 @@ def matrix() -> list[Combination]:
             if why_not is not None:
                 out.append(Combination(p, name, "does not suit", skip=why_not))
             elif seeded is not None and p in seeded.revealed_by:
-                out.append(Combination(p, name, seeded.label, seeded.kinds, seeded.kinds | seeded.consequences))
+                kinds = seeded.kinds | seeded.caught_by.get(p, frozenset())
+                allowed = kinds | seeded.consequences | PROTOCOL_ENDS.get(p, frozenset())
+                out.append(Combination(p, name, seeded.label, kinds, allowed))
             else:
                 note = [f"{seeded.label}: not shown by this protocol"] if seeded else []
-                out.append(Combination(p, name, "healthy", notes=note))
+                out.append(Combination(p, name, "healthy", allowed=PROTOCOL_ENDS.get(p, frozenset()), notes=note))
         for inj in INJECTED:
             if p in inj.protocols:
                 kinds = inj.protocols[p]

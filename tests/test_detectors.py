@@ -245,6 +245,26 @@ def test_rest_leak_not_flagged_where_a_healthy_cell_relaxes_hundreds_of_millivol
     assert detector.rest_leak(t, residual - 0.02 * (t / 600.0) ** 2, dq_dv, voltage) is not None
 
 
+def test_rest_leak_drift_is_the_fitted_lines_not_two_noisy_samples():
+    """cycle-to-80-percent's rest after a C/2 discharge of the healthy ceramic cell, cycle 28, as its twin followed
+    it: a relaxation tail 26 -> 2 mV and a last sample 1 mV under its neighbours. The half's first and last
+    samples differ by 2.3 mV (over the 2 mV floor: a 1.4 uA short), its fitted line falls 1.3 mV."""
+    t = 30.0 * np.arange(1, 39)
+    voltage = np.array(
+        [2.4597, 2.7365, 2.8469, 2.9108, 2.9522, 2.9822, 3.0043, 3.0218, 3.0355, 3.0459, 3.0551, 3.0623, 3.0682]
+        + [3.0728, 3.0776, 3.081, 3.084, 3.0866, 3.0893, 3.091, 3.0924, 3.0937, 3.0946, 3.0962, 3.0969, 3.0974]
+        + [3.0984, 3.0991, 3.0996, 3.1002, 3.1004, 3.1009, 3.101, 3.1012, 3.1011, 3.1016, 3.1016, 3.1009]
+    )
+    residual = 1e-3 * np.array(
+        [2.14, 25.87, 20.01, 15.9, 12.47, 10.51, 8.94, 8.17, 7.44, 6.3, 6.01, 5.43, 4.9, 4.07, 4.29, 3.91, 3.59]
+        + [3.4, 3.68, 3.27, 2.88, 2.65, 2.25, 2.7, 2.43, 2.08, 2.26, 2.39, 2.28, 2.37, 2.23, 2.31, 2.12, 2.02]
+        + [1.66, 1.95, 1.79, 0.97]
+    )
+    assert SoftShortDetector(1.02e-3).rest_leak(t, residual, 1.44e-4, voltage) is None
+    # The same rest with a leak's steady 4 mV over the half on top is found.
+    assert SoftShortDetector(1.02e-3).rest_leak(t, residual - 4e-3 * t / t[-1] * 2, 1.44e-4, voltage) is not None
+
+
 def test_voltage_jump_against_the_drive_flagged_but_end_of_discharge_collapse_is_not():
     nominal = 1e-3
     detector = SoftShortDetector(nominal)
