@@ -11,7 +11,7 @@ Python 3.11's cProfile sees only the thread that enabled it, and an agent sample
 recorder writes in asyncio.to_thread workers: every thread the threading module starts gets a profiler of its own
 (threading.setprofile; the hook swaps itself for a cProfile.Profile on the thread's first event), and at exit
 (SIGINT included: the command's own Ctrl-C path returns, SystemExit is caught here) all of them are merged into
-OUT.prof. Each profiler times its thread's CPU (time.thread_time_ns), so a thread blocked in a wait (an idle
+OUT.prof (and the main thread's, the event loop, alone into OUT.main.prof). Each profiler times its thread's CPU (time.thread_time_ns), so a thread blocked in a wait (an idle
 executor worker, the event loop in epoll) costs nothing, as it costs no CPU. SIGUSR1 clears every profiler: the
 bench sends it when the measured run starts, so imports and start-up are left out. cProfile slows what it
 watches (2-3x on this code): the split is what to read, not the rate.
@@ -86,6 +86,7 @@ def main() -> None:
         main_profile.disable()
         threading.setprofile(None)  # type: ignore[arg-type]
         with _lock:
+            pstats.Stats(_profiles[0]).dump_stats(str(out.with_suffix(".main.prof")))  # the event loop's thread
             stats = pstats.Stats(_profiles[0])
             for profile in _profiles[1:]:
                 stats.add(profile)

@@ -11,7 +11,8 @@ written to disk by the broker; the agents' spools are the durable copy), max_inf
 
 Printed, each beside its reference:
   end to end: samples stored per second of wall time (first StartRun to last sample stored), produced vs
-    stored, lost; the CPU seconds each kind of process spent per sample (agents, recorder, Mosquitto, bench);
+    stored, lost, the backlog (samples not yet stored when the last agent finished); the CPU each kind of
+    process spent per sample (agents, recorder, Mosquitto, bench), and by thread (event loop vs the others);
   cell alone: one agent's sample loop on its simulated cell, no bus (batches dropped), in this process;
     and the agent without a bus (the loop + encoding each batch + its spool append);
   codec: pydantic encode and decode of one batch, per sample; beside orjson, msgspec JSON and msgpack,
@@ -525,7 +526,10 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
             options += ["--profile", str(args.profile / f"{who}.prof")]
         if who != "recorder" and args.agent_batch_size:
             options += ["--agent-batch-size", str(args.agent_batch_size)]
-        return [*launch, *options] if options else [LABTWIN]
+        base = [*launch, *options] if options else [LABTWIN]
+        if who != "recorder" and args.agents_nice:
+            return ["nice", "-n", str(args.agents_nice), *base]
+        return base
 
     services: list[Service] = []
     recorder = Service("recorder", [], work, env)
@@ -572,6 +576,7 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
         results = await asyncio.gather(*(drive(n) for n in names))
         produced = sum(stop.n_samples for _, stop in results)
         t_produced = max(produced_at) - t0
+        backlog = produced - await asyncio.to_thread(_stored, store_url, prefix)
         stored, t_stored = 0, 0.0
         last_change, last_count = time.monotonic(), -1
         while True:
@@ -592,6 +597,7 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
             produced=produced,
             stored_batches_sum=stored,
             t_produced=t_produced,
+            backlog=backlog,
             t_stored=t_stored,
             cpu={k: cpu1[k] - cpu0[k] for k in cpu0},
             threads={k: (threads1[k][0] - threads0[k][0], threads1[k][1] - threads0[k][1]) for k in threads0},
@@ -743,6 +749,8 @@ async def main(args: argparse.Namespace) -> int:
         f"(max_queued_messages 0, persistence false) -> `labtwin record` -> {where}; {cores} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end"
     )
+    if args.agents_nice:
+        out.append(f"  AGENTS UNDER nice -n {args.agents_nice}")
     if args.agent_batch_size:
         out.append(f"  AGENTS WITH {args.agent_batch_size}-SAMPLE BATCHES (bench/_launch.py; labtwin's default is 100)")
     if e2e["profiled"]:
@@ -753,6 +761,10 @@ async def main(args: argparse.Namespace) -> int:
         f"end to end: {e2e_rate:,.0f} samples/s stored ({stored:,} in {e2e['t_stored']:.2f} s, first StartRun to "
         f"last sample stored), {e2e_rate / TARGET_SAMPLES_PER_S:.2f}x the target {TARGET_SAMPLES_PER_S:,}/s; "
         f"produced in {e2e['t_produced']:.2f} s ({_rate(produced, e2e['t_produced'])})"
+    )
+    out.append(
+        f"  backlog when the last agent finished: {e2e['backlog']:,} samples not yet stored "
+        f"({e2e['backlog'] / max(produced, 1):.0%} of the run; in the broker's queue and the recorder)"
     )
     out.append(
         f"  produced {produced:,}, stored {stored:,}, lost {lost} (Mosquitto 'dropped' lines "
@@ -832,8 +844,10 @@ async def main(args: argparse.Namespace) -> int:
     if args.profile:
         out.append(f"profile (own CPU time per sample; {args.profile}):")
         out += profile_report(args.profile / "recorder.prof", stored)
+        out += profile_report(args.profile / "recorder.main.prof", stored)
         per_agent = produced // max(len(e2e["names"]), 1)
         out += profile_report(args.profile / f"{e2e['names'][0]}.prof", per_agent)
+        out += profile_report(args.profile / f"{e2e['names'][0]}.main.prof", per_agent)
     for line in e2e["errors"]:
         out.append(f"log: {line[:200]}")
     code = 0
@@ -875,6 +889,13 @@ if __name__ == "__main__":
         type=int,
         default=None,
         help="agents batch this many samples (Agent's default 100; set through bench/_launch.py)",
+    )
+    p.add_argument(
+        "--agents-nice",
+        type=int,
+        default=0,
+        help="start the agents under `nice -n N`: 16 CPU-bound agents on 2 cores otherwise get 16/17 of the CPU "
+        "and the recorder's backlog grows in the broker until they finish",
     )
     p.add_argument("--big-batch", type=int, default=10, help="ceilings also with this many batches merged into one")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
