@@ -116,4 +116,6 @@ async def test_the_twin_flags_seeded_faults_and_nothing_on_healthy_cells(
     if required:
         assert raised & required, f"{protocol} on {cell}: the fault was missed; raised {described}"
     assert not raised - required - allowed, f"{protocol} on {cell}: false alarm(s) {described}"
-    assert wall_s < 60.0, f"{protocol} on {cell} took {wall_s:.0f} s: over this module's budget"
+    # A bound on finishing at all (a simulated film that never gets through a cycle), not a timing: 20 s here
+    # idle, 66 s once in CI under a load average of 20.
+    assert wall_s < 300.0, f"{protocol} on {cell} took {wall_s:.0f} s: the dry-run does not get through"
