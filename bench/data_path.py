@@ -19,6 +19,7 @@ Printed, each beside its reference:
     pyarrow IPC where installed (the wire format is not changed by any of this: measured only);
   store alone: Store.write of the same batches (decoded from the same payloads), 200 documents per write as
     the recorder does, into a database of its own;
+  recorder alone: `labtwin record` fed the same runs by one raw paho publisher process (no agents);
   broker alone: the same payloads between two processes through the same Mosquitto, QoS 1: raw paho
     clients, and labtwin's Bus (with the decode on the subscriber's side).
 Exits 1 and prints the count when any sample produced was not stored.
@@ -502,6 +503,78 @@ def _stored(store_url: str, prefix: str, exact: bool = False) -> int:
         reader.close()
 
 
+def _paho_publish_all(host: str, port: int, messages: list[tuple[str, bytes]], out: Any) -> None:
+    client = _paho_client(f"bench-rec-pub-{os.getpid()}")
+    client.connect(host, port, keepalive=60)
+    client.loop_start()
+    infos = [client.publish(t, p, qos=1) for t, p in messages]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.loop_stop()
+    out.put(time.perf_counter())
+    client.disconnect()
+
+
+async def recorder_alone(
+    work: Path, broker: BenchMosquitto, store_url: str, batches: list[SampleBatch], channels: int
+) -> dict[str, float]:
+    """`labtwin record` fed by one raw paho publisher process (faster than the recorder), no agents: the batches of
+    ``channels`` runs (each run's RunStart first), from the first publish to the last sample stored, and the
+    recorder's CPU over that time."""
+    from labtwin.documents import RunStart
+    from labtwin.documents.codec import encode
+
+    lab = f"rec{os.getpid()}"
+    prefix = "rec-alone-"
+    lab_file = work / "rec-lab.yaml"
+    lab_file.write_text(
+        yaml.safe_dump(
+            {"lab": lab, "channels": {f"s{c:02d}": {"driver": "simulated", "cell": CELL} for c in range(channels)}}
+        )
+    )
+    env = {**os.environ, "LABTWIN_BROKER": broker.url, "LABTWIN_LAB": str(lab_file)}
+    folder = work / "recorder-alone"
+    folder.mkdir()
+    recorder = Service("recorder-alone", [LABTWIN, "record", "--store", store_url], folder, env).start()
+    messages: list[tuple[str, bytes]] = []
+    for c in range(channels):
+        ch, run = f"s{c:02d}", f"{prefix}{c:02d}"
+        start = RunStart(run_id=run, lab=lab, channel=ch, cell_id="c", protocol="p", n_steps=1)
+        messages.append((f"labtwin/v1/{lab}/{ch}/event", encode(start)))
+    for k in range(len(batches)):
+        for c in range(channels):
+            ch, run = f"s{c:02d}", f"{prefix}{c:02d}"
+            messages.append(
+                (f"labtwin/v1/{lab}/{ch}/data", encode(batches[k].model_copy(update={"run_id": run, "channel": ch})))
+            )
+    total = channels * sum(len(b) for b in batches)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    try:
+        deadline = time.monotonic() + 60
+        while "recording lab" not in recorder.logs() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # subscribed
+        pub = ctx.Process(target=_paho_publish_all, args=(broker.host, broker.port, messages, out))
+        assert recorder.proc is not None
+        cpu0 = _cpu_s(recorder.proc.pid)
+        t0 = time.perf_counter()
+        pub.start()
+        stored, last_change, last = 0, time.monotonic(), -1
+        while stored < total and time.monotonic() - last_change < 30:
+            await asyncio.sleep(0.1)
+            stored = await asyncio.to_thread(_stored, store_url, prefix)
+            if stored != last:
+                last, last_change = stored, time.monotonic()
+        wall = time.perf_counter() - t0
+        cpu = _cpu_s(recorder.proc.pid) - cpu0
+        published_at = out.get(timeout=60) - t0
+        pub.join(30)
+    finally:
+        recorder.stop()
+    return {"wall": wall, "cpu": cpu, "stored": stored, "total": total, "published": published_at}
+
+
 async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitto, store_url: str) -> dict[str, Any]:
     names = [f"s{i:02d}" for i in range(args.channels)]
     lab_name = f"dp{os.getpid()}"
@@ -576,6 +649,7 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
         results = await asyncio.gather(*(drive(n) for n in names))
         produced = sum(stop.n_samples for _, stop in results)
         t_produced = max(produced_at) - t0
+        recorder_cpu_produced = sum(_cpu_s(p) for p in pids["recorder"]) - cpu0["recorder"]
         backlog = produced - await asyncio.to_thread(_stored, store_url, prefix)
         stored, t_stored = 0, 0.0
         last_change, last_count = time.monotonic(), -1
@@ -598,6 +672,7 @@ async def end_to_end(args: argparse.Namespace, work: Path, broker: BenchMosquitt
             stored_batches_sum=stored,
             t_produced=t_produced,
             backlog=backlog,
+            recorder_cpu_produced=recorder_cpu_produced,
             t_stored=t_stored,
             cpu={k: cpu1[k] - cpu0[k] for k in cpu0},
             threads={k: (threads1[k][0] - threads0[k][0], threads1[k][1] - threads0[k][1]) for k in threads0},
@@ -729,6 +804,7 @@ async def main(args: argparse.Namespace) -> int:
         if kept_big:
             big_payloads = [encode(b) for b in kept_big]
             bus_big = broker_alone(broker, big_payloads, args.channels * len(big_payloads), labtwin_bus=True)
+        rec = await recorder_alone(work, broker, new_store("recorder-alone"), kept, args.channels)
         e2e = await end_to_end(args, work, broker, new_store("end-to-end"))
     finally:
         broker.stop()
@@ -764,7 +840,10 @@ async def main(args: argparse.Namespace) -> int:
     )
     out.append(
         f"  backlog when the last agent finished: {e2e['backlog']:,} samples not yet stored "
-        f"({e2e['backlog'] / max(produced, 1):.0%} of the run; in the broker's queue and the recorder)"
+        f"({e2e['backlog'] / max(produced, 1):.0%} of the run; in the broker's queue and the recorder); the recorder "
+        f"used {e2e['recorder_cpu_produced'] / max(e2e['t_produced'], 1e-9):.2f} cores while the agents ran, "
+        f"{(e2e['cpu']['recorder'] - e2e['recorder_cpu_produced']) / max(e2e['t_stored'] - e2e['t_produced'], 1e-9):.2f} "
+        "after"
     )
     out.append(
         f"  produced {produced:,}, stored {stored:,}, lost {lost} (Mosquitto 'dropped' lines "
@@ -813,6 +892,12 @@ async def main(args: argparse.Namespace) -> int:
             f"  with {big * per_message:.0f}-sample batches: {_rate(store_big[2], store_big[0])} wall, "
             f"{_cpu_rate(store_big[2], store_big[1])} ({store_cpu / store_n / (store_big[1] / store_big[2]):.2f}x)"
         )
+    out.append(
+        f"recorder alone (`labtwin record` fed by one raw paho publisher, the same {args.channels} runs, no agents): "
+        f"{_rate(rec['stored'], rec['wall'])} stored ({rec['stored']:,} of {rec['total']:,}; published in "
+        f"{rec['published']:.2f} s), {_us(rec['cpu'], rec['stored']):.2f} us of its CPU per sample, "
+        f"{rec['cpu'] / rec['wall']:.2f} cores busy; end to end is {e2e_rate / (rec['stored'] / rec['wall']):.2f}x of it"
+    )
     if mosq_s:
         out.append(
             f"broker alone, Mosquitto with its C clients (mosquitto_pub -l | mosquitto_sub, QoS 1, {messages:,} "
