@@ -243,9 +243,9 @@ class Recorder:
                 track.seen_max = max(track.seen_max, doc.last_seq)
                 stops.append(doc.run_id)
         for run_id in dict.fromkeys(stops):  # a RunStop whose last_seq the store has not reached: ask at once
-            track = self.tracks.get(run_id)
-            if track is not None:  # None: found whole and let go while this one awaited (nothing to ask for)
-                await self._request(run_id, track, now=True)
+            stopped = self.tracks.get(run_id)
+            if stopped is not None:  # None: found whole and let go while this one awaited (nothing to ask for)
+                await self._request(run_id, stopped, now=True)
 
     async def _write(self, docs: list) -> WriteCounts:
         try:
