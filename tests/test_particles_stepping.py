@@ -17,7 +17,7 @@ from labtwin.physics.library import load_cell
 needs_numba = pytest.mark.skipif(particles.particles_kernel.trial is None, reason="numba is not installed")
 
 # One 0.1C cycle of the bare film at 10 s samples, against the tolerances / 1000: 0.73 mV measured
-# (bench/sim_speed.py prints it); the backward Euler it replaced, stepped by a largest change of x, was 1.53 mV.
+# (bench/sim_speed.py prints it); the fixed-step backward Euler this stepping replaced was 1.53 mV.
 CYCLE_RMS_BOUND_V = 1.0e-3
 
 
