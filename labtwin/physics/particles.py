@@ -41,17 +41,11 @@ How a grain transforms (``nucleation``):
   grain's surface before its bulk turns unstable is what lets it grow a
   second phase instead, which this mode models.
 
-Time stepping: variable-step BDF2 (second order, L-stable for the double layer and the grains pinned at the
-edges) on all N + 1 unknowns, each sub-step solved by Newton. The Jacobian is diagonal plus two rank-one terms
-(the shared V and the mean U), so each Newton step is O(N) vector work, no matrix. The step size is set by the
-local error: the distance of the solution from the quadratic extrapolation of the last three states (which
-is also Newton's first guess, so most sub-steps take one or two iterations), filtered through the Newton
-matrix so that stiff components the implicit step damps (the double layer on a plateau) do not count, held
-to ``error_tolerance_x`` on every group's x and ``error_tolerance_V`` on V. A grain crossing its spinodal is
-fast, the plateau between crossings slow: sub-steps run from milliseconds to whole samples. Measured on one
-0.1C cycle of the bare film (bench/sim_speed.py): 0.7 mV RMS from a converged reference (the tolerances /
-1000) with ~15 000 sub-steps; the backward Euler it replaced, whose step was set by a fixed largest change of
-x (0.02), was 1.5 mV with ~41 000.
+Time stepping: backward Euler on all N + 1 unknowns, solved by Newton. The
+Jacobian is diagonal plus two rank-one terms (the shared V and the mean U),
+so each Newton step is O(N) vector work, no matrix. Steps adapt so no group's
+x moves more than ``max_dx_per_step`` in one step (a grain crossing the
+spinodal is fast; a plateau between crossings is slow).
 """
 
 from __future__ import annotations
@@ -90,39 +84,16 @@ class ManyParticleParameters(BaseModel):
         description="spinodal: homogeneous grains, mosaic instability; interface: two-phase grains at the common tangent",
     )
     population_seed: int = Field(0, description="seed of the groups' sizes and barriers: the same cell every time")
-    error_tolerance_x: float = Field(
-        3e-4, gt=0, le=0.1, description="local error allowed per sub-step on each group's lithium fraction"
-    )
-    error_tolerance_V: float = Field(
-        3e-5, gt=0, le=0.1, description="local error allowed per sub-step on the potential"
-    )
-    max_dx_per_step: float = Field(
-        0.2, gt=0, le=0.5, description="a guard, not the step control: a sub-step that moves a group further is retried"
-    )
+    max_dx_per_step: float = Field(0.02, gt=0, le=0.2)
 
 
 @dataclass
 class _ParticleTrial:
-    """The state after a sample interval, packed as the kernel keeps it (particles_kernel's docstring): ``xs``
-    rows x now and the two sub-steps before, ``sv`` the potential, its history, the faradaic current and the
-    step controller's state, so the next interval's BDF2 and error estimate go on from where this one ended."""
-
     dt_s: float
     applied_A: float
-    xs: np.ndarray
-    sv: np.ndarray
-
-    @property
-    def x(self) -> np.ndarray:
-        return self.xs[0]
-
-    @property
-    def potential_V(self) -> float:
-        return float(self.sv[0])
-
-    @property
-    def faradaic_A(self) -> float:
-        return float(self.sv[3])
+    x: np.ndarray
+    potential_V: float
+    faradaic_A: float
 
 
 class ManyParticleElectrode:
@@ -138,57 +109,13 @@ class ManyParticleElectrode:
         self.capacity_scale = 1.0
         self.exchange_scale = 1.0
         self.temperature_C = 25.0
-        x = np.full(n, float(p.initial_x))
-        v = float(np.dot(self.w, self._u(x, thermal_voltage_V(self.temperature_C))))
-        # a constant past (the film at rest) and a first sub-step of 1 s: see _restart
-        self._xs = np.vstack([x, x, x])
-        self._sv = np.array([v, v, v, 0.0, 1.0, 1.0, 1.0, 1.0])
-        self._pars = np.array(
-            [
-                p.ocp.equilibrium_V,
-                self._i0_ref(),
-                kinetics.EXCHANGE_FLOOR,
-                self._q(),
-                p.redistribution_per_s,
-                p.double_layer_F,
-                p.max_dx_per_step,
-                X_EDGE,
-                p.error_tolerance_x,
-                p.error_tolerance_V,
-                1.0 if p.nucleation == "interface" else 0.0,
-            ]
-        )
-        self._no_binodal = np.zeros(0)
-        self.counts = np.zeros(len(particles_kernel.COUNT_FIELDS), dtype=np.int64)  # work done, for the bench
+        self.x = np.full(n, float(p.initial_x))
+        self.faradaic_A = 0.0
+        self.potential_V = float(np.dot(self.w, self._u(self.x, thermal_voltage_V(self.temperature_C))))
+        self._dt_hint = 1.0  # the last accepted sub-step length: where the next step starts
+        self._pending_hint = 1.0
 
     # state --------------------------------------------------------------
-    @property
-    def x(self) -> np.ndarray:
-        return self._xs[0]
-
-    @x.setter
-    def x(self, value: np.ndarray) -> None:
-        self._restart(np.asarray(value, dtype=float), self.potential_V)
-
-    @property
-    def potential_V(self) -> float:
-        return float(self._sv[0])
-
-    @potential_V.setter
-    def potential_V(self, value: float) -> None:
-        self._restart(self.x, float(value))
-
-    @property
-    def faradaic_A(self) -> float:
-        return float(self._sv[3])
-
-    def _restart(self, x: np.ndarray, v: float) -> None:
-        """A state set from outside (a test's captured state) has no step history: BDF2 goes on as if the
-        electrode had rested there, with the step proposal it had."""
-        self._xs = np.vstack([x, x, x])
-        h = float(self._sv[6])
-        self._sv = np.array([v, v, v, self._sv[3], h, h, h, 1.0])
-
     @property
     def lithium_fraction(self) -> float:
         return float(self.w @ self.x)
@@ -272,152 +199,120 @@ class ManyParticleElectrode:
         g = i0 * (0.5 / kt) * (e + ie)  # dI_k/dV = i0 cosh / kT
         current = i0 * sh2
         a = di0 * sh2 - g * du  # dI_k/dx_k
-        # A group held at the edge of its range (X_EDGE: the log in U, which would stop it, is cut off there)
-        # takes no more lithium that way: otherwise a trial current a full film cannot take (the cell's voltage
-        # search tries some) left Butler-Volmer currents of 1e12 A in groups whose x could not move. "At the
-        # edge" is within one X_EDGE of the clip, so that rounding (an x 1e-28 above it) cannot switch a group
-        # in and out from one Newton iteration to the next (it did: Newton never settled).
-        blocked = ((x >= 1 - 2 * X_EDGE) & (current < 0)) | ((x <= 2 * X_EDGE) & (current > 0))
-        if blocked.any():
-            current, g, a = np.where(blocked, 0.0, current), np.where(blocked, 0.0, g), np.where(blocked, 0.0, a)
         return current, u, du, g, a
 
-    def _solve_reference(self, rx, rv, m, g, a, du, hq, c_dt):
-        """The Newton matrix [[diag(m) - hq (w du)^T, g], [a^T, c_dt + sum g]] [dx; dv] = [rx; rv] in O(n): the
-        diagonal, the shared V (g, a) and the mean U every group's redistribution sees (hq_k = Q w_k k_r / kT,
-        zero without redistribution), by Sherman-Morrison. Returns (dx, dv), or None where it is singular."""
-        inv = 1.0 / m
-        wd = self.w * du
-        a1, a2, a3 = float(a @ (rx * inv)), float(a @ (g * inv)), float(a @ (hq * inv))
-        p1, p2, hh = float(wd @ (rx * inv)), float(wd @ (g * inv)), float(wd @ (hq * inv))
-        denom = c_dt - a2 + a3 * p2 / (1.0 + hh) + float(g.sum())
-        if not denom > 1e-300:
-            return None
-        dv = (rv - a1 + a3 * p1 / (1.0 + hh)) / denom
-        return (rx - g * dv - hq * ((p1 - dv * p2) / (1.0 + hh))) * inv, dv
-
-    def _newton_reference(self, x, v, xe, ve, he, applied_A, kt, theta):
-        """Solve the implicit sub-step, Q w (x - xe) / he = -I + redistribution and C (V - ve) / he = I_applied
-        - sum I, from the guess (x, v). Returns (x, v, theta, the last linearisation) or None (retry shorter)."""
-        p, w, q = self.p, self.w, self._q()
-        qw_he = q * w / he
-        hq = q * w * (p.redistribution_per_s / kt)
-        c_dt = p.double_layer_F / he
-        dv, max_step, norm_prev = 0.0, 0.0, 0.0
-        for iteration in range(particles_kernel.NEWTON_ITERATIONS):
-            self.counts[1] += 1
+    def _substep(self, x0: np.ndarray, v0: float, dt: float, applied_A: float, kt: float):
+        """One backward-Euler step of length dt; None if it would move a group too far (retry shorter)."""
+        q = self._q()
+        qw_dt = q * self.w / dt
+        h = q * self.w * (self.p.redistribution_per_s / kt)
+        has_h = self.p.redistribution_per_s > 0
+        c_dt = self.p.double_layer_F / dt
+        w = self.w
+        x, v = x0, v0
+        for iteration in range(6):
             current, u, du, g, a = self._linearise(x, v, kt)
-            m = qw_he + a - hq * du
-            r = qw_he * (xe - x) - current + hq * (u - float(w @ u))
-            if iteration == 0 and float((m / qw_he).min()) <= 0.2:
+            if has_h:
+                m = qw_dt + a - h * du
+                r = qw_dt * (x0 - x) - current + h * (u - float(w @ u))
+            else:
+                m = qw_dt + a
+                r = qw_dt * (x0 - x) - current
+            if iteration == 0 and float((m / qw_dt).min()) <= 0.2:
                 return None  # a group inside its spinodal grows faster than this step can follow
-            solved = self._solve_reference(r, applied_A - c_dt * (v - ve) - float(current.sum()), m, g, a, du, hq, c_dt)
-            if solved is None:
-                return None  # singular linearisation: retry with a shorter step
-            dx, dv = solved
-            max_step = float(np.abs(dx).max())
+            f_v = c_dt * (v - v0) + float(current.sum()) - applied_A
+            inv = 1.0 / m
+            gi = g * inv
+            if has_h:
+                wu = w * du
+                hi = h * inv
+                a1, a2, a3 = float(a @ (r * inv)), float(a @ gi), float(a @ hi)
+                p1, p2, hh = float(wu @ (r * inv)), float(wu @ gi), float(wu @ hi)
+                denom = c_dt - a2 + a3 * p2 / (1 + hh) + float(g.sum())
+                if not denom > 1e-300:
+                    return None
+                dv = (-f_v - a1 + a3 * p1 / (1 + hh)) / denom
+                dx = (r - g * dv - h * ((p1 - dv * p2) / (1 + hh))) * inv
+            else:
+                a1, a2 = float(a @ (r * inv)), float(a @ gi)
+                denom = c_dt - a2 + float(g.sum())
+                if not denom > 1e-300:
+                    return None  # singular linearisation: retry with a shorter step
+                dv = (-f_v - a1) / denom
+                dx = (r - g * dv) * inv
             x = np.clip(x + dx, X_EDGE, 1 - X_EDGE)
             v += dv
-            norm = max(max_step / p.error_tolerance_x, abs(dv) / p.error_tolerance_V)
-            if iteration > 0:
-                theta = norm / norm_prev if norm_prev > 0.0 else 0.0
-            norm_prev = norm
-            if particles_kernel.newton_converged(iteration, norm, theta):
-                return x, v, theta, (m, g, a, du, hq, c_dt)
-        # Six iterations and Newton still moves a lot: typically a full (or empty) host whose exchange
-        # current is nearly zero, where the first linearisation sends the potential volts past the
-        # answer and the grains stall against their clip (each iteration asks for a large x change the
-        # clip undoes). Accepting it left the potential at ~5 V and nothing converged from there; a
-        # shorter step follows the overpotential as it builds on the double layer. Small leftover
-        # updates (grains inside their spinodal) are accepted.
-        if abs(dv) > 1e-3 or max_step > p.max_dx_per_step:
+            if abs(dv) < 2e-6 and float(np.abs(dx).max()) < 1e-5:
+                break
+        else:
+            # Six iterations and Newton still moves a lot: typically a full (or empty) host whose exchange
+            # current is nearly zero, where the first linearisation sends the potential volts past the
+            # answer and the grains stall against their clip (each iteration asks for a large x change the
+            # clip undoes). Accepting it left the potential at ~5 V and nothing converged from there; a
+            # shorter step follows the overpotential as it builds on the double layer. Small leftover
+            # updates (grains inside their spinodal) are accepted as before.
+            if abs(dv) > 1e-3 or float(np.abs(dx).max()) > self.p.max_dx_per_step:
+                return None
+        if float(np.abs(x - x0).max()) > self.p.max_dx_per_step or not math.isfinite(v):
             return None
-        return x, v, theta, (m, g, a, du, hq, c_dt)
+        return x, v, applied_A - c_dt * (v - v0)
 
     def trial(self, dt_s: float, applied_A: float, thermal_V: float) -> _ParticleTrial:
         """The state after dt_s at the applied current: the compiled kernel (labtwin.physics.particles_kernel)
         where numba is installed, else ``_trial_reference``, the same algorithm in numpy."""
         if particles_kernel.trial is None or not USE_KERNEL:
             return self._trial_reference(dt_s, applied_A, thermal_V)
-        pars = self._pars
-        pars[particles_kernel.I0_REF] = self._i0_ref()
-        pars[particles_kernel.CHARGE] = self._q()
-        low = self._binodal_x(thermal_V) if self.p.nucleation == "interface" else self._no_binodal
-        status, xs, sv = particles_kernel.trial(
-            self._xs,
-            self._sv,
-            self.w,
-            self.omega_eV,
-            low,
-            pars,
+        flat = self.p.nucleation == "interface"
+        low = self._binodal_x(thermal_V) if flat else np.zeros(0)
+        status, x, v, faradaic, dt = particles_kernel.trial(
+            np.ascontiguousarray(self.x, dtype=float),
+            float(self.potential_V),
+            float(self.faradaic_A),
             float(dt_s),
+            float(self._dt_hint),
             float(applied_A),
             float(thermal_V),
-            self.counts,
+            self.w,
+            np.asarray(self.omega_eV, dtype=float),
+            float(self.p.ocp.equilibrium_V),
+            self.w * self._i0_ref(),
+            kinetics.EXCHANGE_FLOOR,
+            self._q(),
+            float(self.p.redistribution_per_s),
+            float(self.p.double_layer_F),
+            float(self.p.max_dx_per_step),
+            np.asarray(low, dtype=float),
+            flat,
+            X_EDGE,
         )
         if status != particles_kernel.DONE:
             raise FloatingPointError("many-particle step did not converge")
-        return _ParticleTrial(dt_s, applied_A, xs, sv)
+        self._pending_hint = dt
+        return _ParticleTrial(dt_s, applied_A, x, v, faradaic)
 
     def _trial_reference(self, dt_s: float, applied_A: float, thermal_V: float) -> _ParticleTrial:
-        """The sample interval in plain numpy: the readable reference the compiled kernel is held to."""
-        p = self.p
-        (x, x1, x2), (v, v1, v2, faradaic, h1, h2, h_next, theta) = self._xs, self._sv
-        done, h_min, attempts = 0.0, particles_kernel.ERROR_FLOOR * dt_s, 0
+        """The time step in plain numpy: the readable reference the compiled kernel is held to."""
+        x, v, done, faradaic = self.x, self.potential_V, 0.0, self.faradaic_A
+        dt = min(self._dt_hint, dt_s)
         while done < dt_s - 1e-12:
-            attempts += 1
-            if attempts > particles_kernel.MAX_ATTEMPTS:
-                raise FloatingPointError("many-particle step did not converge")
-            h = particles_kernel.step_length(dt_s - done, h_next)
-            c0, c1, c2 = particles_kernel.bdf2(h, h1)
-            he = h / c0
-            xp = particles_kernel.extrapolate(x, x1, x2, h, h1, h2)  # the quadratic through the last three states
-            vp = particles_kernel.extrapolate(v, v1, v2, h, h1, h2)
-            xe, ve = (c1 * x - c2 * x1) / c0, (c1 * v - c2 * v1) / c0
-            solved = self._newton_reference(
-                np.clip(xp, X_EDGE, 1 - X_EDGE), vp, xe, ve, he, applied_A, thermal_V, theta
-            )
-            if solved is None or float(np.abs(solved[0] - x).max()) > p.max_dx_per_step or not math.isfinite(solved[1]):
-                self.counts[2] += 1
-                h_next = h * particles_kernel.RETRY_SHRINK
-                if h_next < 1e-9 * max(dt_s, 1.0):
+            dt = min(dt, dt_s - done)
+            result = self._substep(x, v, dt, applied_A, thermal_V)
+            if result is None:
+                dt *= 0.35
+                if dt < 1e-9 * max(dt_s, 1.0):
                     raise FloatingPointError("many-particle step did not converge")
                 continue
-            xn, vn, theta_step, (m, g, a, du, hq, c_dt) = solved
-            # Local error: the distance from the extrapolation times BDF2's error constant, filtered through
-            # (I - he J)^-1 = (Newton matrix)^-1 diag(Q w / he, C / he): a component the implicit step damps
-            # (the double layer on a plateau, a grain pinned at an edge) errs far less than it moved, one that
-            # grows (a grain in its spinodal) more. Without the filter every current change looked like an
-            # error of the whole overpotential; without V in it a full film's double layer, charging on its
-            # own for seconds, went unchecked.
-            lte = particles_kernel.error_constant(h, h1, h2)
-            filtered = self._solve_reference(
-                self._q() * self.w / he * (xn - xp) * lte, c_dt * (vn - vp) * lte, m, g, a, du, hq, c_dt
-            )
-            err = math.inf
-            if filtered is not None:
-                err = max(
-                    float(np.abs(filtered[0]).max()) / p.error_tolerance_x, abs(filtered[1]) / p.error_tolerance_V
-                )
-                err = err if math.isfinite(err) else math.inf
-            if err > 1.0 and h > 1.1 * h_min:  # below h_min the error control gives up (particles_kernel.ERROR_FLOOR)
-                self.counts[3] += 1
-                h_next = max(h * particles_kernel.step_factor(min(err, 1e300), False), h_min)
-                continue
-            self.counts[0] += 1
-            faradaic = applied_A - c_dt * (vn - ve)
-            x2, x1, x = x1, x, xn
-            v2, v1, v = v1, v, vn
-            h2, h1 = h1, h
-            theta = theta_step
-            done += h
-            h_next = max(h * particles_kernel.step_factor(err, True), min(h_min, particles_kernel.GROWTH_MAX * h))
-        return _ParticleTrial(
-            dt_s, applied_A, np.vstack([x, x1, x2]), np.array([v, v1, v2, faradaic, h1, h2, h_next, theta])
-        )
+            moved = float(np.abs(result[0] - x).max())
+            x, v, faradaic = result
+            done += dt
+            if moved < 0.3 * self.p.max_dx_per_step:
+                dt *= 1.5
+        self._pending_hint = dt
+        return _ParticleTrial(dt_s, applied_A, x, v, faradaic)
 
     def commit(self, t: _ParticleTrial) -> None:
-        self._xs, self._sv = t.xs, t.sv
+        self.x, self.potential_V, self.faradaic_A = t.x, t.potential_V, t.faradaic_A
+        self._dt_hint = max(self._pending_hint, 1e-3)
 
     # frequency domain ---------------------------------------------------
     def impedance_ohm(self, omega_rad_s: np.ndarray, thermal_V: float) -> np.ndarray:
